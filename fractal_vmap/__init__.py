@@ -1,0 +1,1 @@
+"""fractal-vmap: map the trainability boundary of nanochat fine-tuning."""
