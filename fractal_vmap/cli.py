@@ -1,0 +1,45 @@
+"""`fractal-vmap <command>`: each command's options are a simple_parsing dataclass (flags or --config_path file)."""
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+from simple_parsing import ArgumentParser
+
+from fractal_vmap.errors import UserError
+
+console = Console()
+
+
+def finetune_command(cfg) -> None:
+    from fractal_vmap.finetune import run_finetune
+
+    result = run_finetune(cfg)
+    table = Table(title=f"finetune {result['run_name']}", show_header=False)
+    for key in ("steps", "tokens_seen", "avg_loss", "final_loss", "trainable_ratio", "stable", "converged", "runtime_s", "error"):
+        value = result[key]
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    if "val_loss" in result:
+        table.add_row("val_loss", f"{result['val_loss']:.4g}")
+    console.print(table)
+    console.print(f"result: [bold]{result['out']}[/bold]")
+
+
+def build_parser() -> ArgumentParser:
+    from fractal_vmap.finetune import FinetuneConfig
+
+    parser = ArgumentParser(prog="fractal-vmap", description=__doc__, add_config_path_arg=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    finetune = commands.add_parser("finetune", help="train one model (one grid cell) with torch.optim AdamW + Muon")
+    finetune.add_arguments(FinetuneConfig, dest="cfg")
+    finetune.set_defaults(run=finetune_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args.cfg)
+    except UserError as e:
+        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)

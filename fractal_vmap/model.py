@@ -1,0 +1,200 @@
+"""nanochat's GPT as a pure function of a dict of tensors named like nanochat's state dict.
+
+Pure, so that `torch.func.functional_call`/`vmap` can run many stacked copies ("lanes") at once.
+Architecture facts (nanochat commit 8f979a8): rotary (bf16 cos/sin) then QK RMSNorm, relu^2 MLP, GQA,
+untied wte/lm_head, vocab padded to a multiple of 64, logit softcap 15, no biases, no learnable norms.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fractal_vmap.errors import UserError
+
+SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15)
+ROPE_BASE = 10000.0
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        missing = [f for f in asdict(cls()) if f not in d]
+        if missing:
+            raise UserError(f"model config lacks {missing}: meta_*.json must hold nanochat's model_config")
+        config = cls(**{f: int(d[f]) for f in asdict(cls())})
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+            raise UserError(f"bad model config {config}: n_embd must divide by n_head, n_head by n_kv_head")
+        return config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / 64) * 64  # wte/lm_head rows padded to a multiple of 64
+
+
+def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name (nanochat state-dict order) and its shape."""
+    C, V, hd = config.n_embd, config.padded_vocab_size, config.head_dim
+    shapes = {"transformer.wte.weight": (V, C)}
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        shapes[p + "attn.c_q.weight"] = (config.n_head * hd, C)
+        shapes[p + "attn.c_k.weight"] = (config.n_kv_head * hd, C)
+        shapes[p + "attn.c_v.weight"] = (config.n_kv_head * hd, C)
+        shapes[p + "attn.c_proj.weight"] = (C, C)
+        shapes[p + "mlp.c_fc.weight"] = (4 * C, C)
+        shapes[p + "mlp.c_proj.weight"] = (C, 4 * C)
+    shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+GROUPS = ("matrix", "embedding", "unembedding")
+
+
+def param_group(name: str) -> str:
+    """matrix = every weight in transformer.h (Muon); embedding = wte, unembedding = lm_head (AdamW)."""
+    if name.startswith("transformer.h."):
+        return "matrix"
+    return {"transformer.wte.weight": "embedding", "lm_head.weight": "unembedding"}[name]
+
+
+def init_params(config: GPTConfig, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """nanochat's from-scratch init: Linear std 1/sqrt(fan_in)*min(1, sqrt(fan_out/fan_in)), wte std 1, zero c_proj/lm_head."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name == "lm_head.weight" or name.endswith("c_proj.weight"):
+            params[name] = torch.zeros(shape, device=device)
+        elif name == "transformer.wte.weight":
+            params[name] = torch.randn(shape, generator=gen, device=device)
+        else:
+            fan_out, fan_in = shape
+            std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+            params[name] = torch.randn(shape, generator=gen, device=device) * std
+    return params
+
+
+def rotary_cos_sin(config: GPTConfig, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [1, T, 1, head_dim/2] in bfloat16, as nanochat keeps them (for 10x the sequence length)."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+    t = torch.arange(config.sequence_len * 10, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos().bfloat16()[None, :, None, :], freqs.sin().bfloat16()[None, :, None, :]
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], dim=-1)
+
+
+# Causal attention as a custom op, so that under vmap the lane dim folds into the batch dim (one fused SDPA
+# call for all lanes: torch.func has no batching rule for SDPA's CPU kernels nor any SDPA backward), and its
+# backward is SDPA's own fused backward, reached by recomputing the forward (saves only q, k, v).
+@torch.library.custom_op("fractal_vmap::causal_attention", mutates_args=())
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+
+
+@causal_attention.register_fake
+def _(q, k, v, enable_gqa):
+    return torch.empty_like(q)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, enable_gqa = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.enable_gqa = enable_gqa
+
+
+def _attention_backward(ctx, grad_out):
+    q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+    with torch.enable_grad():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=ctx.enable_gqa)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    return dq, dk, dv, None
+
+
+causal_attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _attention_vmap(info, in_dims, q, k, v, enable_gqa):
+    """Fold the vmapped lane dim into the batch: [lanes, B, H, T, D] -> [lanes * B, H, T, D]."""
+    n = info.batch_size
+    qkv = []
+    for t, d in zip((q, k, v), in_dims[:3]):
+        t = t.expand(n, *t.shape) if d is None else t.movedim(d, 0)
+        qkv.append(t.reshape(n * t.shape[1], *t.shape[2:]))
+    out = causal_attention(*qkv, enable_gqa)
+    return out.reshape(n, -1, *out.shape[1:]), 0
+
+
+causal_attention.register_vmap(_attention_vmap)
+
+
+def forward(
+    params: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    config: GPTConfig,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    targets: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Logits [B, T, vocab] in float32 (softcapped), or the cross-entropy loss when targets are given."""
+    B, T = idx.shape
+    H, KV, hd = config.n_head, config.n_kv_head, config.head_dim
+    cos, sin = cos_sin[0][:, :T], cos_sin[1][:, :T]
+    x = norm(F.embedding(idx, params["transformer.wte.weight"]))
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        h = norm(x)
+        q = F.linear(h, params[p + "attn.c_q.weight"]).view(B, T, H, hd)
+        k = F.linear(h, params[p + "attn.c_k.weight"]).view(B, T, KV, hd)
+        v = F.linear(h, params[p + "attn.c_v.weight"]).view(B, T, KV, hd)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), KV != H)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, config.n_embd), params[p + "attn.c_proj.weight"])
+        h = F.relu(F.linear(norm(x), params[p + "mlp.c_fc.weight"])).square()
+        x = x + F.linear(h, params[p + "mlp.c_proj.weight"])
+    logits = F.linear(norm(x), params["lm_head.weight"])[..., : config.vocab_size].float()
+    logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+    if targets is None:
+        return logits
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+
+
+@torch.no_grad()
+def generate_greedy(params: dict[str, torch.Tensor], config: GPTConfig, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy decoding (temperature 0), recomputing the whole prefix each step: for checks and notebooks."""
+    device = params["lm_head.weight"].device
+    cos_sin = rotary_cos_sin(config, device)
+    ids = torch.tensor([prompt], device=device)
+    out = []
+    for _ in range(max_tokens):
+        next_id = forward(params, ids, config, cos_sin)[0, -1].argmax()
+        out.append(int(next_id))
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return out

@@ -1,0 +1,26 @@
+"""Shared test setup: the nanochat fixture path, and a per-session storage dir so the default model builds once."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """Keep the default-model cache, W&B files and HF caches out of the user's home during tests."""
+    root = tmp_path_factory.mktemp("env")
+    os.environ["FRACTAL_STORAGE_DIR"] = str(root / "storage")
+    os.environ["WANDB_DIR"] = str(root / "wandb")
+    os.environ.pop("WANDB_API_KEY", None)
+    yield root
+
+
+@pytest.fixture(scope="session")
+def default_model(isolated_env):
+    """The embedded default model dir, built once per test session (~25 s on 2 cores)."""
+    from fractal_vmap.default import default_model_dir
+
+    return default_model_dir()
