@@ -25,14 +25,24 @@ def finetune_command(cfg) -> None:
     console.print(f"result: [bold]{result['out']}[/bold]")
 
 
+def grid_command(cfg) -> None:
+    from fractal_vmap.grid import run_grid
+
+    run_grid(cfg)
+
+
 def build_parser() -> ArgumentParser:
     from fractal_vmap.finetune import FinetuneConfig
+    from fractal_vmap.grid import GridConfig
 
     parser = ArgumentParser(prog="fractal-vmap", description=__doc__, add_config_path_arg=True)
     commands = parser.add_subparsers(dest="command", required=True)
     finetune = commands.add_parser("finetune", help="train one model (one grid cell) with torch.optim AdamW + Muon")
     finetune.add_arguments(FinetuneConfig, dest="cfg")
     finetune.set_defaults(run=finetune_command)
+    grid = commands.add_parser("grid", help="train a 2-D grid of fine-tuning runs, a whole row of lanes at once")
+    grid.add_arguments(GridConfig, dest="cfg")
+    grid.set_defaults(run=grid_command)
     return parser
 
 

@@ -132,14 +132,17 @@ def conversations(source: str, split: str) -> list[dict]:
     return load_conversations(source, split)
 
 
-def build_stream(cfg: FinetuneConfig, tokenizer: Tokenizer, config: GPTConfig, split: str, seed: int) -> tuple[SFTStream, int]:
-    """The SFT batch stream of a dataset split and how many examples were dropped for having no supervised token."""
+def render_split(cfg: FinetuneConfig, tokenizer: Tokenizer, config: GPTConfig, split: str) -> tuple[list, int]:
+    """The rendered examples of a dataset split and how many were dropped for having no supervised token."""
     if cfg.max_seq_len > config.sequence_len * 10:  # nanochat precomputes rotary for 10x its sequence_len
         raise UserError(f"max_seq_len {cfg.max_seq_len} exceeds the model's rotary table ({config.sequence_len * 10}): lower it")
     source = cfg.dataset if split == "train" else (cfg.val_dataset or cfg.dataset)
-    examples, dropped = render_examples(conversations(source, split), tokenizer, cfg.max_seq_len)
-    pad_id = tokenizer.special_id("<|assistant_end|>")
-    return SFTStream(examples, cfg.device_batch_size, seed, pad_id), dropped
+    return render_examples(conversations(source, split), tokenizer, cfg.max_seq_len)
+
+
+def make_stream(cfg: FinetuneConfig, tokenizer: Tokenizer, examples: list, seed: int) -> SFTStream:
+    """SFT batches padded with <|assistant_end|>, in an order drawn from the seed."""
+    return SFTStream(examples, cfg.device_batch_size, seed, tokenizer.special_id("<|assistant_end|>"))
 
 
 def total_steps(cfg: FinetuneConfig, first_targets: torch.Tensor) -> int:
@@ -252,9 +255,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     validate(cfg)
     device = resolve_device(cfg.device)
     config, params, tokenizer = load_source(cfg, device)
-    stream, dropped = build_stream(cfg, tokenizer, config, "train", cfg.seed)
+    examples, dropped = render_split(cfg, tokenizer, config, "train")
+    stream = make_stream(cfg, tokenizer, examples, cfg.seed)
     has_val = cfg.dataset == "default" or cfg.val_dataset is not None
-    val = build_stream(cfg, tokenizer, config, "validation", cfg.seed)[0] if has_val else None
+    val = make_stream(cfg, tokenizer, render_split(cfg, tokenizer, config, "validation")[0], cfg.seed) if has_val else None
     steps = total_steps(cfg, stream.batch(0)[1])
     cfg.run_name = cfg.run_name or f"finetune-lr{cfg.learning_rate:g}-tok{cfg.num_tokens}-seed{cfg.seed}"
     out = Path(cfg.out or f"runs/finetune/{cfg.run_name}.json")

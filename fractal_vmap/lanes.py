@@ -64,10 +64,13 @@ def train_lanes(
     batches: Batches,
     steps: list[int],
     device: torch.device,
-    progress: Callable[[int, torch.Tensor], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     sync_every: int = 10,
 ) -> list[dict]:
-    """Train len(cfgs) lanes from the same base params; lane i runs steps[i] steps. One result dict per lane."""
+    """Train len(cfgs) lanes from the same base params; lane i runs steps[i] steps. One result dict per lane.
+
+    `progress(steps_done, tokens_processed)` is called every `sync_every` steps, when the host also checks
+    whether any lane is still active (the only host sync in the loop)."""
     groups = check_row(cfgs)
     L, max_steps = len(cfgs), max(steps)
     settings = LaneSettings.from_configs(cfgs, config, steps, device)
@@ -86,10 +89,12 @@ def train_lanes(
     active = torch.ones(L, dtype=torch.bool, device=device)
     loss_log = torch.full((max_steps, L), math.nan, dtype=torch.float32, device=device)
     tokens_seen = torch.zeros(L, dtype=torch.int64, device=device)
+    processed = 0  # tokens pushed through the model, all lanes counted (host-side, from shapes)
     t0 = time.perf_counter()
     for step in range(max_steps):
         inputs, targets = (t.to(device) for t in batches(step))
         data_dim = 0 if inputs.dim() == 3 else None
+        processed += inputs.numel() * (L if data_dim is None else 1)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             losses = vmap(lane_loss, in_dims=(0, data_dim, data_dim))(stacked, inputs, targets)
         n_supervised = (targets != -1).flatten(-2).sum(-1)  # scalar, or [L] with per-lane data
@@ -105,8 +110,11 @@ def train_lanes(
         for p in stacked.values():
             p.grad = None
         active = active & (settings.total_steps > step + 1)  # lanes that ran all their steps stop
-        if progress is not None and ((step + 1) % sync_every == 0 or step + 1 == max_steps):
-            progress(step + 1, active)
+        if (step + 1) % sync_every == 0 or step + 1 == max_steps:
+            if progress is not None:
+                progress(step + 1, processed)
+            if not bool(active.any()):  # every lane diverged or finished: the rest would be NaN padding
+                break
     runtime = time.perf_counter() - t0
     log = loss_log.cpu().double()
     seen = tokens_seen.cpu().tolist()
