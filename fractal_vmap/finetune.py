@@ -181,7 +181,7 @@ def train_single(
     params: dict[str, torch.Tensor],
     batches,
     steps: int,
-    device: torch.device,
+    device: torch.device | str,
     log=None,
     val_batches=None,
 ) -> dict:
@@ -189,6 +189,7 @@ def train_single(
 
     `log(step, metrics)` is called every step (W&B). Losses are the loss before each step's update."""
     validate(cfg)
+    device = torch.device(device)
     groups = trainable_groups(cfg)
     lrs = group_lrs(cfg, config)
     params = {k: v.detach().clone().to(device) for k, v in params.items()}

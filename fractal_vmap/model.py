@@ -155,6 +155,13 @@ def _attention_vmap(info, in_dims, q, k, v, enable_gqa):
 causal_attention.register_vmap(_attention_vmap)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    """The custom op under vmap; plain SDPA otherwise (same kernel and numbers; the op's first call imports dynamo, ~3 s)."""
+    if torch._C._functorch.is_batchedtensor(q):
+        return causal_attention(q, k, v, enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+
+
 def forward(
     params: dict[str, torch.Tensor],
     idx: torch.Tensor,
@@ -175,7 +182,7 @@ def forward(
         k = F.linear(h, params[p + "attn.c_k.weight"]).view(B, T, KV, hd)
         v = F.linear(h, params[p + "attn.c_v.weight"]).view(B, T, KV, hd)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), KV != H)
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), KV != H)
         x = x + F.linear(y.transpose(1, 2).reshape(B, T, config.n_embd), params[p + "attn.c_proj.weight"])
         h = F.relu(F.linear(norm(x), params[p + "mlp.c_fc.weight"])).square()
         x = x + F.linear(h, params[p + "mlp.c_proj.weight"])
