@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.finetune import FinetuneConfig, load_source, make_stream, render_split, resolve_device, total_steps, validate
+from fractal_vmap.finetune import FinetuneConfig, group_lrs, load_source, make_stream, render_split, resolve_device, total_steps, validate
 from fractal_vmap.lanes import train_lanes
 
 # axis name -> (FinetuneConfig field, default (min, max), default scale)
@@ -266,12 +266,13 @@ def run_grid(cfg: GridConfig) -> Path:
     row, col = grid_axes(cfg)
     device = resolve_device(cfg.device)
     config, params, tokenizer = load_source(cfg, device)
+    cell_cfgs = [[cell_config(cfg, row, col, i, j) for j in range(len(col.values))] for i in range(len(row.values))]
+    for c in (c for r in cell_cfgs for c in r):  # before the run dir exists, so the corrected command can use the same dir
+        validate(c)  # e.g. an lr axis reaching a non-positive value on a linear scale
+        group_lrs(c, config)  # e.g. a matrix_lr axis doing the same
+    examples, dropped = render_split(cfg, tokenizer, config, "train")  # dataset errors, too, before the run dir exists
     spec = make_spec(cfg, row, col, model_dir(cfg.model))
     run_dir = open_run_dir(cfg, spec, device)
-    cell_cfgs = [[cell_config(cfg, row, col, i, j) for j in range(len(col.values))] for i in range(len(row.values))]
-    for c in (c for r in cell_cfgs for c in r):
-        validate(c)  # e.g. an lr axis reaching a non-positive value on a linear scale
-    examples, dropped = render_split(cfg, tokenizer, config, "train")
     wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, run_dir.name, {"spec": spec}, run_dir, "grid")
     console.print(f"grid {row.name} ({len(row.values)} rows) x {col.name} ({len(col.values)} lanes a row) on {device}, run dir [bold]{run_dir}[/bold]")
     lanes: list[dict] = []
