@@ -144,10 +144,14 @@ def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        ours = version("fractal-vmap")
+    except PackageNotFoundError:  # run from a checkout on PYTHONPATH (the GPU machines)
+        ours = "checkout"
     return {
-        "fractal_vmap": version("fractal-vmap"), "torch": torch.__version__, "python": platform.python_version(),
+        "fractal_vmap": ours, "torch": torch.__version__, "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -160,7 +164,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def open_run_dir(cfg: GridConfig, spec: dict, device: torch.device) -> Path:
+def open_run_dir(cfg: GridConfig, spec: dict, device: torch.device, data: dict) -> Path:
     """Create the run dir with grid.json, or reopen it when its spec matches; refuse another spec."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     run_dir = Path(cfg.run_dir or f"runs/grid-{spec['axes']['rows']['name']}-{spec['axes']['cols']['name']}-{digest}")
@@ -172,7 +176,7 @@ def open_run_dir(cfg: GridConfig, spec: dict, device: torch.device) -> Path:
             raise UserError(f"{run_dir} holds a grid with another spec (differs in {', '.join(changed)}): pass a new --run_dir or rerun the same command")
     else:
         (run_dir / "rows").mkdir(parents=True, exist_ok=True)
-        write_atomic(grid_json, json.dumps({"spec": spec, "environment": environment(device)}, indent=2))
+        write_atomic(grid_json, json.dumps({"spec": spec, "environment": environment(device), "data": data}, indent=2))
     (run_dir / "rows").mkdir(exist_ok=True)
     return run_dir
 
@@ -272,9 +276,10 @@ def run_grid(cfg: GridConfig) -> Path:
         group_lrs(c, config)  # e.g. a matrix_lr axis doing the same
     examples, dropped = render_split(cfg, tokenizer, config, "train")  # dataset errors, too, before the run dir exists
     spec = make_spec(cfg, row, col, model_dir(cfg.model))
-    run_dir = open_run_dir(cfg, spec, device)
+    run_dir = open_run_dir(cfg, spec, device, {"train_examples": len(examples), "dropped_examples": dropped})
     wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, run_dir.name, {"spec": spec}, run_dir, "grid")
     console.print(f"grid {row.name} ({len(row.values)} rows) x {col.name} ({len(col.values)} lanes a row) on {device}, run dir [bold]{run_dir}[/bold]")
+    console.print(f"{len(examples)} training examples ({dropped} dropped: no supervised token within max_seq_len)")
     lanes: list[dict] = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as bar:
@@ -302,7 +307,6 @@ def run_grid(cfg: GridConfig) -> Path:
             lanes += done
             bar.update(rows_task, advance=1)
     out = finish(run_dir, lanes, row, col)
-    out["fractal"]["dropped_examples"] = dropped
     if wandb_run is not None:
         import wandb
 

@@ -48,6 +48,11 @@ class LaneSettings:
         )
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch to the device without a host sync: a pageable-memory copy would block until the GPU catches up."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def check_row(cfgs: list[FinetuneConfig]) -> list[str]:
     """Lanes of one row may differ in per-lane scalars only; everything else must be shared. Returns the trainable groups."""
     groups = trainable_groups(cfgs[0])
@@ -92,7 +97,7 @@ def train_lanes(
     processed = 0  # tokens pushed through the model, all lanes counted (host-side, from shapes)
     t0 = time.perf_counter()
     for step in range(max_steps):
-        inputs, targets = (t.to(device) for t in batches(step))
+        inputs, targets = (to_device(t, device) for t in batches(step))
         data_dim = 0 if inputs.dim() == 3 else None
         processed += inputs.numel() * (L if data_dim is None else 1)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
