@@ -50,7 +50,9 @@ class LaneSettings:
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host batch to the device without a host sync: a pageable-memory copy would block until the GPU catches up."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def check_row(cfgs: list[FinetuneConfig]) -> list[str]:
