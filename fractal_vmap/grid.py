@@ -292,9 +292,9 @@ def run_grid(cfg: GridConfig) -> Path:
                 t0 = time.perf_counter()
                 bar.reset(steps_task, total=None, description=f"row {i} ({row.name}={row.values[i]:g}) steps", info="")
 
-                def progress(step: int, processed: int) -> None:
+                def progress(step: int, max_steps: int, processed: int) -> None:
                     rate = processed / max(time.perf_counter() - t0, 1e-9)
-                    bar.update(steps_task, completed=step, info=f"{rate:,.0f} tok/s")
+                    bar.update(steps_task, completed=step, total=max_steps, info=f"{rate:,.0f} tok/s")
 
                 results = train_row(cfg, row_cfgs, config, params, tokenizer, examples, device, progress)
                 for j, r in enumerate(results):

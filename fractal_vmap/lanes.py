@@ -71,12 +71,12 @@ def train_lanes(
     batches: Batches,
     steps: list[int],
     device: torch.device,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
     sync_every: int = 10,
 ) -> list[dict]:
     """Train len(cfgs) lanes from the same base params; lane i runs steps[i] steps. One result dict per lane.
 
-    `progress(steps_done, tokens_processed)` is called every `sync_every` steps, when the host also checks
+    `progress(steps_done, max_steps, tokens_processed)` is called every `sync_every` steps, when the host also checks
     whether any lane is still active (the only host sync in the loop)."""
     groups = check_row(cfgs)
     L, max_steps = len(cfgs), max(steps)
@@ -119,7 +119,7 @@ def train_lanes(
         active = active & (settings.total_steps > step + 1)  # lanes that ran all their steps stop
         if (step + 1) % sync_every == 0 or step + 1 == max_steps:
             if progress is not None:
-                progress(step + 1, processed)
+                progress(step + 1, max_steps, processed)
             if not bool(active.any()):  # every lane diverged or finished: the rest would be NaN padding
                 break
     runtime = time.perf_counter() - t0

@@ -291,13 +291,13 @@ def test_all_lanes_done_stops_the_loop_and_progress_counts_tokens(nanochat):
         asked.append(step)
         return batches(step)
 
-    results = train_lanes(cfgs, config, params, counting, [5, 30], CPU, progress=lambda s, p: reports.append((s, p)), sync_every=5)
+    results = train_lanes(cfgs, config, params, counting, [5, 30], CPU, progress=lambda s, n, p: reports.append((s, n, p)), sync_every=5)
     diverged_at = len(results[1]["losses"])  # 9 measured on the fixture: NaN at step 8
     assert 5 < diverged_at < 30 and not results[1]["stable"]
     stop = 5 * math.ceil(diverged_at / 5)  # the first sync after both lanes were done
     assert asked == list(range(stop))  # no batch fetched after the loop found no active lane
     tokens = 2 * 4 * 64  # every step pushes batch [4, 64] through both lanes
-    assert reports == [(s, s * tokens) for s in range(5, stop + 1, 5)]
+    assert reports == [(s, 30, s * tokens) for s in range(5, stop + 1, 5)]  # 30 = the row's longest lane
     assert results[0]["steps"] == 5 and results[0]["stable"]
 
 
