@@ -26,6 +26,17 @@ def twins(params: list[torch.Tensor], lane: int) -> list[torch.Tensor]:
     return [p.detach()[lane].clone().requires_grad_() for p in params]
 
 
+def replay(ref_opt, ref, lane, lrs, actives, grads) -> None:
+    """Step a torch.optim twin of one lane through the same lrs and grads, skipping the steps where the lane was inactive."""
+    for s in range(len(grads)):
+        if not actives[s][lane]:
+            continue
+        ref_opt.param_groups[0]["lr"] = lrs[s][lane].item()
+        for r, g in zip(ref, grads[s]):
+            r.grad = g[lane].clone()
+        ref_opt.step()
+
+
 def run_adamw(params, lrs, wds, actives, grads):
     """Step BatchedAdamW through the given per-step lrs, actives and grads."""
     opt = BatchedAdamW(params, betas=BETAS, eps=EPS)
@@ -109,13 +120,7 @@ def test_adamw_matches_torch_per_lane():
     for lane in range(L):
         ref = twins([torch.nn.Parameter(x) for x in initial], lane)
         ref_opt = torch.optim.AdamW(ref, lr=1.0, betas=BETAS, eps=EPS, weight_decay=wds[lane].item(), foreach=False)
-        for s in range(n_steps):
-            if not actives[s][lane]:
-                continue
-            ref_opt.param_groups[0]["lr"] = lrs[s][lane].item()
-            for r, g in zip(ref, grads[s]):
-                r.grad = g[lane].clone()
-            ref_opt.step()
+        replay(ref_opt, ref, lane, lrs, actives, grads)
         assert opt.steps[lane].item() == sum(bool(a[lane]) for a in actives)
         for j, r in enumerate(ref):
             state = ref_opt.state[r]
@@ -180,13 +185,7 @@ def test_muon_matches_torch_per_lane():
     for lane in range(L):
         ref = twins([torch.nn.Parameter(x) for x in initial], lane)
         ref_opt = torch.optim.Muon(ref, lr=1.0, weight_decay=0, momentum=0.95, nesterov=True)
-        for s in range(n_steps):
-            if not actives[s][lane]:
-                continue
-            ref_opt.param_groups[0]["lr"] = lrs[s][lane].item()
-            for r, g in zip(ref, grads[s]):
-                r.grad = g[lane].clone()
-            ref_opt.step()
+        replay(ref_opt, ref, lane, lrs, actives, grads)
         for j, r in enumerate(ref):
             # measured bit-for-bit on CPU (NS in bf16 included)
             torch.testing.assert_close(params[j].detach()[lane], r.detach(), rtol=0, atol=0)
