@@ -35,12 +35,13 @@ def build_parser() -> ArgumentParser:
     from fractal_vmap.finetune import FinetuneConfig
     from fractal_vmap.grid import GridConfig
 
-    parser = ArgumentParser(prog="fractal-vmap", description=__doc__, add_config_path_arg=True)
+    parser = ArgumentParser(prog="fractal-vmap", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    finetune = commands.add_parser("finetune", help="train one model (one grid cell) with torch.optim AdamW + Muon")
+    # --config_path file.yaml (or .json) sets the options; flags given on the command line override it
+    finetune = commands.add_parser("finetune", help="train one model (one grid cell) with torch.optim AdamW + Muon", add_config_path_arg=True)
     finetune.add_arguments(FinetuneConfig, dest="cfg")
     finetune.set_defaults(run=finetune_command)
-    grid = commands.add_parser("grid", help="train a 2-D grid of fine-tuning runs, a whole row of lanes at once")
+    grid = commands.add_parser("grid", help="train a 2-D grid of fine-tuning runs, a whole row of lanes at once", add_config_path_arg=True)
     grid.add_arguments(GridConfig, dest="cfg")
     grid.set_defaults(run=grid_command)
     return parser

@@ -383,3 +383,12 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, case):
     assert lines[0].startswith("error:") and expected in lines[0], lines[0]
     assert "Traceback" not in captured.out + captured.err
     assert not out.exists()
+
+
+def test_config_file_sets_options_and_flags_override_it(tmp_path, default_model):
+    """`--config_path` takes a YAML file with the options under `cfg:`; a flag on the command line wins over it."""
+    config_file = tmp_path / "finetune.yaml"
+    config_file.write_text("cfg:\n  learning_rate: 0.05\n  num_tokens: 400\n  seed: 7\n")
+    result = run_cli(tmp_path, "--config_path", str(config_file), "--seed", "11", "--wandb", "disabled")
+    assert result["learning_rate"] == 0.05 and result["num_tokens_target"] == 400
+    assert result["seed"] == 11
