@@ -17,7 +17,7 @@ from fractal_vmap.tokenizer import Tokenizer, load_tokenizer
 MODEL_FILE = re.compile(r"model_(\d{6})\.pt")
 
 
-def _model_dir(directory: Path) -> Path:
+def model_files_dir(directory: Path) -> Path:
     """The dir holding model_*.pt: the source itself, or its `checkpoints/` subdir (as in our fixtures)."""
     for d in (directory, directory / "checkpoints"):
         if d.is_dir() and any(MODEL_FILE.fullmatch(p.name) for p in d.iterdir()):
@@ -26,7 +26,7 @@ def _model_dir(directory: Path) -> Path:
 
 
 def last_step(directory: str | Path) -> int:
-    d = _model_dir(Path(directory))
+    d = model_files_dir(Path(directory))
     return max(int(MODEL_FILE.fullmatch(p.name).group(1)) for p in d.iterdir() if MODEL_FILE.fullmatch(p.name))
 
 
@@ -37,7 +37,7 @@ def load_checkpoint(
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"model dir {directory} does not exist: pass a nanochat checkpoint dir, hf:<repo> or wandb:<artifact>")
-    d = _model_dir(directory)
+    d = model_files_dir(directory)
     step = last_step(directory) if step is None else step
     model_path, meta_path = d / f"model_{step:06d}.pt", d / f"meta_{step:06d}.json"
     if not meta_path.exists():

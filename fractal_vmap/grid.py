@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.finetune import FinetuneConfig, group_lrs, load_source, make_stream, render_split, resolve_device, total_steps, validate
+from fractal_vmap.checkpoint import load_model
+from fractal_vmap.finetune import FinetuneConfig, group_lrs, make_stream, render_split, resolve_device, total_steps, validate
 from fractal_vmap.lanes import train_lanes
 
 # axis name -> (FinetuneConfig field, default (min, max), default scale)
@@ -119,10 +120,10 @@ def source_id(source: str, directory: Path | None) -> dict:
         return {"source": source}
     if directory.is_file():
         return {"source": source, "sha256": file_sha256(directory)}
-    from fractal_vmap.checkpoint import _model_dir, last_step
+    from fractal_vmap.checkpoint import last_step, model_files_dir
 
     step = last_step(directory)
-    return {"source": source, "step": step, "sha256": file_sha256(_model_dir(directory) / f"model_{step:06d}.pt")}
+    return {"source": source, "step": step, "sha256": file_sha256(model_files_dir(directory) / f"model_{step:06d}.pt")}
 
 
 def model_dir(source: str) -> Path:
@@ -269,13 +270,14 @@ def run_grid(cfg: GridConfig) -> Path:
     validate(cfg)
     row, col = grid_axes(cfg)
     device = resolve_device(cfg.device)
-    config, params, tokenizer = load_source(cfg, device)
+    directory = model_dir(cfg.model)  # resolved once: an hf:/wandb: source is looked up a single time
+    config, params, tokenizer = load_model(str(directory), cfg.tokenizer, device)
     cell_cfgs = [[cell_config(cfg, row, col, i, j) for j in range(len(col.values))] for i in range(len(row.values))]
     for c in (c for r in cell_cfgs for c in r):  # before the run dir exists, so the corrected command can use the same dir
         validate(c)  # e.g. an lr axis reaching a non-positive value on a linear scale
         group_lrs(c, config)  # e.g. a matrix_lr axis doing the same
     examples, dropped = render_split(cfg, tokenizer, config, "train")  # dataset errors, too, before the run dir exists
-    spec = make_spec(cfg, row, col, model_dir(cfg.model))
+    spec = make_spec(cfg, row, col, directory)
     run_dir = open_run_dir(cfg, spec, device, {"train_examples": len(examples), "dropped_examples": dropped})
     wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, run_dir.name, {"spec": spec}, run_dir, "grid")
     console.print(f"grid {row.name} ({len(row.values)} rows) x {col.name} ({len(col.values)} lanes a row) on {device}, run dir [bold]{run_dir}[/bold]")

@@ -127,7 +127,5 @@ def train_lanes(
     seen = tokens_seen.cpu().tolist()
     results = []
     for i, cfg in enumerate(cfgs):
-        lane = log[: steps[i], i].tolist()
-        ran = lane[: next((j + 1 for j, x in enumerate(lane) if not math.isfinite(x)), len(lane))]
-        results.append(result_fields(cfg, ran, steps[i], seen[i], runtime))
+        results.append(result_fields(cfg, log[: steps[i], i].tolist(), steps[i], seen[i], runtime))  # cut at the first NaN there
     return results
