@@ -32,6 +32,7 @@ from simple_parsing import ArgumentParser
 sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, however the script is started
 from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
 
+from fractal_vmap.cli import tune_allocator  # noqa: E402
 from fractal_vmap.finetune import (  # noqa: E402
     ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, FinetuneConfig, autocast_dtype, group_lrs, load_source, make_stream,
     render_split, resolve_device, trainable_groups,
@@ -264,6 +265,7 @@ def summarize(side: dict, lanes: int, plan: Plan, tokens_per_window: list[int], 
 
 
 def main(opts: Options) -> None:
+    tune_allocator()  # as the fractal-vmap command does at start, for both sides alike
     device = resolve_device(opts.device)
     cuda = device.type == "cuda"
     model = opts.model if opts.model != "auto" else ("depth" if cuda else "default")

@@ -1,5 +1,6 @@
 """`fractal-vmap <command>`: each command's options are a simple_parsing dataclass (flags or --config_path file)."""
 
+import ctypes
 import sys
 
 from rich.console import Console
@@ -9,6 +10,20 @@ from simple_parsing import ArgumentParser
 from fractal_vmap.errors import UserError
 
 console = Console()
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def tune_allocator() -> None:
+    """Keep freed memory in the C heap. By default glibc maps every block over its mmap threshold afresh and unmaps it
+    on free, so each multi-MB tensor, made anew every step, page-faults all its pages in again: on the 2-core CPU
+    that cost 15-20% of a grid row (16 lanes of the default model) and ~10% of a finetune run. 32 MiB is glibc's
+    largest mmap threshold; the heap keeps up to 1 GiB of free memory before trimming. Linux (glibc) only."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def finetune_command(cfg) -> None:
@@ -49,6 +64,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    tune_allocator()
     try:
         args.run(args.cfg)
     except UserError as e:

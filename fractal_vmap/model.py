@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fractal_vmap.errors import UserError
+from fractal_vmap.head import head_loss, lanes_head_loss, softcapped_logits
 
-SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15)
 ROPE_BASE = 10000.0
 
 
@@ -111,52 +111,86 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([y1, y2], dim=-1)
 
 
-# Causal attention as a custom op, so that under vmap the lane dim folds into the batch dim (one fused SDPA
-# call for all lanes: torch.func has no batching rule for SDPA's CPU kernels nor any SDPA backward), and its
-# backward is SDPA's own fused backward, reached by recomputing the forward (saves only q, k, v).
-@torch.library.custom_op("fractal_vmap::causal_attention", mutates_args=())
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+# Causal attention for stacked lanes. torch.func has no batching rule for SDPA's CPU kernels nor for any SDPA
+# backward, so under vmap attention goes through an autograd.Function whose vmap rule folds the lane dim into the
+# batch dim: one fused kernel call for all lanes. On CPU it calls the flash kernel that SDPA itself picks there and
+# saves the logsumexp for the fused backward (the same kernels, so the same numbers as plain SDPA, lane by lane).
+# On other devices it calls SDPA and recomputes it in the backward (saves only q, k, v).
+# Why not a torch.library.custom_op: its first call imports torch._dynamo, 2-5 s of every grid process.
 
 
-@causal_attention.register_fake
-def _(q, k, v, enable_gqa):
-    return torch.empty_like(q)
-
-
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, enable_gqa = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.enable_gqa = enable_gqa
-
-
-def _attention_backward(ctx, grad_out):
-    q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
-    with torch.enable_grad():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=ctx.enable_gqa)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
-    return dq, dk, dv, None
-
-
-causal_attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
-
-
-def _attention_vmap(info, in_dims, q, k, v, enable_gqa):
-    """Fold the vmapped lane dim into the batch: [lanes, B, H, T, D] -> [lanes * B, H, T, D]."""
+def _fold_lanes(info, in_dims, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """[lanes, B, ...] at any vmapped dim (or unbatched, shared by all lanes) -> [lanes * B, ...]."""
     n = info.batch_size
-    qkv = []
-    for t, d in zip((q, k, v), in_dims[:3]):
+    folded = []
+    for t, d in zip(tensors, in_dims):
         t = t.expand(n, *t.shape) if d is None else t.movedim(d, 0)
-        qkv.append(t.reshape(n * t.shape[1], *t.shape[2:]))
-    out = causal_attention(*qkv, enable_gqa)
-    return out.reshape(n, -1, *out.shape[1:]), 0
+        folded.append(t.reshape(n * t.shape[1], *t.shape[2:]))
+    return folded
 
 
-causal_attention.register_vmap(_attention_vmap)
+def _unfold_lanes(info, t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(info.batch_size, -1, *t.shape[1:])
+
+
+class _FlashAttentionCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)  # (out, logsumexp)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_logsumexp):
+        q, k, v, out, logsumexp = ctx.saved_tensors
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, logsumexp, 0.0, True)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v):
+        out, logsumexp = _FlashAttentionCPU.apply(*_fold_lanes(info, in_dims, q, k, v))
+        return (_unfold_lanes(info, out), _unfold_lanes(info, logsumexp)), (0, 0)
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        with torch.enable_grad():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v):
+        return _unfold_lanes(info, _RecomputedAttention.apply(*_fold_lanes(info, in_dims, q, k, v))), 0
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    """Causal attention [B, H, T, D] that folds vmapped lanes into the batch. GQA: k, v heads repeated here (autograd
+    sums their gradients back). Under autocast, cast as SDPA's autocast rule would (it is a lower-precision op)."""
+    if enable_gqa:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if q.device.type == "cpu":
+        return _FlashAttentionCPU.apply(q, k, v)[0]
+    return _RecomputedAttention.apply(q, k, v)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
-    """The custom op under vmap; plain SDPA otherwise (same kernel and numbers; the op's first call imports dynamo, ~3 s)."""
+    """causal_attention under vmap; plain SDPA otherwise (the reference path; same kernel and numbers)."""
     if torch._C._functorch.is_batchedtensor(q):
         return causal_attention(q, k, v, enable_gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
@@ -188,11 +222,12 @@ def forward(
         x = x + F.linear(h, params[p + "mlp.c_proj.weight"])
     # slice the padded lm_head rows rather than the logits: the same dot products, but contiguous logits
     # (elementwise ops on a strided slice ran ~3x slower, and its backward zero-fills a padded copy)
-    logits = F.linear(norm(x), params["lm_head.weight"][: config.vocab_size]).float()
-    logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+    x, w = norm(x), params["lm_head.weight"][: config.vocab_size]
     if targets is None:
-        return logits
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+        return softcapped_logits(x, w)
+    if reduction == "mean" and torch._C._functorch.is_batchedtensor(x):
+        return lanes_head_loss(x.view(B * T, config.n_embd), w, targets.reshape(-1))  # stacked lanes: see head.py
+    return head_loss(x, w, targets, reduction)
 
 
 @torch.no_grad()

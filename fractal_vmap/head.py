@@ -1,0 +1,77 @@
+"""The lm_head, softcap and cross-entropy: one function for a single model, and the stacked lanes' version.
+
+For L stacked lanes, running the head under vmap materializes the logits of all lanes at once, [L, N, vocab] floats,
+and autograd keeps several tensors of that size. On CPU a few lanes' worth falls out of cache, and every elementwise
+pass over them (softcap, log_softmax and their backwards) ran 3x slower per lane than over one lane's logits. On a GPU
+they do not fit at all for a real vocab (16 lanes of d20 at 8 x 1024 tokens, vocab 65536: 34 GB per tensor).
+
+So the lanes' loss is computed lane by lane. The loss is the end of the graph, so each lane's gradients with respect
+to its x and w are computed right away by the very `head_loss` a single model runs, and its logits are freed before
+the next lane. Backward then only scales them by each lane's incoming gradient. The numbers are bit-equal to
+`finetune`'s, since they come from the same ops on the same shapes.
+"""
+
+import torch
+import torch.nn.functional as F
+
+SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15), nanochat's softcap
+
+
+def softcapped_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """float32 logits x @ w.T, softcapped."""
+    logits = F.linear(x, w).float()
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the softcapped logits against targets (-1 = not supervised)."""
+    logits = softcapped_logits(x, w)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+
+
+class _LanesHeadLoss(torch.autograd.Function):
+    """x [L, N, C], w [L, V, C], targets [L, N] -> (mean loss per lane [L], dx, dw); dx or dw is None when x or w
+    needs no gradient."""
+
+    @staticmethod
+    def forward(x, w, targets):
+        need = (x.requires_grad, w.requires_grad)
+        losses, dx, dw = [], [], []
+        for xi, wi, ti in zip(x, w, targets):
+            xi, wi = xi.detach().requires_grad_(need[0]), wi.detach().requires_grad_(need[1])
+            with torch.enable_grad():
+                loss = head_loss(xi, wi, ti)
+            if any(need):
+                with torch.autocast(x.device.type, enabled=False):  # finetune's backward runs outside autocast too
+                    grads = torch.autograd.grad(loss, [t for t, n in zip((xi, wi), need) if n])
+                dx += grads[:1] if need[0] else []
+                dw += grads[-1:] if need[1] else []
+            losses.append(loss.detach())
+        return torch.stack(losses), torch.stack(dx) if dx else None, torch.stack(dw) if dw else None
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, dx, dw = output
+        ctx.save_for_backward(dx, dw)
+        ctx.mark_non_differentiable(*(t for t in (dx, dw) if t is not None))
+
+    @staticmethod
+    def backward(ctx, grad_losses, _grad_dx, _grad_dw):
+        dx, dw = ctx.saved_tensors
+        scale = grad_losses[:, None, None]  # a lane's gradients times its incoming gradient (1 for a summed loss)
+        grad_x = None if dx is None else dx * scale.to(dx.dtype)
+        grad_w = None if dw is None else dw * scale.to(dw.dtype)
+        return grad_x, grad_w, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, w, targets):
+        L = info.batch_size
+        x, w, targets = (t.expand(L, *t.shape) if d is None else t.movedim(d, 0) for t, d in zip((x, w, targets), in_dims))
+        losses, dx, dw = _LanesHeadLoss.apply(x, w, targets)
+        return (losses, dx, dw), (0, None if dx is None else 0, None if dw is None else 0)
+
+
+def lanes_head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`head_loss` (mean) of each lane: x [L, N, C], w [L, V, C], targets [L, N] -> [L]; under vmap, one lane's
+    x [N, C], w [V, C], targets [N] -> a scalar."""
+    return _LanesHeadLoss.apply(x, w, targets)[0]
