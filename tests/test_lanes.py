@@ -10,6 +10,7 @@ round like torch.optim on CPU, see test_optim.py), so the gap is float32 roundin
 
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,19 @@ def assert_rows_identical(with_diverging: list[dict], without: list[dict]) -> No
         assert a["losses"] == b["losses"], a["run_name"]  # no drift either: exact, step by step
         for key in ("stable", "converged", "trainable_ratio", "final_loss", "avg_loss", "measure", "tokens_seen", "steps"):
             assert a[key] == b[key], (a["run_name"], key)
+
+
+def test_bfloat16_autocast_row_matches_finetune(nanochat):
+    """The autocast path the GPU runs (bfloat16 matmuls, attention and logits), here on CPU: 3 lanes vs finetune runs
+    with --dtype bfloat16, 12 steps of the fixture's batches."""
+    config, params, _, batches = nanochat
+    cfgs = [fixture_cfg(learning_rate=lr, dtype="bfloat16", num_iterations=12, run_name=f"bf16-lr{lr}") for lr in (0.01, 0.1, 1.0)]
+    results = train_lanes(cfgs, config, params, batches, [12] * 3, CPU)
+    for cfg, lane in zip(cfgs, results):
+        single = train_single(cfg, config, params, batches, 12, CPU)
+        assert_lane_equals_single(lane, single)
+    fp32 = train_single(replace(cfgs[1], dtype="float32"), config, params, batches, 12, CPU)
+    assert abs(fp32["final_loss"] - results[1]["final_loss"]) > 1e-3  # bfloat16 did change the numbers
 
 
 def test_diverging_lane_changes_no_other_lane_fixture(nanochat, fixture_lanes):
