@@ -6,7 +6,6 @@ trainability.png, panels.png, fractal.json. Rerunning the same command resumes; 
 
 import hashlib
 import json
-import math
 import os
 import platform
 import time

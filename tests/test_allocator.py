@@ -1,30 +1,32 @@
-"""cli.tune_allocator: freed tensors stay in the C heap, so a tensor made anew every step does not page-fault again."""
+"""cli.tune_allocator: memory freed at the end of a step stays in the C heap, so the next step does not page-fault
+its activations in again."""
 
 import subprocess
 import sys
 
 import pytest
 
-# 20 tensors of 16 MiB, each freed before the next: count the process's minor page faults meanwhile
+# A training step in miniature: 8 tensors of 8 MiB made one after another, all alive, then all freed. After 3 warm-up
+# steps, count the process's minor page faults over 10 more.
 PROGRAM = """
-import resource, sys, torch
-if sys.argv[1] == "tuned":
-    from fractal_vmap.cli import tune_allocator
-    tune_allocator()
-torch.empty(4 << 20).fill_(1.0)
+import resource, torch
+from fractal_vmap.cli import tune_allocator
+tune_allocator()
+def step():
+    return [torch.empty(2 << 20).fill_(1.0) for _ in range(8)]
+for _ in range(3):
+    step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    torch.empty(4 << 20).fill_(1.0)
+for _ in range(10):
+    step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-PAGES = (16 << 20) // 4096  # 4 KiB pages of one tensor
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
-def test_tuned_allocator_reuses_freed_tensors_without_page_faults():
-    faults = {mode: int(subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, check=True).stdout)
-              for mode in ("default", "tuned")}
-    # tuned: at most the first heap tensor's pages fault in (measured 1x PAGES); untuned glibc maps every one afresh
-    # (measured ~8x PAGES over the 20)
-    assert faults["tuned"] <= 2 * PAGES, faults
-    assert faults["default"] > 4 * PAGES, faults  # the control: the count sees what the tuning removes
+def test_tuned_allocator_reuses_freed_steps_without_page_faults():
+    faults = int(subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True).stdout)
+    # tuned: measured 0. Untuned glibc trims the freed top of the heap or maps big blocks afresh, and here faulted
+    # 2,048 to 163,520 pages over the 10 steps (a step is 16,384 pages), varying from run to run with the heap's layout.
+    # 256 pages (1 MiB) leaves room for the interpreter's own small allocations.
+    assert faults < 256, faults

@@ -1,6 +1,5 @@
 """The lanes' lm_head + softcap + cross-entropy (head.py) against a float64 reference and the single-model head_loss."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import vmap
