@@ -43,9 +43,11 @@ class _LanesHeadLoss(torch.autograd.Function):
                 loss = head_loss(xi, wi, ti)
             if any(need):
                 with torch.autocast(x.device.type, enabled=False):  # finetune's backward runs outside autocast too
-                    grads = torch.autograd.grad(loss, [t for t, n in zip((xi, wi), need) if n])
-                dx += grads[:1] if need[0] else []
-                dw += grads[-1:] if need[1] else []
+                    grads = iter(torch.autograd.grad(loss, [t for t, n in zip((xi, wi), need) if n]))
+                if need[0]:
+                    dx.append(next(grads))
+                if need[1]:
+                    dw.append(next(grads))
             losses.append(loss.detach())
         return torch.stack(losses), torch.stack(dx) if dx else None, torch.stack(dw) if dw else None
 

@@ -225,7 +225,7 @@ def forward(
     x, w = norm(x), params["lm_head.weight"][: config.vocab_size]
     if targets is None:
         return softcapped_logits(x, w)
-    if reduction == "mean" and torch._C._functorch.is_batchedtensor(x):
+    if reduction == "mean" and (torch._C._functorch.is_batchedtensor(x) or torch._C._functorch.is_batchedtensor(w)):
         return lanes_head_loss(x.view(B * T, config.n_embd), w, targets.reshape(-1))  # stacked lanes: see head.py
     return head_loss(x, w, targets, reduction)
 

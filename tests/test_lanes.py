@@ -201,6 +201,16 @@ def test_bfloat16_autocast_row_matches_finetune(nanochat):
     assert abs(fp32["final_loss"] - results[1]["final_loss"]) > 1e-3  # bfloat16 did change the numbers
 
 
+@pytest.mark.parametrize("groups", ["unembedding", "embedding", "matrix"])
+def test_rows_training_one_group_match_finetune(nanochat, groups):
+    """One trainable group: then the head's input (only lm_head trains) or its weight (only wte or the matrices
+    train) is shared by all lanes under vmap, the other stacked. 2 lanes, 8 steps of the fixture's batches."""
+    config, params, _, batches = nanochat
+    cfgs = [fixture_cfg(trainable_param_groups=groups, learning_rate=lr, num_iterations=8, run_name=f"{groups}-lr{lr}") for lr in (0.1, 1.0)]
+    for cfg, lane in zip(cfgs, train_lanes(cfgs, config, params, batches, [8, 8], CPU)):
+        assert_lane_equals_single(lane, train_single(cfg, config, params, batches, 8, CPU))
+
+
 def test_diverging_lane_changes_no_other_lane_fixture(nanochat, fixture_lanes):
     config, params, _, batches = nanochat
     cfgs, results = fixture_lanes
