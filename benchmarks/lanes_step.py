@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, how
 from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
 
 from fractal_vmap.cli import tune_allocator  # noqa: E402
-from fractal_vmap.finetune import (  # noqa: E402
-    ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, FinetuneConfig, autocast_dtype, group_lrs, load_source, make_stream,
-    render_split, resolve_device, trainable_groups,
+from fractal_vmap.recipe import (  # noqa: E402
+    ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, FinetuneConfig, autocast_dtype, group_lrs, resolve_device, trainable_groups,
 )
+from fractal_vmap.sft import load_source, make_stream, render_split  # noqa: E402
 from fractal_vmap.lanes import train_lanes  # noqa: E402
 from fractal_vmap.model import GPTConfig, forward, init_params, param_group, param_shapes, rotary_cos_sin  # noqa: E402
 from fractal_vmap.optim import lr_multiplier_scalar  # noqa: E402

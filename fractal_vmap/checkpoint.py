@@ -47,8 +47,10 @@ def load_checkpoint(
         state = torch.load(model_path, map_location=device, weights_only=True)
     except (json.JSONDecodeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
         raise UserError(f"corrupt checkpoint {model_path} or {meta_path.name} ({type(e).__name__}): re-download or re-save it") from None
-    if "model_config" not in meta:
-        raise UserError(f"{meta_path} has no model_config: it is not a nanochat meta file")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise UserError(f"{meta_path} is not a JSON object with a model_config object: it is not a nanochat meta file")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError(f"{model_path} holds a {type(state).__name__}, not a state dict of named tensors: save the model's state_dict()")
     config = GPTConfig.from_dict(meta["model_config"])
     # torch.compile saves keys as `_orig_mod.<name>`; GPU runs store bf16 tensors: train in float32
     params = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}

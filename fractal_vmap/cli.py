@@ -1,7 +1,10 @@
 """`fractal-vmap <command>`: each command's options are a simple_parsing dataclass (flags or --config_path file)."""
 
 import ctypes
+import shlex
 import sys
+from dataclasses import fields
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -46,9 +49,36 @@ def grid_command(cfg) -> None:
     run_grid(cfg)
 
 
-def build_parser() -> ArgumentParser:
-    from fractal_vmap.finetune import FinetuneConfig
+def compare_command(cfg) -> None:
+    from fractal_vmap.compare import compare_runs, print_report
+
+    print_report(compare_runs(cfg), console)
+
+
+def compare_options() -> type:
+    from fractal_vmap.compare import CompareConfig
+
+    return CompareConfig
+
+
+def grid_options() -> type:
     from fractal_vmap.grid import GridConfig
+
+    return GridConfig
+
+
+def finetune_options() -> type:
+    from fractal_vmap.recipe import FinetuneConfig
+
+    return FinetuneConfig
+
+
+OPTIONS = {"finetune": finetune_options, "grid": grid_options}  # command -> its options dataclass (imported on use)
+
+
+def build_parser() -> ArgumentParser:
+    from fractal_vmap.grid import GridConfig
+    from fractal_vmap.recipe import FinetuneConfig
 
     parser = ArgumentParser(prog="fractal-vmap", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,14 +89,62 @@ def build_parser() -> ArgumentParser:
     grid = commands.add_parser("grid", help="train a 2-D grid of fine-tuning runs, a whole row of lanes at once", add_config_path_arg=True)
     grid.add_arguments(GridConfig, dest="cfg")
     grid.set_defaults(run=grid_command)
+    compare = commands.add_parser("compare", help="count the cells of two grids over the same axes that change phase, and where")
+    compare.add_arguments(compare_options(), dest="cfg")
+    compare.set_defaults(run=compare_command)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    tune_allocator()
+def config_path_of(argv: list[str]) -> str | None:
+    for k, word in enumerate(argv):
+        if word == "--config_path" and k + 1 < len(argv):
+            return argv[k + 1]
+        if word.startswith("--config_path="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def check_config_file(path: str, command: str, options: type) -> None:
+    """One clear line for a --config_path that simple_parsing would trip over (or silently ignore: options not under
+    `cfg:`), before it is parsed."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config_path {path} does not exist: pass a YAML or JSON file with the options under `cfg:`")
     try:
+        data = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"--config_path {path} is not valid YAML or JSON ({str(e).splitlines()[0]}): fix the file") from None
+    if not isinstance(data, dict) or set(data) != {"cfg"} or not isinstance(data["cfg"], dict):
+        raise UserError(f"--config_path {path}: put the options in a mapping under one top-level `cfg:` key, e.g. `cfg: {{learning_rate: 0.05}}`")
+    unknown = sorted(set(data["cfg"]) - {f.name for f in fields(options)})
+    if unknown:
+        raise UserError(f"--config_path {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap {command} --help")
+
+
+def resume_command(argv: list[str], cfg) -> str:
+    """The command line that resumes an interrupted run: the same flags, with the run dir named."""
+    words = ["fractal-vmap", *argv]
+    if getattr(cfg, "run_dir", None) and "--run_dir" not in argv and not any(a.startswith("--run_dir=") for a in argv):
+        words += ["--run_dir", cfg.run_dir]
+    return shlex.join(words)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    config_path = config_path_of(argv)
+    try:
+        if config_path is not None and argv and argv[0] in OPTIONS:
+            check_config_file(config_path, argv[0], OPTIONS[argv[0]]())
+        args = parser.parse_args(argv)
+        tune_allocator()
         args.run(args.cfg)
     except UserError as e:
         console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        again = "resume (finished rows are kept)" if args.command == "grid" else "start it again"
+        console.print(f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, args.cfg)}", highlight=False, soft_wrap=True)
+        sys.exit(130)  # 128 + SIGINT, the shell's convention

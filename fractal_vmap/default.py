@@ -49,7 +49,8 @@ def pretrain_tokens(n_tokens: int) -> torch.Tensor:
 
 def build_default_model(directory: Path, steps: int = PRETRAIN_STEPS) -> Path:
     """Pretrain the default model with the project's own single-lane trainer and write it atomically."""
-    from fractal_vmap.finetune import FinetuneConfig, train_single
+    from fractal_vmap.recipe import FinetuneConfig
+    from fractal_vmap.single import train_single
 
     torch.manual_seed(SEED)
     T = CONFIG.sequence_len
@@ -63,12 +64,12 @@ def build_default_model(directory: Path, steps: int = PRETRAIN_STEPS) -> Path:
         trainable_param_groups="matrix,embedding,unembedding", num_iterations=steps, warmup_frac=0.05, final_lr_frac=0.1,
         device="cpu", dtype="float32",
     )
-    result = train_single(cfg, CONFIG, init_params(CONFIG, SEED), batches, steps, torch.device("cpu"))
-    if not result["stable"]:
-        raise RuntimeError(f"default model pretraining diverged: {result['error']}")
+    result, params = train_single(cfg, CONFIG, init_params(CONFIG, SEED), batches, steps, torch.device("cpu"))
+    if not result.stable:
+        raise RuntimeError(f"default model pretraining diverged: {result.error}")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".build-"))
-    save_checkpoint(tmp / "checkpoints", steps, CONFIG, result["params"], {"pretrain_final_loss": result["final_loss"]})
+    save_checkpoint(tmp / "checkpoints", steps, CONFIG, params, {"pretrain_final_loss": result.final_loss})
     save_tokenizer(byte_tokenizer(), tmp / "tokenizer")
     if directory.exists():  # another process finished first: keep its copy
         shutil.rmtree(tmp)

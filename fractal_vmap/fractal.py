@@ -41,12 +41,12 @@ def trainability(losses, window: int = 20, threshold: float = 1.0) -> dict:
                 trainable_mean_last_k=mean_last_k, trainable_ratio=ratio)
 
 
-def convergence_measure(losses, window: int = 20) -> np.ndarray:
+def convergence_measure(losses, window: int = 20, threshold: float = 1.0) -> np.ndarray:
     """
     The paper's convergence measure, vectorised over leading dims: losses [..., steps] -> [...].
     v = losses / losses[..., :1], with non-finite entries and entries above 1e6 set to 1e6
     (a non-finite or non-positive first loss makes the whole v equal to 1e6: diverged).
-    If mean(v[..., -window:]) < 1 the run trained and the measure is -sum(v) (negative);
+    If mean(v[..., -window:]) < threshold the run trained and the measure is -sum(v) (negative);
     otherwise it did not and the measure is sum(1/v) (positive).
     So: measure < 0 is trained, measure > 0 is not, and |measure| grows towards the boundary
     (slow training gives a large sum(v), slow divergence a large sum(1/v)).
@@ -59,7 +59,7 @@ def convergence_measure(losses, window: int = 20) -> np.ndarray:
     first_ok = np.isfinite(first) & (first > 0)
     v = np.where(first_ok, v, MAX_VAL)
     v = np.where(np.isfinite(v) & (v <= MAX_VAL), v, MAX_VAL)
-    trained = v[..., -window:].mean(axis=-1) < 1
+    trained = v[..., -window:].mean(axis=-1) < threshold  # the rule of trainability()'s `converged`
     trained_value = -v.sum(axis=-1)
     diverged_value = (1.0 / np.maximum(v, 1.0 / MAX_VAL)).sum(axis=-1)  # floor keeps a zero loss from giving inf
     return np.where(trained, trained_value, diverged_value)

@@ -1,26 +1,18 @@
-"""Train a whole grid row at once: the trainable weights of L model copies ("lanes") stacked on a leading dim.
-
-The forward is the functional model under `torch.func.vmap` over the stacked dict; the backward is plain
-autograd on the stacked leaves (`losses.sum().backward()`: lane i's loss only reaches lane i's weights).
-Frozen groups (embeddings by default) are shared by all lanes, never copied. Each lane has its own optimizer
-state and learning rates; a lane whose loss goes non-finite, or that has run all its steps, stops updating.
-Per-lane losses stay on the device; the host reads them every `sync_every` steps (progress) and at the end.
+"""A grid row of nanochat SFT runs as lanes of the engine: stacked trainable groups (frozen groups shared by all
+lanes, never copied), BatchedAdamW for the embedding groups and BatchedMuon for the matrices with each lane's own
+learning rates and schedule, the lanes' attention and head. Every lane follows `recipe.py`, as `single.py` does.
 """
 
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.func import vmap
 
-from fractal_vmap.finetune import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, FinetuneConfig, autocast_dtype, group_lrs, result_fields, trainable_groups
-from fractal_vmap.model import GPTConfig, forward, param_group, rotary_cos_sin
+from fractal_vmap import engine
+from fractal_vmap.engine import Batches, Progress, Row, padded_lanes
+from fractal_vmap.head import lanes_head_loss
+from fractal_vmap.model import GPTConfig, Head, forward, lanes_attention, param_group, rotary_cos_sin
 from fractal_vmap.optim import BatchedAdamW, BatchedMuon, lr_multiplier
-
-# batches(step) -> (inputs, targets): [B, T] shared by every lane, or [L, B, T] one stream per lane
-Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+from fractal_vmap.recipe import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, CellResult, FinetuneConfig, autocast_dtype, cell_result, group_lrs, trainable_groups
 
 
 @dataclass
@@ -48,13 +40,6 @@ class LaneSettings:
         )
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host batch to the device without a host sync: a pageable-memory copy would block until the GPU catches up."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def check_row(cfgs: list[FinetuneConfig]) -> list[str]:
     """Lanes of one row may differ in per-lane scalars only; everything else must be shared. Returns the trainable groups."""
     groups = trainable_groups(cfgs[0])
@@ -64,6 +49,46 @@ def check_row(cfgs: list[FinetuneConfig]) -> list[str]:
     return groups
 
 
+def supervised_tokens(targets: torch.Tensor) -> torch.Tensor:
+    """Supervised tokens of a batch [B, T] (a scalar) or of per-lane batches [L, B, T] (one count a lane)."""
+    return (targets != -1).flatten(-2).sum(-1)
+
+
+def nanochat_row(
+    cfgs: list[FinetuneConfig],
+    config: GPTConfig,
+    params: dict[str, torch.Tensor],
+    steps: list[int],
+    device: torch.device,
+    data_dim: int | None = None,
+    head: Head = lanes_head_loss,
+) -> Row:
+    """The engine's row for these cells, padded with idle lanes to the engine's minimum, all starting from `params`."""
+    groups = check_row(cfgs)
+    n, L = len(cfgs), padded_lanes(len(cfgs))
+    settings = LaneSettings.from_configs(cfgs + [cfgs[-1]] * (L - n), config, steps + [0] * (L - n), device)
+    stacked = engine.stack({k: v for k, v in params.items() if param_group(k) in groups}, L, device)
+    frozen = {k: v.to(device) for k, v in params.items() if param_group(k) not in groups}
+    # one AdamW per AdamW group (their lrs differ), one Muon for every matrix
+    adamws = {g: BatchedAdamW([v for k, v in stacked.items() if param_group(k) == g], betas=ADAMW_BETAS, eps=ADAMW_EPS) for g in groups if g != "matrix"}
+    matrices = [v for k, v in stacked.items() if param_group(k) == "matrix"]
+    muon = BatchedMuon(matrices, momentum=MUON_MOMENTUM, nesterov=True) if matrices else None
+    cos_sin = rotary_cos_sin(config, device)
+
+    def lane_loss(lane_params, inputs, targets):
+        return forward({**frozen, **lane_params}, inputs, config, cos_sin, targets, attend=lanes_attention, head=head)
+
+    def update(step: int, active: torch.Tensor) -> None:
+        mult = lr_multiplier(step, settings.total_steps, settings.warmup_frac, settings.final_lr_frac)
+        for g, adamw in adamws.items():
+            adamw.step(settings.lrs[g] * mult, settings.weight_decay, active)
+        if muon is not None:
+            muon.step(settings.lrs["matrix"] * mult, active)
+
+    total = torch.tensor(steps + [0] * (L - n), dtype=torch.int64, device=device)
+    return Row(lane_loss, stacked, update, total, real=n, data_dim=data_dim, amp=autocast_dtype(cfgs[0], device), supervised=supervised_tokens)
+
+
 def train_lanes(
     cfgs: list[FinetuneConfig],
     config: GPTConfig,
@@ -71,61 +96,30 @@ def train_lanes(
     batches: Batches,
     steps: list[int],
     device: torch.device,
-    progress: Callable[[int, int, int], None] | None = None,
+    progress: Progress | None = None,
     sync_every: int = 10,
-) -> list[dict]:
-    """Train len(cfgs) lanes from the same base params; lane i runs steps[i] steps. One result dict per lane.
+) -> list[CellResult]:
+    """Train len(cfgs) lanes from the same base params; lane i runs steps[i] steps. One result a lane.
 
-    `progress(steps_done, max_steps, tokens_processed)` is called every `sync_every` steps, when the host also checks
-    whether any lane is still active (the only host sync in the loop)."""
-    groups = check_row(cfgs)
-    L, max_steps = len(cfgs), max(steps)
-    settings = LaneSettings.from_configs(cfgs, config, steps, device)
-    stacked = {k: v.to(device).expand(L, *v.shape).clone().requires_grad_(True) for k, v in params.items() if param_group(k) in groups}
-    frozen = {k: v.to(device) for k, v in params.items() if param_group(k) not in groups}
-    # one AdamW per AdamW group (their lrs differ), one Muon for every matrix
-    adamws = {g: BatchedAdamW([v for k, v in stacked.items() if param_group(k) == g], betas=ADAMW_BETAS, eps=ADAMW_EPS) for g in groups if g != "matrix"}
-    matrices = [v for k, v in stacked.items() if param_group(k) == "matrix"]
-    muon = BatchedMuon(matrices, momentum=MUON_MOMENTUM, nesterov=True) if matrices else None
-    cos_sin = rotary_cos_sin(config, device)
-    amp = autocast_dtype(cfgs[0], device)
+    `batches(step)` gives one batch [B, T] for every lane, or one per lane [L, B, T] (lanes with their own seed)."""
+    first = batches(0)  # its shape says whether the lanes share the data
 
-    def lane_loss(lane_params, inputs, targets):
-        return forward({**frozen, **lane_params}, inputs, config, cos_sin, targets)
+    def fetched(step: int) -> tuple[torch.Tensor, torch.Tensor]:  # each batch fetched once
+        return first if step == 0 else batches(step)
 
-    active = torch.ones(L, dtype=torch.bool, device=device)
-    loss_log = torch.full((max_steps, L), math.nan, dtype=torch.float32, device=device)
-    tokens_seen = torch.zeros(L, dtype=torch.int64, device=device)
-    processed = 0  # tokens pushed through the model, all lanes counted (host-side, from shapes)
-    t0 = time.perf_counter()
-    for step in range(max_steps):
-        inputs, targets = (to_device(t, device) for t in batches(step))
-        data_dim = 0 if inputs.dim() == 3 else None
-        processed += inputs.numel() * (L if data_dim is None else 1)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            losses = vmap(lane_loss, in_dims=(0, data_dim, data_dim))(stacked, inputs, targets)
-        n_supervised = (targets != -1).flatten(-2).sum(-1)  # scalar, or [L] with per-lane data
-        tokens_seen += n_supervised * active
-        loss_log[step] = torch.where(active, losses.detach().float(), math.nan)
-        active = active & torch.isfinite(losses.detach())  # a non-finite loss ends that lane, as in finetune
-        torch.where(active, losses, 0.0).sum().backward()
-        mult = lr_multiplier(step, settings.total_steps, settings.warmup_frac, settings.final_lr_frac)
-        for g, adamw in adamws.items():
-            adamw.step(settings.lrs[g] * mult, settings.weight_decay, active)
-        if muon is not None:
-            muon.step(settings.lrs["matrix"] * mult, active)
-        for p in stacked.values():
-            p.grad = None
-        active = active & (settings.total_steps > step + 1)  # lanes that ran all their steps stop
-        if (step + 1) % sync_every == 0 or step + 1 == max_steps:
-            if progress is not None:
-                progress(step + 1, max_steps, processed)
-            if not bool(active.any()):  # every lane diverged or finished: the rest would be NaN padding
-                break
-    runtime = time.perf_counter() - t0
-    log = loss_log.cpu().double()
-    seen = tokens_seen.cpu().tolist()
-    results = []
-    for i, cfg in enumerate(cfgs):
-        results.append(result_fields(cfg, log[: steps[i], i].tolist(), steps[i], seen[i], runtime))  # cut at the first NaN there
-    return results
+    data_dim = 0 if first[0].dim() == 3 else None
+    row = nanochat_row(cfgs, config, params, steps, device, data_dim)
+    L = row.total_steps.shape[0]
+    runtime = engine.run(row, fetched if data_dim is None or row.real == L else pad_lane_batches(fetched, L), progress, sync_every)
+    log = row.loss_log.cpu().double()
+    seen = row.tokens_seen.cpu().tolist()
+    return [cell_result(cfg, log[: steps[i], i].tolist(), steps[i], seen[i], runtime) for i, cfg in enumerate(cfgs)]
+
+
+def pad_lane_batches(batches: Batches, lanes: int) -> Batches:
+    """Per-lane batches [n, B, T] repeated along the lane dim up to `lanes` (for idle padding lanes)."""
+
+    def padded(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.cat([t, t[-1:].expand(lanes - t.shape[0], *t.shape[1:])]) for t in batches(step))
+
+    return padded

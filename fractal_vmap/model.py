@@ -6,13 +6,14 @@ untied wte/lm_head, vocab padded to a multiple of 64, logit softcap 15, no biase
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.head import head_loss, lanes_head_loss, softcapped_logits
+from fractal_vmap.head import head_loss, softcapped_logits
 
 ROPE_BASE = 10000.0
 
@@ -111,10 +112,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([y1, y2], dim=-1)
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention [B, H, T, D] of one model, as nanochat calls it (GQA when k, v have fewer heads)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[-3] != q.shape[-3])
+
+
 # Causal attention for stacked lanes. torch.func has no batching rule for SDPA's CPU kernels nor for any SDPA
 # backward, so under vmap attention goes through an autograd.Function whose vmap rule folds the lane dim into the
 # batch dim: one fused kernel call for all lanes. On CPU it calls the flash kernel that SDPA itself picks there and
 # saves the logsumexp for the fused backward (the same kernels, so the same numbers as plain SDPA, lane by lane).
+# GQA k, v go in with their own head count, as SDPA's enable_gqa passes them: the kernel reads each kv head for its
+# group of q heads and sums dk, dv in its own order (copying the heads first would sum them in autograd's order).
 # On other devices it calls SDPA and recomputes it in the backward (saves only q, k, v).
 # Why not a torch.library.custom_op: its first call imports torch._dynamo, 2-5 s of every grid process.
 
@@ -157,7 +165,7 @@ class _FlashAttentionCPU(torch.autograd.Function):
 class _RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return sdpa_attention(q, k, v)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -167,7 +175,7 @@ class _RecomputedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
         with torch.enable_grad():
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = sdpa_attention(q, k, v)
         return torch.autograd.grad(out, (q, k, v), grad_out)
 
     @staticmethod
@@ -175,12 +183,9 @@ class _RecomputedAttention(torch.autograd.Function):
         return _unfold_lanes(info, _RecomputedAttention.apply(*_fold_lanes(info, in_dims, q, k, v))), 0
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
-    """Causal attention [B, H, T, D] that folds vmapped lanes into the batch. GQA: k, v heads repeated here (autograd
-    sums their gradients back). Under autocast, cast as SDPA's autocast rule would (it is a lower-precision op)."""
-    if enable_gqa:
-        group = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+def lanes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention [B, H, T, D] that folds vmapped lanes into the batch (also correct for one model). Under
+    autocast, inputs are cast as SDPA's autocast rule would (it is a lower-precision op)."""
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -189,11 +194,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_g
     return _RecomputedAttention.apply(q, k, v)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
-    """causal_attention under vmap; plain SDPA otherwise (the reference path; same kernel and numbers)."""
-    if torch._C._functorch.is_batchedtensor(q):
-        return causal_attention(q, k, v, enable_gqa)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def forward(
@@ -202,9 +204,12 @@ def forward(
     config: GPTConfig,
     cos_sin: tuple[torch.Tensor, torch.Tensor],
     targets: torch.Tensor | None = None,
-    reduction: str = "mean",
+    attend: Attention = sdpa_attention,
+    head: Head = head_loss,
 ) -> torch.Tensor:
-    """Logits [B, T, vocab] in float32 (softcapped), or the cross-entropy loss when targets are given."""
+    """Logits [B, T, vocab] in float32 (softcapped), or head(x [B*T, C], lm_head, targets [B*T]) when targets are
+    given (by default the mean cross-entropy). A vmapped row of lanes passes lanes_attention and
+    head.lanes_head_loss (the caller picks; nothing here asks whether it runs under vmap)."""
     B, T = idx.shape
     H, KV, hd = config.n_head, config.n_kv_head, config.head_dim
     cos, sin = cos_sin[0][:, :T], cos_sin[1][:, :T]
@@ -216,7 +221,7 @@ def forward(
         k = F.linear(h, params[p + "attn.c_k.weight"]).view(B, T, KV, hd)
         v = F.linear(h, params[p + "attn.c_v.weight"]).view(B, T, KV, hd)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), KV != H)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + F.linear(y.transpose(1, 2).reshape(B, T, config.n_embd), params[p + "attn.c_proj.weight"])
         h = F.relu(F.linear(norm(x), params[p + "mlp.c_fc.weight"])).square()
         x = x + F.linear(h, params[p + "mlp.c_proj.weight"])
@@ -225,9 +230,7 @@ def forward(
     x, w = norm(x), params["lm_head.weight"][: config.vocab_size]
     if targets is None:
         return softcapped_logits(x, w)
-    if reduction == "mean" and (torch._C._functorch.is_batchedtensor(x) or torch._C._functorch.is_batchedtensor(w)):
-        return lanes_head_loss(x.view(B * T, config.n_embd), w, targets.reshape(-1))  # stacked lanes: see head.py
-    return head_loss(x, w, targets, reduction)
+    return head(x.view(B * T, config.n_embd), w, targets.reshape(B * T))
 
 
 @torch.no_grad()

@@ -136,7 +136,7 @@ def test_corrupt_meta(tmp_path):
 
 def test_meta_without_model_config(tmp_path):
     (saved_small(tmp_path) / "meta_000000.json").write_text('{"step": 0}')
-    with pytest.raises(UserError, match="no model_config"):
+    with pytest.raises(UserError, match="not a JSON object with a model_config object"):
         load_checkpoint(tmp_path)
 
 

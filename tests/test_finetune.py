@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -17,7 +18,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from fractal_vmap.checkpoint import load_model
 from fractal_vmap.cli import main
 from fractal_vmap.data import render_examples
-from fractal_vmap.finetune import FinetuneConfig, group_lrs, train_single
+from fractal_vmap.recipe import FinetuneConfig, group_lrs
+from fractal_vmap.single import train_single
 from fractal_vmap.model import GPTConfig, param_group
 from fractal_vmap.synth import doc_qa_conversations
 from fractal_vmap.tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer
@@ -55,19 +57,27 @@ def trajectories(nanochat):
             weight_decay=s["weight_decay"], trainable_param_groups="matrix,embedding,unembedding",
             num_iterations=30, warmup_frac=0.0, final_lr_frac=1.0, device="cpu",
         )
-        runs[name] = train_single(cfg, config, params, fixture_batches(traj), 30, CPU)
+        result, final = train_single(cfg, config, params, fixture_batches(traj), 30, CPU)
+        runs[name] = {**result.to_dict(), "params": final}
     return runs
 
 
 # ----------------------------------------------------------------------------- nanochat's trajectories
 
 
+# Step 0 is the same forward pass on the same weights, before any optimizer step. The fixture was made on another
+# CPU, whose BLAS may sum a matmul in another order: measured 0 ulps apart on AMD EPYC, 1 ulp on Intel Xeon (MKL).
+# 4 float32 ulps of the loss (~2e-6 at 7.85) allow that; any real difference in the model is orders larger.
+STEP0_ULPS = 4
+
+
 @pytest.mark.parametrize("setting", ["small", "default", "large"])
-def test_step0_loss_is_nanochat_exactly(nanochat, trajectories, setting):
-    # step 0 is the same forward pass on the same weights, before any optimizer step: no tolerance
+def test_step0_loss_is_nanochat_to_float32_rounding(nanochat, trajectories, setting):
     _, _, traj = nanochat
     for variant in traj["losses"]:
-        assert trajectories[setting]["losses"][0] == traj["losses"][variant][setting][0].item()
+        expected = traj["losses"][variant][setting][0].item()
+        ulp = np.spacing(np.float32(expected)).item()
+        assert abs(trajectories[setting]["losses"][0] - expected) <= STEP0_ULPS * ulp, variant
 
 
 @pytest.mark.parametrize(
@@ -142,7 +152,7 @@ def test_lr_schedule_is_applied_every_step(nanochat):
         lambda opt, args, kwargs: used.append((type(opt).__name__, [dict(g, params=None) for g in opt.param_groups]))
     )
     try:
-        result = train_single(cfg, config, params, fixture_batches(traj), steps, CPU, log=lambda s, m: logged.append((s, m)))
+        result, _ = train_single(cfg, config, params, fixture_batches(traj), steps, CPU, log=lambda s, m: logged.append((s, m)))
     finally:
         hook.remove()
     assert [s for s, _ in logged] == list(range(steps))
@@ -150,7 +160,7 @@ def test_lr_schedule_is_applied_every_step(nanochat):
     assert want[:3] == [0.5, 1.0, 1.0] and 0 < want[-1] < 0.01  # the shape: warmup, peak, decay towards 0
     for (step, metrics), w in zip(logged, want):
         assert metrics["train/lr_mult"] == pytest.approx(w, rel=1e-12, abs=1e-15)  # float64 both ways: rounding only
-        assert metrics["train/loss"] == result["losses"][step]
+        assert metrics["train/loss"] == result.losses[step]
     # the lrs the optimizers actually stepped with: AdamW holds lm_head only (wte frozen), Muon the matrices
     base_unembedding = 0.01 * 0.2 * (64 / 768) ** -0.5 * 0.5
     base_matrix = 0.01 * 0.5
@@ -235,8 +245,7 @@ def test_default_groups_freeze_the_embedding(nanochat):
     before = {k: v.clone() for k, v in params.items()}
     cfg = FinetuneConfig(num_iterations=5, device="cpu")
     assert cfg.trainable_param_groups == "matrix,unembedding"
-    result = train_single(cfg, config, params, fixture_batches(traj), 5, CPU)
-    after = result["params"]
+    _, after = train_single(cfg, config, params, fixture_batches(traj), 5, CPU)
     for name, value in after.items():
         if param_group(name) == "embedding":
             assert torch.equal(value, before[name]), name
@@ -299,7 +308,8 @@ def test_finetune_default_trains(tmp_path, capsys, default_stream_supervised):
 def test_finetune_absurd_lr_diverges(tmp_path):
     result = run_cli(tmp_path, "--wandb", "disabled", "--num_tokens", "3000", "--learning_rate", "1000")
     losses = result["losses"]
-    assert not math.isfinite(losses[-1]) and all(math.isfinite(x) for x in losses[:-1])  # stopped at the first NaN
+    # stopped at the first NaN, which strict JSON writes as null
+    assert losses[-1] is None and result["final_loss"] is None and all(math.isfinite(x) for x in losses[:-1])
     assert result["steps"] == len(losses)
     assert result["stable"] is False and result["converged"] is False
     assert result["error"] is not None and f"step {len(losses) - 1}" in result["error"]

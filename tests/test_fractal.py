@@ -214,3 +214,23 @@ def test_dimension_random_signs_fills_the_plane():
     f = fractal_dimension(measure)
     assert abs(f["dimension"] - 2) < 0.05, f
     assert abs(f["dimension_median_local"] - 2) < 0.05, f
+
+
+@pytest.mark.parametrize("window, threshold", [(20, 1.0), (5, 1.0), (3, 0.8), (50, 1.3)])
+def test_measure_sign_follows_the_labels_window_and_threshold(window, threshold):
+    """The picture (measure sign) and the label (converged) use the same K and threshold: they agree on every run,
+    including runs that stop at a non-finite loss and runs shorter than K."""
+    from fractal_vmap.recipe import FinetuneConfig, cell_result
+
+    rng = np.random.default_rng()
+    cfg = FinetuneConfig(trainable_window_steps=window, trainable_loss_ratio_threshold=threshold)
+    agree = []
+    for _ in range(300):
+        steps = int(rng.integers(1, 40))
+        losses = list(4.0 * np.exp(np.cumsum(rng.normal(0, 0.08, steps))))  # random walks around the start, both ways
+        if rng.random() < 0.2:
+            losses[int(rng.integers(0, steps))] = float("nan")
+        cell = cell_result(cfg, losses, steps, 0, 0.0)
+        assert (cell.measure < 0) == cell.converged, (losses, cell)
+        agree.append(cell.converged)
+    assert 0 < sum(agree) < len(agree)  # both labels occurred

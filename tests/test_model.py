@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -10,9 +11,10 @@ from torch.func import vmap
 from conftest import FIXTURE
 from fractal_vmap import model
 from fractal_vmap.checkpoint import load_model
+from fractal_vmap.head import head_loss, lanes_head_loss
 from fractal_vmap.model import (
     GPTConfig,
-    causal_attention,
+    lanes_attention,
     forward,
     generate_greedy,
     init_params,
@@ -56,7 +58,7 @@ def test_loss_and_per_token_loss_match_nanochat(fixture_model, reference):
     assert loss.item() == pytest.approx(7.850517749786377, abs=1e-5)
     torch.testing.assert_close(loss, reference["loss"], rtol=0, atol=1e-5)
 
-    per_token = forward(params, reference["idx"], config, cos_sin, reference["targets"], reduction="none")
+    per_token = forward(params, reference["idx"], config, cos_sin, reference["targets"], head=partial(head_loss, reduction="none"))
     per_token = per_token.view(4, 64)
     # per-token losses are single log-softmax values of size <= ~15, same argument as LOGIT_ATOL
     torch.testing.assert_close(per_token, reference["loss_per_token"], rtol=0, atol=1e-5)
@@ -166,7 +168,7 @@ def test_gqa_attention_matches_float64_reference():
     gen = torch.Generator().manual_seed(5)
     q, k, v = (t.requires_grad_() for t in random_qkv(gen))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = causal_attention(q, k, v, True)
+    out = lanes_attention(q, k, v)
     expected = attention_reference(q64, k64, v64)
     # float32 softmax-weighted sums of O(1) values over <= 10 keys: error ~1e-7, 1e-5 leaves margin
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
@@ -186,14 +188,14 @@ def test_vmapped_attention_folds_lanes_into_batch():
     qs = torch.randn(3, 2, 4, 10, 16, generator=gen)
     ks = torch.randn(3, 2, 2, 10, 16, generator=gen)
     vs = torch.randn(3, 2, 2, 10, 16, generator=gen)
-    shared = vmap(lambda q: causal_attention(q, ks[0], vs[0], True))(qs)
-    per_lane = vmap(causal_attention, in_dims=(0, 0, 0, None))(qs, ks, vs, True)
+    shared = vmap(lambda q: lanes_attention(q, ks[0], vs[0]))(qs)
+    per_lane = vmap(lanes_attention)(qs, ks, vs)
     # in_dims=1: the lane dim is not in front
-    moved = vmap(causal_attention, in_dims=(1, 1, 1, None))(qs.movedim(0, 1), ks.movedim(0, 1), vs.movedim(0, 1), True)
+    moved = vmap(lanes_attention, in_dims=(1, 1, 1))(qs.movedim(0, 1), ks.movedim(0, 1), vs.movedim(0, 1))
     for lane in range(3):
         # same float32 kernel on the same numbers, only batched differently: ulp-level at most
-        torch.testing.assert_close(shared[lane], causal_attention(qs[lane], ks[0], vs[0], True), rtol=0, atol=1e-6)
-        torch.testing.assert_close(per_lane[lane], causal_attention(qs[lane], ks[lane], vs[lane], True), rtol=0, atol=1e-6)
+        torch.testing.assert_close(shared[lane], lanes_attention(qs[lane], ks[0], vs[0]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(per_lane[lane], lanes_attention(qs[lane], ks[lane], vs[lane]), rtol=0, atol=1e-6)
     torch.testing.assert_close(moved, per_lane, rtol=0, atol=1e-6)
 
 
@@ -227,7 +229,7 @@ def test_vmapped_attention_under_autocast_computes_as_sdpa_does():
     qs = torch.randn(3, 2, 4, 24, 16, generator=gen)
     k, v = torch.randn(2, 4, 24, 16, generator=gen), torch.randn(2, 4, 24, 16, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = vmap(lambda q: causal_attention(q, k, v, False))(qs)
+        out = vmap(lambda q: lanes_attention(q, k, v))(qs)
         refs = [torch.nn.functional.scaled_dot_product_attention(qs[lane], k, v, is_causal=True) for lane in range(3)]
     assert out.dtype == torch.bfloat16
     for lane in range(3):
@@ -285,7 +287,7 @@ def vmapped_losses_and_grads(config, frozen, stacked, inputs, targets, data_dim)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in stacked.items()}
 
     def lane_loss(lane, x, y):
-        return forward({**frozen, **lane}, x, config, cos_sin, y)
+        return forward({**frozen, **lane}, x, config, cos_sin, y, attend=lanes_attention, head=lanes_head_loss)
 
     losses = vmap(lane_loss, in_dims=(0, data_dim, data_dim))(leaves, inputs, targets)
     losses.sum().backward()
@@ -360,7 +362,7 @@ def test_one_attention_call_per_layer_for_all_lanes(fixture_model, L):
     cos_sin = rotary_cos_sin(config)
     leaves = {k: v.clone().requires_grad_() for k, v in stacked.items()}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        losses = vmap(lambda lane, x, y: forward({**frozen, **lane}, x, config, cos_sin, y))(leaves, inputs, targets)
+        losses = vmap(lambda lane, x, y: forward({**frozen, **lane}, x, config, cos_sin, y, attend=lanes_attention, head=lanes_head_loss))(leaves, inputs, targets)
         losses.sum().backward()
     kernels = {"aten::_scaled_dot_product_flash_attention_for_cpu": [], "aten::_scaled_dot_product_flash_attention_for_cpu_backward": []}
     for event in prof.events():

@@ -1,0 +1,107 @@
+"""The lane engine, task-agnostic: L copies of a model's trainable weights stacked on a leading dim ("lanes"), trained
+at once. A task brings a loss function of one lane, the stacked weights, an update (its optimizers) and per-lane step
+counts; `lanes_step` is one training step of every lane, the unit that a compiler, a kernel or a benchmark plugs into.
+
+The forward is the task's loss under `torch.func.vmap` over the stacked weights; the backward is plain autograd on the
+stacked leaves (`losses.sum().backward()`: lane i's loss only reaches lane i's weights). A lane whose loss goes
+non-finite, or that has run all its steps, stops updating. Per-lane losses stay on the device; the host reads them
+every `sync_every` steps (progress, "all lanes done") and at the end.
+
+Chunk invariance: a lane's numbers must not depend on how many lanes train beside it. Every op here is per lane or
+elementwise, except the batched matmuls that vmap makes of the task's matmuls. A BLAS computes each item of a
+batched matmul alike whatever the batch count (2, 3 or 8 items: observed on AMD EPYC and Intel Xeon), but with one
+item it calls its plain matmul, which sums in another order on some CPUs (Intel with MKL). So a chunk never runs
+with fewer than MIN_LANES lanes: a 1-lane chunk gets a second, idle lane (no steps, its result dropped).
+"""
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.func import vmap
+
+MIN_LANES = 2  # see the module docstring: a batch of one takes another matmul path than a batch of two or more
+
+# batches(step) -> (inputs, targets): shared by every lane, or with a leading lane dim (see Row.data_dim)
+Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+Progress = Callable[[int, int, int], None]  # (steps done, steps of the chunk, tokens processed by its lanes)
+
+
+def padded_lanes(n: int) -> int:
+    """How many lanes a chunk of n real lanes runs with."""
+    return max(n, MIN_LANES)
+
+
+def stack(params: dict[str, torch.Tensor], lanes: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`lanes` copies of each tensor, stacked [lanes, ...] as leaves that require grad."""
+    return {k: v.to(device).expand(lanes, *v.shape).clone().requires_grad_(True) for k, v in params.items()}
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch to the device without a host sync: a pageable-memory copy would block until the GPU catches up."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclass
+class Row:
+    """A chunk of lanes in training: what `lanes_step` reads and updates. Lanes at index >= `real` are idle padding."""
+
+    loss: Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]  # one lane's scalar loss
+    params: dict[str, torch.Tensor]  # the stacked trainable leaves [L, ...]
+    update: Callable[[int, torch.Tensor], None]  # (step, active [L]) -> the optimizer steps, for active lanes only
+    total_steps: torch.Tensor  # int64 [L]: lane i trains total_steps[i] steps (0 for an idle lane)
+    real: int  # lanes that are real cells (the rest are padding)
+    data_dim: int | None = None  # 0: batches carry one stream per lane [L, ...]; None: one batch shared by all lanes
+    amp: torch.dtype | None = None  # autocast dtype of the forward
+    supervised: Callable[[torch.Tensor], torch.Tensor] | None = None  # targets -> supervised-token count (per lane or shared)
+
+    def __post_init__(self):
+        device = self.total_steps.device
+        L = self.total_steps.shape[0]
+        self.active = self.total_steps > 0
+        self.max_steps = int(self.total_steps.max())
+        self.loss_log = torch.full((self.max_steps, L), math.nan, dtype=torch.float32, device=device)
+        self.tokens_seen = torch.zeros(L, dtype=torch.int64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.total_steps.device
+
+
+def lanes_step(row: Row, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """One training step of every lane of the row: forward, loss bookkeeping, backward, update. No host sync."""
+    device = row.device
+    with torch.autocast(device.type, dtype=row.amp or torch.float32, enabled=row.amp is not None):
+        losses = vmap(row.loss, in_dims=(0, row.data_dim, row.data_dim))(row.params, inputs, targets)
+    if row.supervised is not None:
+        row.tokens_seen += row.supervised(targets) * row.active
+    row.loss_log[step] = torch.where(row.active, losses.detach().float(), math.nan)
+    row.active &= torch.isfinite(losses.detach())  # a non-finite loss ends that lane, as in the single-lane trainer
+    torch.where(row.active, losses, 0.0).sum().backward()
+    row.update(step, row.active)
+    for p in row.params.values():
+        p.grad = None
+    row.active &= row.total_steps > step + 1  # lanes that ran all their steps stop
+
+
+def run(row: Row, batches: Batches, progress: Progress | None = None, sync_every: int = 10) -> float:
+    """Train the row to its longest lane's end (or until no lane is active). Returns the wall seconds.
+
+    `progress(steps_done, max_steps, tokens_processed)` is called every `sync_every` steps, when the host also
+    checks whether any lane is still active: the only host sync in the loop."""
+    processed = 0  # tokens pushed through the model by the real lanes (host-side, from shapes)
+    t0 = time.perf_counter()
+    for step in range(row.max_steps):
+        inputs, targets = (to_device(t, row.device) for t in batches(step))
+        processed += inputs.numel() * row.real if row.data_dim is None else inputs[: row.real].numel()
+        lanes_step(row, step, inputs, targets)
+        if (step + 1) % sync_every == 0 or step + 1 == row.max_steps:
+            if progress is not None:
+                progress(step + 1, row.max_steps, processed)
+            if not bool(row.active.any()):  # every lane diverged or finished: the rest would be NaN padding
+                break
+    return time.perf_counter() - t0

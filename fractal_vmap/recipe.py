@@ -1,0 +1,188 @@
+"""The fine-tuning recipe one grid cell follows: its knobs, its group learning rates, the optimizer constants, the
+autocast rule, and the typed result of a cell. Both trainers read this: `single.py` (one model, torch.optim, the
+reference) and `lanes.py` (a vmapped row of lanes), so they cannot drift apart.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from fractal_vmap.errors import UserError
+from fractal_vmap.fractal import convergence_measure, trainability
+from fractal_vmap.model import GROUPS, GPTConfig
+
+ADAMW_BETAS = (0.8, 0.95)
+ADAMW_EPS = 1e-10
+MUON_MOMENTUM = 0.95
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of one fine-tuning run (one grid cell)."""
+
+    model: str = "default"  # checkpoint dir, hf:<owner>/<repo>[@rev], wandb:<entity>/<project>/<name>:<v>, or "default"
+    tokenizer: str | None = None  # tokenizer dir, when it is not in or beside the model dir
+    dataset: str = "default"  # JSONL file of {"messages": [...]}, a hub dataset id, or "default" (synthetic doc-QA)
+    val_dataset: str | None = None  # JSONL/hub id for eval; the default dataset brings its own validation split
+    learning_rate: float = 0.02  # the base lr: matrix_lr = lr, embedding_lr = lr * 10, unembedding_lr = lr * 0.2
+    matrix_lr: float | None = None  # Muon lr; overrides learning_rate for the matrix group
+    embedding_lr: float | None = None  # AdamW lr of wte (before the (n_embd/768)^-0.5 scale)
+    unembedding_lr: float | None = None  # AdamW lr of lm_head (before the (n_embd/768)^-0.5 scale)
+    embedding_lr_mult: float = 10.0
+    unembedding_lr_mult: float = 0.2
+    trainable_param_groups: str = "matrix,unembedding"  # comma list of matrix, embedding, unembedding; or all
+    weight_decay: float = 0.1  # decoupled, AdamW groups only
+    init_lr_frac: float = 1.0
+    warmup_frac: float = 0.06
+    final_lr_frac: float = 0.0
+    num_tokens: int = 20_000  # supervised tokens to train on; steps = ceil(num_tokens / supervised tokens of batch 0)
+    num_iterations: int | None = None  # fixed step count (overrides num_tokens)
+    device_batch_size: int = 8
+    max_seq_len: int = 1024
+    dtype: str = "auto"  # auto = bfloat16 autocast on CUDA, float32 on CPU; or float32 / bfloat16
+    device: str = "auto"  # auto = cuda if available else cpu
+    seed: int = 999
+    eval_every: int = 0  # eval on the validation set every N steps (0: only at the end, if there is one)
+    eval_batches: int = 4
+    trainable_window_steps: int = 20  # K of "mean of the last K losses"
+    trainable_loss_ratio_threshold: float = 1.0
+    run_name: str | None = None
+    out: str | None = None  # result JSON path (default: runs/finetune/<run_name>.json)
+    wandb: str = "auto"  # auto (online with credentials, else offline), online, offline, disabled
+    wandb_project: str = "fractal-vmap"
+    wandb_entity: str | None = None
+
+
+def trainable_groups(cfg: FinetuneConfig) -> list[str]:
+    """The trained groups, in GROUPS order; `all` (the seed project's spelling) means all three."""
+    groups = [g.strip() for g in cfg.trainable_param_groups.split(",") if g.strip()]
+    if groups == ["all"]:
+        return list(GROUPS)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        raise UserError(f"unknown trainable_param_groups {unknown or cfg.trainable_param_groups!r}: use all or a comma list of {', '.join(GROUPS)}")
+    return [g for g in GROUPS if g in groups]
+
+
+def group_lrs(cfg: FinetuneConfig, config: GPTConfig) -> dict[str, float]:
+    """The base lr of each group, as nanochat's setup_optimizers uses them (AdamW groups scaled by (n_embd/768)^-0.5)."""
+    adamw_scale = (config.n_embd / 768) ** -0.5
+    lrs = {
+        "matrix": cfg.matrix_lr if cfg.matrix_lr is not None else cfg.learning_rate,
+        "embedding": (cfg.embedding_lr if cfg.embedding_lr is not None else cfg.learning_rate * cfg.embedding_lr_mult) * adamw_scale,
+        "unembedding": (cfg.unembedding_lr if cfg.unembedding_lr is not None else cfg.learning_rate * cfg.unembedding_lr_mult) * adamw_scale,
+    }
+    for group in trainable_groups(cfg):
+        if not 0 < lrs[group] < math.inf:
+            raise UserError(f"the {group} learning rate is {lrs[group]}: learning rates must be positive and finite")
+    return {g: lr * cfg.init_lr_frac for g, lr in lrs.items()}
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """One clear line for each bad setting, before anything is loaded."""
+    trainable_groups(cfg)
+    for name in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac"):
+        value = getattr(cfg, name)
+        if value is not None and not 0 < value < math.inf:
+            raise UserError(f"--{name} is {value}: it must be positive and finite")
+    for name in ("embedding_lr_mult", "unembedding_lr_mult", "weight_decay", "warmup_frac", "final_lr_frac"):
+        value = getattr(cfg, name)
+        if not 0 <= value < math.inf:
+            raise UserError(f"--{name} is {value}: it must be a finite number >= 0")
+    if cfg.warmup_frac > 1:
+        raise UserError(f"--warmup_frac is {cfg.warmup_frac}: it is a fraction of the steps, at most 1")
+    if cfg.num_iterations is None and cfg.num_tokens < 1:
+        raise UserError(f"--num_tokens is {cfg.num_tokens}: it must be at least 1 (or set --num_iterations)")
+    if cfg.num_iterations is not None and cfg.num_iterations < 1:
+        raise UserError(f"--num_iterations is {cfg.num_iterations}: it must be at least 1")
+    if cfg.device_batch_size < 1:
+        raise UserError(f"--device_batch_size is {cfg.device_batch_size}: it must be at least 1")
+    if cfg.max_seq_len < 2:
+        raise UserError(f"--max_seq_len is {cfg.max_seq_len}: it must be at least 2")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"--dtype {cfg.dtype!r} is not one of auto, float32, bfloat16")
+    if cfg.trainable_window_steps < 1:
+        raise UserError(f"--trainable_window_steps is {cfg.trainable_window_steps}: it must be at least 1")
+    if not 0 < cfg.trainable_loss_ratio_threshold < math.inf:
+        raise UserError(f"--trainable_loss_ratio_threshold is {cfg.trainable_loss_ratio_threshold}: it must be positive and finite")
+    if cfg.eval_every < 0:
+        raise UserError(f"--eval_every is {cfg.eval_every}: use 0 (evaluate at the end only) or a positive step count")
+    if cfg.eval_batches < 1:
+        raise UserError(f"--eval_batches is {cfg.eval_batches}: it must be at least 1")
+    if cfg.wandb not in ("auto", "online", "offline", "disabled"):
+        raise UserError(f"--wandb {cfg.wandb!r} is not one of auto, online, offline, disabled")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked for but CUDA is not available: use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu or cuda[:N]") from None
+
+
+def autocast_dtype(cfg: FinetuneConfig, device: torch.device) -> torch.dtype | None:
+    """nanochat autocasts to bfloat16 on CUDA only; CPU runs in float32."""
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class CellResult:
+    """The result of one cell, with the field names of the seed project's `src.finetune` (plus the measure and the
+    loss curve). Labels come from the losses actually run: the curve stops at the first non-finite loss."""
+
+    run_name: str | None
+    learning_rate: float
+    num_tokens_target: int
+    tokens_seen: int
+    avg_loss: float
+    final_loss: float
+    trainable_loss0: float
+    trainable_mean_last_k: float
+    trainable_ratio: float
+    stable: bool
+    converged: bool
+    steps: int
+    total_steps: int
+    runtime_s: float
+    seed: int
+    error: str | None
+    measure: float
+    losses: list[float]
+    grid_i: int | None = None
+    grid_j: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cell_result(cfg: FinetuneConfig, losses: list[float], steps: int, tokens_seen: int, runtime_s: float) -> CellResult:
+    """A cell's result from its loss before each step (NaN padding after a non-finite loss is cut off)."""
+    run = losses[: next((i + 1 for i, x in enumerate(losses) if not math.isfinite(x)), len(losses))]
+    window, threshold = cfg.trainable_window_steps, cfg.trainable_loss_ratio_threshold
+    labels = trainability(run, window, threshold)
+    padded = run + [math.nan] * (steps - len(run))  # a run that stopped early is diverged for the measure
+    finite = [x for x in run if math.isfinite(x)]
+    return CellResult(
+        run_name=cfg.run_name,
+        learning_rate=cfg.learning_rate,
+        num_tokens_target=cfg.num_tokens,
+        tokens_seen=tokens_seen,
+        avg_loss=sum(finite) / len(finite) if finite else math.nan,
+        final_loss=run[-1] if run else math.nan,
+        **labels,
+        steps=len(run),
+        total_steps=steps,
+        runtime_s=runtime_s,
+        seed=cfg.seed,
+        error=None if labels["stable"] else f"non-finite loss at step {len(run) - 1}",
+        measure=float(convergence_measure(np.array(padded), window, threshold)),
+        losses=run,
+    )
