@@ -78,8 +78,10 @@ class BatchedAdamW:
         if self.kernels == "triton":
             from fractal_vmap.kernels.adamw import adamw_step
 
-            # the same per-lane scalars, rounded to float32 as below (a never-stepped lane's inf/NaN goes unread)
+            # the same per-lane scalars, rounded to float32 as below; a never-stepped lane's (inactive: nothing of it
+            # is written) set to 1, so that the kernel computes no inf or NaN it would then drop
             scalars = torch.stack([decay, -step_size, bias_correction2_sqrt]).float()
+            scalars = torch.where(self.steps > 0, scalars, 1.0)
             for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
                 if p.grad is not None:
                     adamw_step(p.detach(), p.grad, exp_avg, exp_avg_sq, scalars, active, self.beta1, self.beta2, self.eps)
@@ -136,13 +138,13 @@ def newton_schulz_iterations(X: Tensor, steps: int = 5, gram: str = "torch") -> 
 class BatchedMuon:
     """Muon (Nesterov momentum + Newton-Schulz), no weight decay, one independent state per lane.
     kernels: "torch", "triton" or "auto"; gram: "torch" (batched matmuls) or "triton" (kernels/gram.py: half of each
-    symmetric product; off by default until a GPU measurement shows it wins)."""
+    symmetric product; off by default, "auto" included, until a GPU measurement shows it wins)."""
 
     def __init__(self, params: list[Tensor], momentum: float = 0.95, nesterov: bool = True, kernels: str = "torch", gram: str = "torch"):
         self.params = list(params)
         assert all(p.ndim == 3 for p in self.params), "BatchedMuon takes stacked matrices [L, r, c]"
         self.kernels = resolve(kernels, self.params[0].device)
-        self.gram = resolve(gram, self.params[0].device)
+        self.gram = "torch" if gram == "auto" else resolve(gram, self.params[0].device)  # auto: not shown to win yet
         self.momentum = momentum
         self.nesterov = nesterov
         self.momentum_buffer = [torch.zeros_like(p) for p in self.params]

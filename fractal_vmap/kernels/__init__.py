@@ -9,7 +9,6 @@ torch). "triton" on a CPU tensor runs Triton's interpreter, which needs TRITON_I
 the kernels are first imported: slow, for tests and debugging only.
 """
 
-import importlib.util
 import os
 
 import torch
@@ -25,7 +24,12 @@ def interpreting() -> bool:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imports (it comes with the CUDA torch wheels; a bare torch install has none)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve(kernels: str, device: torch.device | str) -> str:

@@ -12,17 +12,18 @@ import triton
 import triton.language as tl
 
 from fractal_vmap.kernels import interpreting
-from fractal_vmap.kernels.common import lerp, store
+from fractal_vmap.kernels.common import lerp, lerp_weights, store
 
 BLOCK = 1024  # elements per program: 4 KB of each float32 stream, a usual size for a bandwidth-bound kernel
 INTERPRET_BLOCK = 128  # the interpreter runs a program per Python call: small blocks keep tests' edge cases cheap
 
 
 @triton.jit
-def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, active_ptr, n, L, w1, beta2, w2, eps, BLOCK: tl.constexpr):
+def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, active_ptr, n, L, w1, w1_minus_1, beta2, w2, eps, BLOCK: tl.constexpr):
     """Program (i, lane) updates elements [i * BLOCK, (i + 1) * BLOCK) of one lane's slice of n elements.
     scalars_ptr: float32 [3, L] = (1 - lr * wd, -lr / bias_correction1, sqrt(bias_correction2));
-    w1 = 1 - beta1 and w2 = 1 - beta2, computed in float64 on the host and rounded to float32, as torch does."""
+    w1 = 1 - beta1 and w2 = 1 - beta2, computed in float64 on the host and rounded to float32, as torch does;
+    w1_minus_1: see common.lerp_weights."""
     lane = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < tl.where(tl.load(active_ptr + lane) != 0, n, 0)  # an inactive lane: no element at all
@@ -36,7 +37,7 @@ def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, active_ptr, n, L, w1, 
     v = tl.load(v_ptr + idx, mask=mask).to(tl.float32)
     # op by op as torch's CPU kernels round them: lerp (see common.py); v * beta2, then addcmul(g, g, value=w2),
     # which torch computes as one fma of (w2 * g) * g onto it (measured: bit-equal)
-    m = lerp(m, g, w1)
+    m = lerp(m, g, w1, w1_minus_1)
     v = tl.fma(w2 * g, g, v * beta2)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p * decay + tl.div_rn(m * neg_step, denom)
@@ -52,5 +53,5 @@ def adamw_step(p, g, exp_avg, exp_avg_sq, scalars, active, beta1: float, beta2: 
     block = INTERPRET_BLOCK if interpreting() else BLOCK
     grid = (triton.cdiv(n, block), L)
     # enable_fp_fusion=False: no mul+add contracted into fma on the GPU, so it rounds exactly as the interpreter
-    adamw_kernel[grid](p, g, exp_avg, exp_avg_sq, scalars, active.view(torch.uint8), n, L, 1 - beta1, beta2, 1 - beta2, eps, BLOCK=block,
+    adamw_kernel[grid](p, g, exp_avg, exp_avg_sq, scalars, active.view(torch.uint8), n, L, *lerp_weights(1 - beta1), beta2, 1 - beta2, eps, BLOCK=block,
                        num_warps=4, enable_fp_fusion=False)

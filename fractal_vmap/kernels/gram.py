@@ -63,5 +63,5 @@ def symmetric_gram(Y: torch.Tensor, C: torch.Tensor | None = None, alpha: float 
     c_strides = C.stride() if C is not None else (0, 0, 0)
     gram_kernel[(pairs.shape[1], N)](Y, C if C is not None else out, out, pairs, pairs.shape[1], R, K, *Y.stride(), *c_strides,
                                      alpha, beta, HAS_C=C is not None, UPCAST=interpreting(), BM=bm, BK=bk,
-                                     num_warps=8, num_stages=3)
+                                     num_warps=8, num_stages=3, enable_fp_fusion=True)
     return out

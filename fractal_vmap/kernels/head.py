@@ -84,6 +84,16 @@ def _matmul32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()  # CPU has no out_dtype: bf16 products are exact in float32, so this is the same sum
 
 
+def _accumulate32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc [L, m, k] float32 += a @ b in place, accumulated in float32: no acc-sized temporary (dw is [L, V, C])."""
+    if a.dtype == torch.float32:
+        acc.baddbmm_(a, b)
+    elif a.is_cuda:
+        torch.baddbmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.baddbmm_(a.float(), b.float())
+
+
 def lanes_head(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, need_dx: bool, need_dw: bool,
                dtype: torch.dtype | None = None, chunk: int | None = None):
     """x [L, N, C], w [L, V, C] (per lane) or [V, C] (shared, no dw), targets [L, N] (-1 = unsupervised) ->
@@ -115,7 +125,7 @@ def lanes_head(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, need_dx:
             torch.bmm(xc, wq.mT, out=z)
         grid = (triton.cdiv(L * n, block_n),)
         ce_kernel[grid](z, targets[:, start:start + n].contiguous(), row_loss, scale, L * n, n, V,
-                        BLOCK_N=block_n, BLOCK_V=block_v, num_warps=8)
+                        BLOCK_N=block_n, BLOCK_V=block_v, num_warps=8, enable_fp_fusion=False)
         loss_sum += row_loss[: L * n].view(L, n).sum(1)
         if need_dx:
             w_op = w32 if w32 is not None else wq
@@ -124,6 +134,6 @@ def lanes_head(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, need_dx:
             else:
                 dx[:, start:start + n] = _matmul32(z, w_op)
         if need_dw:
-            dw += _matmul32(z.mT, xc)
+            _accumulate32(dw, z.mT, xc)
     losses = loss_sum / n_supervised  # the mean over supervised tokens (0/0 = NaN, as torch's cross_entropy)
     return losses, dx, dw if dw is None else dw.to(w.dtype)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fractal_vmap.kernels import interpreting
-from fractal_vmap.kernels.common import lerp, round_to_bf16, store
+from fractal_vmap.kernels.common import lerp, lerp_weights, round_to_bf16, store
 
 BLOCK, ITERS = 1024, 16  # a program streams ITERS blocks: 16K elements, so a d20 matrix (1.6M-6.6M) has <= 400 chunks
 TILE = 64  # update_kernel tiles of 64 x 64: a transposed O is read in whole tiles
@@ -28,10 +28,11 @@ def _sizes() -> tuple[int, int, int]:
 
 
 @triton.jit
-def momentum_kernel(g_ptr, buf_ptr, x_ptr, sums_ptr, active_ptr, n, w, momentum,
+def momentum_kernel(g_ptr, buf_ptr, x_ptr, sums_ptr, active_ptr, n, w, w_minus_1, momentum, momentum_minus_1,
                     NESTEROV: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Program (chunk, lane) handles elements [chunk * ITERS * BLOCK, ...) of one lane's matrix of n elements.
-    w = 1 - momentum, computed in float64 on the host and rounded to float32, as torch does."""
+    w = 1 - momentum, computed in float64 on the host and rounded to float32, as torch does; the *_minus_1: see
+    common.lerp_weights."""
     chunk, lane = tl.program_id(0), tl.program_id(1)
     limit = tl.where(tl.load(active_ptr + lane) != 0, n, 0)  # an inactive lane's buffer is not written
     base = lane.to(tl.int64) * n
@@ -40,10 +41,10 @@ def momentum_kernel(g_ptr, buf_ptr, x_ptr, sums_ptr, active_ptr, n, w, momentum,
         offs = (chunk * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        buf = lerp(tl.load(buf_ptr + base + offs, mask=mask, other=0.0).to(tl.float32), g, w)
+        buf = lerp(tl.load(buf_ptr + base + offs, mask=mask, other=0.0).to(tl.float32), g, w, w_minus_1)
         store(buf_ptr + base + offs, buf, offs < limit)
         if NESTEROV:
-            update = lerp(g, buf, momentum)
+            update = lerp(g, buf, momentum, momentum_minus_1)
         else:
             update = buf
         x = round_to_bf16(update)  # the bfloat16 that Newton-Schulz gets; the norm is of these values
@@ -96,7 +97,7 @@ def momentum_normalize(g, buf, x, active, momentum: float, nesterov: bool, eps: 
     sums = torch.empty(L, n_chunks, dtype=torch.float32, device=g.device)
     flags = active.view(torch.uint8)
     # enable_fp_fusion=False: no mul+add contracted into fma on the GPU, so it rounds exactly as the interpreter
-    momentum_kernel[(n_chunks, L)](g, buf, x, sums, flags, n, 1 - momentum, momentum, NESTEROV=nesterov,
+    momentum_kernel[(n_chunks, L)](g, buf, x, sums, flags, n, *lerp_weights(1 - momentum), *lerp_weights(momentum), NESTEROV=nesterov,
                                    BLOCK=block, ITERS=iters, num_warps=4, enable_fp_fusion=False)
     eps_bf16 = float(torch.tensor(eps, dtype=torch.bfloat16))  # torch clamps the bfloat16 norm at bfloat16(eps)
     normalize_kernel[(n_chunks, L)](x, sums, n, n_chunks, eps_bf16, BLOCK=block, ITERS=iters, SUMS=SUMS,
