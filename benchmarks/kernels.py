@@ -162,31 +162,36 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
+def copy_ms(numel: int, device: torch.device, opts: Options) -> float:
+    """Milliseconds of a plain float32 copy of numel elements: the device's achievable bandwidth."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return cuda_ms(lambda: dst.copy_(src), opts)
+
+
+def step_ms(opt, *args, opts: Options) -> float | None:
+    """Milliseconds of opt.step(*args); None when it runs out of memory (the torch path's [L, V, C] temporaries)."""
+    try:
+        return cuda_ms(lambda: opt.step(*args), opts)
+    except torch.cuda.OutOfMemoryError:
+        return None
+
+
 def bench_adamw(opts: Options, device: torch.device) -> dict:
     L, V, C = opts.lanes, opts.vocab, opts.n_embd
     numel = L * V * C
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    copy_ms = cuda_ms(lambda: dst.copy_(src), opts)
-    del src, dst
+    result = {"elements": numel, "copy_ms": copy_ms(numel, device, opts)}
     free()
-    result = {"elements": numel, "copy_ms": copy_ms, "copy_gbps": 8 * numel / copy_ms / 1e6}
+    result["copy_gbps"] = 8 * numel / result["copy_ms"] / 1e6
     p = torch.randn(L, V, C, device=device, requires_grad=True)
     p.grad = torch.randn_like(p)
     lr = torch.full((L,), 1e-3, dtype=torch.float64, device=device)
     wd, active = torch.full_like(lr, 0.1), torch.ones(L, dtype=torch.bool, device=device)
     for kernels in ("triton", "torch"):
-        opt = BatchedAdamW([p], kernels=kernels)
-        try:
-            result[f"{kernels}_ms"] = cuda_ms(lambda: opt.step(lr, wd, active), opts)
-        except torch.cuda.OutOfMemoryError:
-            result[f"{kernels}_ms"] = None  # the torch path's temporaries (several [L, V, C] tensors) may not fit
-        del opt
+        result[f"{kernels}_ms"] = step_ms(BatchedAdamW([p], kernels=kernels), lr, wd, active, opts=opts)
         free()
-    opt = torch.optim.AdamW([p], lr=1e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1, fused=True)
-    result["torch_fused_ms"] = cuda_ms(opt.step, opts)
-    del opt, p
-    free()
+    fused = torch.optim.AdamW([p], lr=1e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1, fused=True)
+    result["torch_fused_ms"] = step_ms(fused, opts=opts)
     for key in ("triton", "torch_fused"):  # both must read p, g, m, v and write p, m, v: 28 bytes an element
         result[f"{key}_gbps"] = 28 * numel / result[f"{key}_ms"] / 1e6
     result["triton_of_copy"] = result["triton_gbps"] / result["copy_gbps"]
@@ -202,18 +207,20 @@ def plain_bmm_chain(X: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return Y
 
 
+def ns_row(X: torch.Tensor, opts: Options) -> dict:
+    row = {"shape": list(X.shape[1:]), "matrices": X.shape[0]}
+    row["bmm_chain_ms"] = cuda_ms(lambda: plain_bmm_chain(X), opts)
+    row["torch_ms"] = cuda_ms(lambda: newton_schulz_iterations(X), opts)
+    row["gram_triton_ms"] = cuda_ms(lambda: newton_schulz_iterations(X, gram="triton"), opts)
+    row["torch_of_chain"] = row["torch_ms"] / row["bmm_chain_ms"]
+    row["gram_triton_of_chain"] = row["gram_triton_ms"] / row["bmm_chain_ms"]
+    return row
+
+
 def bench_ns(opts: Options, device: torch.device) -> list[dict]:
     rows = []
     for (r, c), per_lane in d20_matrices(opts).items():
-        X = normalized(torch.randn(opts.lanes * per_lane, r, c, device=device))
-        row = {"shape": [r, c], "matrices": X.shape[0]}
-        row["bmm_chain_ms"] = cuda_ms(lambda: plain_bmm_chain(X), opts)
-        row["torch_ms"] = cuda_ms(lambda: newton_schulz_iterations(X), opts)
-        row["gram_triton_ms"] = cuda_ms(lambda: newton_schulz_iterations(X, gram="triton"), opts)
-        row["torch_of_chain"] = row["torch_ms"] / row["bmm_chain_ms"]
-        row["gram_triton_of_chain"] = row["gram_triton_ms"] / row["bmm_chain_ms"]
-        rows.append(row)
-        del X
+        rows.append(ns_row(normalized(torch.randn(opts.lanes * per_lane, r, c, device=device)), opts))
         free()
     return rows
 
