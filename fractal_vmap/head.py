@@ -9,10 +9,15 @@ So the lanes' loss is computed lane by lane. The loss is the end of the graph, s
 to its x and w are computed right away by the very `head_loss` a single model runs, and its logits are freed before
 the next lane. Backward then only scales them by each lane's incoming gradient. The numbers are bit-equal to
 `finetune`'s, since they come from the same ops on the same shapes.
+
+`kernels="triton"` computes the same for all lanes at once, chunked over tokens, with no per-lane launch
+(fractal_vmap/kernels/head.py); the lane-by-lane loop here is its reference.
 """
 
 import torch
 import torch.nn.functional as F
+
+from fractal_vmap.kernels import check_triton
 
 SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15), nanochat's softcap
 
@@ -30,12 +35,20 @@ def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, reduction
 
 
 class _LanesHeadLoss(torch.autograd.Function):
-    """x [L, N, C], w [L, V, C], targets [L, N] -> (mean loss per lane [L], dx, dw); dx or dw is None when x or w
-    needs no gradient."""
+    """x [L, N, C], w [L, V, C] (or [V, C], frozen, with kernels="triton"), targets [L, N] -> (mean loss per lane [L],
+    dx, dw); dx or dw is None when x or w needs no gradient."""
 
     @staticmethod
-    def forward(x, w, targets):
+    def forward(x, w, targets, kernels):
         need = (x.requires_grad, w.requires_grad)
+        if kernels == "triton":
+            check_triton(x.device)
+            from fractal_vmap.kernels.head import lanes_head
+
+            device = x.device.type  # under autocast the logits are computed in its dtype, as F.linear would
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            with torch.autocast(device, enabled=False):
+                return lanes_head(x.detach(), w.detach(), targets, need[0], need[1], dtype)
         losses, dx, dw = [], [], []
         for xi, wi, ti in zip(x, w, targets):
             xi, wi = xi.detach().requires_grad_(need[0]), wi.detach().requires_grad_(need[1])
@@ -63,17 +76,21 @@ class _LanesHeadLoss(torch.autograd.Function):
         scale = grad_losses[:, None, None]  # a lane's gradients times its incoming gradient (1 for a summed loss)
         grad_x = None if dx is None else dx * scale.to(dx.dtype)
         grad_w = None if dw is None else dw * scale.to(dw.dtype)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, w, targets):
+    def vmap(info, in_dims, x, w, targets, kernels):
         L = info.batch_size
-        x, w, targets = (t.expand(L, *t.shape) if d is None else t.movedim(d, 0) for t, d in zip((x, w, targets), in_dims))
-        losses, dx, dw = _LanesHeadLoss.apply(x, w, targets)
+        # the Triton path takes a frozen w shared by the lanes as it is, [V, C]: one matmul for all lanes' rows
+        keep_w = kernels == "triton" and in_dims[1] is None and not w.requires_grad
+        x, targets = (t.expand(L, *t.shape) if d is None else t.movedim(d, 0) for t, d in zip((x, targets), (in_dims[0], in_dims[2])))
+        w = w if keep_w else w.expand(L, *w.shape) if in_dims[1] is None else w.movedim(in_dims[1], 0)
+        losses, dx, dw = _LanesHeadLoss.apply(x, w, targets, kernels)
         return (losses, dx, dw), (0, None if dx is None else 0, None if dw is None else 0)
 
 
-def lanes_head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lanes_head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
     """`head_loss` (mean) of each lane: x [L, N, C], w [L, V, C], targets [L, N] -> [L]; under vmap, one lane's
-    x [N, C], w [V, C], targets [N] -> a scalar."""
-    return _LanesHeadLoss.apply(x, w, targets)[0]
+    x [N, C], w [V, C], targets [N] -> a scalar. kernels: "torch" (lane by lane, bit-equal to head_loss) or "triton"
+    (all lanes at once, chunked; check it with fractal_vmap.kernels.resolve before the run)."""
+    return _LanesHeadLoss.apply(x, w, targets, kernels)[0]

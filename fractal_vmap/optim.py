@@ -5,6 +5,9 @@ that lane's slice with lane i's learning rate. Per-lane scalars are computed in 
 does that math on Python floats) and cast to the parameter dtype where torch's kernel casts its
 scalar. Lanes marked inactive keep parameters and state untouched, via torch.where, so a NaN in
 one lane never reaches another. Nothing here syncs with the host.
+
+`kernels="triton"` runs the same steps as fused Triton kernels (fractal_vmap/kernels/adamw.py and muon.py); the code
+below is their reference, and tests/test_kernels.py compares the two.
 """
 
 import math
@@ -12,7 +15,10 @@ import math
 import torch
 from torch import Tensor
 
+from fractal_vmap.kernels import resolve
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients, as torch.optim.Muon
+NS_EPS = 1e-7  # Newton-Schulz divides by max(norm, eps), as torch.optim.Muon
 
 
 def lr_multiplier(step: int, total_steps: Tensor, warmup_frac: Tensor, final_lr_frac: Tensor) -> Tensor:
@@ -47,10 +53,11 @@ def zero_grad(params: list[Tensor]) -> None:
 
 
 class BatchedAdamW:
-    """AdamW with decoupled weight decay, one independent state per lane."""
+    """AdamW with decoupled weight decay, one independent state per lane. kernels: "torch", "triton" or "auto"."""
 
-    def __init__(self, params: list[Tensor], betas: tuple[float, float] = (0.8, 0.95), eps: float = 1e-10):
+    def __init__(self, params: list[Tensor], betas: tuple[float, float] = (0.8, 0.95), eps: float = 1e-10, kernels: str = "torch"):
         self.params = list(params)
+        self.kernels = resolve(kernels, self.params[0].device)
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
@@ -68,6 +75,17 @@ class BatchedAdamW:
         bias_correction1 = 1 - self.beta1**self.steps
         bias_correction2_sqrt = (1 - self.beta2**self.steps).sqrt()
         step_size = lr / bias_correction1
+        if self.kernels == "triton":
+            from fractal_vmap.kernels.adamw import adamw_step
+
+            # the same per-lane scalars, rounded to float32 as below; a never-stepped lane's (inactive: nothing of it
+            # is written) set to 1, so that the kernel computes no inf or NaN it would then drop
+            scalars = torch.stack([decay, -step_size, bias_correction2_sqrt]).float()
+            scalars = torch.where(self.steps > 0, scalars, 1.0)
+            for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
+                if p.grad is not None:
+                    adamw_step(p.detach(), p.grad, exp_avg, exp_avg_sq, scalars, active, self.beta1, self.beta2, self.eps)
+            return
         for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
@@ -84,30 +102,49 @@ class BatchedAdamW:
             exp_avg_sq.copy_(torch.where(mask, new_sq, exp_avg_sq))
 
 
-def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Orthogonalize each matrix of G [N, r, c] in bfloat16, exactly as torch.optim.Muon does per matrix."""
-    a, b, c = NS_COEFFS
+def newton_schulz(G: Tensor, steps: int = 5, eps: float = NS_EPS, gram: str = "torch") -> Tensor:
+    """Orthogonalize each matrix of G [N, r, c] in bfloat16, exactly as torch.optim.Muon does per matrix (gram "torch")."""
+    return newton_schulz_iterations(normalized(G, eps), steps, gram)
+
+
+def normalized(G: Tensor, eps: float = NS_EPS) -> Tensor:
+    """G [N, r, c] in bfloat16, each matrix divided by its own Frobenius norm, so its spectral norm is at most 1."""
     X = G.to(dtype=torch.bfloat16, copy=True)
-    tall = G.size(-2) > G.size(-1)
+    return X.div_(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp(min=eps))
+
+
+def newton_schulz_iterations(X: Tensor, steps: int = 5, gram: str = "torch") -> Tensor:
+    """The quintic iterations on X [N, r, c] bfloat16, each matrix already normalized; transposed when r > c.
+    gram="triton" computes the two symmetric products (X X^T and A A^T) with kernels/gram.py, half of each."""
+    a, b, c = NS_COEFFS
+    tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    # each matrix divided by its own Frobenius norm, so its spectral norm is at most 1
-    X.div_(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp(min=eps))
+    if gram == "triton":
+        from fractal_vmap.kernels.gram import symmetric_gram
     for _ in range(steps):
-        gram = X @ X.mT
-        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        X = torch.baddbmm(X, gram_update, X, beta=a)
+        if gram == "triton":
+            A = symmetric_gram(X)
+            B = symmetric_gram(A, C=A, alpha=c, beta=b)  # b A + c A @ A, and A @ A = A A^T as A is symmetric
+        else:
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
     if tall:
         X = X.mT
     return X
 
 
 class BatchedMuon:
-    """Muon (Nesterov momentum + Newton-Schulz), no weight decay, one independent state per lane."""
+    """Muon (Nesterov momentum + Newton-Schulz), no weight decay, one independent state per lane.
+    kernels: "torch", "triton" or "auto"; gram: "torch" (batched matmuls) or "triton" (kernels/gram.py: half of each
+    symmetric product; off by default, "auto" included, until a GPU measurement shows it wins)."""
 
-    def __init__(self, params: list[Tensor], momentum: float = 0.95, nesterov: bool = True):
+    def __init__(self, params: list[Tensor], momentum: float = 0.95, nesterov: bool = True, kernels: str = "torch", gram: str = "torch"):
         self.params = list(params)
         assert all(p.ndim == 3 for p in self.params), "BatchedMuon takes stacked matrices [L, r, c]"
+        self.kernels = resolve(kernels, self.params[0].device)
+        self.gram = "torch" if gram == "auto" else resolve(gram, self.params[0].device)  # auto: not shown to win yet
         self.momentum = momentum
         self.nesterov = nesterov
         self.momentum_buffer = [torch.zeros_like(p) for p in self.params]
@@ -115,6 +152,8 @@ class BatchedMuon:
     @torch.no_grad()
     def step(self, lr: Tensor, active: Tensor) -> None:
         """lr: float64 [L]; active: bool [L]. Inactive lanes are left as they are."""
+        if self.kernels == "triton":
+            return self._fused_step(lr, active)
         # momentum, then group the updates by matrix shape so each shape gets one batched NS call
         by_shape: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
         for p, buf in zip(self.params, self.momentum_buffer):
@@ -126,7 +165,7 @@ class BatchedMuon:
             buf.copy_(torch.where(_lanes(active, buf), new_buf, buf))
             by_shape.setdefault(tuple(p.shape[1:]), []).append((p, update))
         for (rows, cols), group in by_shape.items():
-            ortho = newton_schulz(torch.cat([update for _, update in group]))
+            ortho = newton_schulz(torch.cat([update for _, update in group]), gram=self.gram)
             # torch's 'original' adjust_lr: lr * sqrt(max(1, rows / cols))
             neg_lr = -(lr * math.sqrt(max(1, rows / cols)))
             lanes = group[0][0].shape[0]
@@ -134,3 +173,21 @@ class BatchedMuon:
                 # same rounding as torch's param.add_(bf16_update, alpha=-adjusted_lr)
                 new_p = torch.addcmul(p, o, _lanes(neg_lr.to(p.dtype), p))
                 p.copy_(torch.where(_lanes(active, p), new_p, p))
+
+    def _fused_step(self, lr: Tensor, active: Tensor) -> None:
+        """The same step with kernels/muon.py: one pass before Newton-Schulz and one after, per parameter."""
+        from fractal_vmap.kernels.muon import apply_update, momentum_normalize
+
+        by_shape: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
+        for p, buf in zip(self.params, self.momentum_buffer):
+            if p.grad is not None:
+                by_shape.setdefault(tuple(p.shape[1:]), []).append((p, buf))
+        for (rows, cols), group in by_shape.items():
+            L = group[0][0].shape[0]
+            X = torch.empty(len(group) * L, rows, cols, dtype=torch.bfloat16, device=group[0][0].device)
+            for (p, buf), x in zip(group, X.split(L)):
+                momentum_normalize(p.grad, buf, x, active, self.momentum, self.nesterov, NS_EPS)
+            ortho = newton_schulz_iterations(X, gram=self.gram)
+            neg_lr = (-(lr * math.sqrt(max(1, rows / cols)))).float()  # float64, rounded as above for float32 params
+            for (p, _), o in zip(group, ortho.split(L)):
+                apply_update(p.detach(), o, neg_lr, active)

@@ -7,6 +7,10 @@ import pytest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"
 
+# Triton kernels run in Triton's CPU interpreter in tests. triton.jit reads TRITON_INTERPRET when a kernel is defined,
+# triton's own library included, and collecting the tests imports triton (torch._dynamo does): so set it first, here.
+os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_env(tmp_path_factory):
