@@ -16,6 +16,7 @@ from rich.console import Console
 from fractal_vmap.axes import Axis, cell_config, make_axis, parse_axes
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
+from fractal_vmap.kernels import resolve as resolve_kernels
 from fractal_vmap.lanes import train_lanes
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
@@ -45,6 +46,7 @@ class GridConfig(FinetuneConfig):
     run_dir: str | None = None  # default: runs/grid-<axes>-<hash of the spec>
     lane_chunk: int = 0  # most lanes trained at once (0 = auto: a whole row on CUDA, 8 on CPU); halves itself on out-of-memory
     perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, for `compare` (noise floor)
+    kernels: str = "auto"  # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under TRITON_INTERPRET=1: slow, for debugging)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class GridPlan:
     row: Axis
     col: Axis
     device: torch.device
+    kernels: str  # "torch" or "triton", resolved
     model: tuple  # (GPTConfig, params, tokenizer)
     examples: list
     dropped: int
@@ -86,11 +89,12 @@ def source_id(source: str, path: Path | None) -> dict:
     return {"source": source, "step": step, "sha256": file_sha256(model_files_dir(path) / f"model_{step:06d}.pt")}
 
 
-def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device) -> dict:
-    """What the numbers depend on. Device and dtype as resolved (auto on a CPU machine is cpu and float32)."""
+def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device, kernels: str) -> dict:
+    """What the numbers depend on. Device, dtype and kernels as resolved (auto on a CPU machine is cpu, float32, torch)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
     settings["device"] = device.type
     settings["dtype"] = str(autocast_dtype(cfg, device) or torch.float32).removeprefix("torch.")
+    settings["kernels"] = kernels
     return {
         "axes": {"rows": asdict(row), "cols": asdict(col)},
         "settings": settings,
@@ -108,6 +112,9 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
         raise UserError(f"--perturb_ulp is {cfg.perturb_ulp}: use 0 (no nudge) or a positive number of ulps")
     row, col = grid_axes(cfg)
     device = resolve_device(cfg.device)
+    kernels = resolve_kernels(cfg.kernels, device)
+    if kernels == "triton" and device.type == "cpu":
+        console.print("[yellow]--kernels triton on CPU: Triton's interpreter runs the kernels, very slowly (for tests and debugging)[/yellow]")
     directory = model_dir(cfg.model)  # resolved once: an hf:/wandb: source is looked up a single time
     from fractal_vmap.checkpoint import load_model
 
@@ -119,10 +126,10 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
         validate(c)  # e.g. an lr axis reaching a non-positive value on a linear scale
         group_lrs(c, config)  # e.g. a matrix_lr axis doing the same
     examples, dropped = render_split(cfg, tokenizer, config, "train")  # dataset errors, too
-    spec = make_spec(cfg, row, col, directory, device)
+    spec = make_spec(cfg, row, col, directory, device, kernels)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(spec, row.name, col.name)
     check_run_dir(run_dir, spec)
-    return GridPlan(cfg, row, col, device, (config, params, tokenizer), examples, dropped, cells, spec, run_dir)
+    return GridPlan(cfg, row, col, device, kernels, (config, params, tokenizer), examples, dropped, cells, spec, run_dir)
 
 
 def nudged(t: torch.Tensor, ulps: int) -> torch.Tensor:
@@ -153,7 +160,8 @@ def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress=None) ->
             for start in range(0, len(cell_cfgs), chunk):
                 lanes = list(range(start, min(start + chunk, len(cell_cfgs))))
                 batches = lane_batches([cell_cfgs[i].seed for i in lanes], streams, pad_id)
-                cells = train_lanes([cell_cfgs[i] for i in lanes], config, params, batches, [steps[i] for i in lanes], plan.device, progress)
+                cells = train_lanes([cell_cfgs[i] for i in lanes], config, params, batches, [steps[i] for i in lanes], plan.device, progress,
+                                    kernels=plan.kernels)
                 results += [c.to_dict() for c in cells]
             return results, chunk
         except (torch.OutOfMemoryError, RuntimeError) as e:

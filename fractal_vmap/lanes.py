@@ -4,13 +4,14 @@ learning rates and schedule, the lanes' attention and head. Every lane follows `
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from fractal_vmap import engine
 from fractal_vmap.engine import Batches, Progress, Row, padded_lanes
 from fractal_vmap.head import lanes_head_loss
-from fractal_vmap.model import GPTConfig, Head, forward, lanes_attention, param_group, rotary_cos_sin
+from fractal_vmap.model import GPTConfig, forward, lanes_attention, param_group, rotary_cos_sin
 from fractal_vmap.optim import BatchedAdamW, BatchedMuon, lr_multiplier
 from fractal_vmap.recipe import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, CellResult, FinetuneConfig, autocast_dtype, cell_result, group_lrs, trainable_groups
 
@@ -61,19 +62,22 @@ def nanochat_row(
     steps: list[int],
     device: torch.device,
     data_dim: int | None = None,
-    head: Head = lanes_head_loss,
+    kernels: str = "torch",
 ) -> Row:
-    """The engine's row for these cells, padded with idle lanes to the engine's minimum, all starting from `params`."""
+    """The engine's row for these cells, padded with idle lanes to the engine's minimum, all starting from `params`.
+    kernels: "torch" (the references) or "triton" (fused optimizer steps and the lanes' head; kernels.resolve first)."""
     groups = check_row(cfgs)
     n, L = len(cfgs), padded_lanes(len(cfgs))
     settings = LaneSettings.from_configs(cfgs + [cfgs[-1]] * (L - n), config, steps + [0] * (L - n), device)
     stacked = engine.stack({k: v for k, v in params.items() if param_group(k) in groups}, L, device)
     frozen = {k: v.to(device) for k, v in params.items() if param_group(k) not in groups}
     # one AdamW per AdamW group (their lrs differ), one Muon for every matrix
-    adamws = {g: BatchedAdamW([v for k, v in stacked.items() if param_group(k) == g], betas=ADAMW_BETAS, eps=ADAMW_EPS) for g in groups if g != "matrix"}
+    adamws = {g: BatchedAdamW([v for k, v in stacked.items() if param_group(k) == g], betas=ADAMW_BETAS, eps=ADAMW_EPS, kernels=kernels)
+              for g in groups if g != "matrix"}
     matrices = [v for k, v in stacked.items() if param_group(k) == "matrix"]
-    muon = BatchedMuon(matrices, momentum=MUON_MOMENTUM, nesterov=True) if matrices else None
+    muon = BatchedMuon(matrices, momentum=MUON_MOMENTUM, nesterov=True, kernels=kernels) if matrices else None
     cos_sin = rotary_cos_sin(config, device)
+    head = partial(lanes_head_loss, kernels=kernels)
 
     def lane_loss(lane_params, inputs, targets):
         return forward({**frozen, **lane_params}, inputs, config, cos_sin, targets, attend=lanes_attention, head=head)
@@ -98,6 +102,7 @@ def train_lanes(
     device: torch.device,
     progress: Progress | None = None,
     sync_every: int = 10,
+    kernels: str = "torch",
 ) -> list[CellResult]:
     """Train len(cfgs) lanes from the same base params; lane i runs steps[i] steps. One result a lane.
 
@@ -108,7 +113,7 @@ def train_lanes(
         return first if step == 0 else batches(step)
 
     data_dim = 0 if first[0].dim() == 3 else None
-    row = nanochat_row(cfgs, config, params, steps, device, data_dim)
+    row = nanochat_row(cfgs, config, params, steps, device, data_dim, kernels)
     L = row.total_steps.shape[0]
     runtime = engine.run(row, fetched if data_dim is None or row.real == L else pad_lane_batches(fetched, L), progress, sync_every)
     log = row.loss_log.cpu().double()

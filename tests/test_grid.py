@@ -182,6 +182,8 @@ def test_grid_writes_the_run_dir(grid_run):
     assert spec["axes"]["rows"] == {"name": "num_tokens", "values": [200.0, 283.0, 400.0], "scale": "log"}  # 282.8 rounded
     assert spec["axes"]["cols"]["name"] == "lr" and spec["axes"]["cols"]["values"] == pytest.approx([0.01, 1e5, 1e12], rel=1e-12)
     assert spec["settings"]["weight_decay"] == 0.1 and "run_dir" not in spec["settings"]
+    # resolved, as they ran: auto is cpu, float32 and the torch kernels on this machine
+    assert (spec["settings"]["device"], spec["settings"]["dtype"], spec["settings"]["kernels"]) == ("cpu", "float32", "torch")
     assert spec["model"]["source"] == "default" and len(spec["model"]["sha256"]) == 64
 
     # cells.parquet: one tidy row per cell, the axis values and the labels
