@@ -1,0 +1,187 @@
+"""The paper's MLP grid in our torch trainer against an independent JAX jit(vmap(...)) of the same computation.
+
+Same task on both sides (fractal_vmap.paper: one hidden layer of width 8, tanh, mean-field parameterization,
+full-batch gradient descent with one lr per layer, 100 steps, float64), same initial weights and data (made by
+fractal_vmap.paper and handed to JAX as arrays), same grid (default: 256 x 256 lanes, log10 lr in [-3, 6] on both
+axes: columns = layer-0 lr, rows = layer-1 lr), same CPU cores. The JAX side is written from the formulas, not from
+our code: a per-lane training loop (lax.scan over the steps: value_and_grad, then the update; a lane whose loss is
+not finite stops updating) under jax.vmap over the lanes and jax.jit, run over the lanes in chunks of one shape.
+
+Reported per side: wall time (JAX's compile time apart), CPU time, trainable fraction (convergence measure < 0),
+box-counting dimension of the boundary; and how many cells agree in sign between the sides (near the boundary
+training is chaotic and float64 rounding differences between the engines flip cells). Target (DESIGN.md
+section 8): ours no slower than JAX on the same cores.
+
+    uv run --group bench python benchmarks/paper_jax.py
+    uv run --group bench python benchmarks/paper_jax.py --size 64 --jax_chunks 4096   # a quick look
+"""
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from simple_parsing import ArgumentParser
+
+sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, however the script is started
+from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
+
+from fractal_vmap.cli import tune_allocator  # noqa: E402
+from fractal_vmap.fractal import convergence_measure, edge_pixels, fractal_dimension  # noqa: E402
+from fractal_vmap.paper import (  # noqa: E402
+    DEFAULT_VIEW, PaperConfig, init_params, lane_loss_and_grads, make_data, phase_lanes, train_paper_lanes, vmap_loss_and_grads,
+)
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+MAX_TRIES = 3  # a contended measurement is redone at most this many times in all
+
+
+@dataclass
+class Options:
+    size: int = 256  # cells per side of the grid
+    width: int = 8
+    activation: str = "tanh"
+    steps: int = 100
+    dtype: str = "float64"
+    seed: int = 0
+    view: list[float] = field(default_factory=lambda: list(DEFAULT_VIEW))  # log10 lr range of both axes
+    torch_chunks: list[int] = field(default_factory=lambda: [256, 1024])  # lanes per chunk of our hand-derived trainer
+    vmap_chunks: list[int] = field(default_factory=lambda: [1024])  # lanes per chunk of our vmap(grad) trainer
+    jax_chunks: list[int] = field(default_factory=lambda: [1024, 4096, 65536])  # lanes per jit call on the JAX side
+    max_load: float = 1.2  # wait until the 1-minute load average is below this before starting
+    out: str = ""  # default benchmarks/results/paper_jax-<device>.json
+
+
+def jax_trainer(opts: Options, x: np.ndarray, y: np.ndarray, W0: np.ndarray, W1: np.ndarray):
+    """A jitted function (lr0 [C], lr1 [C]) -> losses [C, steps] for chunks of C lanes, written from the formulas."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    dtype = {"float64": jnp.float64, "float32": jnp.float32}[opts.dtype]
+    x, y, W0, W1 = (jnp.asarray(a, dtype=dtype) for a in (x, y, W0, W1))
+    n = W0.shape[0]
+    act = {"tanh": lambda z: jnp.tanh(math.sqrt(2) * z), "relu": lambda z: math.sqrt(2) * jax.nn.relu(z), "identity": lambda z: z}[opts.activation]
+
+    def loss(p):
+        h = act(x @ p[0] / math.sqrt(n))
+        out = h @ p[1] / math.sqrt(n) / math.sqrt(n)
+        return jnp.mean((out - y) ** 2)
+
+    def lane(lr0, lr1):
+        def step(carry, _):
+            (w0, w1), active = carry
+            value, (g0, g1) = jax.value_and_grad(loss)((w0, w1))
+            logged = jnp.where(active, value, jnp.nan)
+            active = active & jnp.isfinite(value)
+            w0 = jnp.where(active, w0 - lr0.astype(dtype) * g0, w0)
+            w1 = jnp.where(active, w1 - lr1.astype(dtype) * g1, w1)
+            return ((w0, w1), active), logged
+
+        _, losses = jax.lax.scan(step, ((W0, W1), jnp.array(True)), None, length=opts.steps)
+        return losses
+
+    return jax.jit(jax.vmap(lane))
+
+
+def run_jax(fn, lr0: np.ndarray, lr1: np.ndarray, chunk: int) -> np.ndarray:
+    """All lanes in chunks of one shape (the last one padded with copies), losses [steps, L] as numpy float64."""
+    L = len(lr0)
+    pad = -L % chunk
+    lr0, lr1 = np.concatenate([lr0, np.repeat(lr0[-1:], pad)]), np.concatenate([lr1, np.repeat(lr1[-1:], pad)])
+    parts = [np.asarray(fn(lr0[i: i + chunk], lr1[i: i + chunk])) for i in range(0, L + pad, chunk)]
+    return np.concatenate(parts, axis=0)[:L].T.astype(np.float64)
+
+
+def measured(label: str, run, size: int) -> dict:
+    """Run once on a quiet machine (redone while others used the cores); wall, CPU time, and the grid's picture numbers."""
+    for attempt in range(MAX_TRIES):
+        wait_for_quiet(check_load=attempt == 0, say=console.print)
+        cpu0 = time.process_time()
+        with CpuWatch() as watch:
+            losses = run()
+        cpu = time.process_time() - cpu0
+        if not watch.contended:
+            break
+        console.print(f"[yellow]{label}: other processes used {watch.foreign:.0%} of the cores: measuring again[/yellow]")
+    m = convergence_measure(np.asarray(losses).T).reshape(size, size)
+    dim = fractal_dimension(m)
+    row = {"side": label, "wall_s": watch.wall_s, "cpu_s": cpu, "foreign_cpu": watch.foreign, "contended": watch.contended,
+           "trainable_fraction": float((m < 0).mean()), "dimension": dim["dimension"],
+           "dimension_median_local": dim["dimension_median_local"], "edge_pixels": dim["edge_pixel_count"]}
+    console.print(f"{label}: {watch.wall_s:.1f} s wall, {cpu:.1f} s CPU, trainable {row['trainable_fraction']:.3f}, dimension {dim['dimension']:.3f}")
+    return row, m
+
+
+def main() -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_arguments(Options, dest="opts")
+    opts: Options = parser.parse_args().opts
+    tune_allocator()  # as the CLI does at start
+    device = torch.device("cpu")
+    env = environment(device)
+    import jax
+
+    env.update(jax=jax.__version__, jax_devices=str(jax.devices()), xla_flags=os.environ.get("XLA_FLAGS", ""))
+    cfg = PaperConfig(width=opts.width, activation=opts.activation, steps=opts.steps, dtype=opts.dtype, seed=opts.seed)
+    values = np.logspace(opts.view[0], opts.view[1], opts.size)
+    lr0, lr1, _ = phase_lanes("lr_vs_lr", values, values)
+    params, (x, y) = init_params(cfg), make_data(cfg)
+    console.print(f"paper MLP: {opts.size}x{opts.size} lanes, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype}; {env['device']}")
+
+    rows, measures = [], {}
+    for chunk in opts.torch_chunks:
+        row, measures[f"torch chunk {chunk}"] = measured(f"torch chunk {chunk}", lambda: train_paper_lanes(cfg, lr0, lr1, chunk=chunk, loss_and_grads=lane_loss_and_grads), opts.size)
+        rows.append(row | {"engine": "torch (hand-derived grads)", "chunk": chunk})
+    for chunk in opts.vmap_chunks:
+        row, measures[f"torch vmap chunk {chunk}"] = measured(f"torch vmap chunk {chunk}", lambda: train_paper_lanes(cfg, lr0, lr1, chunk=chunk, loss_and_grads=vmap_loss_and_grads), opts.size)
+        rows.append(row | {"engine": "torch (vmap(grad))", "chunk": chunk})
+    fn = jax_trainer(opts, x.numpy(), y.numpy(), params["W0"].numpy(), params["W1"].numpy())
+    for chunk in opts.jax_chunks:
+        lr0_np, lr1_np = lr0.numpy(), lr1.numpy()
+        t0 = time.perf_counter()
+        run_jax(fn, lr0_np[:chunk], lr1_np[:chunk], chunk)  # compiles this chunk shape, untimed
+        compile_s = time.perf_counter() - t0
+        row, measures[f"jax chunk {chunk}"] = measured(f"jax chunk {chunk}", lambda: run_jax(fn, lr0_np, lr1_np, chunk), opts.size)
+        rows.append(row | {"engine": "jax jit(vmap)", "chunk": chunk, "compile_and_first_chunk_s": compile_s})
+
+    # sign agreement of every side with our first one, and where the disagreeing cells lie
+    ref_name = next(iter(measures))
+    ref = measures[ref_name]
+    near = np.zeros_like(ref, dtype=bool)  # cells of a 2x2 block that holds both phases in the reference
+    e = edge_pixels(ref)
+    near[:-1, :-1] |= e
+    near[1:, :-1] |= e
+    near[:-1, 1:] |= e
+    near[1:, 1:] |= e
+    for row, (name, m) in zip(rows, measures.items()):
+        differ = (m > 0) != (ref > 0)
+        row.update(sign_agree_cells=int((~differ).sum()), sign_agree_fraction=float((~differ).mean()),
+                   disagree_on_boundary=int((differ & near).sum()), agree_with=ref_name)
+
+    best = {engine: min(r["wall_s"] for r in rows if r["engine"] == engine) for engine in dict.fromkeys(r["engine"] for r in rows)}
+    ours, theirs = best["torch (hand-derived grads)"], best["jax jit(vmap)"]
+    table = Table(title=f"paper MLP {opts.size}x{opts.size}, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype} ({env['device']}; shared machine)")
+    for col in ("engine", "chunk", "wall s", "CPU s", "trainable", "dimension (median local)", f"sign agrees with {ref_name}", "flips on boundary"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["engine"], str(r["chunk"]), f"{r['wall_s']:.1f}" + (" (contended)" if r["contended"] else ""), f"{r['cpu_s']:.1f}",
+                      f"{r['trainable_fraction']:.4f}", f"{r['dimension']:.3f} ({r['dimension_median_local']:.3f})",
+                      f"{r['sign_agree_cells']} / {opts.size ** 2}", f"{r['disagree_on_boundary']} of {opts.size ** 2 - r['sign_agree_cells']}")
+    console.print(table)
+    verdict = "met" if ours <= theirs else "NOT met"
+    console.print(f"best wall: ours {ours:.1f} s, JAX {theirs:.1f} s: ours / JAX = {ours / theirs:.2f} (target <= 1: {verdict})")
+    check_unchanged(env, say=console.print)
+    out = Path(opts.out) if opts.out else RESULTS_DIR / f"paper_jax-{device_slug(device)}.json"
+    write_json({"options": asdict(opts), "environment": env, "rows": rows, "best_wall_s": best, "ours_over_jax": ours / theirs}, out)
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
