@@ -18,6 +18,7 @@ from fractal_vmap.paper import (
     make_data,
     num_points,
     paper_grid,
+    sigmoid_,
     phase_lanes,
     train_paper_lanes,
     vmap_loss_and_grads,
@@ -168,3 +169,18 @@ def test_bad_settings_are_user_errors():
             train_paper_lanes(bad, torch.ones(2), torch.ones(2))
     with pytest.raises(UserError):
         phase_lanes("lr_vs_offset", [1.0], [1.0])
+
+
+def test_sigmoid_rounds_a_value_the_same_wherever_it_sits():
+    """torch.sigmoid rounds elements outside whole vectors with another formula; sigmoid_ never leaves any over."""
+    g = torch.Generator().manual_seed(0)
+    candidates = 8 * torch.randn(4096, dtype=torch.float64, generator=g)
+    vector_path = torch.sigmoid(candidates)  # 4096 elements: whole vectors, one thread
+    scalar_path = torch.cat([torch.sigmoid(c.view(1)) for c in candidates])  # one element: the scalar formula
+    hard = candidates[vector_path != scalar_path]  # values torch itself rounds by path (~2.6% on AVX-512)
+    values = torch.cat([hard, candidates[:40]])
+    alone = torch.cat([sigmoid_(v.view(1).clone()) for v in values])
+    for before, after in ((0, 0), (5, 3), (16, 0), (40000, 11), (70001, 0)):  # up to several pieces of SERIAL_PIECE
+        t = torch.cat([torch.randn(before, dtype=torch.float64, generator=g), values, torch.randn(after, dtype=torch.float64, generator=g)])
+        assert torch.equal(sigmoid_(t)[before:before + len(values)], alone)
+    torch.testing.assert_close(alone, torch.sigmoid(values), rtol=4.5e-16, atol=0)  # sigmoid, to 2 ulps
