@@ -7,6 +7,8 @@ axes: columns = layer-0 lr, rows = layer-1 lr), same CPU cores. The JAX side is 
 our code: a per-lane training loop (lax.scan over the steps: value_and_grad, then the update; a lane whose loss is
 not finite stops updating) under jax.vmap over the lanes and jax.jit, run over the lanes in chunks of one shape.
 
+Every measurement runs in a fresh process of its own (this script with --side), so neither engine's idle
+threads (OpenMP's, XLA's) share the cores with the other's work; the time is taken inside it, imports excluded.
 Reported per side: wall time (JAX's compile time apart), CPU time, trainable fraction (convergence measure < 0),
 box-counting dimension of the boundary; and how many cells agree in sign between the sides (near the boundary
 training is chaotic and float64 rounding differences between the engines flip cells). Target (DESIGN.md
@@ -16,9 +18,12 @@ section 8): ours no slower than JAX on the same cores.
     uv run --group bench python benchmarks/paper_jax.py --size 64 --jax_chunks 4096   # a quick look
 """
 
+import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +35,7 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, however the script is started
-from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
+from common import FOREIGN_MAX, RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
 
 from fractal_vmap.cli import tune_allocator  # noqa: E402
 from fractal_vmap.fractal import convergence_measure, edge_pixels, fractal_dimension  # noqa: E402
@@ -58,6 +63,9 @@ class Options:
     wait: bool = True  # wait for a quiet machine before each measurement; false: measure at once, contention recorded
     repeats: int = 1  # rounds over all sides, interleaved (each side's best round is reported)
     out: str = ""  # default benchmarks/results/paper_jax-<device>.json
+    side: str = ""  # internal: run one side (torch, torch_vmap or jax) with --chunk, write --side_out and exit
+    chunk: int = 0  # internal, with --side
+    side_out: str = ""  # internal, with --side: a .npz with the measure and the timings
 
 
 def jax_trainer(opts: Options, x: np.ndarray, y: np.ndarray, W0: np.ndarray, W1: np.ndarray):
@@ -101,24 +109,54 @@ def run_jax(fn, lr0: np.ndarray, lr1: np.ndarray, chunk: int) -> np.ndarray:
     return np.concatenate(parts, axis=0)[:L].T.astype(np.float64)
 
 
-def measured(label: str, run, size: int, opts: Options) -> dict:
-    """Run once on a quiet machine (redone while others used the cores); wall, CPU time, and the grid's picture numbers."""
+def run_side(opts: Options) -> None:
+    """One side in this process: build the grid's lanes, warm up (JAX: compile the chunk shape), time the whole grid."""
+    tune_allocator()  # as the CLI does at start
+    cfg = PaperConfig(width=opts.width, activation=opts.activation, steps=opts.steps, dtype=opts.dtype, seed=opts.seed)
+    values = np.logspace(opts.view[0], opts.view[1], opts.size)
+    lr0, lr1, _ = phase_lanes("lr_vs_lr", values, values)
+    warm = slice(0, min(opts.chunk, len(lr0)))
+    t0 = time.perf_counter()
+    if opts.side == "jax":
+        params, (x, y) = init_params(cfg), make_data(cfg)
+        fn = jax_trainer(opts, x.numpy(), y.numpy(), params["W0"].numpy(), params["W1"].numpy())
+        lr0, lr1 = lr0.numpy(), lr1.numpy()
+        run_jax(fn, lr0[warm], lr1[warm], opts.chunk)  # compiles the chunk shape
+        run = lambda: run_jax(fn, lr0, lr1, opts.chunk)  # noqa: E731
+    else:
+        grads = {"torch": lane_loss_and_grads, "torch_vmap": vmap_loss_and_grads}[opts.side]
+        train_paper_lanes(cfg, lr0[warm], lr1[warm], chunk=opts.chunk, loss_and_grads=grads)  # first-call set-up
+        run = lambda: train_paper_lanes(cfg, lr0, lr1, chunk=opts.chunk, loss_and_grads=grads).numpy()  # noqa: E731
+    warm_s = time.perf_counter() - t0
+    cpu0 = time.process_time()
+    with CpuWatch() as watch:
+        losses = run()
+    cpu = time.process_time() - cpu0
+    m = convergence_measure(np.asarray(losses).T).reshape(opts.size, opts.size)
+    np.savez(opts.side_out, measure=m, wall_s=watch.wall_s, cpu_s=cpu, foreign=watch.foreign, warm_s=warm_s)
+
+
+def measured(label: str, side: str, chunk: int, opts: Options, argv: list[str]) -> tuple[dict, np.ndarray]:
+    """One side in a fresh process, on a quiet machine (redone while others used the cores); its timings and the
+    grid's picture numbers."""
     for attempt in range(MAX_TRIES if opts.wait else 1):
         if opts.wait:
             wait_for_quiet(opts.max_load, check_load=attempt == 0, say=console.print)
-        cpu0 = time.process_time()
-        with CpuWatch() as watch:
-            losses = run()
-        cpu = time.process_time() - cpu0
-        if not watch.contended:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "side.npz"
+            subprocess.run([sys.executable, __file__, *argv, "--side", side, "--chunk", str(chunk), "--side_out", str(out)], check=True)
+            res = dict(np.load(out))
+        foreign = float(res["foreign"])
+        if foreign <= FOREIGN_MAX:
             break
-        console.print(f"[yellow]{label}: other processes used {watch.foreign:.0%} of the cores: measuring again[/yellow]")
-    m = convergence_measure(np.asarray(losses).T).reshape(size, size)
+        console.print(f"[yellow]{label}: other processes used {foreign:.0%} of the cores: measuring again[/yellow]")
+    m = res["measure"]
     dim = fractal_dimension(m)
-    row = {"side": label, "wall_s": watch.wall_s, "cpu_s": cpu, "foreign_cpu": watch.foreign, "contended": watch.contended,
+    row = {"side": label, "wall_s": float(res["wall_s"]), "cpu_s": float(res["cpu_s"]), "foreign_cpu": foreign,
+           "contended": foreign > FOREIGN_MAX, "warm_up_s": float(res["warm_s"]),
            "trainable_fraction": float((m < 0).mean()), "dimension": dim["dimension"],
            "dimension_median_local": dim["dimension_median_local"], "edge_pixels": dim["edge_pixel_count"]}
-    console.print(f"{label}: {watch.wall_s:.1f} s wall, {cpu:.1f} s CPU (others used {watch.foreign:.0%} of the cores), "
+    console.print(f"{label}: {row['wall_s']:.1f} s wall, {row['cpu_s']:.1f} s CPU (others used {foreign:.0%} of the cores), "
                   f"trainable {row['trainable_fraction']:.3f}, dimension {dim['dimension']:.3f}")
     return row, m
 
@@ -127,41 +165,27 @@ def main() -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_arguments(Options, dest="opts")
     opts: Options = parser.parse_args().opts
-    tune_allocator()  # as the CLI does at start
+    if opts.side:
+        return run_side(opts)
+    argv = [a for a in sys.argv[1:]]  # the children get the same task options
     device = torch.device("cpu")
     env = environment(device)
     import jax
 
     env.update(jax=jax.__version__, jax_devices=str(jax.devices()), xla_flags=os.environ.get("XLA_FLAGS", ""))
-    cfg = PaperConfig(width=opts.width, activation=opts.activation, steps=opts.steps, dtype=opts.dtype, seed=opts.seed)
-    values = np.logspace(opts.view[0], opts.view[1], opts.size)
-    lr0, lr1, _ = phase_lanes("lr_vs_lr", values, values)
-    params, (x, y) = init_params(cfg), make_data(cfg)
     console.print(f"paper MLP: {opts.size}x{opts.size} lanes, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype}; {env['device']}")
-
-    fn = jax_trainer(opts, x.numpy(), y.numpy(), params["W0"].numpy(), params["W1"].numpy())
-    lr0_np, lr1_np = lr0.numpy(), lr1.numpy()
-    compile_s = {}
-    for chunk in opts.jax_chunks:  # compile every chunk shape first, untimed
-        t0 = time.perf_counter()
-        run_jax(fn, lr0_np[:chunk], lr1_np[:chunk], chunk)
-        compile_s[chunk] = time.perf_counter() - t0
-    sides = [(f"torch chunk {c}", {"engine": "torch (hand-derived grads)", "chunk": c},
-              lambda c=c: train_paper_lanes(cfg, lr0, lr1, chunk=c, loss_and_grads=lane_loss_and_grads)) for c in opts.torch_chunks]
-    sides += [(f"torch vmap chunk {c}", {"engine": "torch (vmap(grad))", "chunk": c},
-               lambda c=c: train_paper_lanes(cfg, lr0, lr1, chunk=c, loss_and_grads=vmap_loss_and_grads)) for c in opts.vmap_chunks]
-    sides += [(f"jax chunk {c}", {"engine": "jax jit(vmap)", "chunk": c, "compile_and_first_chunk_s": compile_s[c]},
-               lambda c=c: run_jax(fn, lr0_np, lr1_np, c)) for c in opts.jax_chunks]
-    rows, measures = [], {}
+    sides = [(f"torch chunk {c}", "torch", c, {"engine": "torch (hand-derived grads)", "chunk": c}) for c in opts.torch_chunks]
+    sides += [(f"torch vmap chunk {c}", "torch_vmap", c, {"engine": "torch (vmap(grad))", "chunk": c}) for c in opts.vmap_chunks]
+    sides += [(f"jax chunk {c}", "jax", c, {"engine": "jax jit(vmap)", "chunk": c}) for c in opts.jax_chunks]
+    rounds, measures = [], {}
     for rep in range(opts.repeats):  # rounds interleave the sides, so on a noisy machine all of them meet the same noise
-        for label, info, run in sides:
-            row, m = measured(label, run, opts.size, opts)
+        for label, side, chunk, info in sides:
+            row, m = measured(label, side, chunk, opts, argv)
             if label in measures and not np.array_equal(np.sign(m), np.sign(measures[label])):
                 console.print(f"[bold red]{label}: another round gave other signs: the engine is not deterministic[/bold red]")
             measures[label] = m
-            rows.append(row | info | {"round": rep})
-    rounds = rows
-    rows = [min((r for r in rounds if r["side"] == label), key=lambda r: r["wall_s"]) for label, _, _ in sides]  # best round per side
+            rounds.append(row | info | {"round": rep})
+    rows = [min((r for r in rounds if r["side"] == label), key=lambda r: r["wall_s"]) for label, *_ in sides]  # best round per side
 
     # sign agreement of every side with our first one, and where the disagreeing cells lie
     ref_name = next(iter(measures))
@@ -180,11 +204,11 @@ def main() -> None:
     best = {engine: min(r["wall_s"] for r in rows if r["engine"] == engine) for engine in dict.fromkeys(r["engine"] for r in rows)}
     ours, theirs = best["torch (hand-derived grads)"], best["jax jit(vmap)"]
     table = Table(title=f"paper MLP {opts.size}x{opts.size}, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype} ({env['device']}; shared machine)")
-    for col in ("engine", "chunk", "wall s", "CPU s", "trainable", "dimension (median local)", f"sign agrees with {ref_name}", "flips on boundary"):
+    for col in ("engine", "chunk", "wall s", "CPU s", "warm-up s", "trainable", "dimension (median local)", f"sign agrees with {ref_name}", "flips on boundary"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["engine"], str(r["chunk"]), f"{r['wall_s']:.1f}" + (" (contended)" if r["contended"] else ""), f"{r['cpu_s']:.1f}",
-                      f"{r['trainable_fraction']:.4f}", f"{r['dimension']:.3f} ({r['dimension_median_local']:.3f})",
+        table.add_row(r["engine"], str(r["chunk"]), f"{r['wall_s']:.1f}" + (f" (others {r['foreign_cpu']:.0%})" if r["contended"] else ""), f"{r['cpu_s']:.1f}",
+                      f"{r['warm_up_s']:.1f}", f"{r['trainable_fraction']:.4f}", f"{r['dimension']:.3f} ({r['dimension_median_local']:.3f})",
                       f"{r['sign_agree_cells']} / {opts.size ** 2}", f"{r['disagree_on_boundary']} of {opts.size ** 2 - r['sign_agree_cells']}")
     console.print(table)
     verdict = "met" if ours <= theirs else "NOT met"

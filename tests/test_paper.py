@@ -124,10 +124,10 @@ def test_diverging_lane_leaves_others_bit_equal(loss_and_grads):
     torch.testing.assert_close(with_bad[:, keep], without, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("loss_and_grads", GRADS)
-def test_lanes_do_not_depend_on_their_company(loss_and_grads):
+@pytest.mark.parametrize("loss_and_grads,dtype", [(lane_loss_and_grads, "float64"), (vmap_loss_and_grads, "float64"), (lane_loss_and_grads, "float32")])
+def test_lanes_do_not_depend_on_their_company(loss_and_grads, dtype):
     """A lane's numbers are the same alone, among 5, and in chunks of 2 (bit for bit, NaNs included)."""
-    cfg = PaperConfig(width=6, steps=30)
+    cfg = PaperConfig(width=6, steps=30, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     lr0 = 10 ** (4 * torch.rand(5, generator=g, dtype=torch.float64) - 1)  # 0.1 .. 1000: both phases
     lr1 = 10 ** (4 * torch.rand(5, generator=g, dtype=torch.float64) - 1)
@@ -180,7 +180,7 @@ def test_sigmoid_rounds_a_value_the_same_wherever_it_sits():
     hard = candidates[vector_path != scalar_path]  # values torch itself rounds by path (~2.6% on AVX-512)
     values = torch.cat([hard, candidates[:40]])
     alone = torch.cat([sigmoid_(v.view(1).clone()) for v in values])
-    for before, after in ((0, 0), (5, 3), (16, 0), (40000, 11), (70001, 0)):  # up to several pieces of SERIAL_PIECE
+    for before, after in ((0, 0), (5, 3), (16, 0), (40000, 11), (70001, 0)):  # up to several pieces of GRAIN - block
         t = torch.cat([torch.randn(before, dtype=torch.float64, generator=g), values, torch.randn(after, dtype=torch.float64, generator=g)])
         assert torch.equal(sigmoid_(t)[before:before + len(values)], alone)
     torch.testing.assert_close(alone, torch.sigmoid(values), rtol=4.5e-16, atol=0)  # sigmoid, to 2 ulps
