@@ -132,8 +132,9 @@ def test_lanes_do_not_depend_on_their_company(loss_and_grads, dtype):
     lr0 = 10 ** (4 * torch.rand(5, generator=g, dtype=torch.float64) - 1)  # 0.1 .. 1000: both phases
     lr1 = 10 ** (4 * torch.rand(5, generator=g, dtype=torch.float64) - 1)
     together = train_paper_lanes(cfg, lr0, lr1, loss_and_grads=loss_and_grads)
-    chunked = train_paper_lanes(cfg, lr0, lr1, chunk=2, loss_and_grads=loss_and_grads)
-    torch.testing.assert_close(chunked, together, rtol=0, atol=0, equal_nan=True)
+    for chunk, workers in ((2, 1), (2, 3)):  # chunks one after another, and side by side on 3 threads
+        chunked = train_paper_lanes(cfg, lr0, lr1, chunk=chunk, loss_and_grads=loss_and_grads, workers=workers)
+        torch.testing.assert_close(chunked, together, rtol=0, atol=0, equal_nan=True)
     for i in range(5):
         alone = train_paper_lanes(cfg, lr0[i:i + 1], lr1[i:i + 1], loss_and_grads=loss_and_grads)
         torch.testing.assert_close(alone[:, 0], together[:, i], rtol=0, atol=0, equal_nan=True)
@@ -184,3 +185,9 @@ def test_sigmoid_rounds_a_value_the_same_wherever_it_sits():
         t = torch.cat([torch.randn(before, dtype=torch.float64, generator=g), values, torch.randn(after, dtype=torch.float64, generator=g)])
         assert torch.equal(sigmoid_(t)[before:before + len(values)], alone)
     torch.testing.assert_close(alone, torch.sigmoid(values), rtol=4.5e-16, atol=0)  # sigmoid, to 2 ulps
+
+
+def test_training_leaves_the_thread_count_as_it_was():
+    threads = torch.get_num_threads()
+    train_paper_lanes(PaperConfig(width=4, steps=3), torch.ones(5), torch.ones(5), chunk=2, workers=2)
+    assert torch.get_num_threads() == threads
