@@ -177,13 +177,12 @@ def lane_loss_and_grads(params: dict[str, torch.Tensor], x: torch.Tensor, y: tor
     losses = (r * r).mean(1)
     dout = r.mul_(2 / N)[:, None, :]  # d loss / d out [L, 1, N]
     gW1 = (h * dout).sum(-1) / n
-    dh = w1.view(L, n, 1) * dout
     if cfg.activation == "tanh":  # d/da (2 sigmoid(a) - 1) = (1 - h^2) / 2
-        da = dh.mul_(0.5).mul_(1 - h * h)
+        da = ((w1 * 0.5).view(L, n, 1) * dout).mul_(1 - h * h)
     elif cfg.activation == "relu":
-        da = dh.mul_(h > 0)
+        da = (w1.view(L, n, 1) * dout).mul_(h > 0)
     else:
-        da = dh
+        da = w1.view(L, n, 1) * dout
     gW0 = torch.bmm(da, xc.expand(L, N, n)).mT  # [L, n_in, n_hidden], a transposed view
     return losses, {"W0": gW0, "W1": gW1.view(L, n, 1)}
 
