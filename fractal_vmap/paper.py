@@ -41,6 +41,7 @@ PHASE_SPACES = ("lr_vs_lr", "offset_vs_lr")
 DEFAULT_VIEW = (-3.0, 6.0)  # log10 lr range of both axes in the notebook's first picture
 VEC_BYTES = 128  # bytes per step of torch's vectorized CPU loops: 2 AVX-512 vectors (AVX2's 64 divide it)
 GRAIN = 32768  # ATen's parallel grain size: an elementwise op on fewer elements runs on the calling thread alone
+COMPACT_EVERY = 10  # steps between dropping the lanes that stopped (17% of a default grid's lane-steps)
 LANE_CHUNK = 256  # lanes trained together on CPU: their [lanes, width, points] activations (1.2 MB) stay in cache
 
 # (params, x, y, cfg) -> (loss [L], grads {name: [L, ...]}) for stacked params {name: [L, ...]}
@@ -201,17 +202,30 @@ def gd_update(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], l
 
 def _train_chunk(cfg: PaperConfig, base: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                  lr0: torch.Tensor, lr1: torch.Tensor, offset: torch.Tensor, loss_and_grads: LossAndGrads) -> torch.Tensor:
+    """Losses [steps, L] of one chunk. Every COMPACT_EVERY steps the lanes that stopped are dropped from the
+    computation (their remaining losses are NaN anyway); at least two lanes stay, as in train_paper_lanes."""
     L, device = lr0.shape[0], x.device
     params = {k: v.expand(L, *v.shape).clone() for k, v in base.items()}
     params["W0"] += offset.to(params["W0"].dtype).view(L, 1, 1)
     lrs = {"W0": lr0, "W1": lr1}
+    lanes = torch.arange(L, device=device)  # the log column of each lane still computed
     active = torch.ones(L, dtype=torch.bool, device=device)
     log = torch.full((cfg.steps, L), math.nan, dtype=torch.float64, device=device)
     for step in range(cfg.steps):
         losses, grads = loss_and_grads(params, x, y, cfg)
-        log[step] = torch.where(active, losses.double(), math.nan)  # the first non-finite loss, then NaN
+        log[step, lanes] = torch.where(active, losses.double(), math.nan)  # the first non-finite loss, then NaN
         active = active & torch.isfinite(losses)  # a lane whose loss is not finite stops updating
         params = gd_update(params, grads, lrs, active)
+        if (step + 1) % COMPACT_EVERY == 0 and step + 1 < cfg.steps:
+            keep = torch.nonzero(active).view(-1)  # on a GPU, a host sync every COMPACT_EVERY steps
+            if len(keep) == 0:
+                break
+            if len(keep) < min(2, len(lanes)):
+                keep = torch.cat([keep, torch.nonzero(~active).view(-1)[:1]])  # a stopped companion for a lone lane
+            if len(keep) < len(lanes):
+                params = {k: v[keep] for k, v in params.items()}
+                lrs = {k: v[keep] for k, v in lrs.items()}
+                lanes, active = lanes[keep], active[keep]
     return log.cpu()
 
 

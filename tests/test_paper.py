@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fractal_vmap import paper
 from fractal_vmap.errors import UserError
 from fractal_vmap.fractal import convergence_measure
 from fractal_vmap.paper import (
@@ -191,3 +192,20 @@ def test_training_leaves_the_thread_count_as_it_was():
     threads = torch.get_num_threads()
     train_paper_lanes(PaperConfig(width=4, steps=3), torch.ones(5), torch.ones(5), chunk=2, workers=2)
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("lrs", [
+    [(0.3, 2.0), (1e6, 1e6), (2.0, 0.5), (3e5, 10.0), (5.0, 5.0), (1e4, 1e5), (0.05, 30.0)],  # some lanes stop early
+    [(1e6, 1e6), (0.5, 1.0), (3e5, 2e5)],  # one lane left alone: it keeps a stopped companion
+])
+def test_dropping_stopped_lanes_changes_no_number(monkeypatch, lrs):
+    cfg = PaperConfig(width=6, steps=60)
+    lr0, lr1 = torch.tensor(lrs, dtype=torch.float64).T
+    compacted = train_paper_lanes(cfg, lr0, lr1)
+    bad = ~torch.isfinite(compacted)
+    first_bad = torch.where(bad.any(0), bad.float().argmax(0), cfg.steps)
+    assert (first_bad < cfg.steps - paper.COMPACT_EVERY).any()  # some lanes stopped early enough to be dropped
+    assert (first_bad == cfg.steps).any()  # and some went on
+    monkeypatch.setattr(paper, "COMPACT_EVERY", 10**9)
+    full = train_paper_lanes(cfg, lr0, lr1)
+    torch.testing.assert_close(compacted, full, rtol=0, atol=0, equal_nan=True)
