@@ -242,8 +242,8 @@ def train_paper_lanes(cfg: PaperConfig, lr0: torch.Tensor, lr1: torch.Tensor, of
     never depend on its chunk. On CPU the chunks run side by side on `workers` threads (0: torch's intra-op thread
     count), every op on one thread (intra-op threads set to 1 meanwhile, then restored): this network's ops last
     tens of microseconds, too short for OpenMP's fork and join, and while another process holds a core an OpenMP
-    team waits for its descheduled member at every op (on 2 shared cores: 2 OpenMP threads ran 35x slower than
-    one thread, 2 chunk threads 2x faster)."""
+    team waits for its descheduled member at every op (on 2 busy shared cores: 2 OpenMP threads ran 17x slower
+    than one thread, 2 chunk threads 2x faster than one)."""
     check_config(cfg)
     lr0, lr1 = torch.as_tensor(lr0, dtype=torch.float64).reshape(-1), torch.as_tensor(lr1, dtype=torch.float64).reshape(-1)
     offset = torch.zeros_like(lr0) if offset is None else torch.as_tensor(offset, dtype=torch.float64).reshape(-1)
