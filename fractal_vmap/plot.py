@@ -44,6 +44,14 @@ def _phase_rgb(trained: np.ndarray, depth: np.ndarray, missing: np.ndarray) -> n
     return rgb
 
 
+def measure_rgb(measure) -> np.ndarray:
+    """paper_image's colours as an RGB array [H, W, 3] in [0, 1], row 0 first (not flipped): trained blue,
+    not trained red, NaN grey, the palest cells nearest the boundary."""
+    m = np.asarray(measure, dtype=np.float64)
+    assert m.ndim == 2, f"measure must be 2-D, got shape {m.shape}"
+    return _phase_rgb(m < 0, -np.abs(m), np.isnan(m))
+
+
 def _label_axes(ax, row_values, col_values, row_name: str, col_name: str, log_rows: bool, log_cols: bool) -> None:
     """Ticks at cell centres, labelled with the axis values (log10 of them on a log axis)."""
     for values, name, log, set_ticks, set_labels, set_label in (
