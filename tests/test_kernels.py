@@ -376,3 +376,26 @@ def test_optimizers_with_triton_kernels_match_torch_over_steps():
         torch.testing.assert_close(f.detach(), r.detach(), rtol=0, atol=torch.finfo(torch.float32).eps * r.abs().max().item())
     for r, f in zip(ref_p[2:], fused_p[2:]):  # Muon: bit-equal, as its parts above
         assert torch.equal(f, r)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-lane-w", "shared-w"])
+def test_head_kernel_lane_numbers_do_not_depend_on_the_lane_count(shared):
+    """The engine's chunk invariance (engine.py) holds for the Triton head too: lanes 0 and 1 of a 2-lane call and of a
+    5-lane call are bit-identical, loss and gradients, with a shared (frozen) lm_head or one per lane."""
+    gen = torch.Generator().manual_seed(31)
+    L, N, C, V = 5, 70, 24, 97
+    x = torch.randn(L, N, C, generator=gen)
+    w = torch.randn(V, C, generator=gen) if shared else torch.randn(L, V, C, generator=gen)
+    targets = torch.randint(-1, V, (L, N), generator=gen)
+
+    def run(lanes: int):
+        xs = x[:lanes].clone().requires_grad_()
+        ws = w.clone() if shared else w[:lanes].clone().requires_grad_()
+        losses = torch.vmap(lambda a, b, t: lanes_head_loss(a, b, t, kernels="triton"), in_dims=(0, None if shared else 0, 0))(xs, ws, targets[:lanes])
+        grads = torch.autograd.grad(losses.sum(), [xs] if shared else [xs, ws])
+        return losses, grads
+
+    few, many = run(2), run(5)
+    assert torch.equal(few[0], many[0][:2])
+    for a, b in zip(few[1], many[1]):
+        assert torch.equal(a, b[:2])

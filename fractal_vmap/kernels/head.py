@@ -119,20 +119,17 @@ def lanes_head(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, need_dx:
         xc = xq[:, start:start + chunk]
         n = xc.shape[1]
         z = logits_buf[: L * n * V].view(L, n, V)
-        if shared:  # one matmul over every lane's rows
-            torch.mm(xc.reshape(L * n, C), wq.T, out=z.view(L * n, V))
-        else:
-            torch.bmm(xc, wq.mT, out=z)
+        # a shared w is expanded (stride 0), not folded into one matmul over all lanes' rows: a BLAS may round a row by
+        # its position in a bigger matrix, and a lane's numbers must not depend on its neighbours (engine.py)
+        w_lanes = wq.expand(L, V, C) if shared else wq
+        torch.bmm(xc, w_lanes.mT, out=z)
         grid = (triton.cdiv(L * n, block_n),)
         ce_kernel[grid](z, targets[:, start:start + n].contiguous(), row_loss, scale, L * n, n, V,
                         BLOCK_N=block_n, BLOCK_V=block_v, num_warps=8, enable_fp_fusion=False)
         loss_sum += row_loss[: L * n].view(L, n).sum(1)
         if need_dx:
             w_op = w32 if w32 is not None else wq
-            if shared:
-                dx[:, start:start + n] = _matmul32(z.view(L * n, V), w_op).view(L, n, C)
-            else:
-                dx[:, start:start + n] = _matmul32(z, w_op)
+            dx[:, start:start + n] = _matmul32(z, w_op.expand(L, V, C) if shared else w_op)
         if need_dw:
             _accumulate32(dw, z.mT, xc)
     losses = loss_sum / n_supervised  # the mean over supervised tokens (0/0 = NaN, as torch's cross_entropy)
