@@ -289,7 +289,10 @@ def test_bfloat16_autocast_row_matches_finetune(nanochat):
     for cfg, lane in zip(cfgs, results):
         assert_lane_equals_single(lane, single(cfg, config, params, batches, 12), BF16_TOL)
     fp32 = single(replace(cfgs[1], dtype="float32"), config, params, batches, 12)
-    assert abs(fp32.final_loss - results[1].final_loss) > 1e-3  # bfloat16 did change the numbers
+    # bfloat16 did change the numbers: its 8-bit mantissa moves some step's loss by ~1e-3 (measured 7e-4 to 1.3e-3 at
+    # steps 8-12 on a Xeon; float32 noise is ~1e-6), so the largest gap over the curve clears 2e-4 on any CPU
+    gap = max(abs(a - b) for a, b in zip(fp32.losses, results[1].losses))
+    assert gap > 2e-4, gap
 
 
 @pytest.mark.parametrize("groups", ["unembedding", "embedding", "matrix"])
