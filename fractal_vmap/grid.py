@@ -18,33 +18,16 @@ from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
 from fractal_vmap.lanes import train_lanes
 from fractal_vmap.progress import GridProgress
+from fractal_vmap.options import GridConfig, TrainConfig
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
 from fractal_vmap.report import write_report
 from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
 from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, render_split, total_steps
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
-RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "out", "run_name", "wandb", "wandb_project", "wandb_entity", "eval_every", "eval_batches")
+RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "run_name", "wandb", "wandb_project", "wandb_entity")
 CPU_LANE_CHUNK = 8
 console = Console()
-
-
-@dataclass
-class GridConfig(FinetuneConfig):
-    """A grid of fine-tuning runs: every `finetune` knob, plus the two axes and their ranges."""
-
-    axes: str = "num_tokens,lr"  # rows axis, cols axis; from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr, weight_decay, warmup_frac, final_lr_frac, seed
-    rows: int = 6
-    cols: int = 16
-    row_min: float | None = None  # rows-axis range (default: the axis' own range)
-    row_max: float | None = None
-    col_min: float | None = None
-    col_max: float | None = None
-    row_scale: str = "auto"  # log, linear, or auto (the axis' default)
-    col_scale: str = "auto"
-    run_dir: str | None = None  # default: runs/grid-<axes>-<hash of the spec>
-    lane_chunk: int = 0  # most lanes trained at once (0 = auto: a whole row on CUDA, 8 on CPU); halves itself on out-of-memory
-    perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, for `compare` (noise floor)
 
 
 @dataclass
@@ -70,8 +53,8 @@ def grid_axes(cfg: GridConfig) -> tuple[Axis, Axis]:
 
 
 def base_config(cfg: GridConfig) -> FinetuneConfig:
-    """The grid's settings as one cell's `finetune` settings (before the axis values go in)."""
-    return FinetuneConfig(**{f.name: getattr(cfg, f.name) for f in fields(FinetuneConfig)})
+    """The grid's settings as one cell's `finetune` settings (before the axis values go in; finetune-only ones default)."""
+    return FinetuneConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
 
 
 def source_id(source: str, path: Path | None) -> dict:
