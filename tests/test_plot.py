@@ -24,12 +24,23 @@ def half_trained_measure(rng, split: str) -> np.ndarray:
     return m
 
 
+def first_run(mask: np.ndarray) -> tuple[int, int]:
+    """Start and end (exclusive) of the first run of True entries."""
+    start = int(np.argmax(mask))
+    rest = np.flatnonzero(~mask[start:])
+    return start, start + (int(rest[0]) if len(rest) else len(mask) - start)
+
+
 def coloured_box(img: np.ndarray) -> np.ndarray:
-    """Crop the PNG to the bounding box of clearly coloured (blue or red) pixels: the grid itself."""
+    """Crop the PNG to the grid itself: the leftmost block of clearly coloured (blue or red) or grey pixels (the colour
+    bar, right of it, is left out; white, black and text are excluded)."""
     rgb = img[..., :3]
-    coloured = rgb.max(-1) - rgb.min(-1) > 0.15  # white, black text and grey cells are excluded
-    ys, xs = np.nonzero(coloured)
-    return rgb[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    coloured = rgb.max(-1) - rgb.min(-1) > 0.15
+    grey = (np.abs(rgb - 0.5) < 0.02).all(-1)
+    cells = coloured | grey
+    x0, x1 = first_run(cells.mean(0) > 0.3)  # columns mostly made of cells
+    y0, y1 = first_run(cells[:, x0:x1].mean(1) > 0.9)
+    return rgb[y0:y1, x0:x1]
 
 
 def blue_fraction(region: np.ndarray) -> float:
