@@ -43,4 +43,4 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
-__all__ = sorted([*_EXPORTS, "loss"])
+__all__ = ["CellResult", "FinetuneConfig", "GPTConfig", "forward", "load_model", "loss", "run_finetune", "save_checkpoint", "train_single"]

@@ -17,8 +17,8 @@ from fractal_vmap.axes import Axis, cell_config, cell_lrs, check_overrides, lr_s
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
 from fractal_vmap.lanes import train_lanes
-from fractal_vmap.progress import GridProgress
 from fractal_vmap.options import GridConfig, TrainConfig
+from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
 from fractal_vmap.report import write_report
 from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row

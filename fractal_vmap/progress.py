@@ -21,7 +21,7 @@ def clock(seconds: float | None) -> str:
     """0:42, 12:03 or 1:02:03; '?' when not known yet."""
     if seconds is None:
         return "?"
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
@@ -188,8 +188,9 @@ class GridProgress:
         if task_id == self.grid_task:
             lanes = f"{len(self.chunk_lanes)} lanes in flight · " if self.row is not None else ""
             elapsed = time.perf_counter() - self.t_start if self.t_start is not None else 0.0
+            rate = f"{self._rate():,.0f}" if self._rate() else "?"  # nothing trained yet
             return (f"{self.cells_done + (self.row_cells if self.row is not None else 0)}/{self.cells_total} cells · {lanes}"
-                    f"{self._rate():,.0f} tok/s · {clock(elapsed)} elapsed · ETA {clock(self._eta())}")
+                    f"{rate} tok/s · {clock(elapsed)} elapsed · ETA {clock(self._eta())}")
         if self.row is None:
             return ""
         lanes, total = self.chunk_lanes, len(self.cell_steps[self.row])

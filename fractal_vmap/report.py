@@ -56,14 +56,14 @@ def measure_fractal(cells, row: Axis, col: Axis) -> dict:
 
 def dimension_note(f: dict) -> str:
     """The dimension in words, with what it rests on (fractal.json's fields; null where NaN)."""
-    sizes = ", ".join(str(s) for s in f["sizes"])
+    sizes = ", ".join(str(s) for s in f["sizes"]) or "none (the grid is too small for one)"
     if not f["edge_pixel_count"]:
         return "no boundary: every cell with a result is in the same phase, so there is no dimension"
-    value = "none" if f["dimension"] is None else f"{f['dimension']:.2f}"
+    value = "no boundary dimension" if f["dimension"] is None else f"boundary dimension {f['dimension']:.2f}"
     if f.get("caveat"):
-        return f"boundary dimension {value} from {f['edge_pixel_count']} edge pixels, box sizes {sizes}: {f['caveat']}"
+        return f"{value} from {f['edge_pixel_count']} edge pixels and box sizes {sizes}: {f['caveat']}"
     local = "" if f["dimension_median_local"] is None else f"; median local slope {f['dimension_median_local']:.2f}"
-    return f"boundary dimension {value} (least-squares slope over box sizes {sizes} cells, {f['edge_pixel_count']} edge pixels{local})"
+    return f"{value} (least-squares slope over box sizes {sizes} cells, {f['edge_pixel_count']} edge pixels{local})"
 
 
 def source_label(source: dict) -> str:
@@ -87,8 +87,8 @@ def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, thresh
     lines = [
         f"model {source_label(spec['model'])} · dataset {source_label(spec['dataset'])} · {settings['device']} {settings['dtype']}",
         f"rows {axis_label(axes['rows'])} x cols {axis_label(axes['cols'])} · learning rates: {lrs}",
-        f"{len(cells)}/{cells_total} cells · {cells['converged'].mean():.0%} trainable (mean of the last {window} losses < {threshold:g} x "
-        f"the first) · {cells['stable'].mean():.0%} stable",
+        (f"{len(cells)}/{cells_total} cells · {cells['converged'].mean():.0%} trainable (mean of the last {window} losses < {threshold:g} x "
+         f"the first) · {cells['stable'].mean():.0%} stable"),
         dimension_note(fractal),
         f"run dir {run_name} · created {env.get('created', '?')} · fractal-vmap {(env.get('git_revision') or env.get('fractal_vmap') or '?')[:12]}",
     ]
