@@ -20,7 +20,7 @@ from fractal_vmap.lanes import train_lanes
 from fractal_vmap.options import GridConfig, TrainConfig
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
-from fractal_vmap.report import write_report
+from fractal_vmap.report import dimension_note, write_report
 from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
 from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, render_split, total_steps
 
@@ -189,8 +189,6 @@ def run_rows(plan: GridPlan, digest: str, wandb_run=None) -> list[dict]:
 
 def finish_grid(plan: GridPlan, lanes: list[dict], wandb_run=None) -> dict:
     """The table, fractal.json and pictures; the W&B summary; the closing lines."""
-    from fractal_vmap.report import dimension_note
-
     lrs = [[cell_lrs(c) for c in row] for row in plan.cells]  # the lrs each cell trained with (cells.parquet)
     out = write_report(plan.run_dir, lanes, plan.row, plan.col, lrs)
     if wandb_run is not None:
@@ -221,14 +219,12 @@ def run_grid(cfg: GridConfig) -> Path:
                           plan.run_dir, "grid", keep_id=True)
     console.print(f"grid {plan.row.name} ({len(plan.row.values)} rows) x {plan.col.name} ({len(plan.col.values)} lanes a row) on {plan.device}, run dir [bold]{plan.run_dir}[/bold]")
     console.print(f"{len(plan.examples)} training examples ({plan.dropped} dropped: no supervised token within max_seq_len)")
-    finished = False
     try:
         lanes = run_rows(plan, digest, wandb_run)
         finish_grid(plan, lanes, wandb_run)
-        finished = True
-    finally:
-        if finished:
-            finish_run(wandb_run, plan.run_dir / "wandb")
-        elif wandb_run is not None:
-            wandb_run.finish(exit_code=1)  # interrupted or failed: the next invocation resumes the same W&B run
+    except BaseException:  # interrupted or failed: close the W&B run (the next invocation resumes it), then go on raising
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        raise
+    finish_run(wandb_run, plan.run_dir / "wandb")
     return plan.run_dir
