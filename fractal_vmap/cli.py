@@ -11,6 +11,7 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 from fractal_vmap.errors import UserError
+from fractal_vmap.options import FinetuneConfig, GridConfig, PlotConfig
 
 console = Console()
 
@@ -55,31 +56,23 @@ def compare_command(cfg) -> None:
     print_report(compare_runs(cfg), console)
 
 
+def plot_command(cfg) -> None:
+    from fractal_vmap.redraw import plot_run
+
+    plot_run(cfg)
+
+
 def compare_options() -> type:
     from fractal_vmap.compare import CompareConfig
 
     return CompareConfig
 
 
-def grid_options() -> type:
-    from fractal_vmap.grid import GridConfig
-
-    return GridConfig
-
-
-def finetune_options() -> type:
-    from fractal_vmap.recipe import FinetuneConfig
-
-    return FinetuneConfig
-
-
-OPTIONS = {"finetune": finetune_options, "grid": grid_options}  # command -> its options dataclass (imported on use)
+OPTIONS = {"finetune": FinetuneConfig, "grid": GridConfig}  # commands that take a --config_path file -> their options
 
 
 def build_parser() -> ArgumentParser:
-    from fractal_vmap.grid import GridConfig
-    from fractal_vmap.recipe import FinetuneConfig
-
+    """Every command and its flags. Imports no torch (options.py is light), so --help answers at once."""
     parser = ArgumentParser(prog="fractal-vmap", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     # --config_path file.yaml (or .json) sets the options; flags given on the command line override it
@@ -89,6 +82,9 @@ def build_parser() -> ArgumentParser:
     grid = commands.add_parser("grid", help="train a 2-D grid of fine-tuning runs, a whole row of lanes at once", add_config_path_arg=True)
     grid.add_arguments(GridConfig, dest="cfg")
     grid.set_defaults(run=grid_command)
+    plot = commands.add_parser("plot", help="redraw a grid's pictures from its run dir (restyled or re-thresholded), without training")
+    plot.add_arguments(PlotConfig, dest="cfg")
+    plot.set_defaults(run=plot_command)
     compare = commands.add_parser("compare", help="count the cells of two grids over the same axes that change phase, and where")
     compare.add_arguments(compare_options(), dest="cfg")
     compare.set_defaults(run=compare_command)
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     config_path = config_path_of(argv)
     try:
         if config_path is not None and argv and argv[0] in OPTIONS:
-            check_config_file(config_path, argv[0], OPTIONS[argv[0]]())
+            check_config_file(config_path, argv[0], OPTIONS[argv[0]])
         args = parser.parse_args(argv)
         tune_allocator()
         args.run(args.cfg)

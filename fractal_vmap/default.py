@@ -31,6 +31,10 @@ def default_model_dir() -> Path:
     """The cached default model dir (checkpoints/ + tokenizer/), built on first use."""
     directory = storage_dir() / f"default-model-v{VERSION}"
     if not (directory / "checkpoints").is_dir():
+        from rich.console import Console
+
+        Console().print(f"building the default base model, once ({PRETRAIN_STEPS} pretraining steps, ~30 s on 2 CPU cores); cached in {directory}",
+                        highlight=False, soft_wrap=True)
         build_default_model(directory)
     return directory
 
@@ -64,7 +68,15 @@ def build_default_model(directory: Path, steps: int = PRETRAIN_STEPS) -> Path:
         trainable_param_groups="matrix,embedding,unembedding", num_iterations=steps, warmup_frac=0.05, final_lr_frac=0.1,
         device="cpu", dtype="float32",
     )
-    result, params = train_single(cfg, CONFIG, init_params(CONFIG, SEED), batches, steps, torch.device("cpu"))
+    from rich.console import Console
+
+    from fractal_vmap.progress import StepProgress
+
+    with StepProgress(Console(), "pretraining the default model", steps) as progress:
+        def log(step: int, metrics: dict) -> None:
+            progress.step(step + 1, metrics["train/loss"], (step + 1) * PRETRAIN_BATCH * T)
+
+        result, params = train_single(cfg, CONFIG, init_params(CONFIG, SEED), batches, steps, torch.device("cpu"), log)
     if not result.stable:
         raise RuntimeError(f"default model pretraining diverged: {result.error}")
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ counts; `lanes_step` is one training step of every lane, the unit that a compile
 The forward is the task's loss under `torch.func.vmap` over the stacked weights; the backward is plain autograd on the
 stacked leaves (`losses.sum().backward()`: lane i's loss only reaches lane i's weights). A lane whose loss goes
 non-finite, or that has run all its steps, stops updating. Per-lane losses stay on the device; the host reads them
-every `sync_every` steps (progress, "all lanes done") and at the end.
+every `sync_every` steps ("all lanes done") and at the end.
 
 Chunk invariance: a lane's numbers must not depend on how many lanes train beside it. Every op here is per lane or
 elementwise, except the batched matmuls that vmap makes of the task's matmuls. A BLAS computes each item of a
@@ -91,17 +91,18 @@ def lanes_step(row: Row, step: int, inputs: torch.Tensor, targets: torch.Tensor)
 def run(row: Row, batches: Batches, progress: Progress | None = None, sync_every: int = 10) -> float:
     """Train the row to its longest lane's end (or until no lane is active). Returns the wall seconds.
 
-    `progress(steps_done, max_steps, tokens_processed)` is called every `sync_every` steps, when the host also
-    checks whether any lane is still active: the only host sync in the loop."""
+    `progress(steps_done, max_steps, tokens_processed)` is called after every step with host values only (a step
+    count and token counts from shapes), so it costs no sync; on CUDA "done" means queued, at most `sync_every` steps
+    ahead of the device. Every `sync_every` steps the host checks whether any lane is still active: the only host
+    sync in the loop."""
     processed = 0  # tokens pushed through the model by the real lanes (host-side, from shapes)
     t0 = time.perf_counter()
     for step in range(row.max_steps):
         inputs, targets = (to_device(t, row.device) for t in batches(step))
         processed += inputs.numel() * row.real if row.data_dim is None else inputs[: row.real].numel()
         lanes_step(row, step, inputs, targets)
-        if (step + 1) % sync_every == 0 or step + 1 == row.max_steps:
-            if progress is not None:
-                progress(step + 1, row.max_steps, processed)
-            if not bool(row.active.any()):  # every lane diverged or finished: the rest would be NaN padding
-                break
+        if progress is not None:
+            progress(step + 1, row.max_steps, processed)
+        if (step + 1) % sync_every == 0 and not bool(row.active.any()):  # every lane diverged or finished: the rest would be NaN padding
+            break
     return time.perf_counter() - t0

@@ -3,15 +3,20 @@
 from dataclasses import asdict
 from pathlib import Path
 
-from fractal_vmap.files import check_writable_file, strict_json, write_atomic
+from rich.console import Console
+
+from fractal_vmap.files import check_writable_file, finite_or_none, strict_json, write_atomic
+from fractal_vmap.progress import StepProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, resolve_device, validate
 from fractal_vmap.sft import load_source, make_stream, render_split, total_steps
 from fractal_vmap.single import evaluate, train_single
 
+console = Console()
+
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Load model and data, train one lane, write the result JSON, log to W&B. Returns the result fields + `out`."""
-    from fractal_vmap.tracking import start_run
+    from fractal_vmap.tracking import finish_run, start_run
 
     validate(cfg)
     cfg.run_name = cfg.run_name or f"finetune-lr{cfg.learning_rate:g}-tok{cfg.num_tokens}-seed{cfg.seed}"
@@ -25,16 +30,28 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     val = make_stream(cfg, tokenizer, render_split(cfg, tokenizer, config, "validation")[0], cfg.seed) if has_val else None
     steps = total_steps(cfg, stream.batch(0)[1])
     wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.run_name, asdict(cfg), out.parent, "finetune")
-    log = (lambda step, metrics: wandb_run.log(metrics, step=step)) if wandb_run is not None else None
-    cell, final_params = train_single(cfg, config, params, stream.batch, steps, device, log, val.batch if val else None)
+    processed = [0]  # tokens pushed through the model (all positions, padding included), as the grid counts them
+
+    def batches(step: int):
+        inputs, targets = stream.batch(step)
+        processed[0] += inputs.numel()
+        return inputs, targets
+
+    with StepProgress(console, f"finetune {cfg.run_name}", steps) as progress:
+        def log(step: int, metrics: dict) -> None:
+            progress.step(step + 1, metrics["train/loss"], processed[0])
+            if wandb_run is not None:
+                wandb_run.log(metrics, step=step)
+
+        cell, final_params = train_single(cfg, config, params, batches, steps, device, log, val.batch if val else None)
     result = cell.to_dict()
     if val is not None and cell.stable:
         result["val_loss"] = evaluate(final_params, config, val.batch, cfg.eval_batches, device, autocast_dtype(cfg, device))
     result["dropped_examples"] = dropped
-    if wandb_run is not None:
-        wandb_run.summary.update({k: v for k, v in result.items() if k != "losses"})
-        wandb_run.finish()
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, strict_json(result))
+    if wandb_run is not None:
+        wandb_run.summary.update(finite_or_none({k: v for k, v in result.items() if k != "losses"}))
+        finish_run(wandb_run)
     result["out"] = str(out)
     return result

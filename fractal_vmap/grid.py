@@ -13,40 +13,22 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from fractal_vmap.axes import Axis, cell_config, make_axis, parse_axes
+from fractal_vmap.axes import Axis, cell_config, cell_lrs, check_overrides, lr_sources, make_axis, parse_axes, unused_fields
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
 from fractal_vmap.kernels import resolve as resolve_kernels
 from fractal_vmap.lanes import train_lanes
+from fractal_vmap.options import GridConfig, TrainConfig
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
-from fractal_vmap.report import write_report
+from fractal_vmap.report import dimension_note, write_report
 from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
 from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, render_split, total_steps
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
-RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "out", "run_name", "wandb", "wandb_project", "wandb_entity", "eval_every", "eval_batches")
+RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "run_name", "wandb", "wandb_project", "wandb_entity")
 CPU_LANE_CHUNK = 8
 console = Console()
-
-
-@dataclass
-class GridConfig(FinetuneConfig):
-    """A grid of fine-tuning runs: every `finetune` knob, plus the two axes and their ranges."""
-
-    axes: str = "num_tokens,lr"  # rows axis, cols axis; from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr, weight_decay, warmup_frac, final_lr_frac, seed
-    rows: int = 6
-    cols: int = 16
-    row_min: float | None = None  # rows-axis range (default: the axis' own range)
-    row_max: float | None = None
-    col_min: float | None = None
-    col_max: float | None = None
-    row_scale: str = "auto"  # log, linear, or auto (the axis' default)
-    col_scale: str = "auto"
-    run_dir: str | None = None  # default: runs/grid-<axes>-<hash of the spec>
-    lane_chunk: int = 0  # most lanes trained at once (0 = auto: a whole row on CUDA, 8 on CPU); halves itself on out-of-memory
-    perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, for `compare` (noise floor)
-    kernels: str = "auto"  # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under TRITON_INTERPRET=1: slow, for debugging)
 
 
 @dataclass
@@ -73,8 +55,8 @@ def grid_axes(cfg: GridConfig) -> tuple[Axis, Axis]:
 
 
 def base_config(cfg: GridConfig) -> FinetuneConfig:
-    """The grid's settings as one cell's `finetune` settings (before the axis values go in)."""
-    return FinetuneConfig(**{f.name: getattr(cfg, f.name) for f in fields(FinetuneConfig)})
+    """The grid's settings as one cell's `finetune` settings (before the axis values go in; finetune-only ones default)."""
+    return FinetuneConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
 
 
 def source_id(source: str, path: Path | None) -> dict:
@@ -90,14 +72,18 @@ def source_id(source: str, path: Path | None) -> dict:
 
 
 def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device, kernels: str) -> dict:
-    """What the numbers depend on. Device, dtype and kernels as resolved (auto on a CPU machine is cpu, float32, torch)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
+    """What the numbers depend on. Device, dtype and kernels as resolved (auto on a CPU machine is cpu, float32, torch).
+    Settings no cell reads (an axis sets them, or another setting wins) are null; group_lrs says where each group's lr
+    comes from."""
+    unused = unused_fields(cfg, row, col)
+    settings = {k: None if k in unused else v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
     settings["device"] = device.type
     settings["dtype"] = str(autocast_dtype(cfg, device) or torch.float32).removeprefix("torch.")
     settings["kernels"] = kernels
     return {
         "axes": {"rows": asdict(row), "cols": asdict(col)},
         "settings": settings,
+        "group_lrs": lr_sources(cfg, row, col),
         "model": source_id(cfg.model, model_path),
         "dataset": source_id(cfg.dataset, Path(cfg.dataset) if cfg.dataset != "default" else None),
     }
@@ -111,6 +97,8 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
     if cfg.perturb_ulp < 0:
         raise UserError(f"--perturb_ulp is {cfg.perturb_ulp}: use 0 (no nudge) or a positive number of ulps")
     row, col = grid_axes(cfg)
+    for line in check_overrides(cfg, row, col):  # refuses a flag an axis overrides; warns of one that pins part of an axis
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
     device = resolve_device(cfg.device)
     kernels = resolve_kernels(cfg.kernels, device)
     if kernels == "triton" and device.type == "cpu":
@@ -144,7 +132,7 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
-def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress=None) -> tuple[list[dict], int]:
+def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress: GridProgress | None = None) -> tuple[list[dict], int]:
     """Train one row in lane chunks (all lanes at once unless --lane_chunk); halve the chunk on out-of-memory.
     Returns the lanes' results and the chunk size that ran (a lane's numbers do not depend on it: engine.py)."""
     config, params, tokenizer = plan.model
@@ -160,7 +148,8 @@ def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress=None) ->
             for start in range(0, len(cell_cfgs), chunk):
                 lanes = list(range(start, min(start + chunk, len(cell_cfgs))))
                 batches = lane_batches([cell_cfgs[i].seed for i in lanes], streams, pad_id)
-                cells = train_lanes([cell_cfgs[i] for i in lanes], config, params, batches, [steps[i] for i in lanes], plan.device, progress,
+                callback = progress.chunk(lanes, [steps[i] for i in lanes]) if progress is not None else None
+                cells = train_lanes([cell_cfgs[i] for i in lanes], config, params, batches, [steps[i] for i in lanes], plan.device, callback,
                                     kernels=plan.kernels)
                 results += [c.to_dict() for c in cells]
             return results, chunk
@@ -173,63 +162,77 @@ def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress=None) ->
             console.print(f"[yellow]out of memory: retrying the row with {chunk} lanes at a time[/yellow]")
 
 
+def cell_steps(plan: GridPlan) -> list[list[int]]:
+    """Every cell's step count, as train_row will find it (from the first batch of its seed's stream): the ETA's work."""
+    tokenizer = plan.model[2]
+    seeds = sorted({c.seed for row in plan.cells for c in row})
+    first = {s: make_stream(plan.cells[0][0], tokenizer, plan.examples, s).batch(0)[1] for s in seeds}
+    return [[total_steps(c, first[c.seed]) for c in row] for row in plan.cells]
+
+
 def run_rows(plan: GridPlan, digest: str, wandb_run=None) -> list[dict]:
     """Train every row without a finished file of this spec; returns all lanes of all rows, in order."""
     row, col = plan.row, plan.col
+    done = [read_row(row_path(plan.run_dir, i), len(col.values), digest) for i in range(len(plan.cells))]
     lanes: list[dict] = []
-    with GridProgress(console, len(row.values)) as progress:
+    with GridProgress(console, cell_steps(plan)) as progress:
+        for i in (i for i, d in enumerate(done) if d is not None):
+            progress.row_skipped(i)
         for i, row_cfgs in enumerate(plan.cells):
-            path = row_path(plan.run_dir, i)
-            done = read_row(path, len(col.values), digest)
-            if done is not None:
-                progress.row_skipped(i)
-            else:
+            if done[i] is None:
                 t0 = time.perf_counter()
                 progress.row_started(i, f"{row.name}={row.values[i]:g}", len(row_cfgs))
-                results, chunk = train_row(plan, row_cfgs, progress.steps)
+                results, chunk = train_row(plan, row_cfgs, progress)
                 for j, r in enumerate(results):
                     r.update(grid_i=i, grid_j=j)
-                write_row(path, i, digest, results, time.perf_counter() - t0, chunk)
-                done = json.loads(json.dumps(finite_or_none(results)))  # as a resumed run reads it back: NaN is null
+                write_row(row_path(plan.run_dir, i), i, digest, results, time.perf_counter() - t0, chunk)
+                done[i] = json.loads(json.dumps(finite_or_none(results)))  # as a resumed run reads it back: NaN is null
                 progress.row_finished(i)
-                if wandb_run is not None:
-                    wandb_run.log({"row": i, "row/converged_frac": float(np.mean([r["converged"] for r in done])),
-                                   "row/stable_frac": float(np.mean([r["stable"] for r in done])), "row/seconds": time.perf_counter() - t0})
-            lanes += done
+                if wandb_run is not None:  # step = the row: monotone across resumes, which continue the same W&B run
+                    wandb_run.log({"row": i, "row/converged_frac": float(np.mean([r["converged"] for r in done[i]])),
+                                   "row/stable_frac": float(np.mean([r["stable"] for r in done[i]])), "row/seconds": time.perf_counter() - t0}, step=i)
+            lanes += done[i]
     return lanes
 
 
 def finish_grid(plan: GridPlan, lanes: list[dict], wandb_run=None) -> dict:
     """The table, fractal.json and pictures; the W&B summary; the closing lines."""
-    out = write_report(plan.run_dir, lanes, plan.row, plan.col)
+    lrs = [[cell_lrs(c) for c in row] for row in plan.cells]  # the lrs each cell trained with (cells.parquet)
+    out = write_report(plan.run_dir, lanes, plan.row, plan.col, lrs)
     if wandb_run is not None:
         import wandb
 
-        run_dir = plan.run_dir
+        run_dir, cells = plan.run_dir, out["cells"]
+        table = wandb.Table(dataframe=cells.astype(object).where(cells.notna(), None))  # NaN -> None: the table's JSON stays strict
         wandb_run.log({"trainability": wandb.Image(str(run_dir / "trainability.png")), "panels": wandb.Image(str(run_dir / "panels.png")),
-                       "cells": wandb.Table(dataframe=out["cells"].astype({"error": str}))})
+                       "cells": table}, step=len(plan.cells))
         wandb_run.summary.update(finite_or_none({"fractal_dimension": out["fractal"]["dimension"], "trainable_fraction": out["fractal"]["trainable_fraction"]}))
     f = out["fractal"]
-    console.print(f"trainable {f['trainable_fraction']:.0%} of {len(lanes)} cells; boundary box-counting dimension {f['dimension']:.3f} "
-                  f"(median local slope {f['dimension_median_local']:.3f}, {f['edge_pixel_count']} edge pixels)")
-    console.print(f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold] and [bold]{plan.run_dir / 'panels.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}")
+    console.print(f"trainable {f['trainable_fraction']:.0%} of {len(lanes)} cells; {dimension_note(f)}", highlight=False, soft_wrap=True,
+                  style="yellow" if f["caveat"] else None)
+    console.print(f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold] and [bold]{plan.run_dir / 'panels.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}",
+                  soft_wrap=True)
     return out
 
 
 def run_grid(cfg: GridConfig) -> Path:
     """The `grid` command: plan, train every row (resuming finished ones), then write the tables and pictures."""
-    from fractal_vmap.tracking import start_run
+    from fractal_vmap.tracking import finish_run, start_run
 
     plan = plan_grid(cfg)
     cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
     digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"train_examples": len(plan.examples), "dropped_examples": plan.dropped})
-    wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, plan.run_dir.name, {"spec": plan.spec}, plan.run_dir, "grid")
+    # one W&B run per grid: its id is kept in the run dir, and every resume continues it
+    wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.run_name or plan.run_dir.name, {"spec": plan.spec},
+                          plan.run_dir, "grid", keep_id=True)
     console.print(f"grid {plan.row.name} ({len(plan.row.values)} rows) x {plan.col.name} ({len(plan.col.values)} lanes a row) on {plan.device}, run dir [bold]{plan.run_dir}[/bold]")
     console.print(f"{len(plan.examples)} training examples ({plan.dropped} dropped: no supervised token within max_seq_len)")
     try:
         lanes = run_rows(plan, digest, wandb_run)
         finish_grid(plan, lanes, wandb_run)
-    finally:
+    except BaseException:  # interrupted or failed: close the W&B run (the next invocation resumes it), then go on raising
         if wandb_run is not None:
-            wandb_run.finish()
+            wandb_run.finish(exit_code=1)
+        raise
+    finish_run(wandb_run, plan.run_dir / "wandb")
     return plan.run_dir

@@ -1,6 +1,7 @@
 """
-Pictures of a trainability grid: the paper-style image (blue trained, red not, grey not computed)
-and a 2x2 panel of labels. Rows run up the vertical axis (row 0 at the bottom), cols across.
+Pictures of a trainability grid: the paper-style image (blue trained, red not, shaded by how deep in its phase a
+cell is) and a 2x2 panel of labels. Cells are drawn over the axis values themselves (row 0 at the bottom), so a log
+axis is ticked in values (10^-2, 10^-1, ...); every shading has a colour bar or a legend, and grey is always named.
 """
 
 from pathlib import Path
@@ -11,10 +12,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.colors import LogNorm, Normalize
+from matplotlib.colors import ListedColormap, LogNorm, Normalize
+from matplotlib.patches import Patch
 
-GREY = (0.5, 0.5, 0.5)  # cells with no value yet
-NUM_TICKS = 6  # at most this many labelled ticks per axis
+GREY = (0.5, 0.5, 0.5)  # cells with no value
+BLUE, RED = (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)  # the two phases at full depth
+PALEST = 0.3  # the palest cell of a phase still gets 30% colour: clearly blue or red, never white
+CAPTION_SIZE = 7  # points
 
 
 def _rank_fraction(x: np.ndarray) -> np.ndarray:
@@ -22,130 +26,159 @@ def _rank_fraction(x: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.sort(x), x, side="right") / max(len(x), 1)
 
 
-def _phase_rgb(trained: np.ndarray, depth: np.ndarray, missing: np.ndarray) -> np.ndarray:
-    """
-    RGB image [H, W, 3] from a bool phase grid: trained blue, not trained red, missing grey.
-    depth says how deep in its phase a cell is; it is rank-stretched within each phase and
-    the deepest cells get the most saturated colour.
-    """
-    H, W = trained.shape
-    sat = np.zeros((H, W))
-    for phase in (True, False):
+def phase_shade(trained: np.ndarray, depth: np.ndarray, missing: np.ndarray) -> np.ma.MaskedArray:
+    """One number a cell in [-1, 1]: + for trained, - for not, its size PALEST..1 the rank of `depth` within its phase
+    (the deepest cell of a phase is 1). Missing cells are masked (drawn grey)."""
+    shade = np.zeros(trained.shape)
+    for phase, sign in ((True, 1.0), (False, -1.0)):
         sel = (trained == phase) & ~missing
-        sat[sel] = 0.3 + 0.7 * _rank_fraction(depth[sel])  # 0.3 floor keeps the palest cell clearly coloured
-    rgb = np.ones((H, W, 3))
-    blue = trained & ~missing
-    red = ~trained & ~missing
-    rgb[blue, 0] = 1 - sat[blue]
-    rgb[blue, 1] = 1 - sat[blue]
-    rgb[red, 1] = 1 - sat[red]
-    rgb[red, 2] = 1 - sat[red]
-    rgb[missing] = GREY
-    return rgb
+        shade[sel] = sign * (PALEST + (1 - PALEST) * _rank_fraction(depth[sel]))
+    return np.ma.masked_where(missing, shade)
+
+
+def _phase_cmap() -> ListedColormap:
+    """[-1, 1] -> deep red .. pale red | white | pale blue .. deep blue (the gap is where no cell's shade falls)."""
+    s = np.linspace(-1, 1, 257)
+    sat = np.where(np.abs(s) >= PALEST, np.abs(s), 0.0)[:, None]
+    colour = np.where(s[:, None] > 0, np.array(BLUE), np.array(RED))
+    return ListedColormap((1 - sat) * 1.0 + sat * colour).with_extremes(bad=GREY)
+
+
+PHASE_CMAP = _phase_cmap()
+BINARY_CMAP = ListedColormap([RED, BLUE]).with_extremes(bad=GREY)
+
+
+def _edges(values, log: bool) -> np.ndarray | None:
+    """Cell edges around the axis values (midpoints, in log space on a log axis), or None when the values do not
+    increase strictly (e.g. an integer axis rounded onto itself): then cells are drawn by index."""
+    v = np.asarray(values, dtype=np.float64)
+    if log and not (v > 0).all():
+        return None
+    t = np.log10(v) if log else v
+    if len(t) == 1:
+        e = t[0] + np.array([-0.5, 0.5])  # one value: a cell half a decade (log) or half a unit (linear) each side
+    elif (np.diff(t) > 0).all():
+        mid = (t[1:] + t[:-1]) / 2
+        e = np.concatenate([[2 * t[0] - mid[0]], mid, [2 * t[-1] - mid[-1]]])
+    else:
+        return None
+    return 10**e if log else e
+
+
+def _mesh(ax, row_values, col_values, row_name: str, col_name: str, log_rows: bool, log_cols: bool, shade, **kwargs):
+    """pcolormesh of an [H, W] grid over the axis values, labelled; returns the mesh (for a colour bar)."""
+    x, y = _edges(col_values, log_cols), _edges(row_values, log_rows)
+    mesh = ax.pcolormesh(np.arange(len(col_values) + 1) - 0.5 if x is None else x,
+                         np.arange(len(row_values) + 1) - 0.5 if y is None else y, shade, **kwargs)
+    for edges, values, log, set_scale, axis in ((x, col_values, log_cols, ax.set_xscale, ax.xaxis),
+                                                (y, row_values, log_rows, ax.set_yscale, ax.yaxis)):
+        if edges is not None and log:
+            set_scale("log")
+        elif edges is None:  # by index: label a few cells with their values
+            idx = np.unique(np.linspace(0, len(values) - 1, min(6, len(values))).round().astype(int))
+            axis.set_ticks(idx, [f"{values[i]:.3g}" for i in idx])
+    ax.set_xlabel(col_name)
+    ax.set_ylabel(row_name)
+    return mesh
+
+
+def _phase_colorbar(fig, ax, mesh) -> None:
+    bar = fig.colorbar(mesh, ax=ax, ticks=[-1, -PALEST, PALEST, 1])
+    bar.ax.set_yticklabels(["fails hardest", "barely fails", "barely trains", "trains fastest"])
+    bar.set_label("shade: rank of the convergence measure in its phase", fontsize=7)
+
+
+def _grey_note(fig, shade: np.ma.MaskedArray, label: str) -> None:
+    """Name the grey cells, where there are any (below the figure, right)."""
+    if np.ma.getmaskarray(shade).any():
+        fig.legend(handles=[Patch(color=GREY, label=label)], loc="upper right", bbox_to_anchor=(1.0, 0.0), fontsize=CAPTION_SIZE, frameon=False)
+
+
+def _caption(fig, caption: str | None) -> None:
+    if caption:
+        fig.text(0.0, 0.0, caption, ha="left", va="top", fontsize=CAPTION_SIZE, family="monospace", transform=fig.transFigure)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def measure_shade(measure: np.ndarray) -> np.ma.MaskedArray:
+    """The paper's shading of a [H, W] convergence measure: trained where measure < 0; small |measure| is deep in its
+    phase (fast training, or fast divergence) and gets the strongest colour; NaN masked."""
+    m = np.asarray(measure, dtype=np.float64)
+    return phase_shade(m < 0, -np.abs(m), np.isnan(m))
 
 
 def measure_rgb(measure) -> np.ndarray:
-    """paper_image's colours as an RGB array [H, W, 3] in [0, 1], row 0 first (not flipped): trained blue,
-    not trained red, NaN grey, the palest cells nearest the boundary."""
-    m = np.asarray(measure, dtype=np.float64)
-    assert m.ndim == 2, f"measure must be 2-D, got shape {m.shape}"
-    return _phase_rgb(m < 0, -np.abs(m), np.isnan(m))
-
-
-def _label_axes(ax, row_values, col_values, row_name: str, col_name: str, log_rows: bool, log_cols: bool) -> None:
-    """Ticks at cell centres, labelled with the axis values (log10 of them on a log axis)."""
-    for values, name, log, set_ticks, set_labels, set_label in (
-        (row_values, row_name, log_rows, ax.set_yticks, ax.set_yticklabels, ax.set_ylabel),
-        (col_values, col_name, log_cols, ax.set_xticks, ax.set_xticklabels, ax.set_xlabel),
-    ):
-        v = np.asarray(values, dtype=np.float64)
-        if log:
-            with np.errstate(all="ignore"):  # a non-positive value labels as nan / -inf
-                v = np.log10(v)
-        idx = np.unique(np.linspace(0, len(v) - 1, min(NUM_TICKS, len(v))).round().astype(int))
-        set_ticks(idx)
-        set_labels([f"{v[i]:.3g}" for i in idx])
-        set_label(f"log10 {name}" if log else name)
-
-
-def _show(ax, rgb_or_values, **kwargs) -> object:
-    """imshow with row 0 at the bottom, one rectangle per grid cell, no smoothing."""
-    return ax.imshow(rgb_or_values, origin="lower", aspect="auto", interpolation="nearest", **kwargs)
+    """paper_image's colours as an RGB array [H, W, 3] in [0, 1], row 0 first (not flipped): for the animation frames."""
+    return PHASE_CMAP((measure_shade(measure) + 1) / 2)[..., :3]
 
 
 def paper_image(measure, row_values, col_values, row_name: str, col_name: str, path,
-                log_rows: bool = True, log_cols: bool = True, title: str | None = None) -> Path:
-    """
-    The paper-style picture of a [H, W] convergence measure: measure < 0 (trained) blue,
-    measure > 0 (not trained) red, NaN grey. Saturation is the rank of -|measure| within
-    each phase: small |measure| is far from the boundary and gets the strongest colour.
-    """
+                log_rows: bool = True, log_cols: bool = True, title: str | None = None, caption: str | None = None,
+                dpi: int = 150) -> Path:
+    """The paper-style picture of a [H, W] convergence measure: blue trained, red not, grey no result."""
     m = np.asarray(measure, dtype=np.float64)
     assert m.ndim == 2, f"measure must be 2-D, got shape {m.shape}"
     assert len(row_values) == m.shape[0] and len(col_values) == m.shape[1], \
         f"axis values ({len(row_values)}, {len(col_values)}) do not match measure shape {m.shape}"
-    missing = np.isnan(m)
-    rgb = _phase_rgb(m < 0, -np.abs(m), missing)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    _show(ax, rgb)
-    _label_axes(ax, row_values, col_values, row_name, col_name, log_rows, log_cols)
-    ax.set_title(title if title is not None else "blue: trains, red: diverges")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=dpi)
+    shade = measure_shade(m)
+    mesh = _mesh(ax, row_values, col_values, row_name, col_name, log_rows, log_cols, shade, cmap=PHASE_CMAP, norm=Normalize(-1, 1))
+    _phase_colorbar(fig, ax, mesh)
+    _grey_note(fig, shade, "grey: no result (cell not trained yet)")
+    ax.set_title(title if title is not None else "blue: trains, red: does not")
+    _caption(fig, caption)
+    return _save(fig, path)
 
 
-def _grid(cells: pd.DataFrame, column: str, H: int, W: int, fill) -> np.ndarray:
-    """One DataFrame column laid out as an [H, W] grid; cells absent from the frame get fill."""
-    out = np.full((H, W), fill, dtype=object)
-    out[cells["row"].to_numpy(int), cells["col"].to_numpy(int)] = cells[column].to_numpy()
+def _grid(cells: pd.DataFrame, column: str, H: int, W: int) -> np.ndarray:
+    """One DataFrame column laid out as a float [H, W] grid; cells absent from the frame are NaN."""
+    out = np.full((H, W), np.nan)
+    out[cells["row"].to_numpy(int), cells["col"].to_numpy(int)] = cells[column].to_numpy(dtype=np.float64, na_value=np.nan)
     return out
 
 
-def panels(cells: pd.DataFrame, row_name: str, col_name: str, path,
-           log_rows: bool = True, log_cols: bool = True) -> Path:
+def _binary(fig, ax, mesh_args, values: np.ndarray, yes: str, no: str, title: str) -> None:
+    _mesh(ax, *mesh_args, np.ma.masked_invalid(values), cmap=BINARY_CMAP, norm=Normalize(0, 1))
+    handles = [Patch(color=BLUE, label=yes), Patch(color=RED, label=no)]
+    if np.isnan(values).any():
+        handles.append(Patch(color=GREY, label="no result"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.set_title(title)
+
+
+def panels(cells: pd.DataFrame, row_name: str, col_name: str, path, log_rows: bool = True, log_cols: bool = True,
+           caption: str | None = None, dpi: int = 150) -> Path:
     """
-    Four panels in one PNG: trainability shaded by final-loss rank, stability, final loss
-    (log colour scale), binary trainability. One DataFrame row per cell, with columns
-    row, col, stable, converged, final_loss, plus the axis values under row_name and col_name.
-    Cells absent from the frame are grey.
+    Four panels in one PNG: trainability shaded exactly as the paper image, stability, final loss (log colour scale),
+    and the binary trainable label. One DataFrame row per cell, with columns row, col, stable, converged, final_loss,
+    measure, plus the axis values under row_name and col_name. Cells absent from the frame are grey.
     """
     H, W = int(cells["row"].max()) + 1, int(cells["col"].max()) + 1
-    present = _grid(cells, "row", H, W, -1).astype(int) >= 0
-    missing = ~present
-    stable = _grid(cells, "stable", H, W, False).astype(bool) & present
-    converged = _grid(cells, "converged", H, W, False).astype(bool) & present
-    final_loss = _grid(cells, "final_loss", H, W, np.nan).astype(np.float64)
-    # axis values per index; an index with no cell at all labels as nan
+    # axis values per index; an index with no cell at all labels as nan (and the axis is drawn by index)
     row_values = cells.groupby("row")[row_name].first().reindex(range(H)).to_numpy(np.float64)
     col_values = cells.groupby("col")[col_name].first().reindex(range(W)).to_numpy(np.float64)
+    mesh_args = (row_values, col_values, row_name, col_name, log_rows, log_cols)
+    final_loss = _grid(cells, "final_loss", H, W)
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 9))
-    # (1) trained cells deeper with lower loss, untrained ones deeper with higher (or non-finite) loss
-    loss_or_inf = np.where(np.isfinite(final_loss), final_loss, np.inf)
-    depth = np.where(converged, -loss_or_inf, loss_or_inf)
-    _show(axes[0, 0], _phase_rgb(converged, depth, missing))
-    axes[0, 0].set_title("trainability (shade: final-loss rank)")
-    # (2) stability: no non-finite loss during the run
-    _show(axes[0, 1], _phase_rgb(stable, np.zeros((H, W)), missing))
-    axes[0, 1].set_title("stable (blue) / diverged (red)")
-    # (3) final loss on a log scale, non-finite and missing grey
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), dpi=dpi, layout="constrained")  # constrained: room for bars and legends
+    mesh = _mesh(axes[0, 0], *mesh_args, measure_shade(_grid(cells, "measure", H, W)), cmap=PHASE_CMAP, norm=Normalize(-1, 1))
+    _phase_colorbar(fig, axes[0, 0], mesh)
+    axes[0, 0].set_title("trainable (blue) or not (red), as trainability.png")
+    _binary(fig, axes[0, 1], mesh_args, _grid(cells, "stable", H, W), "stable: every loss finite", "diverged: a loss went NaN/inf",
+            "stable or diverged")
     ok = np.isfinite(final_loss) & (final_loss > 0)
     norm = LogNorm(final_loss[ok].min(), final_loss[ok].max()) if ok.any() else Normalize(0, 1)
-    cmap = plt.get_cmap("viridis").with_extremes(bad=GREY)
-    im = _show(axes[1, 0], np.ma.masked_where(~ok, final_loss), cmap=cmap, norm=norm)
-    fig.colorbar(im, ax=axes[1, 0], label="final loss")
-    axes[1, 0].set_title("final loss")
-    # (4) binary trainability
-    _show(axes[1, 1], _phase_rgb(converged, np.zeros((H, W)), missing))
-    axes[1, 1].set_title("converged (blue) / not (red)")
-    for ax in axes.flat:
-        _label_axes(ax, row_values, col_values, row_name, col_name, log_rows, log_cols)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    mesh = _mesh(axes[1, 0], *mesh_args, np.ma.masked_where(~ok, final_loss), cmap=plt.get_cmap("viridis").with_extremes(bad=GREY), norm=norm)
+    fig.colorbar(mesh, ax=axes[1, 0], label="final loss (log scale)")
+    axes[1, 0].set_title("final loss (grey: not finite, or no result)")
+    _binary(fig, axes[1, 1], mesh_args, _grid(cells, "converged", H, W), "trainable", "not trainable",
+            "trainable label (last losses / first < threshold)")
+    _caption(fig, caption)
+    return _save(fig, path)

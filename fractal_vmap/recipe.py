@@ -12,50 +12,14 @@ import torch
 from fractal_vmap.errors import UserError
 from fractal_vmap.fractal import convergence_measure, trainability
 from fractal_vmap.model import GROUPS, GPTConfig
+from fractal_vmap.options import FinetuneConfig, TrainConfig  # the knobs live in a light module (fast --help)
 
 ADAMW_BETAS = (0.8, 0.95)
 ADAMW_EPS = 1e-10
 MUON_MOMENTUM = 0.95
 
 
-@dataclass
-class FinetuneConfig:
-    """Every knob of one fine-tuning run (one grid cell)."""
-
-    model: str = "default"  # checkpoint dir, hf:<owner>/<repo>[@rev], wandb:<entity>/<project>/<name>:<v>, or "default"
-    tokenizer: str | None = None  # tokenizer dir, when it is not in or beside the model dir
-    dataset: str = "default"  # JSONL file of {"messages": [...]}, a hub dataset id, or "default" (synthetic doc-QA)
-    val_dataset: str | None = None  # JSONL/hub id for eval; the default dataset brings its own validation split
-    learning_rate: float = 0.02  # the base lr: matrix_lr = lr, embedding_lr = lr * 10, unembedding_lr = lr * 0.2
-    matrix_lr: float | None = None  # Muon lr; overrides learning_rate for the matrix group
-    embedding_lr: float | None = None  # AdamW lr of wte (before the (n_embd/768)^-0.5 scale)
-    unembedding_lr: float | None = None  # AdamW lr of lm_head (before the (n_embd/768)^-0.5 scale)
-    embedding_lr_mult: float = 10.0
-    unembedding_lr_mult: float = 0.2
-    trainable_param_groups: str = "matrix,unembedding"  # comma list of matrix, embedding, unembedding; or all
-    weight_decay: float = 0.1  # decoupled, AdamW groups only
-    init_lr_frac: float = 1.0
-    warmup_frac: float = 0.06
-    final_lr_frac: float = 0.0
-    num_tokens: int = 20_000  # supervised tokens to train on; steps = ceil(num_tokens / supervised tokens of batch 0)
-    num_iterations: int | None = None  # fixed step count (overrides num_tokens)
-    device_batch_size: int = 8
-    max_seq_len: int = 1024
-    dtype: str = "auto"  # auto = bfloat16 autocast on CUDA, float32 on CPU; or float32 / bfloat16
-    device: str = "auto"  # auto = cuda if available else cpu
-    seed: int = 999
-    eval_every: int = 0  # eval on the validation set every N steps (0: only at the end, if there is one)
-    eval_batches: int = 4
-    trainable_window_steps: int = 20  # K of "mean of the last K losses"
-    trainable_loss_ratio_threshold: float = 1.0
-    run_name: str | None = None
-    out: str | None = None  # result JSON path (default: runs/finetune/<run_name>.json)
-    wandb: str = "auto"  # auto (online with credentials, else offline), online, offline, disabled
-    wandb_project: str = "fractal-vmap"
-    wandb_entity: str | None = None
-
-
-def trainable_groups(cfg: FinetuneConfig) -> list[str]:
+def trainable_groups(cfg: TrainConfig) -> list[str]:
     """The trained groups, in GROUPS order; `all` (the seed project's spelling) means all three."""
     groups = [g.strip() for g in cfg.trainable_param_groups.split(",") if g.strip()]
     if groups == ["all"]:
@@ -66,7 +30,7 @@ def trainable_groups(cfg: FinetuneConfig) -> list[str]:
     return [g for g in GROUPS if g in groups]
 
 
-def group_lrs(cfg: FinetuneConfig, config: GPTConfig) -> dict[str, float]:
+def group_lrs(cfg: TrainConfig, config: GPTConfig) -> dict[str, float]:
     """The base lr of each group, as nanochat's setup_optimizers uses them (AdamW groups scaled by (n_embd/768)^-0.5)."""
     adamw_scale = (config.n_embd / 768) ** -0.5
     lrs = {
@@ -80,7 +44,7 @@ def group_lrs(cfg: FinetuneConfig, config: GPTConfig) -> dict[str, float]:
     return {g: lr * cfg.init_lr_frac for g, lr in lrs.items()}
 
 
-def validate(cfg: FinetuneConfig) -> None:
+def validate(cfg: TrainConfig) -> None:
     """One clear line for each bad setting, before anything is loaded."""
     trainable_groups(cfg)
     for name in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac"):
@@ -107,9 +71,9 @@ def validate(cfg: FinetuneConfig) -> None:
         raise UserError(f"--trainable_window_steps is {cfg.trainable_window_steps}: it must be at least 1")
     if not 0 < cfg.trainable_loss_ratio_threshold < math.inf:
         raise UserError(f"--trainable_loss_ratio_threshold is {cfg.trainable_loss_ratio_threshold}: it must be positive and finite")
-    if cfg.eval_every < 0:
+    if isinstance(cfg, FinetuneConfig) and cfg.eval_every < 0:
         raise UserError(f"--eval_every is {cfg.eval_every}: use 0 (evaluate at the end only) or a positive step count")
-    if cfg.eval_batches < 1:
+    if isinstance(cfg, FinetuneConfig) and cfg.eval_batches < 1:
         raise UserError(f"--eval_batches is {cfg.eval_batches}: it must be at least 1")
     if cfg.wandb not in ("auto", "online", "offline", "disabled"):
         raise UserError(f"--wandb {cfg.wandb!r} is not one of auto, online, offline, disabled")
@@ -126,7 +90,7 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name!r} is not a device: use auto, cpu or cuda[:N]") from None
 
 
-def autocast_dtype(cfg: FinetuneConfig, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """nanochat autocasts to bfloat16 on CUDA only; CPU runs in float32."""
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16

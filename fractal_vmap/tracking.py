@@ -1,8 +1,25 @@
-"""W&B logging that never fails a run: online with credentials, offline without, or disabled. wandb is imported lazily."""
+"""W&B logging that never fails a run: online with credentials, offline without, or disabled. wandb is imported lazily.
+
+A grid is one W&B run however many times it is resumed: its run id is kept in the run dir (`wandb_id`) and every
+invocation continues it with W&B's own resume (`wandb.init(id=..., resume="allow")`). Offline, each invocation
+writes a folder under <run dir>/wandb with that id, and `wandb sync <run dir>/wandb` uploads them as one run, in order.
+"""
 
 import netrc
 import os
+import re
+import secrets
+import string
 from pathlib import Path
+
+from rich.console import Console
+
+from fractal_vmap.errors import UserError
+from fractal_vmap.files import write_atomic
+
+console = Console()
+ID_FILE = "wandb_id"
+ID_PATTERN = re.compile(r"[a-z0-9]{8,64}")  # W&B's generated ids are 8 lowercase letters and digits
 
 
 def _has_credentials() -> bool:
@@ -23,15 +40,46 @@ def wandb_mode(requested: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if _has_credentials() else "offline")
 
 
-def start_run(mode: str, project: str, entity: str | None, name: str, config: dict, directory: Path, job_type: str):
-    """A wandb run, or None when disabled. Offline runs land in `directory/wandb` for a later `wandb sync`."""
+def kept_run_id(directory: Path) -> str:
+    """The W&B run id kept in `directory` (a grid's run dir), made and written on first use."""
+    path = directory / ID_FILE
+    if path.is_file():
+        run_id = path.read_text().strip()
+        if not ID_PATTERN.fullmatch(run_id):
+            raise UserError(f"{path} holds {run_id[:40]!r}, not a W&B run id: delete it (the grid then starts a new W&B run)")
+        return run_id
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B makes its ids
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, run_id + "\n")
+    return run_id
+
+
+def start_run(mode: str, project: str, entity: str | None, name: str, config: dict, directory: Path, job_type: str, keep_id: bool = False):
+    """A wandb run, or None when disabled. Its files land in `directory/wandb`. With keep_id, the run id kept in
+    `directory` is resumed (a grid's every invocation is one W&B run)."""
     mode = wandb_mode(mode)
     if mode == "disabled":
         return None
     import wandb
 
     directory.mkdir(parents=True, exist_ok=True)
+    run_id = kept_run_id(directory) if keep_id else None
     return wandb.init(
         project=project, entity=entity, name=name, config=config, dir=str(directory), mode=mode, job_type=job_type,
-        settings=wandb.Settings(silent=True, console="off"),
+        id=run_id, resume="allow" if run_id else None, settings=wandb.Settings(silent=True, console="off"),
     )
+
+
+def finish_run(run, sync_dir: Path | None = None) -> None:
+    """Finish the run and say where it is: its URL online; offline, the exact command that uploads it (`sync_dir`, the
+    folder of all of this run's invocations, or else this invocation's own folder)."""
+    if run is None:
+        return
+    offline = run.settings.mode == "offline"
+    run_folder = Path(run.dir).parent  # <dir>/wandb/offline-run-<time>-<id>/files -> its run folder
+    url = None if offline else run.url
+    run.finish()
+    if offline:
+        console.print(f"W&B run {run.id} logged offline; to upload it: [bold]wandb sync {sync_dir or run_folder}[/bold]", highlight=False, soft_wrap=True)
+    elif url:
+        console.print(f"W&B run: {url}", highlight=False, soft_wrap=True)

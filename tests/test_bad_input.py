@@ -46,7 +46,6 @@ def no_training(monkeypatch):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--eval_batches", "0"], "--eval_batches is 0"),
         (["--weight_decay=-0.1"], "--weight_decay is -0.1"),
         (["--learning_rate", "inf"], "--learning_rate is inf"),
         (["--matrix_lr", "nan"], "--matrix_lr is nan"),
@@ -64,16 +63,32 @@ def test_bad_setting_is_one_line_before_any_work(tmp_path, capsys, no_training, 
     assert not (tmp_path / "run").exists() and not (tmp_path / "r.json").exists()
 
 
+def test_bad_finetune_setting_is_one_line_before_any_work(tmp_path, capsys, no_training):
+    refused(capsys, ["finetune", *FAST, "--out", str(tmp_path / "r.json"), "--eval_batches", "0"], "--eval_batches is 0")
+    assert not (tmp_path / "r.json").exists()
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [
+        # a flag no cell would read, and an axis that would change nothing: refused before anything is loaded
+        (["--num_tokens", "2000"], "--num_tokens 2000 has no effect: num_tokens is the rows axis (num_tokens 1000..8000 over 6 rows)"),
+        (["--axes", "matrix_lr,unembedding_lr", "--learning_rate", "0.5"], "--learning_rate 0.5 has no effect: every trained group's lr"),
+        (["--embedding_lr", "0.3"], "--embedding_lr 0.3 has no effect: the embedding is frozen"),
+        (["--axes", "embedding_lr,lr"], "the rows axis embedding_lr would change nothing: the embedding is frozen"),
+        (["--num_iterations", "5"], "the rows axis num_tokens would change nothing: --num_iterations 5 fixes the step count"),
+        (["--matrix_lr", "0.01", "--unembedding_lr", "0.1"], "the cols axis lr would change nothing"),
+        (["--axes", "weight_decay,lr", "--trainable_param_groups", "matrix"], "the rows axis weight_decay would change nothing"),
         (["--lane_chunk=-2"], "--lane_chunk is -2"),
         (["--perturb_ulp=-1"], "--perturb_ulp is -1"),
         (["--col_max", "inf"], "--col_max is inf"),
         (["--row_min", "nan", "--axes", "weight_decay,lr"], "--row_min is nan"),
     ],
 )
-def test_bad_grid_setting_is_one_line(tmp_path, capsys, flags, expected):
+def test_bad_grid_setting_is_one_line(tmp_path, capsys, monkeypatch, flags, expected):
+    import fractal_vmap.grid as grid_module
+
+    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
     refused(capsys, ["grid", *FAST, "--run_dir", str(tmp_path / "run"), *flags], expected)
     assert not (tmp_path / "run").exists()
 

@@ -302,7 +302,10 @@ def test_finetune_default_trains(tmp_path, capsys, default_stream_supervised):
     assert result["grid_i"] is None and result["grid_j"] is None
     assert result["runtime_s"] > 0 and result["dropped_examples"] == 0
     assert math.isfinite(result["val_loss"])  # the default dataset brings a validation split
-    assert str(tmp_path / "r.json") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(tmp_path / "r.json") in out
+    # the live view, as plain lines off a terminal: the last step's line carries its loss (4 significant digits)
+    assert f"finetune {result['run_name']}: step {steps}/{steps} · loss {losses[-1]:.4g} · " in out
 
 
 def test_finetune_absurd_lr_diverges(tmp_path):
@@ -322,11 +325,26 @@ def test_finetune_large_lr_is_stable_but_not_converged(tmp_path):
     assert result["trainable_ratio"] >= 1 and result["converged"] is False
 
 
-def test_finetune_wandb_offline(tmp_path):
+def strict(path: Path):
+    """A parse_constant for json.loads that fails on NaN and Infinity in `path`."""
+
+    def refuse(constant: str):
+        raise AssertionError(f"{path} holds {constant}: not strict JSON")
+
+    return refuse
+
+
+def test_finetune_wandb_offline(tmp_path, capsys):
+    import wandb
+
     result = run_cli(tmp_path, "--wandb", "offline", "--num_tokens", "1000", "--run_name", "offline-check")
+    wandb.teardown()  # waits for W&B's service to write out and close its files (reading them earlier is a race)
     assert result["stable"] and result["run_name"] == "offline-check"
     runs = list((tmp_path / "wandb").glob("offline-run-*"))  # start_run puts runs beside the result JSON
     assert len(runs) == 1
+    assert f"to upload it: wandb sync {runs[0]}" in capsys.readouterr().out  # the exact command, this run's folder
+    for path in tmp_path.rglob("*.json"):  # the result and W&B's files: strict JSON, no NaN
+        json.loads(path.read_text(), parse_constant=strict(path))
     (log,) = runs[0].glob("run-*.wandb")
     data = log.read_bytes()
     # the .wandb file is a log of protobuf records whose metric keys are stored as plain strings:

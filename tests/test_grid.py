@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from fractal_vmap import grid
-from fractal_vmap.axes import AXES, INTEGER_AXES, cell_config, make_axis
+from fractal_vmap.axes import AXES, INTEGER_AXES, cell_config, cell_lrs, check_overrides, make_axis
 from fractal_vmap.cli import build_parser, main
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.finetune import run_finetune
 from fractal_vmap.fractal import fractal_dimension
 from fractal_vmap.grid import CPU_LANE_CHUNK, GridConfig, base_config, grid_axes, plan_grid, train_row
+from fractal_vmap.options import TrainConfig
 from fractal_vmap.recipe import FinetuneConfig, group_lrs
 from fractal_vmap.rundir import read_row
 
@@ -31,8 +32,8 @@ LOSS_TOL_PER_LR = 2.0  # lanes vs finetune at tame lrs, justified in tests/test_
 GRID = ["grid", "--wandb", "disabled", "--device", "cpu", "--rows", "3", "--cols", "3", "--row_min", "200", "--row_max", "400",
         "--col_min", "0.01", "--col_max", "1e12"]
 CELL_COLUMNS = ["row", "col", "num_tokens", "lr", "stable", "converged", "trainable_ratio", "final_loss", "avg_loss", "measure",
-                "trainable_loss0", "trainable_mean_last_k", "tokens_seen", "steps", "total_steps", "learning_rate",
-                "num_tokens_target", "seed", "error"]
+                "trainable_loss0", "trainable_mean_last_k", "tokens_seen", "steps", "total_steps", "learning_rate", "matrix_lr",
+                "embedding_lr", "unembedding_lr", "num_tokens_target", "seed", "error"]
 PICTURES = ("trainability.png", "panels.png")
 
 
@@ -48,6 +49,18 @@ def cell(cfg: GridConfig, row, col, i: int, j: int) -> FinetuneConfig:
 
 def grid_digest(run_dir: Path) -> str:
     return json.loads((run_dir / "grid.json").read_text())["digest"]
+
+
+def strict(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def assert_strict_json_files(run_dir: Path) -> None:
+    """Every JSON file under the run dir (W&B's included) parses with a parser that rejects NaN and Infinity."""
+    files = sorted(run_dir.rglob("*.json"))
+    assert files
+    for path in files:
+        json.loads(path.read_text(), parse_constant=strict)
 
 
 def only_line(capsys) -> str:
@@ -94,7 +107,7 @@ def test_every_axis_sets_its_finetune_field(name):
     row, col = grid_axes(cfg)
     field = AXES[name][0]
     assert field in FinetuneConfig.__dataclass_fields__ and row.field == field
-    base = {k: v for k, v in asdict(cfg).items() if k in FinetuneConfig.__dataclass_fields__}
+    base = {k: v for k, v in asdict(cfg).items() if k in TrainConfig.__dataclass_fields__}  # what a grid passes to its cells
     for i in range(3):
         for j in range(2):
             c = cell(cfg, row, col, i, j)
@@ -104,7 +117,7 @@ def test_every_axis_sets_its_finetune_field(name):
             if name in INTEGER_AXES:
                 assert type(value) is int
             assert c.run_name == f"g-r{i}-c{j}"
-            untouched = {k: v for k, v in asdict(c).items() if k not in (field, col.field, "run_name")}
+            untouched = {k: v for k, v in asdict(c).items() if k in base and k not in (field, col.field, "run_name")}
             assert untouched == {k: v for k, v in base.items() if k not in (field, col.field, "run_name")}
 
 
@@ -121,6 +134,15 @@ def test_matrix_lr_by_unembedding_lr_axes_reach_the_optimizer_lrs(nanochat_confi
             lrs = group_lrs(c, nanochat_config)
             assert lrs["matrix"] == c.matrix_lr and lrs["unembedding"] == pytest.approx(u * scale, rel=1e-12)
             assert lrs["embedding"] == pytest.approx(0.5 * 10 * scale, rel=1e-12)  # not an axis: from --learning_rate
+
+
+def test_a_group_lr_pinned_under_an_lr_axis_is_warned_about():
+    cfg = parse_grid(["grid", "--matrix_lr", "0.01"])
+    row, col = grid_axes(cfg)
+    assert check_overrides(cfg, row, col) == ["--matrix_lr 0.01 pins the matrix lr: the cols axis (lr) moves only the unembedding lr"]
+    assert check_overrides(parse_grid(["grid"]), row, col) == []  # the defaults override nothing
+    c = cell(cfg, row, col, 0, 3)
+    assert cell_lrs(c) == {"learning_rate": col.values[3], "matrix_lr": 0.01, "embedding_lr": None, "unembedding_lr": col.values[3] * 0.2}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +171,7 @@ def nanochat_config():
         (["--max_seq_len", "5000"], "max_seq_len 5000 exceeds"),  # a dataset/model mismatch, also before the run dir
     ],
 )
-def test_bad_grid_input_is_one_error_line(tmp_path, capsys, flags, expected):
+def test_bad_grid_input_is_one_error_line(tmp_path, capsys, default_model, flags, expected):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["grid", "--wandb", "disabled", "--device", "cpu", "--run_dir", str(run_dir), *flags])
@@ -185,6 +207,11 @@ def test_grid_writes_the_run_dir(grid_run):
     # resolved, as they ran: auto is cpu, float32 and the torch kernels on this machine
     assert (spec["settings"]["device"], spec["settings"]["dtype"], spec["settings"]["kernels"]) == ("cpu", "float32", "torch")
     assert spec["model"]["source"] == "default" and len(spec["model"]["sha256"]) == 64
+    # settings the axes set cell by cell, or that no cell reads, are null: never an overridden base
+    assert spec["settings"]["num_tokens"] is None and spec["settings"]["learning_rate"] is None
+    assert spec["settings"]["embedding_lr_mult"] is None and spec["settings"]["unembedding_lr_mult"] == 0.2  # embedding frozen
+    assert spec["group_lrs"] == {"matrix": "cols axis (lr)", "embedding": None, "unembedding": "cols axis (lr) x 0.2"}
+    assert_strict_json_files(run_dir)
 
     # cells.parquet: one tidy row per cell, the axis values and the labels
     assert list(cells.columns) == CELL_COLUMNS
@@ -194,7 +221,8 @@ def test_grid_writes_the_run_dir(grid_run):
         lane = rows[cell.row]["lanes"][cell.col]
         assert rows[cell.row]["complete"] is True and len(rows[cell.row]["lanes"]) == 3
         assert cell.num_tokens == spec["axes"]["rows"]["values"][cell.row] == cell.num_tokens_target
-        assert cell.lr == spec["axes"]["cols"]["values"][cell.col] == cell.learning_rate
+        assert cell.lr == spec["axes"]["cols"]["values"][cell.col] == cell.learning_rate == cell.matrix_lr
+        assert cell.unembedding_lr == cell.lr * 0.2 and math.isnan(cell.embedding_lr)  # the lrs the cell trained with
         assert (lane["grid_i"], lane["grid_j"]) == (cell.row, cell.col)
         assert len(lane["losses"]) == cell.steps and cell.total_steps == {0: 3, 1: 5, 2: 6}[cell.row]
         for key in ("final_loss", "trainable_ratio", "measure", "tokens_seen", "stable", "converged"):
@@ -433,15 +461,83 @@ def test_out_of_memory_with_one_lane_is_raised_and_other_errors_pass_through(one
 # ----------------------------------------------------------------------------- W&B
 
 
-def test_grid_logs_to_wandb_offline(default_model, tmp_path):
+def test_grid_is_one_wandb_run_across_resumes(default_model, tmp_path, capsys):
+    """Offline: each invocation writes a folder under <run dir>/wandb, all with the run id kept in the run dir, and the
+    exact command that uploads them as one run is printed."""
+    import wandb
+
     run_dir = tmp_path / "run"
-    main(["grid", "--wandb", "offline", "--device", "cpu", "--rows", "2", "--cols", "2", "--row_min", "100", "--row_max", "200",
-          "--col_min", "0.01", "--col_max", "0.1", "--run_dir", str(run_dir)])
-    assert (run_dir / "cells.parquet").is_file()
-    runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, runs
-    (log,) = runs[0].glob("run-*.wandb")
-    data = log.read_bytes()
+    argv = ["grid", "--wandb", "offline", "--device", "cpu", "--rows", "2", "--cols", "2", "--row_min", "100", "--row_max", "200",
+            "--col_min", "0.01", "--col_max", "0.1", "--run_dir", str(run_dir)]
+    main(argv)
+    (run_dir / "rows/row_0001.json").unlink()  # as if killed while training the last row
+    main(argv)
+    wandb.teardown()  # waits for W&B's service to write out and close its files (reading them earlier is a race)
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
+    assert capsys.readouterr().out.count(f"to upload it: wandb sync {run_dir / 'wandb'}") == 2
+    first, second = ((r / f"run-{run_id}.wandb").read_bytes() for r in runs)
     # metric keys are plain strings in the protobuf log: per-row metrics, the pictures, the cell table, the summary
     for key in (b"row/converged_frac", b"row/stable_frac", b"trainability", b"panels", b"cells", b"fractal_dimension", b"trainable_fraction"):
-        assert key in data, key
+        assert key in first and key in second, key
+    assert_strict_json_files(run_dir)
+
+
+# ----------------------------------------------------------------------------- what the files record
+
+
+def test_grid_json_and_cells_record_the_lrs_each_cell_used(default_model, tmp_path):
+    """A matrix_lr x unembedding_lr grid: the base learning_rate is read by no cell, so it is null in grid.json and in
+    cells.parquet; the group lrs each cell trained with are columns."""
+    run_dir = tmp_path / "run"
+    main(["grid", "--wandb", "disabled", "--device", "cpu", "--axes", "matrix_lr,unembedding_lr", "--rows", "1", "--cols", "2",
+          "--row_min", "0.01", "--row_max", "0.01", "--col_min", "0.001", "--col_max", "0.002", "--num_tokens", "200", "--run_dir", str(run_dir)])
+    spec = json.loads((run_dir / "grid.json").read_text())["spec"]
+    settings = spec["settings"]
+    assert settings["num_tokens"] == 200 and settings["weight_decay"] == 0.1
+    for name in ("learning_rate", "matrix_lr", "unembedding_lr", "embedding_lr", "embedding_lr_mult", "unembedding_lr_mult"):
+        assert settings[name] is None, name
+    assert spec["group_lrs"] == {"matrix": "rows axis (matrix_lr)", "embedding": None, "unembedding": "cols axis (unembedding_lr)"}
+    cells = pd.read_parquet(run_dir / "cells.parquet")
+    assert cells["learning_rate"].isna().all() and cells["embedding_lr"].isna().all()
+    assert cells["matrix_lr"].tolist() == [0.01, 0.01]
+    assert cells["unembedding_lr"].tolist() == pytest.approx([0.001, 0.002], rel=1e-12)
+    assert_strict_json_files(run_dir)
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def test_plot_redraws_identical_pictures_from_the_files(grid_run, tmp_path):
+    run_dir = copy_run(grid_run, tmp_path)
+    before = {name: (run_dir / name).read_bytes() for name in PICTURES}
+    for name in PICTURES:
+        (run_dir / name).unlink()
+    main(["plot", str(run_dir)])
+    assert {name: (run_dir / name).read_bytes() for name in PICTURES} == before
+
+
+def test_plot_relabels_cells_from_their_loss_curves(grid_run, tmp_path, capsys):
+    from fractal_vmap.redraw import relabel
+
+    run_dir, cells = copy_run(grid_run, tmp_path), grid_run[1]
+    grid_json = json.loads((run_dir / "grid.json").read_text())
+    # at the grid's own window and threshold, relabelling from the row files gives the grid's labels and measure exactly
+    blank = cells.assign(measure=0.0, converged=False, trainable_ratio=0.0)
+    pd.testing.assert_frame_equal(relabel(run_dir, grid_json, blank, 20, 1.0), cells, check_exact=True)
+    # a looser threshold: every stable cell whose last losses stay under 10x the first trains
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["plot", str(run_dir), "--trainable_loss_ratio_threshold", "10"])
+    assert "pass --out" in only_line(capsys)
+    out = tmp_path / "loose"
+    main(["plot", str(run_dir), "--trainable_loss_ratio_threshold", "10", "--out", str(out)])
+    loose = pd.read_parquet(out / "cells.parquet")
+    expected = cells["stable"] & (cells["trainable_ratio"] < 10)
+    assert (loose["converged"] == expected).all() and (loose["converged"] != cells["converged"]).any()
+    assert ((loose["measure"] < 0) == loose["converged"]).all()
+    fractal = json.loads((out / "fractal.json").read_text(), parse_constant=strict)
+    assert fractal["trainable_fraction"] == expected.mean()
+    for name in PICTURES:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

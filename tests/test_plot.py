@@ -24,12 +24,23 @@ def half_trained_measure(rng, split: str) -> np.ndarray:
     return m
 
 
+def first_run(mask: np.ndarray) -> tuple[int, int]:
+    """Start and end (exclusive) of the first run of True entries."""
+    start = int(np.argmax(mask))
+    rest = np.flatnonzero(~mask[start:])
+    return start, start + (int(rest[0]) if len(rest) else len(mask) - start)
+
+
 def coloured_box(img: np.ndarray) -> np.ndarray:
-    """Crop the PNG to the bounding box of clearly coloured (blue or red) pixels: the grid itself."""
+    """Crop the PNG to the grid itself: the leftmost block of clearly coloured (blue or red) or grey pixels (the colour
+    bar, right of it, is left out; white, black and text are excluded)."""
     rgb = img[..., :3]
-    coloured = rgb.max(-1) - rgb.min(-1) > 0.15  # white, black text and grey cells are excluded
-    ys, xs = np.nonzero(coloured)
-    return rgb[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    coloured = rgb.max(-1) - rgb.min(-1) > 0.15
+    grey = (np.abs(rgb - 0.5) < 0.02).all(-1)
+    cells = coloured | grey
+    x0, x1 = first_run(cells.mean(0) > 0.3)  # columns mostly made of cells
+    y0, y1 = first_run(cells[:, x0:x1].mean(1) > 0.9)
+    return rgb[y0:y1, x0:x1]
 
 
 def blue_fraction(region: np.ndarray) -> float:
@@ -109,3 +120,59 @@ def test_panels_all_nonfinite_loss(tmp_path):
     ))
     path = panels(cells, "num_tokens", "lr", tmp_path / "p.png")
     assert path.stat().st_size > 0
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions draw, kept open for inspection (plt.close is intercepted)."""
+    import matplotlib.pyplot as plt
+
+    from fractal_vmap import plot
+
+    kept, close = [], plt.close
+    monkeypatch.setattr(plot.plt, "close", kept.append)
+    yield kept
+    for fig in kept:
+        close(fig)
+
+
+def tick_labels(axis) -> list[str]:
+    lo, hi = axis.get_view_interval()
+    return [t.get_text() for t in axis.get_ticklabels() if lo <= t.get_position()[axis is axis.axes.yaxis] <= hi and t.get_text()]
+
+
+def test_log_axes_are_ticked_in_values_and_the_shading_has_a_colour_bar(tmp_path, figures):
+    rng = np.random.default_rng()
+    m = half_trained_measure(rng, "cols")
+    paper_image(m, ROWS, COLS, "num_tokens", "lr", tmp_path / "p.png", caption="model x · dataset y")
+    (fig,) = figures
+    fig.canvas.draw()
+    ax, bar = fig.axes
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    # cells span the axis values: the first and last cells are centred on the first and last values (geometric midpoints)
+    lo, hi = ax.get_xlim()
+    assert np.sqrt(lo * hi) == pytest.approx(np.sqrt(COLS[0] * COLS[-1]), rel=1e-9)
+    assert tick_labels(ax.xaxis) == ["$\\mathdefault{10^{-5}}$", "$\\mathdefault{10^{-4}}$", "$\\mathdefault{10^{-3}}$",
+                                     "$\\mathdefault{10^{-2}}$", "$\\mathdefault{10^{-1}}$"]  # values, not exponents
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["fails hardest", "barely fails", "barely trains", "trains fastest"]
+    assert "convergence measure" in bar.get_ylabel()
+    texts = [t.get_text() for t in fig.texts] + [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert "model x · dataset y" in texts and any("grey" in t for t in texts)  # the caption, and the NaN cells named
+
+
+def test_panels_shade_trainability_as_the_paper_image(tmp_path, figures):
+    rng = np.random.default_rng()
+    m = half_trained_measure(rng, "rows")
+    rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    keep = ~np.isnan(m.ravel())
+    cells = pd.DataFrame({"row": rows.ravel(), "col": cols.ravel(), "stable": True, "converged": m.ravel() < 0,
+                          "final_loss": rng.uniform(1.0, 5.0, H * W), "measure": m.ravel(), "num_tokens": ROWS[rows.ravel()],
+                          "lr": COLS[cols.ravel()]})[keep]
+    paper_image(m, ROWS, COLS, "num_tokens", "lr", tmp_path / "p.png")
+    panels(cells, "num_tokens", "lr", tmp_path / "panels.png")
+    paper, grid = figures
+    paper_colours = paper.axes[0].collections[0].get_facecolors()
+    panel_colours = grid.axes[0].collections[0].get_facecolors()
+    np.testing.assert_array_equal(panel_colours, paper_colours)  # the same rule, cell for cell
+    for ax in grid.axes[:4]:
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"

@@ -1,0 +1,84 @@
+"""Every command's options as plain dataclasses (simple_parsing turns each field into a flag, its comment into the flag's
+help). This module imports nothing heavy, so `fractal-vmap --help` answers without loading torch.
+
+TrainConfig holds the knobs of one fine-tuning run that `finetune` and `grid` share; FinetuneConfig (a whole cell's
+settings: what the trainers read) adds the `finetune`-only ones, GridConfig adds the axes.
+"""
+
+from dataclasses import dataclass
+
+from simple_parsing import field
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of one fine-tuning run (one grid cell)."""
+
+    model: str = "default"  # base model: a nanochat checkpoint dir, hf:<owner>/<repo>[@rev], wandb:<entity>/<project>/<name>:<version>, or "default" (a tiny model built on first use)
+    tokenizer: str | None = None  # tokenizer dir, if it is neither in the model dir nor beside it
+    dataset: str = "default"  # training conversations: a JSONL file of {"messages": [...]}, a Hugging Face dataset id, or "default" (synthetic document Q&A)
+    learning_rate: float = 0.02  # base learning rate: the matrices get it, the embedding 10x, the lm_head 0.2x (unless set below)
+    matrix_lr: float | None = None  # learning rate of the transformer's matrices (Muon); unset: --learning_rate
+    embedding_lr: float | None = None  # learning rate of the token embedding (AdamW, scaled by (n_embd/768)^-0.5 as nanochat does); unset: --learning_rate x --embedding_lr_mult
+    unembedding_lr: float | None = None  # learning rate of the lm_head (AdamW, scaled by (n_embd/768)^-0.5); unset: --learning_rate x --unembedding_lr_mult
+    embedding_lr_mult: float = 10.0  # embedding lr = learning_rate x this, when --embedding_lr is unset
+    unembedding_lr_mult: float = 0.2  # lm_head lr = learning_rate x this, when --unembedding_lr is unset
+    trainable_param_groups: str = "matrix,unembedding"  # which weights train: a comma list of matrix, embedding, unembedding, or "all"; the others stay frozen
+    weight_decay: float = 0.1  # decoupled weight decay of the AdamW groups (embedding, lm_head); Muon has none
+    init_lr_frac: float = 1.0  # every learning rate is multiplied by this
+    warmup_frac: float = 0.06  # fraction of the steps spent warming the learning rate up linearly
+    final_lr_frac: float = 0.0  # the cosine schedule ends at this fraction of the learning rate
+    num_tokens: int = 20_000  # supervised tokens to train on: steps = ceil(num_tokens / supervised tokens in the first batch)
+    num_iterations: int | None = None  # a fixed number of steps instead of --num_tokens
+    device_batch_size: int = 8  # conversations per step
+    max_seq_len: int = 1024  # longest conversation in tokens; longer ones are cut
+    dtype: str = "auto"  # float32, bfloat16 (autocast), or auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto: CUDA if available
+    seed: int = 999  # seed of the data order
+    trainable_window_steps: int = 20  # a run is trainable when the mean of its last this-many losses is below the threshold times its first loss
+    trainable_loss_ratio_threshold: float = 1.0  # that threshold (mean of the last losses / first loss)
+    run_name: str | None = None  # a name for the run (W&B, result file); unset: one made from the settings
+    wandb: str = "auto"  # Weights & Biases logging: online, offline (files to sync later), disabled, or auto: online with credentials, else offline
+    wandb_project: str = "fractal-vmap"  # W&B project
+    wandb_entity: str | None = None  # W&B entity (user or team); unset: your default entity
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """One fine-tuning run (one grid cell) with torch.optim AdamW + Muon: every setting a cell trains with."""
+
+    val_dataset: str | None = None  # validation conversations (JSONL file or dataset id); the default dataset brings its own
+    eval_every: int = 0  # evaluate on the validation set every this-many steps; 0: only at the end
+    eval_batches: int = 4  # validation batches per evaluation
+    out: str | None = None  # where to write the result JSON; unset: runs/finetune/<run_name>.json
+
+
+@dataclass
+class GridConfig(TrainConfig):
+    """A 2-D grid of fine-tuning runs: every run setting, plus the two axes swept and their ranges."""
+
+    axes: str = "num_tokens,lr"  # the rows axis and the cols axis, comma-separated, from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr, weight_decay, warmup_frac, final_lr_frac, seed
+    rows: int = 6  # number of values on the rows axis
+    cols: int = 16  # number of values on the cols axis (the lanes of a row)
+    row_min: float | None = None  # smallest rows-axis value; unset: the axis' own range
+    row_max: float | None = None  # largest rows-axis value; unset: the axis' own range
+    col_min: float | None = None  # smallest cols-axis value; unset: the axis' own range
+    col_max: float | None = None  # largest cols-axis value; unset: the axis' own range
+    row_scale: str = "auto"  # spacing of the rows-axis values: log, linear, or auto (the axis' usual one)
+    col_scale: str = "auto"  # spacing of the cols-axis values: log, linear, or auto
+    run_dir: str | None = None  # where the grid's files go; rerunning with the same dir resumes it; unset: runs/grid-<axes>-<hash of the settings>
+    lane_chunk: int = 0  # most lanes trained at once; 0: a whole row on CUDA, 8 on CPU; halves itself on out-of-memory
+    perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, to `compare` against (the map's noise floor)
+    kernels: str = "auto"  # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under TRITON_INTERPRET=1: slow, for debugging)
+
+
+@dataclass
+class PlotConfig:
+    """Redraw a finished grid's pictures from its files, optionally re-thresholded or restyled, without training."""
+
+    run: str = field(positional=True, metavar="RUN", help="a grid's run dir")
+    out: str | None = None  # where to write the pictures (and, when re-thresholded, fractal.json); unset: the run dir
+    trainable_loss_ratio_threshold: float | None = None  # relabel the cells with this threshold (from the loss curves in the row files); unset: the grid's
+    trainable_window_steps: int | None = None  # relabel the cells with this window; unset: the grid's
+    dpi: int = 150  # resolution of the PNGs
+    style: str | None = None  # a matplotlib style sheet (name or file) to draw with, e.g. ggplot
