@@ -6,6 +6,7 @@ rows not yet done, each row's file written as it finishes) and `finish_grid` (th
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fractal_vmap.axes import Axis, cell_config, make_axis, parse_axes
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
 from fractal_vmap.lanes import train_lanes
+from fractal_vmap.lock import run_dir_lock
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
 from fractal_vmap.report import write_report
@@ -24,7 +26,7 @@ from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, re
 from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, render_split, total_steps
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
-RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "out", "run_name", "wandb", "wandb_project", "wandb_entity", "eval_every", "eval_batches")
+RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "workers", "out", "run_name", "wandb", "wandb_project", "wandb_entity", "eval_every", "eval_batches")
 CPU_LANE_CHUNK = 8
 console = Console()
 
@@ -45,6 +47,7 @@ class GridConfig(FinetuneConfig):
     run_dir: str | None = None  # default: runs/grid-<axes>-<hash of the spec>
     lane_chunk: int = 0  # most lanes trained at once (0 = auto: a whole row on CUDA, 8 on CPU); halves itself on out-of-memory
     perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, for `compare` (noise floor)
+    workers: int = 1  # processes sharing the rows on this node (one per GPU; on CPU each gets cores / N threads), started by torch's elastic launcher
 
 
 @dataclass
@@ -165,12 +168,14 @@ def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress=None) ->
             console.print(f"[yellow]out of memory: retrying the row with {chunk} lanes at a time[/yellow]")
 
 
-def run_rows(plan: GridPlan, digest: str, wandb_run=None) -> list[dict]:
-    """Train every row without a finished file of this spec; returns all lanes of all rows, in order."""
+def run_rows(plan: GridPlan, digest: str, wandb_run=None, rows: Iterable[int] | None = None, progress=None, rank: int = 0) -> list[dict]:
+    """Train every row (or the rows `rows` yields: a worker's claims, shard.py) without a finished file of this spec;
+    returns the lanes of those rows, in the order gone through. `rank` (the worker's) is recorded in each row file."""
     row, col = plan.row, plan.col
     lanes: list[dict] = []
-    with GridProgress(console, len(row.values)) as progress:
-        for i, row_cfgs in enumerate(plan.cells):
+    with progress or GridProgress(console, len(row.values)) as progress:
+        for i in range(len(row.values)) if rows is None else rows:
+            row_cfgs = plan.cells[i]
             path = row_path(plan.run_dir, i)
             done = read_row(path, len(col.values), digest)
             if done is not None:
@@ -181,7 +186,7 @@ def run_rows(plan: GridPlan, digest: str, wandb_run=None) -> list[dict]:
                 results, chunk = train_row(plan, row_cfgs, progress.steps)
                 for j, r in enumerate(results):
                     r.update(grid_i=i, grid_j=j)
-                write_row(path, i, digest, results, time.perf_counter() - t0, chunk)
+                write_row(path, i, digest, results, time.perf_counter() - t0, chunk, rank)
                 done = json.loads(json.dumps(finite_or_none(results)))  # as a resumed run reads it back: NaN is null
                 progress.row_finished(i)
                 if wandb_run is not None:
@@ -208,20 +213,31 @@ def finish_grid(plan: GridPlan, lanes: list[dict], wandb_run=None) -> dict:
     return out
 
 
-def run_grid(cfg: GridConfig) -> Path:
-    """The `grid` command: plan, train every row (resuming finished ones), then write the tables and pictures."""
+def open_grid(plan: GridPlan) -> tuple[str, object]:
+    """The writer's start (the single process, or rank 0), with the run dir's lock held: grid.json and the W&B run.
+    Returns the spec's digest and the W&B run (None when disabled)."""
     from fractal_vmap.tracking import start_run
 
-    plan = plan_grid(cfg)
-    cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
+    cfg = plan.cfg
+    check_run_dir(plan.run_dir, plan.spec)  # again, under the lock: another grid may have created it since plan_grid looked
     digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"train_examples": len(plan.examples), "dropped_examples": plan.dropped})
     wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, plan.run_dir.name, {"spec": plan.spec}, plan.run_dir, "grid")
     console.print(f"grid {plan.row.name} ({len(plan.row.values)} rows) x {plan.col.name} ({len(plan.col.values)} lanes a row) on {plan.device}, run dir [bold]{plan.run_dir}[/bold]")
     console.print(f"{len(plan.examples)} training examples ({plan.dropped} dropped: no supervised token within max_seq_len)")
-    try:
-        lanes = run_rows(plan, digest, wandb_run)
-        finish_grid(plan, lanes, wandb_run)
-    finally:
-        if wandb_run is not None:
-            wandb_run.finish()
+    return digest, wandb_run
+
+
+def run_grid(cfg: GridConfig) -> Path:
+    """The `grid` command in one process: plan, train every row (resuming finished ones), then write the tables and
+    pictures. Many workers: shard.py."""
+    plan = plan_grid(cfg)
+    cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
+    with run_dir_lock(plan.run_dir):
+        digest, wandb_run = open_grid(plan)
+        try:
+            lanes = run_rows(plan, digest, wandb_run)
+            finish_grid(plan, lanes, wandb_run)
+        finally:
+            if wandb_run is not None:
+                wandb_run.finish()
     return plan.run_dir
