@@ -1,6 +1,7 @@
 """`fractal-vmap <command>`: each command's options are a simple_parsing dataclass (flags or --config_path file)."""
 
 import ctypes
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -45,9 +46,31 @@ def finetune_command(cfg) -> None:
 
 
 def grid_command(cfg) -> None:
+    from fractal_vmap import shard
     from fractal_vmap.grid import run_grid
 
-    run_grid(cfg)
+    shard.check_workers(cfg)
+    if cfg.workers > 1:
+        shard.launch(cfg, grid_worker)
+    elif shard.world_size() > 1:  # one of torchrun's workers
+        shard.run_worker(cfg)
+    else:
+        run_grid(cfg)
+
+
+def grid_worker(cfg) -> str | None:
+    """One worker of `grid --workers N` (torch's elastic agent calls it in a fresh process). Returns None, or a user
+    error's line for the launcher to print once: an error is not a crash, so the agent must not restart the workers."""
+    from fractal_vmap.shard import run_worker
+
+    tune_allocator()
+    try:
+        run_worker(cfg)
+    except UserError as e:
+        return str(e)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: the launcher prints the resume command, once
+        sys.exit(130)
+    return None
 
 
 def compare_command(cfg) -> None:
@@ -131,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     config_path = config_path_of(argv)
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun every worker meets the same error: rank 0 says it
     try:
         if config_path is not None and argv and argv[0] in OPTIONS:
             check_config_file(config_path, argv[0], OPTIONS[argv[0]])
@@ -138,9 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         tune_allocator()
         args.run(args.cfg)
     except UserError as e:
-        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        if lead:
+            console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         again = "resume (finished rows are kept)" if args.command == "grid" else "start it again"
-        console.print(f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, args.cfg)}", highlight=False, soft_wrap=True)
+        if lead:
+            console.print(f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, args.cfg)}", highlight=False, soft_wrap=True)
         sys.exit(130)  # 128 + SIGINT, the shell's convention

@@ -6,6 +6,7 @@ rows not yet done, each row's file written as it finishes) and `finish_grid` (th
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fractal_vmap.files import file_sha256, finite_or_none
 from fractal_vmap.kernels import resolve as resolve_kernels
 from fractal_vmap.lanes import train_lanes
 from fractal_vmap.options import GridConfig, TrainConfig
+from fractal_vmap.lock import run_dir_lock
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
 from fractal_vmap.report import dimension_note, write_report
@@ -26,7 +28,7 @@ from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, re
 from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, render_split, total_steps
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
-RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "run_name", "wandb", "wandb_project", "wandb_entity")
+RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "workers", "run_name", "wandb", "wandb_project", "wandb_entity")
 CPU_LANE_CHUNK = 8
 console = Console()
 
@@ -170,22 +172,23 @@ def cell_steps(plan: GridPlan) -> list[list[int]]:
     return [[total_steps(c, first[c.seed]) for c in row] for row in plan.cells]
 
 
-def run_rows(plan: GridPlan, digest: str, wandb_run=None) -> list[dict]:
-    """Train every row without a finished file of this spec; returns all lanes of all rows, in order."""
+def run_rows(plan: GridPlan, digest: str, wandb_run=None, rows: Iterable[int] | None = None, progress=None, rank: int = 0) -> list[dict]:
+    """Train every row (or the rows `rows` yields: a worker's claims, shard.py) without a finished file of this spec;
+    returns the lanes of those rows, in the order gone through. `rank` (the worker's) is recorded in each row file."""
     row, col = plan.row, plan.col
     done = [read_row(row_path(plan.run_dir, i), len(col.values), digest) for i in range(len(plan.cells))]
     lanes: list[dict] = []
-    with GridProgress(console, cell_steps(plan)) as progress:
+    with progress or GridProgress(console, cell_steps(plan)) as progress:
         for i in (i for i, d in enumerate(done) if d is not None):
             progress.row_skipped(i)
-        for i, row_cfgs in enumerate(plan.cells):
+        for i in range(len(plan.cells)) if rows is None else rows:
             if done[i] is None:
                 t0 = time.perf_counter()
-                progress.row_started(i, f"{row.name}={row.values[i]:g}", len(row_cfgs))
-                results, chunk = train_row(plan, row_cfgs, progress)
+                progress.row_started(i, f"{row.name}={row.values[i]:g}", len(plan.cells[i]))
+                results, chunk = train_row(plan, plan.cells[i], progress)
                 for j, r in enumerate(results):
                     r.update(grid_i=i, grid_j=j)
-                write_row(row_path(plan.run_dir, i), i, digest, results, time.perf_counter() - t0, chunk)
+                write_row(row_path(plan.run_dir, i), i, digest, results, time.perf_counter() - t0, chunk, rank)
                 done[i] = json.loads(json.dumps(finite_or_none(results)))  # as a resumed run reads it back: NaN is null
                 progress.row_finished(i)
                 if wandb_run is not None:  # step = the row: monotone across resumes, which continue the same W&B run
@@ -215,24 +218,37 @@ def finish_grid(plan: GridPlan, lanes: list[dict], wandb_run=None) -> dict:
     return out
 
 
-def run_grid(cfg: GridConfig) -> Path:
-    """The `grid` command: plan, train every row (resuming finished ones), then write the tables and pictures."""
-    from fractal_vmap.tracking import finish_run, start_run
+def open_grid(plan: GridPlan) -> tuple[str, object]:
+    """The writer's start (the single process, or rank 0), with the run dir's lock held: grid.json and the W&B run.
+    Returns the spec's digest and the W&B run (None when disabled)."""
+    from fractal_vmap.tracking import start_run
 
-    plan = plan_grid(cfg)
-    cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
+    cfg = plan.cfg
+    check_run_dir(plan.run_dir, plan.spec)  # again, under the lock: another grid may have created it since plan_grid looked
     digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"train_examples": len(plan.examples), "dropped_examples": plan.dropped})
     # one W&B run per grid: its id is kept in the run dir, and every resume continues it
     wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.run_name or plan.run_dir.name, {"spec": plan.spec},
                           plan.run_dir, "grid", keep_id=True)
     console.print(f"grid {plan.row.name} ({len(plan.row.values)} rows) x {plan.col.name} ({len(plan.col.values)} lanes a row) on {plan.device}, run dir [bold]{plan.run_dir}[/bold]")
     console.print(f"{len(plan.examples)} training examples ({plan.dropped} dropped: no supervised token within max_seq_len)")
-    try:
-        lanes = run_rows(plan, digest, wandb_run)
-        finish_grid(plan, lanes, wandb_run)
-    except BaseException:  # interrupted or failed: close the W&B run (the next invocation resumes it), then go on raising
-        if wandb_run is not None:
-            wandb_run.finish(exit_code=1)
-        raise
-    finish_run(wandb_run, plan.run_dir / "wandb")
+    return digest, wandb_run
+
+
+def run_grid(cfg: GridConfig) -> Path:
+    """The `grid` command in one process: plan, train every row (resuming finished ones), then write the tables and
+    pictures. Many workers: shard.py."""
+    from fractal_vmap.tracking import finish_run
+
+    plan = plan_grid(cfg)
+    cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
+    with run_dir_lock(plan.run_dir):
+        digest, wandb_run = open_grid(plan)
+        try:
+            lanes = run_rows(plan, digest, wandb_run)
+            finish_grid(plan, lanes, wandb_run)
+        except BaseException:  # interrupted or failed: close the W&B run (the next invocation resumes it), then go on raising
+            if wandb_run is not None:
+                wandb_run.finish(exit_code=1)
+            raise
+        finish_run(wandb_run, plan.run_dir / "wandb")
     return plan.run_dir

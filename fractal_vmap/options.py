@@ -70,6 +70,7 @@ class GridConfig(TrainConfig):
     lane_chunk: int = 0  # most lanes trained at once; 0: a whole row on CUDA, 8 on CPU; halves itself on out-of-memory
     perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, to `compare` against (the map's noise floor)
     kernels: str = "auto"  # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under TRITON_INTERPRET=1: slow, for debugging)
+    workers: int = 1  # processes sharing the rows on this node (one per GPU; on CPU each gets cores / N threads), started by torch's elastic launcher; under torchrun leave it out
 
 
 @dataclass

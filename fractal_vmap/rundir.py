@@ -141,8 +141,9 @@ def read_row(path: Path, cols: int, digest: str) -> list[dict] | None:
     return data["lanes"]
 
 
-def write_row(path: Path, i: int, digest: str, lanes: list[dict], seconds: float, lane_chunk: int) -> None:
-    """The row's file, atomically; `lane_chunk` is recorded (it changes no number, see engine.py)."""
+def write_row(path: Path, i: int, digest: str, lanes: list[dict], seconds: float, lane_chunk: int, rank: int = 0) -> None:
+    """The row's file, atomically; `lane_chunk` and the worker's `rank` are recorded (neither changes a number, see
+    engine.py and shard.py)."""
     record = {"row": i, "complete": True, "spec_digest": digest, "seconds": seconds, "lane_chunk": lane_chunk,
-              "host": platform.node(), "pid": os.getpid(), "lanes": lanes}
+              "host": platform.node(), "pid": os.getpid(), "rank": rank, "lanes": lanes}
     write_atomic(path, strict_json(record, indent=None))
