@@ -55,6 +55,20 @@ def compare_command(cfg) -> None:
     print_report(compare_runs(cfg), console)
 
 
+def plan_command(cfg) -> None:
+    from fractal_vmap.plan import print_plan, run_plan
+
+    print_plan(run_plan(cfg), console)
+    if cfg.json:
+        console.print(f"plan: [bold]{cfg.json}[/bold]")
+
+
+def plan_options() -> type:
+    from fractal_vmap.plan import PlanConfig
+
+    return PlanConfig
+
+
 def compare_options() -> type:
     from fractal_vmap.compare import CompareConfig
 
@@ -73,7 +87,7 @@ def finetune_options() -> type:
     return FinetuneConfig
 
 
-OPTIONS = {"finetune": finetune_options, "grid": grid_options}  # command -> its options dataclass (imported on use)
+OPTIONS = {"finetune": finetune_options, "grid": grid_options, "plan": plan_options}  # command -> its options dataclass (imported on use)
 
 
 def build_parser() -> ArgumentParser:
@@ -92,6 +106,9 @@ def build_parser() -> ArgumentParser:
     compare = commands.add_parser("compare", help="count the cells of two grids over the same axes that change phase, and where")
     compare.add_arguments(compare_options(), dest="cfg")
     compare.set_defaults(run=compare_command)
+    plan = commands.add_parser("plan", help="how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast", add_config_path_arg=True)
+    plan.add_arguments(plan_options(), dest="cfg")
+    plan.set_defaults(run=plan_command)
     return parser
 
 
