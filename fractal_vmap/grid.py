@@ -27,6 +27,8 @@ from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, 
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
 RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "memory_budget", "levers", "out", "run_name", "wandb", "wandb_project", "wandb_entity", "eval_every", "eval_batches")
+# settings that change the numbers but joined the spec later: left out at these defaults, so older run dirs resume
+LATER_FIELDS = {"micro_batches": 1, "momentum_dtype": "float32", "master_dtype": "float32"}
 CPU_LANE_CHUNK = 8
 console = Console()
 
@@ -100,7 +102,7 @@ def autocast_name(cfg: FinetuneConfig, device: torch.device) -> str:
 
 def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device) -> dict:
     """What the numbers depend on. Device and dtype as resolved (auto on a CPU machine is cpu and float32)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     settings["device"] = device.type
     settings["dtype"] = autocast_name(cfg, device)
     return {
