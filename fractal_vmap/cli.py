@@ -12,7 +12,7 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.options import FinetuneConfig, GridConfig, PlotConfig
+from fractal_vmap.options import FinetuneConfig, GridConfig, PlanConfig, PlotConfig
 
 console = Console()
 
@@ -85,13 +85,21 @@ def plot_command(cfg) -> None:
     plot_run(cfg)
 
 
+def plan_command(cfg) -> None:
+    from fractal_vmap.plan import print_plan, run_plan
+
+    print_plan(run_plan(cfg), console)
+    if cfg.json:
+        console.print(f"plan: [bold]{cfg.json}[/bold]")
+
+
 def compare_options() -> type:
     from fractal_vmap.compare import CompareConfig
 
     return CompareConfig
 
 
-OPTIONS = {"finetune": FinetuneConfig, "grid": GridConfig}  # commands that take a --config_path file -> their options
+OPTIONS = {"finetune": FinetuneConfig, "grid": GridConfig, "plan": PlanConfig}  # commands that take a --config_path file -> their options
 
 
 def build_parser() -> ArgumentParser:
@@ -111,6 +119,9 @@ def build_parser() -> ArgumentParser:
     compare = commands.add_parser("compare", help="count the cells of two grids over the same axes that change phase, and where")
     compare.add_arguments(compare_options(), dest="cfg")
     compare.set_defaults(run=compare_command)
+    plan = commands.add_parser("plan", help="how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast", add_config_path_arg=True)
+    plan.add_arguments(PlanConfig, dest="cfg")
+    plan.set_defaults(run=plan_command)
     return parser
 
 

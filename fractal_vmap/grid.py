@@ -17,10 +17,12 @@ from rich.console import Console
 from fractal_vmap.axes import Axis, cell_config, cell_lrs, check_overrides, lr_sources, make_axis, parse_axes, unused_fields
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
+from fractal_vmap.engine import padded_lanes
 from fractal_vmap.kernels import resolve as resolve_kernels
-from fractal_vmap.lanes import train_lanes
-from fractal_vmap.options import GridConfig, TrainConfig
+from fractal_vmap.lanes import Levers, train_lanes
 from fractal_vmap.lock import run_dir_lock
+from fractal_vmap.options import GridConfig, TrainConfig
+from fractal_vmap.plan import HEADROOM, MemoryPlan, estimate_memory, parse_bytes, parse_levers, plan_levers
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
 from fractal_vmap.report import dimension_note, write_report
@@ -28,7 +30,9 @@ from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, re
 from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, render_split, total_steps
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
-RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "workers", "run_name", "wandb", "wandb_project", "wandb_entity")
+RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "workers", "memory_budget", "levers", "run_name", "wandb", "wandb_project", "wandb_entity")
+# settings that change the numbers but joined the spec later: left out at these defaults, so older run dirs resume
+LATER_FIELDS = {"micro_batches": 1, "momentum_dtype": "float32", "master_dtype": "float32"}
 CPU_LANE_CHUNK = 8
 console = Console()
 
@@ -73,14 +77,20 @@ def source_id(source: str, path: Path | None) -> dict:
     return {"source": source, "step": step, "sha256": file_sha256(model_files_dir(path) / f"model_{step:06d}.pt")}
 
 
+def autocast_name(cfg: TrainConfig, device: torch.device) -> str:
+    """The forward's dtype as resolved: bfloat16 (autocast) or float32."""
+    return str(autocast_dtype(cfg, device) or torch.float32).removeprefix("torch.")
+
+
 def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device, kernels: str) -> dict:
     """What the numbers depend on. Device, dtype and kernels as resolved (auto on a CPU machine is cpu, float32, torch).
     Settings no cell reads (an axis sets them, or another setting wins) are null; group_lrs says where each group's lr
     comes from."""
     unused = unused_fields(cfg, row, col)
-    settings = {k: None if k in unused else v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
+    settings = {k: None if k in unused else v for k, v in asdict(cfg).items()
+                if k not in RUN_ONLY_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     settings["device"] = device.type
-    settings["dtype"] = str(autocast_dtype(cfg, device) or torch.float32).removeprefix("torch.")
+    settings["dtype"] = autocast_name(cfg, device)
     settings["kernels"] = kernels
     return {
         "axes": {"rows": asdict(row), "cols": asdict(col)},
@@ -105,6 +115,13 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
     kernels = resolve_kernels(cfg.kernels, device)
     if kernels == "triton" and device.type == "cpu":
         console.print("[yellow]--kernels triton on CPU: Triton's interpreter runs the kernels, very slowly (for tests and debugging)[/yellow]")
+    if kernels == "triton" and "bfloat16" in (cfg.momentum_dtype, cfg.master_dtype):
+        raise UserError("--momentum_dtype/--master_dtype bfloat16 run on the torch optimizer steps only: add --kernels torch")
+    parse_levers(cfg.levers, cfg.micro_batches, cfg.momentum_dtype, cfg.master_dtype, autocast_name(cfg, device))
+    if cfg.memory_budget is not None:
+        parse_bytes(cfg.memory_budget)
+    if cfg.device_batch_size % cfg.micro_batches:
+        raise UserError(f"--device_batch_size {cfg.device_batch_size} does not split into {cfg.micro_batches} micro-batches: pick a divisor")
     directory = model_dir(cfg.model)  # resolved once: an hf:/wandb: source is looked up a single time
     from fractal_vmap.checkpoint import load_model
 
@@ -134,26 +151,78 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
-def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress: GridProgress | None = None) -> tuple[list[dict], int]:
-    """Train one row in lane chunks (all lanes at once unless --lane_chunk); halve the chunk on out-of-memory.
-    Returns the lanes' results and the chunk size that ran (a lane's numbers do not depend on it: engine.py)."""
+def memory_budget(plan: GridPlan) -> int | None:
+    """The bytes a lane chunk may use: --memory_budget, else on CUDA what is free plus what torch holds now (the base
+    model, which the memory plan counts), else None (no limit on CPU)."""
+    if plan.cfg.memory_budget is not None:
+        return parse_bytes(plan.cfg.memory_budget)
+    if plan.device.type == "cuda":
+        return torch.cuda.mem_get_info(plan.device)[0] + torch.cuda.memory_allocated(plan.device)
+    return None
+
+
+def chunk_cap(plan: GridPlan, lanes: int) -> int:
+    """The most lanes a chunk takes whatever the memory: --lane_chunk, else a whole row on CUDA and 8 lanes on CPU."""
+    # on CPU, chunks of 8 lanes train fastest: a 16-lane row of the default model took 23.4 s as 2 x 8, 25 s as 1 x 16,
+    # 26 s as 4 x 4 (2 cores): bigger batched matmuls against activations that outgrow the cache
+    return min(lanes, plan.cfg.lane_chunk or (lanes if plan.device.type == "cuda" else CPU_LANE_CHUNK))
+
+
+def chunk_size(plan: GridPlan, lanes: int) -> tuple[int, Levers, MemoryPlan | None]:
+    """Lanes per chunk, the levers to train them with, and the memory plan that chose them (None without a budget:
+    then the chunk is --lane_chunk or the default, as fast as can be)."""
+    cfg, cap = plan.cfg, chunk_cap(plan, lanes)
+    dtype = autocast_name(cfg, plan.device)
+    levers = parse_levers(cfg.levers, cfg.micro_batches, cfg.momentum_dtype, cfg.master_dtype, dtype)
+    base = Levers(micro_batches=cfg.micro_batches, momentum_dtype=cfg.momentum_dtype, master_dtype=cfg.master_dtype)
+    budget = memory_budget(plan)
+    if budget is None:
+        return cap, levers or base, None
+    config = plan.model[0]
+    shape = (cfg.device_batch_size, min(cfg.max_seq_len, config.sequence_len * 10))  # the longest batch a step can get
+    if levers is None:
+        memory = plan_levers(config, cap, budget, *shape, dtype, cfg.trainable_param_groups, base)
+    else:
+        memory = estimate_memory(config, *shape, dtype, cfg.trainable_param_groups, levers)
+    fit = memory.lanes_that_fit(budget)
+    if fit == 0:
+        raise UserError(f"a lane chunk needs about {memory.peak(1) / HEADROOM / 2**30:.2f} GiB (estimated) but the memory budget is "
+                        f"{budget / 2**30:.2f} GiB: raise --memory_budget, or use --levers auto or --micro_batches")
+    return min(cap, fit), Levers(**memory.levers), memory
+
+
+def measured_fit(memory: MemoryPlan, budget: int, lanes: int, peak: int) -> int:
+    """Lanes per chunk from a chunk of `lanes` lanes that peaked at `peak` bytes: the estimate's fixed bytes, and per
+    lane what the measurement leaves, extrapolated against the budget with HEADROOM."""
+    per_lane = max(1, (peak - memory.fixed) / padded_lanes(lanes))
+    return max(1, int((budget * HEADROOM - memory.fixed) // per_lane))
+
+
+def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress=None) -> tuple[list[dict], int]:
+    """Train one row in lane chunks sized by memory (chunk_size; on CUDA refined by the first chunk's measured peak);
+    halve the chunk on out-of-memory. Returns the lanes' results and the chunk size that ran last (a lane's numbers do
+    not depend on it: engine.py)."""
     config, params, tokenizer = plan.model
     pad_id = tokenizer.special_id("<|assistant_end|>")
     streams = {s: make_stream(cell_cfgs[0], tokenizer, plan.examples, s) for s in sorted({c.seed for c in cell_cfgs})}
     steps = [total_steps(c, streams[c.seed].batch(0)[1]) for c in cell_cfgs]
-    # on CPU, chunks of 8 lanes train fastest: a 16-lane row of the default model took 23.4 s as 2 x 8, 25 s as 1 x 16,
-    # 26 s as 4 x 4 (2 cores): bigger batched matmuls against activations that outgrow the cache
-    chunk = plan.cfg.lane_chunk or (len(cell_cfgs) if plan.device.type == "cuda" else CPU_LANE_CHUNK)
+    chunk, levers, memory = chunk_size(plan, len(cell_cfgs))
+    cuda = plan.device.type == "cuda"
     while True:
         try:
             results = []
-            for start in range(0, len(cell_cfgs), chunk):
-                lanes = list(range(start, min(start + chunk, len(cell_cfgs))))
+            while len(results) < len(cell_cfgs):
+                lanes = list(range(len(results), min(len(results) + chunk, len(cell_cfgs))))
                 batches = lane_batches([cell_cfgs[i].seed for i in lanes], streams, pad_id)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(plan.device)
                 callback = progress.chunk(lanes, [steps[i] for i in lanes]) if progress is not None else None
                 cells = train_lanes([cell_cfgs[i] for i in lanes], config, params, batches, [steps[i] for i in lanes], plan.device, callback,
-                                    kernels=plan.kernels)
+                                    kernels=plan.kernels, levers=levers)
                 results += [c.to_dict() for c in cells]
+                if cuda and memory is not None and len(lanes) == chunk:  # a full chunk's measured peak sizes the next ones
+                    fit = measured_fit(memory, memory_budget(plan), len(lanes), torch.cuda.max_memory_allocated(plan.device))
+                    chunk = min(fit, chunk_cap(plan, len(cell_cfgs)))
             return results, chunk
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_out_of_memory(e) or chunk == 1:

@@ -8,12 +8,14 @@ untied wte/lm_head, vocab padded to a multiple of 64, logit softcap 15, no biase
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from fractal_vmap.errors import UserError
 from fractal_vmap.head import head_loss, softcapped_logits
+from fractal_vmap.recompute import recomputed
 
 ROPE_BASE = 10000.0
 
@@ -198,6 +200,24 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+BLOCK_WEIGHTS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's weights, in block()'s order
+
+
+def block(x, wq, wk, wv, wo, wfc, wproj, cos, sin, config: GPTConfig, attend: Attention) -> torch.Tensor:
+    """One transformer block on the residual stream x [B, T, C]: x + attn(norm(x)), then x + mlp(norm(x))."""
+    B, T = x.shape[:2]
+    H, KV, hd = config.n_head, config.n_kv_head, config.head_dim
+    h = norm(x)
+    q = F.linear(h, wq).view(B, T, H, hd)
+    k = F.linear(h, wk).view(B, T, KV, hd)
+    v = F.linear(h, wv).view(B, T, KV, hd)
+    q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+    y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    x = x + F.linear(y.transpose(1, 2).reshape(B, T, config.n_embd), wo)
+    h = F.relu(F.linear(norm(x), wfc)).square()
+    return x + F.linear(h, wproj)
+
+
 def forward(
     params: dict[str, torch.Tensor],
     idx: torch.Tensor,
@@ -206,25 +226,19 @@ def forward(
     targets: torch.Tensor | None = None,
     attend: Attention = sdpa_attention,
     head: Head = head_loss,
+    remat: bool = False,
 ) -> torch.Tensor:
     """Logits [B, T, vocab] in float32 (softcapped), or head(x [B*T, C], lm_head, targets [B*T]) when targets are
     given (by default the mean cross-entropy). A vmapped row of lanes passes lanes_attention and
-    head.lanes_head_loss (the caller picks; nothing here asks whether it runs under vmap)."""
+    head.lanes_head_loss (the caller picks; nothing here asks whether it runs under vmap). remat: each block's
+    activations are recomputed in the backward (recompute.py), only its input kept: the same numbers, less memory."""
     B, T = idx.shape
-    H, KV, hd = config.n_head, config.n_kv_head, config.head_dim
     cos, sin = cos_sin[0][:, :T], cos_sin[1][:, :T]
     x = norm(F.embedding(idx, params["transformer.wte.weight"]))
+    run_block = partial(block, config=config, attend=attend)
     for i in range(config.n_layer):
-        p = f"transformer.h.{i}."
-        h = norm(x)
-        q = F.linear(h, params[p + "attn.c_q.weight"]).view(B, T, H, hd)
-        k = F.linear(h, params[p + "attn.c_k.weight"]).view(B, T, KV, hd)
-        v = F.linear(h, params[p + "attn.c_v.weight"]).view(B, T, KV, hd)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + F.linear(y.transpose(1, 2).reshape(B, T, config.n_embd), params[p + "attn.c_proj.weight"])
-        h = F.relu(F.linear(norm(x), params[p + "mlp.c_fc.weight"])).square()
-        x = x + F.linear(h, params[p + "mlp.c_proj.weight"])
+        weights = [params[f"transformer.h.{i}.{name}.weight"] for name in BLOCK_WEIGHTS]
+        x = recomputed(run_block, x, *weights, cos, sin) if remat else run_block(x, *weights, cos, sin)
     # slice the padded lm_head rows rather than the logits: the same dot products, but contiguous logits
     # (elementwise ops on a strided slice ran ~3x slower, and its backward zero-fills a padded copy)
     x, w = norm(x), params["lm_head.weight"][: config.vocab_size]

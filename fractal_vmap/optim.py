@@ -65,6 +65,14 @@ class BatchedAdamW:
         L = self.params[0].shape[0]
         self.steps = torch.zeros(L, dtype=torch.float64, device=self.params[0].device)
 
+    def select(self, index: Tensor) -> None:
+        """Keep only the state of the lanes at `index`, a tensor at a time (the caller puts the narrowed params in
+        self.params, so that each old tensor is freed as its new one is made)."""
+        for state in (self.exp_avg, self.exp_avg_sq):
+            for i, t in enumerate(state):
+                state[i] = t[index]
+        self.steps = self.steps[index]
+
     @torch.no_grad()
     def step(self, lr: Tensor, weight_decay: Tensor, active: Tensor) -> None:
         """lr, weight_decay: float64 [L]; active: bool [L]. Inactive lanes are left as they are."""
@@ -140,14 +148,22 @@ class BatchedMuon:
     kernels: "torch", "triton" or "auto"; gram: "torch" (batched matmuls) or "triton" (kernels/gram.py: half of each
     symmetric product; off by default, "auto" included, until a GPU measurement shows it wins)."""
 
-    def __init__(self, params: list[Tensor], momentum: float = 0.95, nesterov: bool = True, kernels: str = "torch", gram: str = "torch"):
+    def __init__(self, params: list[Tensor], momentum: float = 0.95, nesterov: bool = True, kernels: str = "torch", gram: str = "torch",
+                 momentum_dtype: torch.dtype | None = None):
         self.params = list(params)
         assert all(p.ndim == 3 for p in self.params), "BatchedMuon takes stacked matrices [L, r, c]"
         self.kernels = resolve(kernels, self.params[0].device)
         self.gram = "torch" if gram == "auto" else resolve(gram, self.params[0].device)  # auto: not shown to win yet
         self.momentum = momentum
         self.nesterov = nesterov
-        self.momentum_buffer = [torch.zeros_like(p) for p in self.params]
+        # momentum_dtype bfloat16 halves the buffers' memory; they are then rounded every step (the numbers change)
+        assert momentum_dtype in (None, torch.float32) or self.kernels == "torch", "the fused Muon kernels keep float32 momentum"
+        self.momentum_buffer = [torch.zeros_like(p, dtype=momentum_dtype) for p in self.params]
+
+    def select(self, index: Tensor) -> None:
+        """Keep only the state of the lanes at `index` (see BatchedAdamW.select)."""
+        for i, t in enumerate(self.momentum_buffer):
+            self.momentum_buffer[i] = t[index]
 
     @torch.no_grad()
     def step(self, lr: Tensor, active: Tensor) -> None:
@@ -160,7 +176,7 @@ class BatchedMuon:
             if p.grad is None:
                 continue
             g = p.grad
-            new_buf = buf.lerp(g, 1 - self.momentum)
+            new_buf = buf.to(g.dtype).lerp(g, 1 - self.momentum)  # (a no-op .to for float32 momentum)
             update = g.lerp(new_buf, self.momentum) if self.nesterov else new_buf
             buf.copy_(torch.where(_lanes(active, buf), new_buf, buf))
             by_shape.setdefault(tuple(p.shape[1:]), []).append((p, update))

@@ -71,6 +71,11 @@ class GridConfig(TrainConfig):
     perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, to `compare` against (the map's noise floor)
     kernels: str = "auto"  # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under TRITON_INTERPRET=1: slow, for debugging)
     workers: int = 1  # processes sharing the rows on this node (one per GPU; on CPU each gets cores / N threads), started by torch's elastic launcher; under torchrun leave it out
+    memory_budget: str | None = None  # most memory a lane chunk may use, e.g. 2GB; unset: the GPU's on CUDA, no limit on CPU
+    levers: str = "auto"  # memory levers that change no number: auto (what the memory budget needs), none, or a comma list of step_in_backward, remat
+    micro_batches: int = 1  # split each step's batch in this many parts, gradients accumulated: less memory, numbers drift (another sum order)
+    momentum_dtype: str = "float32"  # bfloat16: Muon's momentum in half the memory, rounded each step (changes the numbers)
+    master_dtype: str = "float32"  # bfloat16: the trained weights in half the memory, updates rounded (changes the numbers; needs --dtype bfloat16)
 
 
 @dataclass
@@ -83,3 +88,24 @@ class PlotConfig:
     trainable_window_steps: int | None = None  # relabel the cells with this window; unset: the grid's
     dpi: int = 150  # resolution of the PNGs
     style: str | None = None  # a matplotlib style sheet (name or file) to draw with, e.g. ggplot
+
+
+@dataclass
+class PlanConfig:
+    """Options of `fractal-vmap plan`: how many lanes of a model fit on a GPU, and (--project) how fast they would run."""
+
+    model: str = "d20"  # dN (nanochat's depth-N shapes, e.g. d20: 20 layers, width 1280, vocab 65536), default, or a checkpoint dir
+    lanes: int = 16  # the lanes wanted in one chunk
+    gpu_mem: str = "80GB"  # the memory of one GPU (e.g. 80GB for an H100, 141GB for an H200)
+    batch: int = 8  # device_batch_size
+    seq: int = 1024  # max_seq_len
+    dtype: str = "bfloat16"  # the forward's autocast: bfloat16 (as on CUDA) or float32 (as on CPU)
+    trainable_param_groups: str = "matrix,unembedding"
+    levers: str = "auto"  # auto (the first of: none, step_in_backward, remat, both, that fits --lanes), none, or a comma list
+    micro_batches: int = 1  # changes the numbers (see lanes.Levers)
+    momentum_dtype: str = "float32"  # bfloat16 changes the numbers (see lanes.Levers)
+    master_dtype: str = "float32"  # bfloat16 changes the numbers (see lanes.Levers)
+    project: str = "none"  # h100 or h200: also project the step time, speed-up, MFU and a 64x64 grid's time (a projection)
+    launch_us: float = 10.0  # host time per kernel launch in the projection (projection.LAUNCH_US)
+    supervised_frac: float = 0.7  # supervised share of a batch's tokens, for the grid's step count in the projection
+    json: str | None = None  # also write the plan as JSON to this path

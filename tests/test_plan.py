@@ -1,0 +1,103 @@
+"""`plan` (plan.py): the memory estimate against real CPU steps, the lanes that fit, the d20 figures traced without d20
+memory, the CLI; and the runtime projection (projection.py), traced under FakeTensorMode.
+"""
+
+import json
+import resource
+
+import pytest
+import torch
+
+from fractal_vmap.cli import main
+from fractal_vmap.lanes import Levers
+from fractal_vmap.model import GPTConfig
+from fractal_vmap.plan import HEADROOM, KINDS, estimate_memory, nanochat_depth, parse_bytes, trace_step
+from fractal_vmap.projection import GPUS, flops_per_token, launch_bound, project_runtime
+
+SMALL = GPTConfig(sequence_len=128, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)  # GQA, 3 blocks
+
+
+def max_rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+@pytest.mark.parametrize("levers", [Levers(), Levers(step_in_backward=True, remat=True)], ids=["plain", "levers"])
+def test_the_estimate_matches_the_tracked_allocations_of_real_cpu_steps(levers):
+    """The estimate (fake traces of 2 and 4 lanes, a line through them) against real steps of 3 and 7 lanes, every
+    allocation tracked by MemTracker. Measured: they agree to a few bytes (the linear model holds exactly); 1% allowed."""
+    plan = estimate_memory(SMALL, 4, 64, levers=levers)
+    for lanes in (3, 7):
+        real = trace_step(SMALL, lanes, 4, 64, levers=levers, fake=False)
+        assert plan.peak(lanes) == pytest.approx(real.peak, rel=0.01), lanes
+    assert all(plan.per_lane[k] > 0 for k in KINDS)
+
+
+def test_levers_lower_the_estimate_where_they_should():
+    """Stepping in the backward removes the full gradients from the peak; recomputing blocks, their activations."""
+    plain = estimate_memory(SMALL, 8, 128)
+    hooks = estimate_memory(SMALL, 8, 128, levers=Levers(step_in_backward=True))
+    remat = estimate_memory(SMALL, 8, 128, levers=Levers(remat=True))
+    assert hooks.per_lane["backward"] < plain.per_lane["backward"]
+    assert remat.per_lane["activations"] < plain.per_lane["activations"] / 2
+    for p in (hooks, remat):  # the weights and the optimizer state do not move
+        assert (p.per_lane["params"], p.per_lane["optimizer"]) == (plain.per_lane["params"], plain.per_lane["optimizer"])
+    # a budget between two lane counts' peaks fits the smaller count
+    assert plain.lanes_that_fit(int(plain.peak(5) / HEADROOM) + 1) == 5
+
+
+def test_d20_is_traced_without_d20_memory():
+    """Two steps of 16 lanes of d20 would take > 150 GB; the fake traces leave this process's peak RSS about where it
+    was. Per lane: the fp32 weights (393M matrices + 84M lm_head) and their Muon and AdamW state, exactly."""
+    before = max_rss_kib()
+    plan = estimate_memory(nanochat_depth(20), 8, 1024, "bfloat16", levers=Levers(step_in_backward=True, remat=True))
+    assert max_rss_kib() - before < 2**20  # KiB: under 1 GiB more
+    matrices, lm_head = 20 * 12 * 1280**2, 65536 * 1280
+    assert plan.per_lane["params"] == 4 * (matrices + lm_head)
+    # Muon's momentum and AdamW's two moments, and ~100 bytes of per-lane scalars (lrs, schedule, step counts, losses)
+    assert 0 <= plan.per_lane["optimizer"] - (4 * matrices + 2 * 4 * lm_head) < 1024
+    assert plan.lane_bytes > 4e9 and plan.fixed > 2e9  # more than the weights and state; the base model alone is 2.2 GB
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes("512") == 512
+
+
+def test_plan_command_prints_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    main(["plan", "--model", "d2", "--lanes", "4", "--batch", "2", "--seq", "64", "--gpu_mem", "1GB", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "per lane" in text and "lanes per chunk" in text
+    plan = json.loads(out.read_text())
+    assert set(plan["memory"]["per_lane"]) == set(KINDS) and set(plan["lanes_that_fit"]) == {"1GB", "80GB", "141GB"}
+    assert plan["lanes_that_fit"]["80GB"] > plan["lanes_that_fit"]["1GB"]
+
+
+@pytest.mark.parametrize("args, message", [(["--model", "d0"], "depth"), (["--gpu_mem", "lots"], "not a size"),
+                                           (["--levers", "fast"], "--levers"), (["--project", "tpu"], "--project")])
+def test_plan_bad_input_is_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as exit:
+        main(["plan", *args])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- runtime projection
+
+
+def test_launch_queue():
+    """Long ops hide the launches behind them; a run of short ops is launch-bound."""
+    assert launch_bound([1.0, 0.1, 0.1], 0.01) == pytest.approx(1.2)
+    assert launch_bound([1e-4] * 10, 1e-3) == pytest.approx(9e-3 + 1e-4)
+
+
+def test_projection_runs_for_d20_without_d20_memory():
+    """A d20 row of 2 lanes and one finetune step, projected on an H100: no real memory, sane figures (a step of 2 x
+    8 x 1024 tokens does ~2 x 26 TFLOP of model work, so it cannot take under 2 x 26 ms at 989 TFLOP/s)."""
+    before = max_rss_kib()
+    p = project_runtime(nanochat_depth(20), 2, "h100", levers=Levers(step_in_backward=True, remat=True))
+    assert max_rss_kib() - before < 2**20
+    flops = flops_per_token(nanochat_depth(20), 1024) * 8 * 1024 * 2
+    assert p.model_flops == flops and 5e13 < flops < 6e13
+    assert flops / (GPUS["h100"].bf16_tflops * 1e12) < p.row_gpu_s <= p.row_s
+    assert 0 < p.mfu(GPUS["h100"]) < 0.75  # the roofline runs matmuls at 75% of peak, and there is more than matmuls
+    assert p.single_gpu_s < p.row_gpu_s < 3 * p.single_gpu_s  # 2 lanes (+ recomputed forwards) against one model
