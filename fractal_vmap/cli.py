@@ -3,6 +3,7 @@
 import ctypes
 import os
 import shlex
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -69,6 +70,7 @@ def grid_worker(cfg) -> str | None:
     except UserError as e:
         return str(e)
     except KeyboardInterrupt:  # Ctrl-C reaches every worker: the launcher prints the resume command, once
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent forwards a second SIGINT: it must not break the exit
         sys.exit(130)
     return None
 
