@@ -306,18 +306,13 @@ def open_grid(plan: GridPlan) -> tuple[str, object]:
 def run_grid(cfg: GridConfig) -> Path:
     """The `grid` command in one process: plan, train every row (resuming finished ones), then write the tables and
     pictures. Many workers: shard.py."""
-    from fractal_vmap.tracking import finish_run
+    from fractal_vmap.tracking import closing_run
 
     plan = plan_grid(cfg)
     cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
     with run_dir_lock(plan.run_dir):
         digest, wandb_run = open_grid(plan)
-        try:
+        with closing_run(wandb_run, plan.run_dir / "wandb"):
             lanes = run_rows(plan, digest, wandb_run)
             finish_grid(plan, lanes, wandb_run)
-        except BaseException:  # interrupted or failed: close the W&B run (the next invocation resumes it), then go on raising
-            if wandb_run is not None:
-                wandb_run.finish(exit_code=1)
-            raise
-        finish_run(wandb_run, plan.run_dir / "wandb")
     return plan.run_dir

@@ -35,7 +35,7 @@ from fractal_vmap.lock import run_dir_lock
 from fractal_vmap.options import GridConfig
 from fractal_vmap.recipe import resolve_device
 from fractal_vmap.rundir import spec_digest
-from fractal_vmap.tracking import finish_run
+from fractal_vmap.tracking import closing_run
 
 # how long a worker waits for the others (rank 0's start, the slowest worker's last row): longer than any grid. A dead
 # worker is noticed by the elastic agent within a second, not by this timeout, which only ends a hang.
@@ -139,17 +139,12 @@ def run_worker(cfg: GridConfig) -> None:
             raise UserError(word[0])
         log = RowLog()  # every worker keeps its rows' metrics; rank 0 logs them all in row order (W&B steps only increase)
         progress = None if rank == 0 else RankLines(rank)
-        try:
+        with closing_run(wandb_run, plan.run_dir / "wandb"):
             lanes = run_rows(plan, digest, log, claims(store, rows), progress, rank)
             gathered = [None] * size if rank == 0 else None
             dist.gather_object((rank, lanes, log.logged), gathered, dst=0)
             if rank == 0:
                 merge(plan, gathered, wandb_run)
-        except BaseException:  # interrupted or failed: close the W&B run (the next invocation resumes it), then go on raising
-            if wandb_run is not None:
-                wandb_run.finish(exit_code=1)
-            raise
-        finish_run(wandb_run, plan.run_dir / "wandb")
     dist.destroy_process_group()
 
 

@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import string
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -83,3 +84,16 @@ def finish_run(run, sync_dir: Path | None = None) -> None:
         console.print(f"W&B run {run.id} logged offline; to upload it: [bold]wandb sync {sync_dir or run_folder}[/bold]", highlight=False, soft_wrap=True)
     elif url:
         console.print(f"W&B run: {url}", highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def closing_run(run, sync_dir: Path | None = None):
+    """Around a grid's work: on success finish the run and say where it is (finish_run); interrupted or failed, close
+    it with exit code 1 (the next invocation resumes it) and go on raising."""
+    try:
+        yield run
+    except BaseException:
+        if run is not None:
+            run.finish(exit_code=1)
+        raise
+    finish_run(run, sync_dir)
