@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from fractal_vmap.errors import UserError
 from fractal_vmap.head import head_loss, softcapped_logits
@@ -121,12 +122,53 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 # Causal attention for stacked lanes. torch.func has no batching rule for SDPA's CPU kernels nor for any SDPA
 # backward, so under vmap attention goes through an autograd.Function whose vmap rule folds the lane dim into the
-# batch dim: one fused kernel call for all lanes. On CPU it calls the flash kernel that SDPA itself picks there and
-# saves the logsumexp for the fused backward (the same kernels, so the same numbers as plain SDPA, lane by lane).
-# GQA k, v go in with their own head count, as SDPA's enable_gqa passes them: the kernel reads each kv head for its
-# group of q heads and sums dk, dv in its own order (copying the heads first would sum them in autograd's order).
-# On other devices it calls SDPA and recomputes it in the backward (saves only q, k, v).
-# Why not a torch.library.custom_op: its first call imports torch._dynamo, 2-5 s of every grid process.
+# batch dim: one fused kernel call for all lanes. It calls the fused kernel that SDPA itself picks for these inputs and
+# keeps the kernel's logsumexp for the fused backward (the same kernels, so the same numbers as plain SDPA, lane by
+# lane): on CPU the flash kernel; on CUDA flash (bfloat16/float16) or memory-efficient (float32), as SDPA's own
+# choice says. GQA k, v go in with their own head count, as SDPA's enable_gqa passes them: the flash kernels (CPU and
+# CUDA) read each kv head for its group of q heads and sum dk, dv in their own order (copying the heads first would
+# sum them in autograd's order); SDPA never picks the memory-efficient kernel for grouped heads. Where SDPA picks
+# neither (cuDNN, math; other devices), the Function calls SDPA and recomputes it in the backward.
+# Why not a torch.library.custom_op: its first call imports torch._dynamo, 2-5 s of every grid process (the compiled
+# step, compiled.py, wraps the same kernel calls in custom ops: it imports dynamo anyway).
+
+FLASH, EFFICIENT, MATH = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.EFFICIENT_ATTENTION), int(SDPBackend.MATH)
+FUSED = (FLASH, EFFICIENT)  # the kernels whose backward takes the saved logsumexp
+aten = torch.ops.aten
+
+
+def attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """The kernel SDPA picks for causal attention on these (whole, not vmapped) tensors, an SDPBackend value."""
+    if q.device.type == "cpu":
+        return FLASH  # SDPA's CPU choice whenever there is no mask and no dropout
+    if q.device.type != "cuda":
+        return MATH
+    return aten._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=k.shape[-3] != q.shape[-3])
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: int) -> tuple[torch.Tensor, ...]:
+    """Causal attention by a FUSED kernel -> (out, logsumexp, philox_seed, philox_offset): what its backward takes
+    (the philox pair, the CUDA ops' dropout state, is empty on CPU; dropout is 0 here)."""
+    if q.device.type == "cpu":
+        out, logsumexp = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+        return out, logsumexp, q.new_empty(0), q.new_empty(0)
+    if backend == FLASH:
+        out, logsumexp, _, _, _, _, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)
+        return out, logsumexp, seed, offset
+    assert backend == EFFICIENT and k.shape[-3] == q.shape[-3], f"not a fused kernel for these heads: {backend}"
+    return tuple(aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True))  # out, logsumexp, seed, offset
+
+
+def fused_attention_backward(grad_out, q, k, v, out, logsumexp, seed, offset, backend: int) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of `fused_attention` from its saved output and logsumexp: the forward is not recomputed."""
+    if q.device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, logsumexp, 0.0, True)
+    if backend == FLASH:  # cum_seq_q/k: None for dense batches; max_q/max_k: the sequence lengths
+        return aten._scaled_dot_product_flash_attention_backward(grad_out, q, k, v, out, logsumexp, None, None, q.shape[-2], k.shape[-2],
+                                                                 0.0, True, seed, offset)
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(grad_out, q, k, v, None, out, logsumexp, seed, offset, 0.0,
+                                                                          [True, True, True, False], True)
+    return dq, dk, dv
 
 
 def _fold_lanes(info, in_dims, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -143,38 +185,27 @@ def _unfold_lanes(info, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(info.batch_size, -1, *t.shape[1:])
 
 
-class _FlashAttentionCPU(torch.autograd.Function):
+class _LanesAttention(torch.autograd.Function):
+    """(out, logsumexp, seed, offset) of a FUSED kernel, only out differentiable; where SDPA picks none of them,
+    (SDPA's out, three empty tensors) and SDPA again in the backward."""
+
     @staticmethod
     def forward(q, k, v):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)  # (out, logsumexp)
+        backend = attention_backend(q, k, v)
+        if backend in FUSED:
+            return fused_attention(q, k, v, backend)
+        return sdpa_attention(q, k, v), q.new_empty(0), q.new_empty(0), q.new_empty(0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, *output)
-        ctx.mark_non_differentiable(output[1])
+        ctx.backend = attention_backend(*inputs)  # the tensors forward saw: the same answer
+        ctx.save_for_backward(*inputs, *(output if ctx.backend in FUSED else ()))
+        ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_logsumexp):
-        q, k, v, out, logsumexp = ctx.saved_tensors
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, logsumexp, 0.0, True)
-
-    @staticmethod
-    def vmap(info, in_dims, q, k, v):
-        out, logsumexp = _FlashAttentionCPU.apply(*_fold_lanes(info, in_dims, q, k, v))
-        return (_unfold_lanes(info, out), _unfold_lanes(info, logsumexp)), (0, 0)
-
-
-class _RecomputedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(q, k, v):
-        return sdpa_attention(q, k, v)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
+        if ctx.backend in FUSED:
+            return fused_attention_backward(grad_out, *ctx.saved_tensors, ctx.backend)
         q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
         with torch.enable_grad():
             out = sdpa_attention(q, k, v)
@@ -182,7 +213,9 @@ class _RecomputedAttention(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, q, k, v):
-        return _unfold_lanes(info, _RecomputedAttention.apply(*_fold_lanes(info, in_dims, q, k, v))), 0
+        out, logsumexp, seed, offset = _LanesAttention.apply(*_fold_lanes(info, in_dims, q, k, v))
+        fused = logsumexp.numel() > 0
+        return (_unfold_lanes(info, out), _unfold_lanes(info, logsumexp) if fused else logsumexp, seed, offset), (0, 0 if fused else None, None, None)
 
 
 def lanes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -191,9 +224,7 @@ def lanes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if q.device.type == "cpu":
-        return _FlashAttentionCPU.apply(q, k, v)[0]
-    return _RecomputedAttention.apply(q, k, v)
+    return _LanesAttention.apply(q, k, v)[0]
 
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -199,19 +199,17 @@ def test_vmapped_attention_folds_lanes_into_batch():
     torch.testing.assert_close(moved, per_lane, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("function", [model._FlashAttentionCPU, model._RecomputedAttention])
-def test_lane_attention_functions_equal_sdpa_lane_by_lane(function):
-    """Both lane-folding Functions (CPU flash with saved logsumexp; the recomputing one used on other devices), under
-    vmap, give each lane exactly plain SDPA's output and gradients: the same kernels on the same rows, and the flash
-    kernel works on each (sequence, head) independently of the batch size, so equality is exact."""
+@pytest.mark.parametrize("backend", ["fused", "recomputed"])
+def test_lane_attention_equals_sdpa_lane_by_lane(backend, monkeypatch):
+    """Both ways of the lanes' attention Function (the fused kernel with its saved logsumexp, and SDPA recomputed in
+    the backward where SDPA picks no such kernel, forced here), under vmap, give each lane exactly plain SDPA's output
+    and gradients: the same kernels on the same rows, and the flash kernel works on each (sequence, head)
+    independently of the batch size, so equality is exact."""
+    if backend == "recomputed":
+        monkeypatch.setattr(model, "attention_backend", lambda q, k, v: model.MATH)
     gen = torch.Generator().manual_seed(16)
     qs, ks, vs = (torch.randn(3, 2, 4, 24, 16, generator=gen).requires_grad_() for _ in range(3))
-
-    def attend(q, k, v):
-        out = function.apply(q, k, v)
-        return out[0] if isinstance(out, tuple) else out  # the flash Function also returns the logsumexp
-
-    out = vmap(attend)(qs, ks, vs)
+    out = vmap(lanes_attention)(qs, ks, vs)
     grad_out = torch.randn(out.shape, generator=gen)
     grads = torch.autograd.grad(out, (qs, ks, vs), grad_out)
     for lane in range(3):
