@@ -15,7 +15,7 @@ with fewer than MIN_LANES lanes: a 1-lane chunk gets a second, idle lane (no ste
 
 Dead lanes cost nothing: at the host syncs, once lanes have diverged or run all their steps, `run` drops them from the
 stacked tensors (`Row.compact`, through the task's `select`), keeping a dead lane as idle padding where fewer than
-MIN_LANES would be left. By the argument above the living lanes' numbers do not change; the dead lanes' results are
+MIN_LANES would be left (a compiled row keeps a few fixed lane counts, `Row.lane_counts`: each count is a compile). By the argument above the living lanes' numbers do not change; the dead lanes' results are
 what they were when they stopped.
 """
 
@@ -67,6 +67,8 @@ class Row:
     prepare: Callable[[int, torch.Tensor], None] | None = None  # (step, active) before the backward: for a task whose update runs in backward hooks
     select: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # lanes to keep -> the task's state narrowed to them, its new params
     micro_batches: int = 1  # >1: each step's batch in this many parts, gradients accumulated (changes the sum order: see micro_batched_step)
+    forward: Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (params, inputs, targets) -> losses [L]: a compiled vmap(loss) (compiled.py); None = vmap(loss)
+    lane_counts: Callable[[int], int] = padded_lanes  # living lanes -> the lanes a compacted row keeps (a compiled row: a few fixed counts)
 
     def __post_init__(self):
         device = self.total_steps.device
@@ -94,7 +96,8 @@ def lanes_step(row: Row, step: int, inputs: torch.Tensor, targets: torch.Tensor)
         return micro_batched_step(row, step, inputs, targets)
     device = row.device
     with torch.autocast(device.type, dtype=row.amp or torch.float32, enabled=row.amp is not None):
-        losses = vmap(row.loss, in_dims=(0, row.data_dim, row.data_dim))(row.params, inputs, targets)
+        forward = row.forward or vmap(row.loss, in_dims=(0, row.data_dim, row.data_dim))
+        losses = forward(row.params, inputs, targets)
     if row.supervised is not None:
         row.tokens_seen += row.supervised(targets) * row.active
     row.loss_log[step] = torch.where(row.active, losses.detach().float(), math.nan)
@@ -117,9 +120,10 @@ def micro_batched_step(row: Row, step: int, inputs: torch.Tensor, targets: torch
     device, dim = row.device, 0 if row.data_dim is None else 1
     total = row.supervised(targets)
     losses = torch.zeros_like(row.loss_log[step])
+    forward = row.forward or vmap(row.loss, in_dims=(0, row.data_dim, row.data_dim))
     for x, y in zip(inputs.chunk(row.micro_batches, dim), targets.chunk(row.micro_batches, dim)):
         with torch.autocast(device.type, dtype=row.amp or torch.float32, enabled=row.amp is not None):
-            part = vmap(row.loss, in_dims=(0, row.data_dim, row.data_dim))(row.params, x, y) * (row.supervised(y) / total)
+            part = forward(row.params, x, y) * (row.supervised(y) / total)
         losses += part.detach().float()
         torch.where(row.active & torch.isfinite(part.detach()), part, 0.0).sum().backward()
     row.tokens_seen += total * row.active
@@ -156,11 +160,11 @@ def run(row: Row, batches: Batches, progress: Progress | None = None, sync_every
             alive = row.active.nonzero().flatten().tolist()
             if not alive:  # every lane diverged or finished: the rest would be NaN padding
                 break
-            if compact and row.select is not None and padded_lanes(len(alive)) < len(cols):
+            if compact and row.select is not None and row.lane_counts(len(alive)) < len(cols):
                 if row.loss_log is not log:
                     log[:, cols], seen[cols] = row.loss_log, row.tokens_seen
                 dead = [k for k in range(len(cols)) if k not in alive]
-                keep = alive + dead[: padded_lanes(len(alive)) - len(alive)]  # a dead lane stays as idle padding
+                keep = alive + dead[: row.lane_counts(len(alive)) - len(alive)]  # dead lanes stay as idle padding
                 row.compact(keep)
                 row.real, cols = len(alive), [cols[k] for k in keep]
     if row.loss_log is not log:

@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from fractal_vmap.axes import Axis, cell_config, cell_lrs, check_overrides, lr_sources, make_axis, parse_axes, unused_fields
+from fractal_vmap.compiled import resolve_compile
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
 from fractal_vmap.engine import padded_lanes
@@ -52,6 +53,7 @@ class GridPlan:
     cells: list[list[FinetuneConfig]]  # [rows][cols]
     spec: dict
     run_dir: Path
+    compile: bool = False  # --compile, resolved: the row step under torch.compile (compiled.py)
 
 
 def grid_axes(cfg: GridConfig) -> tuple[Axis, Axis]:
@@ -82,8 +84,9 @@ def autocast_name(cfg: TrainConfig, device: torch.device) -> str:
     return str(autocast_dtype(cfg, device) or torch.float32).removeprefix("torch.")
 
 
-def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device, kernels: str) -> dict:
-    """What the numbers depend on. Device, dtype and kernels as resolved (auto on a CPU machine is cpu, float32, torch).
+def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device, kernels: str, compile: bool = False) -> dict:
+    """What the numbers depend on. Device, dtype, kernels and compile as resolved (auto on a CPU machine is cpu, float32,
+    torch, off).
     Settings no cell reads (an axis sets them, or another setting wins) are null; group_lrs says where each group's lr
     comes from."""
     unused = unused_fields(cfg, row, col)
@@ -92,6 +95,9 @@ def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: t
     settings["device"] = device.type
     settings["dtype"] = autocast_name(cfg, device)
     settings["kernels"] = kernels
+    del settings["compile"]  # as resolved, and only when on (it moves the numbers slightly), so older run dirs resume
+    if compile:
+        settings["compile"] = "on"
     return {
         "axes": {"rows": asdict(row), "cols": asdict(col)},
         "settings": settings,
@@ -122,6 +128,9 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
         parse_bytes(cfg.memory_budget)
     if cfg.device_batch_size % cfg.micro_batches:
         raise UserError(f"--device_batch_size {cfg.device_batch_size} does not split into {cfg.micro_batches} micro-batches: pick a divisor")
+    compile = resolve_compile(cfg.compile, device)
+    if cfg.compile == "on" and "remat" in cfg.levers.split(","):
+        raise UserError("--compile on does not take the remat lever (its recomputation does not trace): drop remat from --levers, or use --compile off")
     directory = model_dir(cfg.model)  # resolved once: an hf:/wandb: source is looked up a single time
     from fractal_vmap.checkpoint import load_model
 
@@ -133,10 +142,10 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
         validate(c)  # e.g. an lr axis reaching a non-positive value on a linear scale
         group_lrs(c, config)  # e.g. a matrix_lr axis doing the same
     examples, dropped = render_split(cfg, tokenizer, config, "train")  # dataset errors, too
-    spec = make_spec(cfg, row, col, directory, device, kernels)
+    spec = make_spec(cfg, row, col, directory, device, kernels, compile)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(spec, row.name, col.name)
     check_run_dir(run_dir, spec)
-    return GridPlan(cfg, row, col, device, kernels, (config, params, tokenizer), examples, dropped, cells, spec, run_dir)
+    return GridPlan(cfg, row, col, device, kernels, (config, params, tokenizer), examples, dropped, cells, spec, run_dir, compile)
 
 
 def nudged(t: torch.Tensor, ulps: int) -> torch.Tensor:
@@ -218,7 +227,7 @@ def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress=None) ->
                     torch.cuda.reset_peak_memory_stats(plan.device)
                 callback = progress.chunk(lanes, [steps[i] for i in lanes]) if progress is not None else None
                 cells = train_lanes([cell_cfgs[i] for i in lanes], config, params, batches, [steps[i] for i in lanes], plan.device, callback,
-                                    kernels=plan.kernels, levers=levers)
+                                    kernels=plan.kernels, levers=levers, compile=plan.compile)
                 results += [c.to_dict() for c in cells]
                 if cuda and memory is not None and len(lanes) == chunk:  # a full chunk's measured peak sizes the next ones
                     fit = measured_fit(memory, memory_budget(plan), len(lanes), torch.cuda.max_memory_allocated(plan.device))

@@ -156,10 +156,14 @@ def nanochat_row(
     kernels: str = "torch",
     head: Head | None = None,
     levers: Levers = Levers(),
+    compile: bool = False,
 ) -> Row:
     """The engine's row for these cells, padded with idle lanes to the engine's minimum, all starting from `params`.
     kernels: "torch" (the references) or "triton" (fused optimizer steps and the lanes' head; kernels.resolve first);
-    head: another lanes' head in its place (plan.py notes what it keeps); levers: memory for time (Levers)."""
+    head: another lanes' head in its place (plan.py notes what it keeps); levers: memory for time (Levers).
+    compile: the forward and backward under torch.compile (compiled.py: its own attention and head, `head` unused;
+    compaction keeps powers of two lanes, so that it compiles few shapes). With levers.remat the row runs eagerly
+    all the same: the recomputation's Function has a vmap rule, which dynamo does not honour (compiled.py)."""
     groups = check_row(cfgs)
     if levers.master_dtype != "float32" and autocast_dtype(cfgs[0], device) is None:
         raise ValueError("bfloat16 master weights need the bfloat16 autocast (dtype bfloat16)")
@@ -175,10 +179,15 @@ def nanochat_row(
     def lane_loss(lane_params, inputs, targets):
         return forward({**frozen, **lane_params}, inputs, config, cos_sin, targets, attend=lanes_attention, head=head, remat=levers.remat)
 
+    compiled, lane_counts = None, padded_lanes
+    if compile and not levers.remat:
+        from fractal_vmap.compiled import compiled_forward, lane_counts  # imports torch.compile's stack on first use: only when asked
+
+        compiled = compiled_forward(config, frozen, cos_sin, data_dim, kernels)
     total = torch.tensor(steps + [0] * (L - n), dtype=torch.int64, device=device)
     return Row(lane_loss, stacked, optimizers.update, total, real=n, data_dim=data_dim, amp=autocast_dtype(cfgs[0], device), supervised=supervised_tokens,
                max_steps=max(steps), prepare=optimizers.prepare if levers.step_in_backward else None, select=optimizers.select,
-               micro_batches=levers.micro_batches)
+               micro_batches=levers.micro_batches, forward=compiled, lane_counts=lane_counts)
 
 
 def train_lanes(
@@ -193,8 +202,10 @@ def train_lanes(
     kernels: str = "torch",
     levers: Levers = Levers(),
     compact: bool = True,
+    compile: bool = False,
 ) -> list[CellResult]:
     """Train len(cfgs) lanes from the same base params; lane i runs steps[i] steps. One result a lane.
+    compile, kernels, levers: see nanochat_row.
 
     `batches(step)` gives one batch [B, T] for every lane, or one per lane [L, B, T] (lanes with their own seed).
     compact: drop lanes that are done from the stacked tensors at the host syncs (engine.run); False only to compare."""
@@ -204,7 +215,7 @@ def train_lanes(
         return first if step == 0 else batches(step)
 
     data_dim = 0 if first[0].dim() == 3 else None
-    row = nanochat_row(cfgs, config, params, steps, device, data_dim, kernels, levers=levers)
+    row = nanochat_row(cfgs, config, params, steps, device, data_dim, kernels, levers=levers, compile=compile)
     L = row.total_steps.shape[0]
     runtime = engine.run(row, fetched if data_dim is None or row.real == L else pad_lane_batches(fetched, L), progress, sync_every, compact)
     log = row.loss_log.cpu().double()

@@ -70,6 +70,7 @@ class GridConfig(TrainConfig):
     lane_chunk: int = 0  # most lanes trained at once; 0: a whole row on CUDA, 8 on CPU; halves itself on out-of-memory
     perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, to `compare` against (the map's noise floor)
     kernels: str = "auto"  # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under TRITON_INTERPRET=1: slow, for debugging)
+    compile: str = "auto"  # the row's forward and backward under torch.compile: on, off, or auto (on for CUDA, off for CPU, where it measured no faster: benchmarks/README.md); on moves the numbers within the noise floor, so it is part of the grid's settings
     workers: int = 1  # processes sharing the rows on this node (one per GPU; on CPU each gets cores / N threads), started by torch's elastic launcher; under torchrun leave it out
     memory_budget: str | None = None  # most memory a lane chunk may use, e.g. 2GB; unset: the GPU's on CUDA, no limit on CPU
     levers: str = "auto"  # memory levers that change no number: auto (what the memory budget needs), none, or a comma list of step_in_backward, remat

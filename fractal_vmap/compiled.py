@@ -1,0 +1,156 @@
+"""The compiled row step (`--compile on`): a nanochat row's vmapped forward and its backward under torch.compile.
+
+What is compiled. The lanes' losses `vmap(lane loss)(params, inputs, targets)`: Inductor fuses the elementwise work
+around the matmuls (norms, rotary, relu^2, softcap, log-softmax, and their backwards) and AOTAutograd compiles the
+backward with it. The optimizer update and the loss bookkeeping stay eager (engine.lanes_step, the same code as the
+eager row): on CPU a compiled update measured no faster, and on CUDA the fused Triton optimizers already run it.
+
+What it takes to trace. Dynamo does not honour an autograd.Function's own vmap rule (it inlines the Function and vmaps
+the kernel inside, op by op), so the eager row's attention Function cannot be compiled. Here the same kernel calls
+(model.fused_attention and its backward, saved logsumexp included) are torch.library custom ops with a vmap rule that
+folds the lanes into the kernel's batch, as the eager Function does: opaque to the compiler, the same numbers. The
+head is the plain `head_loss` of one lane, vmapped: the compiler fuses softcap and cross-entropy over all lanes'
+logits at once (on CPU the default model's are [8 lanes, ~1800, 265] floats; a GPU-sized vocab wants the Triton head).
+
+Shapes. Every distinct shape is a compile (tens of seconds on 2 CPU cores; Inductor's on-disk cache makes a repeat in
+a later process much cheaper), and dynamic shapes do not survive vmap (dynamo specializes the lane and token counts
+anyway). So batches are right-padded to a multiple of BUCKET tokens (inputs with token 0, targets with -1: causal
+attention and ignored targets leave every real position's loss and gradient unchanged in exact arithmetic), and each
+(lanes, padded tokens, data layout, dtype) is compiled once per process: a grid of one chunk size and batches up to
+1024 tokens compiles at most 16 times per chunk size. Compaction should use a few fixed chunk sizes for that reason.
+
+Numerics. Fused kernels round differently from the eager ops, and padding lengthens the matmuls' token sums (another
+summation order): the compiled step equals the eager one within the trajectory noise floor of README "Fidelity"
+(tests/test_compiled.py). A lane's numbers still do not depend on its chunk, bit for bit (tested).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import vmap
+
+from fractal_vmap import model
+from fractal_vmap.errors import UserError
+from fractal_vmap.head import head_loss
+
+BUCKET = 64  # tokens: batches are padded to a multiple of this (at most 64 - 1 padded columns, ~14% at the default data's ~230)
+CHOICES = ("auto", "on", "off")
+MAX_COMPILES = 64  # distinct shapes one process may compile (dynamo's default of 8 is too few for 16 buckets x chunk sizes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the lanes' attention as custom ops: the eager Function's kernels, opaque to the compiler
+
+
+@torch.library.custom_op("fractal_vmap::attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """model.fused_attention: (out, logsumexp, philox_seed, philox_offset)."""
+    backend = model.attention_backend(q, k, v)
+    if backend not in model.FUSED:
+        raise RuntimeError(f"the compiled step needs a fused attention kernel (SDPA picks backend {backend} here): use --compile off")
+    return model.fused_attention(q, k, v, backend)
+
+
+@attention_op.register_fake
+def _(q, k, v):
+    backend = model.attention_backend(q, k, v)
+    return model.fused_attention(q, k, v, backend if backend in model.FUSED else model.FLASH)  # the kernels' meta functions
+
+
+@torch.library.custom_op("fractal_vmap::attention_backward", mutates_args=())
+def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, logsumexp: Tensor, seed: Tensor,
+                          offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """model.fused_attention_backward: (dq, dk, dv) from the saved output and logsumexp."""
+    return tuple(model.fused_attention_backward(grad_out, q, k, v, out, logsumexp, seed, offset, model.attention_backend(q, k, v)))
+
+
+@attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, logsumexp, seed, offset):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _attention_backward(ctx, grad_out, *_):
+    return attention_backward_op(grad_out, *ctx.saved_tensors)
+
+
+def _attention_vmap(info, in_dims, q, k, v):
+    out, logsumexp, seed, offset = attention_op(*model._fold_lanes(info, in_dims, q, k, v))
+    return (model._unfold_lanes(info, out), model._unfold_lanes(info, logsumexp), seed, offset), (0, 0, None, None)
+
+
+attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+attention_op.register_vmap(_attention_vmap)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """model.lanes_attention for the compiled step (autocast casts as SDPA's rule would)."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return attention_op(q, k, v)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the compiled forward
+
+
+def _lanes_losses(params: dict, frozen: dict, inputs: Tensor, targets: Tensor, cos_sin: tuple, config: model.GPTConfig,
+                  data_dim: int | None) -> Tensor:
+    """The lanes' losses [L]. Everything is an argument, nothing a closure: dynamo guards on the values' shapes (not
+    on which row built them), so every row of a grid reuses one compiled graph per shape."""
+
+    def lane_loss(lane_params, x, y):
+        return model.forward({**frozen, **lane_params}, x, config, cos_sin, y, attend=attention, head=head_loss)
+
+    return vmap(lane_loss, in_dims=(0, data_dim, data_dim))(params, inputs, targets)
+
+
+_compiled_losses = None  # torch.compile(_lanes_losses), made on first use (importing torch.compile's stack costs seconds)
+shapes_compiled: set[tuple] = set()  # the (lanes, padded tokens, data layout, dtype) this process compiled: one graph each
+
+
+def bucket(tokens: int, limit: int) -> int:
+    """The padded token count of a batch: the next multiple of BUCKET, but never past `limit` (the rotary table)."""
+    return min(-(-tokens // BUCKET) * BUCKET, max(tokens, limit))
+
+
+def compiled_forward(config: model.GPTConfig, frozen: dict, cos_sin: tuple, data_dim: int | None):
+    """A Row.forward for the engine: (params, inputs, targets) -> losses [L], padded to a bucket and compiled."""
+    global _compiled_losses
+    if _compiled_losses is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILES)
+        # Inductor's CPU scatter-add (the backward of a trainable embedding) adds with atomics in thread order: run to
+        # run and chunk to chunk noise. Deterministic mode makes it call aten's kernel. Process-wide, as dynamo guards
+        # on it; warn_only: an op without a deterministic kernel warns rather than fails; no NaN-filling of new tensors.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        _compiled_losses = torch.compile(_lanes_losses, dynamic=False, fullgraph=True)
+    limit = cos_sin[0].shape[1]
+
+    def forward(params: dict, inputs: Tensor, targets: Tensor) -> Tensor:
+        T = inputs.shape[-1]
+        padded = bucket(T, limit)
+        if padded > T:
+            inputs, targets = F.pad(inputs, (0, padded - T), value=0), F.pad(targets, (0, padded - T), value=-1)
+        lanes = next(iter(params.values())).shape[0]
+        amp = torch.get_autocast_dtype(inputs.device.type) if torch.is_autocast_enabled(inputs.device.type) else None
+        shapes_compiled.add((lanes, tuple(inputs.shape), data_dim, amp))
+        return _compiled_losses(params, frozen, inputs, targets, cos_sin, config, data_dim)
+
+    return forward
+
+
+def resolve_compile(choice: str, device: torch.device) -> bool:
+    """--compile: on, off, or auto = on where it measured faster. auto is off on CPU: on 2 cores the compiled step ran
+    N% faster than the eager row, but its compiles (~M s per shape) cost more than they save in a default grid
+    (benchmarks/README.md, bench). On CUDA auto is on by projection (fusion removes launches and memory passes that
+    dominate small models there); it has not been measured on a GPU yet."""
+    if choice not in CHOICES:
+        raise UserError(f"--compile {choice!r} is not one of {', '.join(CHOICES)}")
+    if choice == "auto":
+        return device.type == "cuda"
+    return choice == "on"
