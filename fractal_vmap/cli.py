@@ -13,7 +13,7 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.options import FinetuneConfig, GridConfig, PlanConfig, PlotConfig
+from fractal_vmap.options import BenchConfig, FinetuneConfig, GridConfig, PlanConfig, PlotConfig
 
 console = Console()
 
@@ -95,6 +95,13 @@ def plan_command(cfg) -> None:
         console.print(f"plan: [bold]{cfg.json}[/bold]")
 
 
+def bench_command(cfg) -> None:
+    from fractal_vmap.bench import print_report, run_bench
+
+    wide = Console(width=None if sys.stdout.isatty() else 160)  # piped output: wide enough for the table
+    print_report(run_bench(cfg, say=wide.print), wide)
+
+
 def compare_options() -> type:
     from fractal_vmap.compare import CompareConfig
 
@@ -124,6 +131,9 @@ def build_parser() -> ArgumentParser:
     plan = commands.add_parser("plan", help="how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast", add_config_path_arg=True)
     plan.add_arguments(PlanConfig, dest="cfg")
     plan.set_defaults(run=plan_command)
+    bench = commands.add_parser("bench", help="training throughput of a row: sequential models vs the eager row vs the compiled row")
+    bench.add_arguments(BenchConfig, dest="cfg")
+    bench.set_defaults(run=bench_command)
     return parser
 
 

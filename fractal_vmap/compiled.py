@@ -128,6 +128,9 @@ def compiled_forward(config: model.GPTConfig, frozen: dict, cos_sin: tuple, data
         # on it; warn_only: an op without a deterministic kernel warns rather than fails; no NaN-filling of new tensors.
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False
+        import torch._inductor.config as inductor
+
+        inductor.cpp.enable_kernel_profile = True  # fused CPU kernels show in torch.profiler (bench counts launches)
         _compiled_losses = torch.compile(_lanes_losses, dynamic=False, fullgraph=True)
     limit = cos_sin[0].shape[1]
 

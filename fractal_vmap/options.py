@@ -110,3 +110,24 @@ class PlanConfig:
     launch_us: float = 10.0  # host time per kernel launch in the projection (projection.LAUNCH_US)
     supervised_frac: float = 0.7  # supervised share of a batch's tokens, for the grid's step count in the projection
     json: str | None = None  # also write the plan as JSON to this path
+
+
+@dataclass
+class BenchConfig:
+    """Options of `fractal-vmap bench`: the training throughput of a row, sequential models vs the eager row vs the compiled row."""
+
+    device: str = "auto"  # auto = cuda if available, else cpu
+    model: str = "auto"  # default (the embedded model on its data) or depth (random-init nanochat by --depths); auto: default on CPU, depth on CUDA
+    depths: list[int] = field(default_factory=lambda: [4, 8, 12, 20])  # nanochat depths, with --model depth
+    lanes: list[int] = field(default_factory=list)  # L values; empty = 1 2 4 8 16 on CPU, 1 4 16 64 on CUDA
+    modes: list[str] = field(default_factory=lambda: ["sequential", "row", "fast"])  # from sequential, row, fast
+    batch_size: int = 8  # rows of a random batch (nanochat's device_batch_size), with --model depth
+    seq_len: int = 1024  # tokens per row of a random batch, with --model depth
+    vocab_size: int = 65536  # nanochat's tokenizer, with --model depth
+    context: int = 2048  # the model's sequence_len (rotary table), with --model depth
+    warmup: int = 0  # untimed steps after the primers (0 = 2 on CPU, 3 on CUDA)
+    steps: int = 0  # steps per timed window (0 = 8 on CPU, 4 on CUDA)
+    repeats: int = 3  # timed windows per mode: the best on CPU, the median on CUDA
+    quick: bool = False  # the default model, L = 1 and 8, one window of 3 steps, batches padded to one length: < 2 min on 2 CPU cores
+    max_load: float = 1.2  # CPU: wait for a 1-minute load average below this first, and redo a measurement others disturbed (0: neither)
+    out: str = ""  # result JSON (default runs/bench/bench-<device>.json); the markdown table goes beside it (.md)
