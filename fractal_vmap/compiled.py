@@ -9,8 +9,9 @@ What it takes to trace. Dynamo does not honour an autograd.Function's own vmap r
 the kernel inside, op by op), so the eager row's attention Function cannot be compiled. Here the same kernel calls
 (model.fused_attention and its backward, saved logsumexp included) are torch.library custom ops with a vmap rule that
 folds the lanes into the kernel's batch, as the eager Function does: opaque to the compiler, the same numbers. The
-head is the plain `head_loss` of one lane, vmapped: the compiler fuses softcap and cross-entropy over all lanes'
-logits at once (on CPU the default model's are [8 lanes, ~1800, 265] floats; a GPU-sized vocab wants the Triton head).
+head: on CUDA with Triton, kernels/head.py's lanes' kernel as a custom op (all lanes' logits of a GPU-sized vocab
+never exist at once); elsewhere the plain `head_loss` of one lane, vmapped, whose softcap and cross-entropy the
+compiler fuses over all lanes' logits (the default model's on CPU: [8 lanes, ~1800, 265] floats).
 
 Shapes. Every distinct shape is a compile (tens of seconds on 2 CPU cores; Inductor's on-disk cache makes a repeat in
 a later process much cheaper), and dynamic shapes do not survive vmap (dynamo specializes the lane and token counts
@@ -32,6 +33,7 @@ from torch.func import vmap
 from fractal_vmap import model
 from fractal_vmap.errors import UserError
 from fractal_vmap.head import head_loss
+from fractal_vmap.kernels import resolve
 
 BUCKET = 64  # tokens: batches are padded to a multiple of this (at most 64 - 1 padded columns, ~14% at the default data's ~230)
 CHOICES = ("auto", "on", "off")
@@ -95,16 +97,69 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the lanes' Triton head as a custom op (CUDA): no [lanes, tokens, vocab] logits held for the backward
+
+
+@torch.library.custom_op("fractal_vmap::triton_head", mutates_args=())
+def triton_head_op(x: Tensor, w: Tensor, targets: Tensor, need_dx: bool, need_dw: bool, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    """kernels/head.py's lanes_head: (mean loss per lane [L], dx, dw), an empty tensor for a gradient not needed."""
+    from fractal_vmap.kernels.head import lanes_head
+
+    with torch.autocast(x.device.type, enabled=False):
+        losses, dx, dw = lanes_head(x, w, targets, need_dx, need_dw, dtype)
+    return losses, x.new_empty(0) if dx is None else dx, w.new_empty(0) if dw is None else dw
+
+
+@triton_head_op.register_fake
+def _(x, w, targets, need_dx, need_dw, dtype):
+    L = x.shape[0]
+    return (x.new_empty(L, dtype=torch.float32), torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(w) if need_dw else w.new_empty(0))
+
+
+def _head_setup(ctx, inputs, output):
+    ctx.need = inputs[3:5]
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _head_backward(ctx, grad_losses, *_):
+    dx, dw = ctx.saved_tensors
+    scale = grad_losses[:, None, None]  # a lane's gradients times its incoming gradient (1 for a summed loss)
+    return (dx * scale.to(dx.dtype) if ctx.need[0] else None, dw * scale.to(dw.dtype) if ctx.need[1] else None, None, None, None, None)
+
+
+def _head_vmap(info, in_dims, x, w, targets, need_dx, need_dw, dtype):
+    L = info.batch_size
+    x, targets = (t.expand(L, *t.shape) if d is None else t.movedim(d, 0) for t, d in zip((x, targets), (in_dims[0], in_dims[2])))
+    if in_dims[1] is not None:  # a frozen lm_head shared by the lanes stays [V, C]: one matmul for all lanes' rows
+        w = w.movedim(in_dims[1], 0)
+    need_dx, need_dw = x.requires_grad, w.requires_grad  # seen here, on the lanes' own tensors (a vmapped view says False)
+    losses, dx, dw = triton_head_op(x, w, targets, need_dx, need_dw, dtype)
+    return (losses, dx, dw), (0, 0 if need_dx else None, 0 if need_dw else None)
+
+
+triton_head_op.register_autograd(_head_backward, setup_context=_head_setup)
+triton_head_op.register_vmap(_head_vmap)
+
+
+def triton_head(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+    """head.lanes_head_loss(kernels="triton") for the compiled step: one lane's mean loss, all lanes in one call."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # the logits' matmul dtype
+    return triton_head_op(x, w, targets, x.requires_grad, w.requires_grad, dtype)[0]  # (under vmap the rule sets the flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the compiled forward
 
 
 def _lanes_losses(params: dict, frozen: dict, inputs: Tensor, targets: Tensor, cos_sin: tuple, config: model.GPTConfig,
-                  data_dim: int | None) -> Tensor:
+                  data_dim: int | None, head) -> Tensor:
     """The lanes' losses [L]. Everything is an argument, nothing a closure: dynamo guards on the values' shapes (not
     on which row built them), so every row of a grid reuses one compiled graph per shape."""
 
     def lane_loss(lane_params, x, y):
-        return model.forward({**frozen, **lane_params}, x, config, cos_sin, y, attend=attention, head=head_loss)
+        return model.forward({**frozen, **lane_params}, x, config, cos_sin, y, attend=attention, head=head)
 
     return vmap(lane_loss, in_dims=(0, data_dim, data_dim))(params, inputs, targets)
 
@@ -133,6 +188,9 @@ def compiled_forward(config: model.GPTConfig, frozen: dict, cos_sin: tuple, data
         inductor.cpp.enable_kernel_profile = True  # fused CPU kernels show in torch.profiler (bench counts launches)
         _compiled_losses = torch.compile(_lanes_losses, dynamic=False, fullgraph=True)
     limit = cos_sin[0].shape[1]
+    # the head: on CUDA with Triton, the lanes' kernel (the plain head would hold all lanes' logits for the backward);
+    # elsewhere the plain one, which the compiler fuses
+    head = triton_head if resolve("auto", cos_sin[0].device) == "triton" else head_loss
 
     def forward(params: dict, inputs: Tensor, targets: Tensor) -> Tensor:
         T = inputs.shape[-1]
@@ -142,7 +200,7 @@ def compiled_forward(config: model.GPTConfig, frozen: dict, cos_sin: tuple, data
         lanes = next(iter(params.values())).shape[0]
         amp = torch.get_autocast_dtype(inputs.device.type) if torch.is_autocast_enabled(inputs.device.type) else None
         shapes_compiled.add((lanes, tuple(inputs.shape), data_dim, amp))
-        return _compiled_losses(params, frozen, inputs, targets, cos_sin, config, data_dim)
+        return _compiled_losses(params, frozen, inputs, targets, cos_sin, config, data_dim, head)
 
     return forward
 

@@ -5,6 +5,7 @@ The fixture model trains all three groups (the trainable embedding's backward is
 that needed deterministic mode). Batches alternate between 50 and 100 tokens: padded to 64 and 128, two buckets.
 """
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -107,3 +108,28 @@ def test_compile_choice():
     assert compiled.resolve_compile("on", CPU) is True and compiled.resolve_compile("off", torch.device("cuda")) is False
     with pytest.raises(UserError, match="--compile 'yes'"):
         compiled.resolve_compile("yes", CPU)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("shared_w", [False, True])
+def test_triton_head_op_equals_the_eager_triton_head(shared_w):
+    """The compiled step's head on CUDA (a custom op around kernels/head.py), run here in Triton's interpreter and
+    vmapped as the row does: the eager path's losses and gradients exactly (the same kernel, the same chunks). With
+    shared_w, a frozen lm_head shared by all lanes (no dw, one matmul for all lanes' rows)."""
+    from fractal_vmap.head import lanes_head_loss
+
+    gen = torch.Generator().manual_seed(31)
+    L, N, C, V = 3, 40, 16, 37
+    x = torch.randn(L, N, C, generator=gen).requires_grad_()
+    w = 2 * torch.randn(V, C, generator=gen) if shared_w else (2 * torch.randn(L, V, C, generator=gen)).requires_grad_()
+    targets = torch.randint(0, V, (L, N), generator=gen)
+    targets[torch.rand(L, N, generator=gen) < 0.3] = -1
+    in_dims = (0, None if shared_w else 0, 0)
+    weights = torch.rand(L, generator=gen)  # each lane's own incoming gradient
+    results = []
+    for head in (compiled.triton_head, lambda a, b, c: lanes_head_loss(a, b, c, kernels="triton")):
+        losses = torch.func.vmap(head, in_dims=in_dims)(x, w, targets)
+        grads = torch.autograd.grad((losses * weights).sum(), [x] if shared_w else [x, w])
+        results.append((losses, grads))
+    (losses, grads), (want, want_grads) = results
+    assert torch.equal(losses, want) and all(torch.equal(g, h) for g, h in zip(grads, want_grads))
