@@ -18,7 +18,13 @@ a later process much cheaper), and dynamic shapes do not survive vmap (dynamo sp
 anyway). So batches are right-padded to a multiple of BUCKET tokens (inputs with token 0, targets with -1: causal
 attention and ignored targets leave every real position's loss and gradient unchanged in exact arithmetic), and each
 (lanes, padded tokens, data layout, dtype) is compiled once per process: a grid of one chunk size and batches up to
-1024 tokens compiles at most 16 times per chunk size. Compaction should use a few fixed chunk sizes for that reason.
+1024 tokens compiles at most 16 times per chunk size. Dead-lane compaction (engine.run) keeps powers of two lanes
+(`lane_counts`) for that reason: a chunk of 8 compacts to 4 and 2 lanes, not to every count.
+
+Memory levers (lanes.Levers). Stepping in the backward (hooks on the stacked leaves, which stay eager), micro-batches
+(each part its own compiled shape), bf16 momentum and master weights go with the compiled forward unchanged. remat
+does not: its recomputation is an autograd.Function with a vmap rule, which dynamo does not honour; a chunk with remat
+runs the eager step (lanes.nanochat_row), and `grid --compile on --levers remat` is refused.
 
 Numerics. Fused kernels round differently from the eager ops, and padding lengthens the matmuls' token sums (another
 summation order): the compiled step equals the eager one within the trajectory noise floor of README "Fidelity"
@@ -31,9 +37,9 @@ from torch import Tensor
 from torch.func import vmap
 
 from fractal_vmap import model
+from fractal_vmap.engine import MIN_LANES
 from fractal_vmap.errors import UserError
 from fractal_vmap.head import head_loss
-from fractal_vmap.kernels import resolve
 
 BUCKET = 64  # tokens: batches are padded to a multiple of this (at most 64 - 1 padded columns, ~14% at the default data's ~230)
 CHOICES = ("auto", "on", "off")
@@ -173,8 +179,15 @@ def bucket(tokens: int, limit: int) -> int:
     return min(-(-tokens // BUCKET) * BUCKET, max(tokens, limit))
 
 
-def compiled_forward(config: model.GPTConfig, frozen: dict, cos_sin: tuple, data_dim: int | None):
-    """A Row.forward for the engine: (params, inputs, targets) -> losses [L], padded to a bucket and compiled."""
+def lane_counts(alive: int) -> int:
+    """Row.lane_counts of a compiled row: compaction keeps a power of two lanes (at least the engine's minimum), dead
+    lanes as idle padding, so that a row compacting from 8 lanes compiles 4 and 2 at most, not every count."""
+    return max(MIN_LANES, 1 << (alive - 1).bit_length())
+
+
+def compiled_forward(config: model.GPTConfig, frozen: dict, cos_sin: tuple, data_dim: int | None, kernels: str = "torch"):
+    """A Row.forward for the engine: (params, inputs, targets) -> losses [L], padded to a bucket and compiled.
+    kernels: the row's, resolved ("triton" on CUDA: the lanes' Triton head)."""
     global _compiled_losses
     if _compiled_losses is None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILES)
@@ -190,7 +203,7 @@ def compiled_forward(config: model.GPTConfig, frozen: dict, cos_sin: tuple, data
     limit = cos_sin[0].shape[1]
     # the head: on CUDA with Triton, the lanes' kernel (the plain head would hold all lanes' logits for the backward);
     # elsewhere the plain one, which the compiler fuses
-    head = triton_head if resolve("auto", cos_sin[0].device) == "triton" else head_loss
+    head = triton_head if kernels == "triton" and cos_sin[0].device.type == "cuda" else head_loss
 
     def forward(params: dict, inputs: Tensor, targets: Tensor) -> Tensor:
         T = inputs.shape[-1]
