@@ -19,13 +19,28 @@ FIELDS = {"oom", "window_s", "foreign_cpu", "contended", "first_steps_s", "model
           "mfu", "peak_mib_per_lane", "speedup"}
 
 
-def test_quick_bench_writes_every_field(default_model, tmp_path):
-    """--quick (L 1 and 2 here, to compile one lane count only): every mode of every L has every metric, finite."""
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread for this file: its tiny shapes gain nothing from two, and on a shared machine a second OpenMP
+    thread waiting for a busy core stalls every op (measured: a tiny row step 0.66 s with 2 threads vs 6 ms with 1,
+    load average 3.3 on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = ["--model", "depth", "--depths", "1", "--vocab_size", "256", "--seq_len", "32", "--batch_size", "2", "--context", "64"]  # = `tiny` below
+
+
+def test_bench_writes_every_field(tmp_path):
+    """The one-layer model of `tiny` at L 1 and 2 (both run 2 lanes: a shape the launch tests compile too): every mode
+    of every L has every metric, finite; the markdown table has a row each."""
     out = tmp_path / "bench.json"
-    main(["bench", "--quick", "--lanes", "1", "2", "--out", str(out)])
+    main(["bench", *TINY, "--lanes", "1", "2", "--warmup", "1", "--steps", "2", "--repeats", "1", "--max_load", "0", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert report["model"] == "default" and report["device_type"] == "cpu" and report["matmul_ceiling"]["tflops"] > 0
-    assert [e["lanes"] for e in report["results"]] == [1, 2]
+    assert report["model"] == "depth" and report["device_type"] == "cpu" and report["matmul_ceiling"]["tflops"] > 0
+    assert [(e["model"], e["lanes"]) for e in report["results"]] == [("d1", 1), ("d1", 2)]
     for e in report["results"]:
         assert set(e["modes"]) == set(bench.MODES) and e["flops_per_token"] > 0
         for mode, r in e["modes"].items():
@@ -37,6 +52,12 @@ def test_quick_bench_writes_every_field(default_model, tmp_path):
         assert e["modes"]["fast"]["compiled_shapes"] >= 1
     table = out.with_suffix(".md").read_text().splitlines()
     assert table[0].startswith("| model | L | mode |") and len(table) == 2 + 2 * len(bench.MODES)
+
+
+def test_quick_is_the_default_model_at_1_and_8_lanes_one_short_window():
+    """--quick (run for benchmarks/README.md, not here: compiling the default model takes a minute on 2 cores)."""
+    model, lanes, plan = bench.resolve(bench.BenchConfig(quick=True), CPU)
+    assert (model, lanes, plan) == ("default", [1, 8], bench.Plan(0, 1, 3, 1))
 
 
 def launches(mode: str, lanes: int, setup) -> Counter:
@@ -51,7 +72,7 @@ HEAD_OPS = ("aten::tanh", "aten::tanh_backward", "aten::_log_softmax", "aten::_l
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A one-layer nanochat (64 wide, vocab 256) and one random batch of 2 x 32 tokens."""
+    """A one-layer nanochat (64 wide, vocab 256) and one random batch of 2 x 32 tokens (as TINY)."""
     cfg = bench.BenchConfig(batch_size=2, seq_len=32, vocab_size=256, context=64)
     config = bench.nanochat_config(1, cfg)
     return config, init_params(config, seed=0), bench.random_batches(config, 1, cfg)[0]

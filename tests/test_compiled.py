@@ -33,6 +33,16 @@ TAME_LRS = (0.001, 0.003, 0.01)
 WILD_LR = 3e12  # tests/test_lanes.py's diverging lr: chaotic, so rounding decides when it overflows (not compared)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: these small shapes gain little from two, and on a shared machine a second OpenMP thread
+    waiting for a busy core stalls every op (tests/test_bench.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def nanochat():
     config, params, _ = load_model(str(FIXTURE))
