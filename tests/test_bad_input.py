@@ -83,6 +83,8 @@ def test_bad_finetune_setting_is_one_line_before_any_work(tmp_path, capsys, no_t
         (["--perturb_ulp=-1"], "--perturb_ulp is -1"),
         (["--col_max", "inf"], "--col_max is inf"),
         (["--row_min", "nan", "--axes", "weight_decay,lr"], "--row_min is nan"),
+        (["--compile", "yes"], "--compile 'yes' is not one of auto, on, off"),
+        (["--compile", "on", "--levers", "remat"], "--compile on does not take the remat lever"),
     ],
 )
 def test_bad_grid_setting_is_one_line(tmp_path, capsys, monkeypatch, flags, expected):
