@@ -96,9 +96,19 @@ def plan_command(cfg) -> None:
 
 
 def bench_command(cfg) -> None:
+    wide = Console(width=None if sys.stdout.isatty() else 160)  # piped output: wide enough for the table
+    if cfg.project != "none":
+        from fractal_vmap.projected import print_projection, projection_rows
+        from fractal_vmap.projection import GPUS
+
+        if cfg.project not in GPUS:
+            raise UserError(f"--project {cfg.project!r} is not one of none, {', '.join(GPUS)}")
+        lanes = max(cfg.lanes or [16])  # the most lanes asked for (fewer where fewer fit)
+        rows = projection_rows(cfg.project, cfg.depths, lanes, cfg.batch_size, cfg.seq_len)
+        print_projection(rows, cfg.project, cfg.batch_size, cfg.seq_len, rows[0]["launch_us"], wide)
+        return
     from fractal_vmap.bench import print_report, run_bench
 
-    wide = Console(width=None if sys.stdout.isatty() else 160)  # piped output: wide enough for the table
     print_report(run_bench(cfg, say=wide.print), wide)
 
 

@@ -130,4 +130,5 @@ class BenchConfig:
     repeats: int = 3  # timed windows per mode: the best on CPU, the median on CUDA
     quick: bool = False  # the default model, L = 1 and 8, one window of 3 steps, batches padded to one length: < 2 min on 2 CPU cores
     max_load: float = 1.2  # CPU: wait for a 1-minute load average below this first, and redo a measurement others disturbed (0: neither)
+    project: str = "none"  # h100 or h200: instead of measuring, PROJECT one step of the --depths rows and the sequential loop on that datasheet GPU (no GPU needed: traced under FakeTensorMode, torch's roofline estimator + a launch cost)
     out: str = ""  # result JSON (default runs/bench/bench-<device>.json); the markdown table goes beside it (.md)

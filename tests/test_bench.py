@@ -112,3 +112,16 @@ def test_with_primers_puts_one_batch_of_each_padded_shape_first():
     assert plan.primers == 3 and [x.shape[-1] for x, _ in steps[:3]] == [50, 70, 130] and steps[3:] == batches
     assert plan.windows() == [(4, 6)]
     assert replace(plan, repeats=2).windows() == [(4, 6), (6, 8)]
+
+
+def test_project_prints_a_labelled_projection_without_a_gpu(capsys):
+    """`bench --project h100`: a d4 row of 2 lanes traced under FakeTensorMode (no d4 memory is touched) and printed as
+    a projection, with the targets beside it; a GPU it does not know is one line."""
+    main(["bench", "--project", "h100", "--depths", "4", "--lanes", "2"])
+    out = capsys.readouterr().out
+    assert "PROJECTION (not measured)" in out and "NVIDIA H100 SXM" in out
+    [row] = [line for line in out.splitlines() if line.startswith("│") and "d4" in line]  # the table's one body row
+    assert ">= 10x" in row and "%" in row  # the speed-up target of d4-d8 and an MFU
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--project", "a100"])
+    assert e.value.code == 2 and "--project 'a100' is not one of none, h100, h200" in capsys.readouterr().out
