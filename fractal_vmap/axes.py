@@ -34,12 +34,13 @@ class Axis:
         return AXES[self.name][0]
 
 
-def make_axis(name: str, n: int, lo: float | None, hi: float | None, scale: str, which: str) -> Axis:
-    if name not in AXES:
-        raise UserError(f"unknown {which} axis {name!r}: choose from {', '.join(AXES)}")
+def make_axis(name: str, n: int, lo: float | None, hi: float | None, scale: str, which: str, table: dict = AXES) -> Axis:
+    """n values of axis `name` (defaults from `table`: AXES for nanochat grids, paper_task.PAPER_AXES for the paper's)."""
+    if name not in table:
+        raise UserError(f"unknown {which} axis {name!r}: choose from {', '.join(table)}")
     if n < 1:
         raise UserError(f"--{which} is {n}: a grid needs at least one {which[:-1]}")
-    _, (dlo, dhi), dscale = AXES[name]
+    _, (dlo, dhi), dscale = table[name]
     lo, hi = (dlo if lo is None else lo), (dhi if hi is None else hi)
     for flag, value in ((f"--{which[:-1]}_min", lo), (f"--{which[:-1]}_max", hi)):
         if not math.isfinite(value):

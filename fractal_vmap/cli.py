@@ -13,7 +13,7 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.options import BenchConfig, FinetuneConfig, GridConfig, PlanConfig, PlotConfig
+from fractal_vmap.options import AnimateConfig, BenchConfig, BoxesConfig, FinetuneConfig, GridConfig, PlanConfig, PlotConfig, ZoomConfig
 
 console = Console()
 
@@ -47,6 +47,17 @@ def finetune_command(cfg) -> None:
 
 
 def grid_command(cfg) -> None:
+    from fractal_vmap.paper_task import TASKS
+
+    if cfg.task not in TASKS:
+        raise UserError(f"unknown --task {cfg.task!r}: use one of {', '.join(TASKS)}")
+    if cfg.task == "paper-mlp":
+        from fractal_vmap.paper_task import run_paper_grid
+
+        if cfg.workers > 1:
+            raise UserError("--workers is for nanochat grids: a paper-mlp grid of 256 x 256 runs in minutes in one process (its chunks use every core)")
+        run_paper_grid(cfg)
+        return
     from fractal_vmap import shard
     from fractal_vmap.grid import run_grid
 
@@ -79,6 +90,24 @@ def compare_command(cfg) -> None:
     from fractal_vmap.compare import compare_runs, print_report
 
     print_report(compare_runs(cfg), console)
+
+
+def zoom_command(cfg) -> None:
+    from fractal_vmap.zoom import run_zoom
+
+    run_zoom(cfg)
+
+
+def boxes_command(cfg) -> None:
+    from fractal_vmap.zoom import print_boxes, suggest_boxes
+
+    print_boxes(suggest_boxes(cfg), cfg)
+
+
+def animate_command(cfg) -> None:
+    from fractal_vmap.zoom import run_animate
+
+    run_animate(cfg)
 
 
 def plot_command(cfg) -> None:
@@ -138,6 +167,12 @@ def build_parser() -> ArgumentParser:
     compare = commands.add_parser("compare", help="count the cells of two grids over the same axes that change phase, and where")
     compare.add_arguments(compare_options(), dest="cfg")
     compare.set_defaults(run=compare_command)
+    for name, options, run, text in (("zoom", ZoomConfig, zoom_command, "a new grid inside a box of a finished grid (same settings, the parent recorded)"),
+                                     ("boxes", BoxesConfig, boxes_command, "suggest where to zoom: the boxes of a grid with the most boundary"),
+                                     ("animate", AnimateConfig, animate_command, "a zoom animation (GIF, MP4 with ffmpeg) through a chain of zoomed runs")):
+        command = commands.add_parser(name, help=text)
+        command.add_arguments(options, dest="cfg")
+        command.set_defaults(run=run)
     plan = commands.add_parser("plan", help="how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast", add_config_path_arg=True)
     plan.add_arguments(PlanConfig, dest="cfg")
     plan.set_defaults(run=plan_command)

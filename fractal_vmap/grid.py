@@ -33,7 +33,8 @@ from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
 RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "workers", "memory_budget", "levers", "run_name", "wandb", "wandb_project", "wandb_entity")
 # settings that change the numbers but joined the spec later: left out at these defaults, so older run dirs resume
-LATER_FIELDS = {"micro_batches": 1, "momentum_dtype": "float32", "master_dtype": "float32"}
+LATER_FIELDS = {"micro_batches": 1, "momentum_dtype": "float32", "master_dtype": "float32", "task": "nanochat-sft"}
+PAPER_FIELDS = {"width": 8, "activation": "tanh", "phase_space": "lr_vs_lr", "data_multiple": 1.0}  # paper-mlp only (paper_task.py)
 CPU_LANE_CHUNK = 8
 console = Console()
 
@@ -91,7 +92,7 @@ def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: t
     comes from."""
     unused = unused_fields(cfg, row, col)
     settings = {k: None if k in unused else v for k, v in asdict(cfg).items()
-                if k not in RUN_ONLY_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+                if k not in RUN_ONLY_FIELDS and k not in PAPER_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     settings["device"] = device.type
     settings["dtype"] = autocast_name(cfg, device)
     settings["kernels"] = kernels
@@ -107,14 +108,17 @@ def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: t
     }
 
 
-def plan_grid(cfg: GridConfig) -> GridPlan:
+def plan_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: dict | None = None) -> GridPlan:
     """Every check and load a grid needs, each bad input one clear line, all before the run dir is created."""
     validate(cfg)
+    for name, default in PAPER_FIELDS.items():
+        if getattr(cfg, name) != default:
+            raise UserError(f"--{name} is a setting of --task paper-mlp: leave it out of a nanochat grid, or add --task paper-mlp")
     if cfg.lane_chunk < 0:
         raise UserError(f"--lane_chunk is {cfg.lane_chunk}: use 0 (auto) or a positive number of lanes")
     if cfg.perturb_ulp < 0:
         raise UserError(f"--perturb_ulp is {cfg.perturb_ulp}: use 0 (no nudge) or a positive number of ulps")
-    row, col = grid_axes(cfg)
+    row, col = axes or grid_axes(cfg)  # a zoom (zoom.py) brings exact axis values
     for line in check_overrides(cfg, row, col):  # refuses a flag an axis overrides; warns of one that pins part of an axis
         console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
     device = resolve_device(cfg.device)
@@ -143,6 +147,8 @@ def plan_grid(cfg: GridConfig) -> GridPlan:
         group_lrs(c, config)  # e.g. a matrix_lr axis doing the same
     examples, dropped = render_split(cfg, tokenizer, config, "train")  # dataset errors, too
     spec = make_spec(cfg, row, col, directory, device, kernels, compile)
+    if parent is not None:
+        spec["parent"] = parent  # the run this grid zooms into, and the box
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(spec, row.name, col.name)
     check_run_dir(run_dir, spec)
     return GridPlan(cfg, row, col, device, kernels, (config, params, tokenizer), examples, dropped, cells, spec, run_dir, compile)
@@ -312,12 +318,12 @@ def open_grid(plan: GridPlan) -> tuple[str, object]:
     return digest, wandb_run
 
 
-def run_grid(cfg: GridConfig) -> Path:
+def run_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: dict | None = None) -> Path:
     """The `grid` command in one process: plan, train every row (resuming finished ones), then write the tables and
     pictures. Many workers: shard.py."""
     from fractal_vmap.tracking import closing_run
 
-    plan = plan_grid(cfg)
+    plan = plan_grid(cfg, axes, parent)
     cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
     with run_dir_lock(plan.run_dir):
         digest, wandb_run = open_grid(plan)

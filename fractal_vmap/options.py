@@ -57,6 +57,7 @@ class FinetuneConfig(TrainConfig):
 class GridConfig(TrainConfig):
     """A 2-D grid of fine-tuning runs: every run setting, plus the two axes swept and their ranges."""
 
+    task: str = "nanochat-sft"  # what each cell trains: nanochat-sft (fine-tuning a nanochat model), or paper-mlp (the MLP of Sohl-Dickstein 2024, one lane a pixel; its axes follow --phase_space)
     axes: str = "num_tokens,lr"  # the rows axis and the cols axis, comma-separated, from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr, weight_decay, warmup_frac, final_lr_frac, seed
     rows: int = 6  # number of values on the rows axis
     cols: int = 16  # number of values on the cols axis (the lanes of a row)
@@ -71,6 +72,10 @@ class GridConfig(TrainConfig):
     perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, to `compare` against (the map's noise floor)
     kernels: str = "auto"  # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under TRITON_INTERPRET=1: slow, for debugging)
     compile: str = "auto"  # the row's forward and backward under torch.compile: on, off, or auto (on for CUDA, off for CPU, where it measured no faster: benchmarks/README.md); on moves the numbers within the noise floor, so it is part of the grid's settings
+    width: int = 8  # paper-mlp: input dim and hidden width of the MLP (the paper used 16)
+    activation: str = "tanh"  # paper-mlp: tanh, relu or identity
+    phase_space: str = "lr_vs_lr"  # paper-mlp: lr_vs_lr (rows lr1 of the output layer, cols lr0 of the input layer; log10 lr in [-3, 6]) or offset_vs_lr (rows one lr, cols an offset added to every initial input-layer weight)
+    data_multiple: float = 1.0  # paper-mlp: training points = parameters x this (the identity network: width x this)
     workers: int = 1  # processes sharing the rows on this node (one per GPU; on CPU each gets cores / N threads), started by torch's elastic launcher; under torchrun leave it out
     memory_budget: str | None = None  # most memory a lane chunk may use, e.g. 2GB; unset: the GPU's on CUDA, no limit on CPU
     levers: str = "auto"  # memory levers that change no number: auto (what the memory budget needs), none, or a comma list of step_in_backward, remat
@@ -132,3 +137,36 @@ class BenchConfig:
     max_load: float = 1.2  # CPU: wait for a 1-minute load average below this first, and redo a measurement others disturbed (0: neither)
     project: str = "none"  # h100 or h200: instead of measuring, PROJECT one step of the --depths rows and the sequential loop on that datasheet GPU (no GPU needed: traced under FakeTensorMode, torch's roofline estimator + a launch cost)
     out: str = ""  # result JSON (default runs/bench/bench-<device>.json); the markdown table goes beside it (.md)
+
+
+@dataclass
+class ZoomConfig:
+    """A new grid inside a box of a finished grid, with the same settings; its grid.json records the parent and the box."""
+
+    run: str = field(positional=True, metavar="RUN", help="a finished grid's run dir")
+    box: str | None = None  # the box in the parent's cells, half-open: r0:r1,c0:c1 (rows r0..r1-1, cols c0..c1-1), e.g. from `fractal-vmap boxes RUN`
+    range: str | None = None  # the box in axis values instead: rows=LO:HI,cols=LO:HI (e.g. rows=1e-2:1e1,cols=1e3:1e4)
+    rows: int = 0  # rows of the new grid; 0: the box's rows at the parent's spacing (the parent's exact values, so its cells are reproduced)
+    cols: int = 0  # cols of the new grid; 0: the box's cols at the parent's spacing
+    square: bool = False  # widen the shorter side of the box (in log10 on a log axis) so the new grid covers a square
+    run_dir: str | None = None  # where the new grid goes; unset: runs/grid-<axes>-<hash of the settings>
+
+
+@dataclass
+class BoxesConfig:
+    """Suggest where to zoom: the boxes of a finished grid with the most boundary (edge pixels), best first."""
+
+    run: str = field(positional=True, metavar="RUN", help="a finished grid's run dir")
+    size: int = 0  # box side in cells; 0: a sixteenth of the grid's shorter side (at least 2)
+    count: int = 4  # boxes to suggest (non-overlapping)
+
+
+@dataclass
+class AnimateConfig:
+    """A zoom animation through a chain of runs, each a `zoom` of the one before: the parent with the child's box drawn,
+    then the child. A GIF always, an MP4 beside it when ffmpeg is installed."""
+
+    runs: list[str] = field(positional=True, nargs="+", metavar="RUN", help="the runs, outermost first")
+    out: str = "zoom.gif"  # the GIF's path (the MP4 goes beside it)
+    size: int = 512  # frame side in pixels (even)
+    frame_ms: int = 1000  # how long each frame shows

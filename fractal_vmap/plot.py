@@ -19,6 +19,7 @@ GREY = (0.5, 0.5, 0.5)  # cells with no value
 BLUE, RED = (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)  # the two phases at full depth
 PALEST = 0.3  # the palest cell of a phase still gets 30% colour: clearly blue or red, never white
 CAPTION_SIZE = 7  # points
+MAX_SHOWN_LOSS = 1e30  # the final-loss panel's colour scale ends here (larger losses get its top colour)
 
 
 def _rank_fraction(x: np.ndarray) -> np.ndarray:
@@ -174,7 +175,8 @@ def panels(cells: pd.DataFrame, row_name: str, col_name: str, path, log_rows: bo
     _binary(fig, axes[0, 1], mesh_args, _grid(cells, "stable", H, W), "stable: every loss finite", "diverged: a loss went NaN/inf",
             "stable or diverged")
     ok = np.isfinite(final_loss) & (final_loss > 0)
-    norm = LogNorm(final_loss[ok].min(), final_loss[ok].max()) if ok.any() else Normalize(0, 1)
+    # float64 losses of a diverging run reach ~1e300, where the colour bar's log ticks overflow: losses above 1e30 saturate
+    norm = LogNorm(min(final_loss[ok].min(), MAX_SHOWN_LOSS), min(final_loss[ok].max(), MAX_SHOWN_LOSS), clip=True) if ok.any() else Normalize(0, 1)
     mesh = _mesh(axes[1, 0], *mesh_args, np.ma.masked_where(~ok, final_loss), cmap=plt.get_cmap("viridis").with_extremes(bad=GREY), norm=norm)
     fig.colorbar(mesh, ax=axes[1, 0], label="final loss (log scale)")
     axes[1, 0].set_title("final loss (grey: not finite, or no result)")

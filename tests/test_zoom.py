@@ -1,0 +1,130 @@
+"""The paper's task as a grid (`grid --task paper-mlp`), `zoom`, `boxes` and `animate`, end to end through the CLI on
+small grids (12 x 12 lanes, 25 steps: seconds)."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fractal_vmap.animate import CAPTION_PX
+from fractal_vmap.cli import main
+from fractal_vmap.fractal import convergence_measure, edge_pixels
+from fractal_vmap.paper import PaperConfig, paper_grid
+
+SIZE, STEPS = 12, 25
+# the default view's band where both phases meet at 12 x 12 (lr1 around 10^1.5, lr0 beyond 10^2: the ragged part)
+GRID = ["grid", "--task", "paper-mlp", "--rows", str(SIZE), "--cols", str(SIZE), "--num_iterations", str(STEPS),
+        "--row_min", "1", "--row_max", "1e3", "--col_min", "1e-1", "--col_max", "1e5", "--seed", "0"]
+
+
+def strict(path):
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+
+def cells(run_dir) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / "cells.parquet").sort_values(["row", "col"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("paper") / "run"
+    main([*GRID, "--run_dir", str(run_dir)])
+    return run_dir
+
+
+def test_a_paper_grid_is_the_paper_trainer_in_a_run_dir(parent, capsys):
+    spec = strict(parent / "grid.json")["spec"]
+    assert spec["settings"]["task"] == "paper-mlp" and spec["settings"]["dtype"] == "float64"
+    rows, cols = (np.array(spec["axes"][k]["values"]) for k in ("rows", "cols"))
+    assert (spec["axes"]["rows"]["name"], spec["axes"]["cols"]["name"]) == ("lr1", "lr0")
+    assert len(list((parent / "rows").glob("row_*.json"))) == SIZE
+    fractal = strict(parent / "fractal.json")
+    got = cells(parent)
+    assert len(got) == SIZE * SIZE and 0 < fractal["trainable_fraction"] < 1  # both phases in the view
+    # the same network trained in one call over the whole grid (paper.paper_grid), measured by fractal.py directly
+    losses = paper_grid(PaperConfig(steps=STEPS, seed=0), rows, cols)  # [steps, rows, cols]
+    want = convergence_measure(losses.permute(1, 2, 0).numpy())
+    np.testing.assert_array_equal(got["measure"].to_numpy().reshape(SIZE, SIZE), want)
+    assert (got["converged"] == (got["measure"] < 0)).all()
+    assert (parent / "trainability.png").stat().st_size > 0 and (parent / "panels.png").stat().st_size > 0
+    before = {p.name: p.stat().st_mtime_ns for p in (parent / "rows").iterdir()}
+    capsys.readouterr()
+    main([*GRID, "--run_dir", str(parent)])  # a rerun resumes: every row is kept
+    assert f"resuming: {SIZE}/{SIZE} rows already done" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (parent / "rows").iterdir()} == before
+
+
+def test_a_zoom_at_the_parents_spacing_reproduces_its_cells(parent, tmp_path):
+    child = tmp_path / "zoom"
+    main(["zoom", str(parent), "--box", "3:9,2:7", "--run_dir", str(child)])
+    spec = strict(child / "grid.json")["spec"]
+    assert spec["parent"]["box"] == [3, 9, 2, 7] and spec["parent"]["run_dir"] == str(parent.resolve())
+    block = cells(parent).query("3 <= row < 9 and 2 <= col < 7").assign(row=lambda d: d.row - 3, col=lambda d: d.col - 2)
+    mine = cells(child)
+    assert len(mine) == 6 * 5
+    columns = ["row", "col", "lr1", "lr0", "measure", "final_loss", "converged", "stable"]
+    pd.testing.assert_frame_equal(mine[columns], block.reset_index(drop=True)[columns], check_exact=True)  # the same lanes, bit for bit
+
+
+def test_a_finer_zoom_spans_the_box(parent, tmp_path):
+    child = tmp_path / "fine"
+    main(["zoom", str(parent), "--box", "3:9,2:7", "--rows", "4", "--cols", "3", "--run_dir", str(child)])
+    parent_axes = strict(parent / "grid.json")["spec"]["axes"]
+    axes = strict(child / "grid.json")["spec"]["axes"]
+    assert len(axes["rows"]["values"]) == 4 and len(axes["cols"]["values"]) == 3
+    assert math.isclose(axes["rows"]["values"][0], parent_axes["rows"]["values"][3], rel_tol=1e-12)
+    assert math.isclose(axes["cols"]["values"][-1], parent_axes["cols"]["values"][6], rel_tol=1e-12)
+
+
+def test_boxes_hold_the_boundary(parent, capsys):
+    from fractal_vmap.options import BoxesConfig
+    from fractal_vmap.zoom import suggest_boxes
+
+    boxes = suggest_boxes(BoxesConfig(run=str(parent), size=4, count=3))
+    measure = cells(parent)["measure"].to_numpy().reshape(SIZE, SIZE)
+    edges = edge_pixels(measure)
+    assert boxes and boxes == sorted(boxes, key=lambda b: -b["edge_pixels"])
+    for b in boxes:
+        (r0, r1), (c0, c1) = (map(int, part.split(":")) for part in b["box"].split(","))
+        assert r1 - r0 == c1 - c0 == 4
+        assert b["edge_pixels"] == edges[r0:r1 - 1, c0:c1 - 1].sum() > 0  # edge pixels inside the box
+    main(["boxes", str(parent), "--size", "4"])
+    assert f"fractal-vmap zoom {parent} --box {boxes[0]['box']}" in capsys.readouterr().out
+
+
+def test_animate_plays_the_chain(parent, tmp_path):
+    child = tmp_path / "zoom"
+    main(["zoom", str(parent), "--box", "0:6,6:12", "--run_dir", str(child)])
+    main(["animate", str(parent), str(child), "--out", str(tmp_path / "z.gif"), "--size", "64"])
+    gif = Image.open(tmp_path / "z.gif")
+    assert gif.n_frames == 2 and gif.size == (64, 64 + CAPTION_PX)  # the parent with the box, then the child
+    with pytest.raises(SystemExit) as e:
+        main(["animate", str(child), str(parent), "--out", str(tmp_path / "bad.gif")])  # the wrong order
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["grid", "--width", "16", "--rows", "1"],  # a paper setting on a nanochat grid
+    ["grid", "--task", "paper-mlp", "--axes", "lr,seed"],  # nanochat axes on the paper task
+    ["grid", "--task", "paper-mlp", "--phase_space", "lr_vs_width"],
+    ["grid", "--task", "paper-mlp", "--dtype", "bfloat16"],
+    ["grid", "--task", "mnist"],
+])
+def test_bad_task_settings_are_one_line(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--run_dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert e.value.code == 2 and out.startswith("error:") and "Traceback" not in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_boxes_are_one_line(parent, tmp_path, capsys):
+    for argv in (["zoom", str(parent), "--box", "0:13,0:4"], ["zoom", str(parent), "--box", "4:2,0:4"], ["zoom", str(parent)],
+                 ["zoom", str(tmp_path), "--box", "0:2,0:2"], ["boxes", str(parent), "--size", "1"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--run_dir", str(tmp_path / "z")] if argv[0] == "zoom" else argv)
+        assert e.value.code == 2, argv
+        assert capsys.readouterr().out.startswith("error:"), argv
