@@ -56,7 +56,12 @@ def grid_command(cfg) -> None:
 
         if cfg.workers > 1:
             raise UserError("--workers is for nanochat grids: a paper-mlp grid of 256 x 256 runs in minutes in one process (its chunks use every core)")
-        run_paper_grid(cfg)
+        if cfg.refine:
+            from fractal_vmap.refine import run_refined_grid
+
+            run_refined_grid(cfg)
+        else:
+            run_paper_grid(cfg)
         return
     from fractal_vmap import shard
     from fractal_vmap.grid import run_grid

@@ -65,6 +65,8 @@ def make_spec(cfg: GridConfig, paper: PaperConfig, row: Axis, col: Axis, device:
         "model": {"source": f"paper-mlp (width {paper.width}, {paper.activation}, {num_params(paper)} parameters)"},
         "dataset": {"source": f"N(0, 1) inputs and targets ({num_points(paper)} points, seed {paper.seed})"},
     }
+    if cfg.refine:
+        spec["settings"]["refine"] = cfg.refine  # the cells a refined grid trains depend on it (refine.py)
     if parent is not None:
         spec["parent"] = parent
     return spec

@@ -28,7 +28,8 @@ def cells_frame(lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] |
     rates it trained with (`lrs[i][j]`, axes.cell_lrs: null for a frozen group or an unread base learning_rate)."""
     import pandas as pd
 
-    columns = list(dict.fromkeys(["row", "col", row.name, col.name, *CELL_COLUMNS]))  # an axis named like a field (seed) once
+    refined = [c for c in ("trained", "level") if lanes and c in lanes[0]]  # a refined grid's (refine.py)
+    columns = list(dict.fromkeys(["row", "col", row.name, col.name, *CELL_COLUMNS, *refined]))  # an axis named like a field (seed) once
     records = [{**lane, **(lrs[lane["grid_i"]][lane["grid_j"]] if lrs else {}), "row": lane["grid_i"], "col": lane["grid_j"],
                 row.name: row.values[lane["grid_i"]], col.name: col.values[lane["grid_j"]]} for lane in lanes]
     return pd.DataFrame.from_records(records).reindex(columns=columns).astype({c: "float64" for c in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr")})

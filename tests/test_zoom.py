@@ -16,8 +16,8 @@ from fractal_vmap.paper import PaperConfig, paper_grid
 
 SIZE, STEPS = 12, 25
 # the default view's band where both phases meet at 12 x 12 (lr1 around 10^1.5, lr0 beyond 10^2: the ragged part)
-GRID = ["grid", "--task", "paper-mlp", "--rows", str(SIZE), "--cols", str(SIZE), "--num_iterations", str(STEPS),
-        "--row_min", "1", "--row_max", "1e3", "--col_min", "1e-1", "--col_max", "1e5", "--seed", "0"]
+VIEW = ["--row_min", "1", "--row_max", "1e3", "--col_min", "1e-1", "--col_max", "1e5"]
+GRID = ["grid", "--task", "paper-mlp", "--rows", str(SIZE), "--cols", str(SIZE), "--num_iterations", str(STEPS), *VIEW, "--seed", "0"]
 
 
 def strict(path):
@@ -128,3 +128,31 @@ def test_bad_boxes_are_one_line(parent, tmp_path, capsys):
             main([*argv, "--run_dir", str(tmp_path / "z")] if argv[0] == "zoom" else argv)
         assert e.value.code == 2, argv
         assert capsys.readouterr().out.startswith("error:"), argv
+
+
+def test_refinement_trains_near_the_boundary_and_equals_the_full_grid_where_it_trained(parent, tmp_path):
+    """--refine 2 from the 12 x 12 view's 7 x 7 coarse grid: a 25 x 25 map. Every cell it trained equals the full 25 x 25
+    grid's bit for bit (the same lanes); the others take their coarse parent's result, marked untrained."""
+    view = ["--task", "paper-mlp", "--num_iterations", str(STEPS), "--seed", "0", *VIEW]
+    main(["grid", *view, "--rows", "25", "--cols", "25", "--run_dir", str(tmp_path / "full")])
+    main(["grid", *view, "--rows", "7", "--cols", "7", "--refine", "2", "--run_dir", str(tmp_path / "refined")])
+    full, refined = cells(tmp_path / "full"), cells(tmp_path / "refined")
+    assert strict(tmp_path / "refined" / "grid.json")["spec"]["settings"]["refine"] == 2
+    trained = refined["trained"].to_numpy()
+    assert refined["lr1"].tolist() == full["lr1"].tolist() and refined["lr0"].tolist() == full["lr0"].tolist()
+    assert 49 < trained.sum() < 625  # more than the coarse grid, fewer than every cell
+    assert set(refined["level"][refined["row"].mod(4).eq(0) & refined["col"].mod(4).eq(0)]) == {0}  # the coarse grid: level 0
+    assert refined["measure"][trained].tolist() == full["measure"][trained].tolist()
+    differ = refined["converged"] != full["converged"]
+    assert not (differ & trained).any()  # only where it did not look
+    print(f"refine 2 on 25 x 25: trained {trained.sum()} of 625 cells, {differ.sum()} differ from the full grid")
+
+
+def test_a_nanochat_zoom_reproduces_its_cells(default_model, tmp_path):
+    grid = ["grid", "--axes", "matrix_lr,unembedding_lr", "--rows", "2", "--cols", "3", "--num_iterations", "4", "--wandb", "disabled",
+            "--device", "cpu", "--run_dir", str(tmp_path / "parent")]
+    main(grid)
+    main(["zoom", str(tmp_path / "parent"), "--box", "1:2,1:3", "--run_dir", str(tmp_path / "zoom")])
+    block = cells(tmp_path / "parent").query("row == 1 and col >= 1").assign(row=0, col=lambda d: d.col - 1).reset_index(drop=True)
+    columns = ["row", "col", "matrix_lr", "unembedding_lr", "final_loss", "measure", "converged"]
+    pd.testing.assert_frame_equal(cells(tmp_path / "zoom")[columns], block[columns], check_exact=True)

@@ -1,0 +1,147 @@
+"""`grid --task paper-mlp --refine K`: a boundary map at (rows - 1) x 2^K + 1 by (cols - 1) x 2^K + 1 cells that trains
+only near the boundary. Level 0 trains the --rows x --cols grid (every 2^K-th cell of the fine grid); each next level
+halves the spacing inside the squares of the level before whose corners disagree in phase, and inside their
+neighbouring squares, so a thin feature next to the boundary is not missed. A cell no level trained takes the result
+of its coarse parent (the trained cell at the corner of its square at the coarsest level that has one) and is marked
+`trained = false` in cells.parquet; `level` says at which level a cell was trained (or filled).
+
+Every level's values are the fine grid's own values, and a lane's numbers do not depend on which lanes train beside
+it (paper.py), so a trained cell equals the same cell of a full fine grid bit for bit: refinement can only be wrong
+where it did not look (islands inside squares whose corners agree: the known weakness of border tracing).
+
+Layout: the run dir as every grid's, except `rows/` holds one file a level (`row_XXXX.json` = level XXXX, the lanes it
+trained, each with its fine-grid indices), so a rerun resumes level by level.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from fractal_vmap.axes import Axis, make_axis
+from fractal_vmap.errors import UserError
+from fractal_vmap.files import finite_or_none
+from fractal_vmap.lock import run_dir_lock
+from fractal_vmap.options import GridConfig
+from fractal_vmap.paper import LANE_CHUNK, phase_lanes, train_paper_lanes
+from fractal_vmap.report import dimension_note, write_report
+from fractal_vmap.rundir import open_run_dir, read_row, row_path, write_row
+
+MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom serves better
+console = Console()
+
+
+def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
+    """The finest level's axes: (n - 1) x 2^K + 1 values over the same ranges (level 0's values are every 2^K-th)."""
+    from fractal_vmap.paper_task import PAPER_AXES, SPACE_AXES
+
+    rows_axis, cols_axis = SPACE_AXES[cfg.phase_space]
+    return (make_axis(rows_axis, (cfg.rows - 1) * 2**K + 1, cfg.row_min, cfg.row_max, cfg.row_scale, "rows", PAPER_AXES),
+            make_axis(cols_axis, (cfg.cols - 1) * 2**K + 1, cfg.col_min, cfg.col_max, cfg.col_scale, "cols", PAPER_AXES))
+
+
+def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int, int]]:
+    """Fine-grid cells at spacing `step` to train next: those inside (or on the edges of) the squares of spacing 2 x step
+    whose known corners disagree in phase, and of the squares around them. phase: bool [H, W] (valid where known)."""
+    H, W = phase.shape
+    big = 2 * step
+    corners = [(i, j) for i in range(0, H, big) for j in range(0, W, big)]
+    marked = set()
+    for i, j in corners:
+        if i + big >= H or j + big >= W:
+            continue
+        square = [(a, b) for a in (i, i + big) for b in (j, j + big)]
+        values = {bool(phase[a, b]) for a, b in square if known[a, b]}
+        if len(values) > 1:  # the boundary crosses this square: it and its 8 neighbours
+            for di in (-big, 0, big):
+                for dj in (-big, 0, big):
+                    if 0 <= i + di and i + di + big < H and 0 <= j + dj and j + dj + big < W:
+                        marked.add((i + di, j + dj))
+    cells = {(a, b) for i, j in marked for a in range(i, i + big + 1, step) for b in range(j, j + big + 1, step)}
+    return sorted(c for c in cells if not known[c])
+
+
+def map_lanes(phase_space: str, rows: np.ndarray, cols: np.ndarray):
+    """(lr0, lr1, offset) of lanes at these (row value, col value) pairs: paper.phase_lanes' mapping, cell by cell."""
+    import torch
+
+    r, c = torch.as_tensor(rows, dtype=torch.float64), torch.as_tensor(cols, dtype=torch.float64)
+    return (c, r, torch.zeros_like(r)) if phase_space == "lr_vs_lr" else (r, r, c)
+
+
+def train_points(plan, points: list[tuple[int, int]]) -> list[dict]:
+    """Train the fine-grid cells `points` (row, col indices) as the lanes of one call; one result a cell."""
+    from fractal_vmap.paper_task import lane_results
+
+    rows = np.array([plan.row.values[i] for i, _ in points])
+    cols = np.array([plan.col.values[j] for _, j in points])
+    lr0, lr1, offset = map_lanes(plan.cfg.phase_space, rows, cols)
+    chunk = LANE_CHUNK if plan.device.type == "cpu" else len(points)
+    losses = train_paper_lanes(plan.paper, lr0, lr1, offset, chunk=chunk, device=plan.device)
+    results = lane_results(losses, plan.cfg.trainable_window_steps, plan.cfg.trainable_loss_ratio_threshold)
+    for (i, j), r in zip(points, results):
+        r.update(grid_i=i, grid_j=j)
+    return results
+
+
+def filled(results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], int], H: int, W: int, K: int) -> list[dict]:
+    """Every fine cell: a trained one as it is (trained = true, its level), another from its coarse parent: the corner
+    of its square at the finest level whose corner was trained (trained = false, the parent's level)."""
+    out = []
+    for i in range(H):
+        for j in range(W):
+            if (i, j) in results:
+                out.append({**results[(i, j)], "trained": True, "level": levels[(i, j)]})
+                continue
+            for k in range(K - 1, -1, -1):  # the finest parent first
+                step = 2 ** (K - k)
+                parent = (i - i % step, j - j % step)
+                if parent in results:
+                    break
+            out.append({**results[parent], "grid_i": i, "grid_j": j, "trained": False, "level": levels[parent], "losses": []})
+    return out
+
+
+def run_refined_grid(cfg: GridConfig) -> Path:
+    """Level 0, then K levels of refinement near the boundary, then the tables and pictures of the filled fine grid."""
+    from fractal_vmap.paper_task import plan_paper_grid
+
+    K = cfg.refine
+    if not 1 <= K <= MAX_LEVELS:
+        raise UserError(f"--refine {K}: use 1 to {MAX_LEVELS} levels (each halves the spacing near the boundary)")
+    if cfg.rows < 2 or cfg.cols < 2:
+        raise UserError(f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}")
+    plan = plan_paper_grid(cfg, fine_axes(cfg, K))
+    cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
+    H, W = len(plan.row.values), len(plan.col.values)
+    results: dict[tuple[int, int], dict] = {}
+    levels: dict[tuple[int, int], int] = {}
+    with run_dir_lock(plan.run_dir):
+        digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"fine_cells": H * W})
+        console.print(f"paper-mlp grid refined {K} levels: {cfg.rows} x {cfg.cols} coarse cells to {H} x {W}, run dir [bold]{plan.run_dir}[/bold]",
+                      soft_wrap=True)
+        for k in range(K + 1):
+            step = 2 ** (K - k)
+            known = np.zeros((H, W), dtype=bool)
+            phase = np.zeros((H, W), dtype=bool)
+            for (i, j), r in results.items():
+                known[i, j], phase[i, j] = True, r["converged"]
+            points = [(i, j) for i in range(0, H, step) for j in range(0, W, step)] if k == 0 else to_refine(phase, known, step)
+            path = row_path(plan.run_dir, k)
+            done = read_row(path, len(points), digest) if points else []
+            if done is None:
+                t0 = time.perf_counter()
+                trained = train_points(plan, points)
+                write_row(path, k, digest, trained, time.perf_counter() - t0, min(LANE_CHUNK, len(points)))
+                done = json.loads(json.dumps(finite_or_none(trained)))  # as a resumed run reads it back: NaN is null
+            for r in done:
+                results[(r["grid_i"], r["grid_j"])], levels[(r["grid_i"], r["grid_j"])] = r, k
+            console.print(f"level {k}: {len(points)} cells trained at spacing {step} ({len(results)} of {H * W} so far)", highlight=False)
+        out = write_report(plan.run_dir, filled(results, levels, H, W, K), plan.row, plan.col)
+    f = out["fractal"]
+    console.print(f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); trainable {f['trainable_fraction']:.0%}; "
+                  f"{dimension_note(f)}", highlight=False, soft_wrap=True)
+    console.print(f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}", soft_wrap=True)
+    return plan.run_dir
