@@ -32,7 +32,7 @@ class Options:
     batch: int = 8
     seq: int = 1024
     launch_us: float = LAUNCH_US
-    supervised_frac: float = 0.7  # supervised share of a batch's tokens (benchmarks/lanes_step.py's random batches: ~70%)
+    supervised_frac: float = 0.7  # supervised share of a batch's tokens (bench.py's random batches: ~70%)
     momentum_dtype: str = "float32"
     master_dtype: str = "float32"
     out: str = ""  # default: benchmarks/results/projection-<gpu>.json

@@ -159,31 +159,22 @@ def build_parser() -> ArgumentParser:
     """Every command and its flags. Imports no torch (options.py is light), so --help answers at once."""
     parser = ArgumentParser(prog="fractal-vmap", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    # --config_path file.yaml (or .json) sets the options; flags given on the command line override it
-    finetune = commands.add_parser("finetune", help="train one model (one grid cell) with torch.optim AdamW + Muon", add_config_path_arg=True)
-    finetune.add_arguments(FinetuneConfig, dest="cfg")
-    finetune.set_defaults(run=finetune_command)
-    grid = commands.add_parser("grid", help="train a 2-D grid of fine-tuning runs, a whole row of lanes at once", add_config_path_arg=True)
-    grid.add_arguments(GridConfig, dest="cfg")
-    grid.set_defaults(run=grid_command)
-    plot = commands.add_parser("plot", help="redraw a grid's pictures from its run dir (restyled or re-thresholded), without training")
-    plot.add_arguments(PlotConfig, dest="cfg")
-    plot.set_defaults(run=plot_command)
-    compare = commands.add_parser("compare", help="count the cells of two grids over the same axes that change phase, and where")
-    compare.add_arguments(compare_options(), dest="cfg")
-    compare.set_defaults(run=compare_command)
-    for name, options, run, text in (("zoom", ZoomConfig, zoom_command, "a new grid inside a box of a finished grid (same settings, the parent recorded)"),
-                                     ("boxes", BoxesConfig, boxes_command, "suggest where to zoom: the boxes of a grid with the most boundary"),
-                                     ("animate", AnimateConfig, animate_command, "a zoom animation (GIF, MP4 with ffmpeg) through a chain of zoomed runs")):
-        command = commands.add_parser(name, help=text)
+    commands_and_help = (
+        ("finetune", FinetuneConfig, finetune_command, "train one model (one grid cell) with torch.optim AdamW + Muon"),
+        ("grid", GridConfig, grid_command, "train a 2-D grid of fine-tuning runs, a whole row of lanes at once (or --task paper-mlp)"),
+        ("plot", PlotConfig, plot_command, "redraw a grid's pictures from its run dir (restyled or re-thresholded), without training"),
+        ("compare", compare_options(), compare_command, "count the cells of two grids over the same axes that change phase, and where"),
+        ("zoom", ZoomConfig, zoom_command, "a new grid inside a box of a finished grid (same settings, the parent recorded)"),
+        ("boxes", BoxesConfig, boxes_command, "suggest where to zoom: the boxes of a grid with the most boundary"),
+        ("animate", AnimateConfig, animate_command, "a zoom animation (GIF, MP4 with ffmpeg) through a chain of zoomed runs"),
+        ("plan", PlanConfig, plan_command, "how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast"),
+        ("bench", BenchConfig, bench_command, "training throughput of a row: sequential models vs the eager row vs the compiled row"),
+    )
+    for name, options, run, text in commands_and_help:
+        # --config_path file.yaml (or .json) sets a training command's options; flags given on the command line override it
+        command = commands.add_parser(name, help=text, add_config_path_arg=name in OPTIONS)
         command.add_arguments(options, dest="cfg")
         command.set_defaults(run=run)
-    plan = commands.add_parser("plan", help="how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast", add_config_path_arg=True)
-    plan.add_arguments(PlanConfig, dest="cfg")
-    plan.set_defaults(run=plan_command)
-    bench = commands.add_parser("bench", help="training throughput of a row: sequential models vs the eager row vs the compiled row")
-    bench.add_arguments(BenchConfig, dest="cfg")
-    bench.set_defaults(run=bench_command)
     return parser
 
 
