@@ -51,17 +51,19 @@ def grid_command(cfg) -> None:
 
     if cfg.task not in TASKS:
         raise UserError(f"unknown --task {cfg.task!r}: use one of {', '.join(TASKS)}")
+    if cfg.refine:
+        from fractal_vmap.refine import run_refined_grid
+
+        if cfg.workers > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
+            raise UserError("--refine runs in one process: leave out --workers and torchrun")
+        run_refined_grid(cfg)
+        return
     if cfg.task == "paper-mlp":
         from fractal_vmap.paper_task import run_paper_grid
 
         if cfg.workers > 1:
             raise UserError("--workers is for nanochat grids: a paper-mlp grid of 256 x 256 runs in minutes in one process (its chunks use every core)")
-        if cfg.refine:
-            from fractal_vmap.refine import run_refined_grid
-
-            run_refined_grid(cfg)
-        else:
-            run_paper_grid(cfg)
+        run_paper_grid(cfg)
         return
     from fractal_vmap import shard
     from fractal_vmap.grid import run_grid

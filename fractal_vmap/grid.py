@@ -33,8 +33,8 @@ from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
 RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "workers", "memory_budget", "levers", "run_name", "wandb", "wandb_project", "wandb_entity")
 # settings that change the numbers but joined the spec later: left out at these defaults, so older run dirs resume
-LATER_FIELDS = {"micro_batches": 1, "momentum_dtype": "float32", "master_dtype": "float32", "task": "nanochat-sft"}
-PAPER_FIELDS = {"width": 8, "activation": "tanh", "phase_space": "lr_vs_lr", "data_multiple": 1.0, "refine": 0}  # paper-mlp only (paper_task.py)
+LATER_FIELDS = {"micro_batches": 1, "momentum_dtype": "float32", "master_dtype": "float32", "task": "nanochat-sft", "refine": 0}
+PAPER_FIELDS = {"width": 8, "activation": "tanh", "phase_space": "lr_vs_lr", "data_multiple": 1.0}  # paper-mlp only (paper_task.py)
 CPU_LANE_CHUNK = 8
 console = Console()
 

@@ -76,7 +76,7 @@ class GridConfig(TrainConfig):
     activation: str = "tanh"  # paper-mlp: tanh, relu or identity
     phase_space: str = "lr_vs_lr"  # paper-mlp: lr_vs_lr (rows lr1 of the output layer, cols lr0 of the input layer; log10 lr in [-3, 6]) or offset_vs_lr (rows one lr, cols an offset added to every initial input-layer weight)
     data_multiple: float = 1.0  # paper-mlp: training points = parameters x this (the identity network: width x this)
-    refine: int = 0  # paper-mlp: refine K levels near the boundary: the --rows x --cols grid, then K times half the spacing where neighbours disagree in phase (a (rows-1) x 2^K + 1 map at a fraction of its cells); 0: off
+    refine: int = 0  # refine K levels near the boundary: the --rows x --cols grid, then K times half the spacing where neighbours disagree in phase (a (rows-1) x 2^K + 1 map at a fraction of its cells); 0: off
     workers: int = 1  # processes sharing the rows on this node (one per GPU; on CPU each gets cores / N threads), started by torch's elastic launcher; under torchrun leave it out
     memory_budget: str | None = None  # most memory a lane chunk may use, e.g. 2GB; unset: the GPU's on CUDA, no limit on CPU
     levers: str = "auto"  # memory levers that change no number: auto (what the memory budget needs), none, or a comma list of step_in_backward, remat

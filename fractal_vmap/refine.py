@@ -1,4 +1,4 @@
-"""`grid --task paper-mlp --refine K`: a boundary map at (rows - 1) x 2^K + 1 by (cols - 1) x 2^K + 1 cells that trains
+"""`grid --refine K` (either task): a boundary map at (rows - 1) x 2^K + 1 by (cols - 1) x 2^K + 1 cells that trains
 only near the boundary. Level 0 trains the --rows x --cols grid (every 2^K-th cell of the fine grid); each next level
 halves the spacing inside the squares of the level before whose corners disagree in phase, and inside their
 neighbouring squares, so a thin feature next to the boundary is not missed. A cell no level trained takes the result
@@ -6,7 +6,7 @@ of its coarse parent (the trained cell at the corner of its square at the coarse
 `trained = false` in cells.parquet; `level` says at which level a cell was trained (or filled).
 
 Every level's values are the fine grid's own values, and a lane's numbers do not depend on which lanes train beside
-it (paper.py), so a trained cell equals the same cell of a full fine grid bit for bit: refinement can only be wrong
+it (paper.py, engine.py), so a trained cell equals the same cell of a full fine grid bit for bit: refinement can only be wrong
 where it did not look (islands inside squares whose corners agree: the known weakness of border tracing).
 
 Layout: the run dir as every grid's, except `rows/` holds one file a level (`row_XXXX.json` = level XXXX, the lanes it
@@ -35,11 +35,15 @@ console = Console()
 
 def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
     """The finest level's axes: (n - 1) x 2^K + 1 values over the same ranges (level 0's values are every 2^K-th)."""
+    from fractal_vmap.axes import AXES, parse_axes
     from fractal_vmap.paper_task import PAPER_AXES, SPACE_AXES
 
-    rows_axis, cols_axis = SPACE_AXES[cfg.phase_space]
-    return (make_axis(rows_axis, (cfg.rows - 1) * 2**K + 1, cfg.row_min, cfg.row_max, cfg.row_scale, "rows", PAPER_AXES),
-            make_axis(cols_axis, (cfg.cols - 1) * 2**K + 1, cfg.col_min, cfg.col_max, cfg.col_scale, "cols", PAPER_AXES))
+    if cfg.task == "paper-mlp":
+        (rows_axis, cols_axis), table = SPACE_AXES[cfg.phase_space], PAPER_AXES
+    else:
+        (rows_axis, cols_axis), table = parse_axes(cfg.axes), AXES
+    return (make_axis(rows_axis, (cfg.rows - 1) * 2**K + 1, cfg.row_min, cfg.row_max, cfg.row_scale, "rows", table),
+            make_axis(cols_axis, (cfg.cols - 1) * 2**K + 1, cfg.col_min, cfg.col_max, cfg.col_scale, "cols", table))
 
 
 def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int, int]]:
@@ -71,8 +75,19 @@ def map_lanes(phase_space: str, rows: np.ndarray, cols: np.ndarray):
     return (c, r, torch.zeros_like(r)) if phase_space == "lr_vs_lr" else (r, r, c)
 
 
+def train_nanochat_points(plan, points: list[tuple[int, int]]) -> list[dict]:
+    """Train the fine-grid cells `points` of a nanochat grid as one row of lanes (grid.train_row: lane chunks, memory,
+    out-of-memory halving); one result a cell."""
+    from fractal_vmap.grid import train_row
+
+    results, _ = train_row(plan, [plan.cells[i][j] for i, j in points])
+    for (i, j), r in zip(points, results):
+        r.update(grid_i=i, grid_j=j)
+    return results
+
+
 def train_points(plan, points: list[tuple[int, int]]) -> list[dict]:
-    """Train the fine-grid cells `points` (row, col indices) as the lanes of one call; one result a cell."""
+    """Train the fine-grid cells `points` (row, col indices) of a paper-mlp grid as the lanes of one call."""
     from fractal_vmap.paper_task import lane_results
 
     rows = np.array([plan.row.values[i] for i, _ in points])
@@ -105,22 +120,29 @@ def filled(results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], i
 
 
 def run_refined_grid(cfg: GridConfig) -> Path:
-    """Level 0, then K levels of refinement near the boundary, then the tables and pictures of the filled fine grid."""
-    from fractal_vmap.paper_task import plan_paper_grid
+    """Level 0, then K levels of refinement near the boundary, then the tables and pictures of the filled fine grid.
+    (No W&B run: the files are the record.)"""
 
     K = cfg.refine
     if not 1 <= K <= MAX_LEVELS:
         raise UserError(f"--refine {K}: use 1 to {MAX_LEVELS} levels (each halves the spacing near the boundary)")
     if cfg.rows < 2 or cfg.cols < 2:
         raise UserError(f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}")
-    plan = plan_paper_grid(cfg, fine_axes(cfg, K))
+    if cfg.task == "paper-mlp":
+        from fractal_vmap.paper_task import plan_paper_grid
+
+        plan, train = plan_paper_grid(cfg, fine_axes(cfg, K)), train_points
+    else:
+        from fractal_vmap.grid import plan_grid
+
+        plan, train = plan_grid(cfg, fine_axes(cfg, K)), train_nanochat_points
     cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
     H, W = len(plan.row.values), len(plan.col.values)
     results: dict[tuple[int, int], dict] = {}
     levels: dict[tuple[int, int], int] = {}
     with run_dir_lock(plan.run_dir):
         digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"fine_cells": H * W})
-        console.print(f"paper-mlp grid refined {K} levels: {cfg.rows} x {cfg.cols} coarse cells to {H} x {W}, run dir [bold]{plan.run_dir}[/bold]",
+        console.print(f"{cfg.task} grid refined {K} levels: {cfg.rows} x {cfg.cols} coarse cells to {H} x {W}, run dir [bold]{plan.run_dir}[/bold]",
                       soft_wrap=True)
         for k in range(K + 1):
             step = 2 ** (K - k)
@@ -133,7 +155,7 @@ def run_refined_grid(cfg: GridConfig) -> Path:
             done = read_row(path, len(points), digest) if points else []
             if done is None:
                 t0 = time.perf_counter()
-                trained = train_points(plan, points)
+                trained = train(plan, points)
                 write_row(path, k, digest, trained, time.perf_counter() - t0, min(LANE_CHUNK, len(points)))
                 done = json.loads(json.dumps(finite_or_none(trained)))  # as a resumed run reads it back: NaN is null
             for r in done:

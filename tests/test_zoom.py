@@ -156,3 +156,15 @@ def test_a_nanochat_zoom_reproduces_its_cells(default_model, tmp_path):
     block = cells(tmp_path / "parent").query("row == 1 and col >= 1").assign(row=0, col=lambda d: d.col - 1).reset_index(drop=True)
     columns = ["row", "col", "matrix_lr", "unembedding_lr", "final_loss", "measure", "converged"]
     pd.testing.assert_frame_equal(cells(tmp_path / "zoom")[columns], block[columns], check_exact=True)
+
+
+def test_a_refined_nanochat_grid_equals_the_full_grid_where_it_trained(default_model, tmp_path):
+    base = ["grid", "--axes", "matrix_lr,unembedding_lr", "--num_iterations", "3", "--wandb", "disabled", "--device", "cpu",
+            "--row_min", "1e-2", "--row_max", "1e2", "--col_min", "1e-3", "--col_max", "1e1"]
+    main([*base, "--rows", "3", "--cols", "3", "--run_dir", str(tmp_path / "full")])
+    main([*base, "--rows", "2", "--cols", "2", "--refine", "1", "--run_dir", str(tmp_path / "refined")])
+    full, refined = cells(tmp_path / "full"), cells(tmp_path / "refined")
+    trained = refined["trained"].to_numpy()
+    assert refined["matrix_lr"].tolist() == full["matrix_lr"].tolist() and trained[[0, 2, 6, 8]].all()  # level 0: the corners
+    columns = ["final_loss", "measure", "converged"]
+    pd.testing.assert_frame_equal(refined[trained][columns], full[trained][columns], check_exact=True)
