@@ -212,6 +212,7 @@ def peak_temporary_bytes(fn) -> int:
     live bytes summed in time order, minus what is still live at the end (the outputs)."""
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()  # earlier tests' garbage freed now, not inside the record (its frees would count as ours: seen, 1 MB)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         gc.collect()  # the interpreter leaves reference cycles: free what they hold inside the record
