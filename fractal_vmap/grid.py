@@ -28,7 +28,7 @@ from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
 from fractal_vmap.report import dimension_note, write_report
 from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
-from fractal_vmap.sft import lane_batches, load_source, make_stream, model_dir, render_split, total_steps
+from fractal_vmap.sft import lane_batches, make_stream, model_dir, render_split, total_steps
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
 RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "workers", "memory_budget", "levers", "run_name", "wandb", "wandb_project", "wandb_entity")

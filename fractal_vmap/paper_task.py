@@ -8,6 +8,7 @@ lr in [-3, 6] on both (the notebook's first picture); offset_vs_lr has rows = lr
 added to every initial W0 weight. A zoom (zoom.py) passes the parent's exact axis values instead of a range.
 """
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from fractal_vmap.files import finite_or_none
 from fractal_vmap.fractal import convergence_measure, trainability
 from fractal_vmap.lock import run_dir_lock
 from fractal_vmap.options import GridConfig
-from fractal_vmap.paper import DEFAULT_VIEW, LANE_CHUNK, PHASE_SPACES, PaperConfig, check_config, num_params, num_points, phase_lanes, train_paper_lanes
+from fractal_vmap.paper import DEFAULT_VIEW, LANE_CHUNK, PHASE_SPACES, PaperConfig, check_config, num_params, num_points, train_paper_lanes
 from fractal_vmap.recipe import resolve_device
 from fractal_vmap.report import dimension_note, write_report
 from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
@@ -107,20 +108,22 @@ def lane_results(losses: torch.Tensor, window: int, threshold: float) -> list[di
     return results
 
 
-def train_paper_row(plan: PaperPlan, i: int) -> list[dict]:
-    lr0, lr1, offset = phase_lanes(plan.cfg.phase_space, [plan.row.values[i]], plan.col.values)
-    chunk = LANE_CHUNK if plan.device.type == "cpu" else len(lr0)  # a GPU takes the whole row at once
+def train_paper_cells(plan: PaperPlan, points: list[tuple[int, int]]) -> list[dict]:
+    """Train the cells `points` ((row, col) indices: a row, or a refinement level's cells, refine.py) as the lanes of one
+    call, each at its axis values (phase_lanes' mapping); one result a cell."""
+    rows = torch.tensor([plan.row.values[i] for i, _ in points], dtype=torch.float64)
+    cols = torch.tensor([plan.col.values[j] for _, j in points], dtype=torch.float64)
+    lr0, lr1, offset = (cols, rows, torch.zeros_like(rows)) if plan.cfg.phase_space == "lr_vs_lr" else (rows, rows, cols)
+    chunk = LANE_CHUNK if plan.device.type == "cpu" else len(points)  # a GPU takes them all at once
     losses = train_paper_lanes(plan.paper, lr0, lr1, offset, chunk=chunk, device=plan.device)
     results = lane_results(losses, plan.cfg.trainable_window_steps, plan.cfg.trainable_loss_ratio_threshold)
-    for j, r in enumerate(results):
+    for (i, j), r in zip(points, results):
         r.update(grid_i=i, grid_j=j)
     return results
 
 
 def run_paper_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: dict | None = None) -> Path:
     """Plan, train every row without a finished file of this spec, then the tables and pictures."""
-    import json
-
     plan = plan_paper_grid(cfg, axes, parent)
     cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
     rows = len(plan.row.values)
@@ -134,7 +137,7 @@ def run_paper_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, paren
         for i in track(range(rows), description="rows", console=console, disable=not console.is_terminal):
             if done[i] is None:
                 t0 = time.perf_counter()
-                results = train_paper_row(plan, i)
+                results = train_paper_cells(plan, [(i, j) for j in range(len(plan.col.values))])
                 write_row(row_path(plan.run_dir, i), i, digest, results, time.perf_counter() - t0, min(LANE_CHUNK, len(results)))
                 done[i] = json.loads(json.dumps(finite_or_none(results)))  # as a resumed run reads it back: NaN is null
         out = write_report(plan.run_dir, [lane for row in done for lane in row], plan.row, plan.col)

@@ -25,7 +25,7 @@ from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.lock import run_dir_lock
 from fractal_vmap.options import GridConfig
-from fractal_vmap.paper import LANE_CHUNK, phase_lanes, train_paper_lanes
+from fractal_vmap.paper import LANE_CHUNK
 from fractal_vmap.report import dimension_note, write_report
 from fractal_vmap.rundir import open_run_dir, read_row, row_path, write_row
 
@@ -67,35 +67,12 @@ def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int
     return sorted(c for c in cells if not known[c])
 
 
-def map_lanes(phase_space: str, rows: np.ndarray, cols: np.ndarray):
-    """(lr0, lr1, offset) of lanes at these (row value, col value) pairs: paper.phase_lanes' mapping, cell by cell."""
-    import torch
-
-    r, c = torch.as_tensor(rows, dtype=torch.float64), torch.as_tensor(cols, dtype=torch.float64)
-    return (c, r, torch.zeros_like(r)) if phase_space == "lr_vs_lr" else (r, r, c)
-
-
 def train_nanochat_points(plan, points: list[tuple[int, int]]) -> list[dict]:
     """Train the fine-grid cells `points` of a nanochat grid as one row of lanes (grid.train_row: lane chunks, memory,
     out-of-memory halving); one result a cell."""
     from fractal_vmap.grid import train_row
 
     results, _ = train_row(plan, [plan.cells[i][j] for i, j in points])
-    for (i, j), r in zip(points, results):
-        r.update(grid_i=i, grid_j=j)
-    return results
-
-
-def train_points(plan, points: list[tuple[int, int]]) -> list[dict]:
-    """Train the fine-grid cells `points` (row, col indices) of a paper-mlp grid as the lanes of one call."""
-    from fractal_vmap.paper_task import lane_results
-
-    rows = np.array([plan.row.values[i] for i, _ in points])
-    cols = np.array([plan.col.values[j] for _, j in points])
-    lr0, lr1, offset = map_lanes(plan.cfg.phase_space, rows, cols)
-    chunk = LANE_CHUNK if plan.device.type == "cpu" else len(points)
-    losses = train_paper_lanes(plan.paper, lr0, lr1, offset, chunk=chunk, device=plan.device)
-    results = lane_results(losses, plan.cfg.trainable_window_steps, plan.cfg.trainable_loss_ratio_threshold)
     for (i, j), r in zip(points, results):
         r.update(grid_i=i, grid_j=j)
     return results
@@ -129,9 +106,9 @@ def run_refined_grid(cfg: GridConfig) -> Path:
     if cfg.rows < 2 or cfg.cols < 2:
         raise UserError(f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}")
     if cfg.task == "paper-mlp":
-        from fractal_vmap.paper_task import plan_paper_grid
+        from fractal_vmap.paper_task import plan_paper_grid, train_paper_cells
 
-        plan, train = plan_paper_grid(cfg, fine_axes(cfg, K)), train_points
+        plan, train = plan_paper_grid(cfg, fine_axes(cfg, K)), train_paper_cells
     else:
         from fractal_vmap.grid import plan_grid
 

@@ -6,7 +6,6 @@ lanes and, a lane's numbers not depending on its neighbours (engine.py, paper.py
 for bit. A finer zoom spaces its values evenly (in log10 on a log axis) from the box's first to its last value.
 """
 
-import json
 import math
 import re
 from dataclasses import fields
@@ -24,7 +23,7 @@ from fractal_vmap.options import AnimateConfig, BoxesConfig, GridConfig, ZoomCon
 from fractal_vmap.report import measure_grid
 
 console = Console()
-RESOLVED = ("device", "dtype", "kernels", "compile")  # spec settings recorded as resolved: the child resolves its own
+RESOLVED = ("device", "dtype", "kernels")  # spec settings recorded as resolved: the child resolves its own ("compile" is "on" or absent)
 
 
 def read_grid(run: str) -> tuple[Path, dict, np.ndarray]:
@@ -108,7 +107,7 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
 
 def child_config(settings: dict, run_dir: str | None) -> GridConfig:
     """The parent's settings as the zoom's options: every grid option the spec holds (a null one: the default), the
-    resolved ones (device, dtype, kernels, compile) left for the child to resolve again."""
+    resolved ones (device, dtype, kernels) left for the child to resolve again."""
     names = {f.name for f in fields(GridConfig)}
     kept = {k: v for k, v in settings.items() if k in names and v is not None and k not in RESOLVED}
     if settings.get("task") == "paper-mlp":

@@ -6,7 +6,6 @@ import json
 import resource
 
 import pytest
-import torch
 
 from fractal_vmap.cli import main
 from fractal_vmap.lanes import Levers
