@@ -37,7 +37,7 @@ from simple_parsing import ArgumentParser
 sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, however the script is started
 from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
 
-from fractal_vmap.default import default_model_dir, storage_dir  # noqa: E402
+from fractal_vmap.default_model import default_model_dir, storage_dir  # noqa: E402
 from fractal_vmap.axes import make_axis  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 140)  # piped output: wide enough for the table

@@ -31,11 +31,11 @@ from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
 from fractal_vmap.checkpoint import load_model  # noqa: E402
 from fractal_vmap.cli import tune_allocator  # noqa: E402
-from fractal_vmap.lanes import train_lanes  # noqa: E402
+from fractal_vmap.tasks.nanochat.row import train_lanes  # noqa: E402
 from fractal_vmap.model import GPTConfig, init_params  # noqa: E402
 from fractal_vmap.recipe import FinetuneConfig  # noqa: E402
 from fractal_vmap.sft import load_source, make_stream, render_split, total_steps  # noqa: E402
-from fractal_vmap.single import train_single  # noqa: E402
+from fractal_vmap.reference import train_single  # noqa: E402
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "nanochat-d2"
 CPU = torch.device("cpu")

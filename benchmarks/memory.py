@@ -26,11 +26,11 @@ from simple_parsing import ArgumentParser
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, CpuWatch, environment, own_seconds, write_json  # noqa: E402
 
-from fractal_vmap import engine  # noqa: E402
+from fractal_vmap import lanes  # noqa: E402
 from fractal_vmap.checkpoint import load_model  # noqa: E402
 from fractal_vmap.cli import tune_allocator  # noqa: E402
-from fractal_vmap.lanes import Levers, train_lanes  # noqa: E402
-from fractal_vmap.plan import KIND_NAMES, KINDS, estimate_memory, nanochat_depth  # noqa: E402
+from fractal_vmap.tasks.nanochat.row import Levers, train_lanes  # noqa: E402
+from fractal_vmap.perf.plan import KIND_NAMES, KINDS, estimate_memory, nanochat_depth  # noqa: E402
 from fractal_vmap.recipe import FinetuneConfig  # noqa: E402
 from fractal_vmap.sft import load_source, make_stream, render_split, total_steps  # noqa: E402
 
@@ -110,14 +110,14 @@ def dead_lanes(console: Console) -> dict:
     stream = make_stream(cfgs[0], tokenizer, examples, cfgs[0].seed)
     steps = [total_steps(c, stream.batch(0)[1]) for c in cfgs]
     widths = []
-    step = engine.lanes_step
+    step = lanes.lanes_step
 
     def counting(row, *args):
         widths.append(row.total_steps.shape[0])
         step(row, *args)
 
     out = {}
-    engine.lanes_step = counting
+    lanes.lanes_step = counting
     try:
         for compact in (False, True):
             widths.clear()
@@ -127,7 +127,7 @@ def dead_lanes(console: Console) -> dict:
             out["compacted" if compact else "uncompacted"] = {"lane_steps": sum(widths), "cpu_s": own_seconds() - cpu0, "wall_s": watch.wall_s,
                                                               "foreign": watch.foreign, "losses": [r.losses for r in results]}
     finally:
-        engine.lanes_step = step
+        lanes.lanes_step = step
     a, b = out["uncompacted"], out["compacted"]
     same = all(x == y or (x != x and y != y) for p, q in zip(a["losses"], b["losses"]) for x, y in zip(p, q))
     diverged = sum(1 for r in a["losses"] if len(r) < 40)

@@ -1,8 +1,8 @@
 """The paper's MLP grid in our torch trainer against an independent JAX jit(vmap(...)) of the same computation.
 
-Same task on both sides (fractal_vmap.paper: one hidden layer of width 8, tanh, mean-field parameterization,
+Same task on both sides (fractal_vmap.tasks.paper.mlp: one hidden layer of width 8, tanh, mean-field parameterization,
 full-batch gradient descent with one lr per layer, 100 steps, float64), same initial weights and data (made by
-fractal_vmap.paper and handed to JAX as arrays), same grid (default: 256 x 256 lanes, log10 lr in [-3, 6] on both
+fractal_vmap.tasks.paper.mlp and handed to JAX as arrays), same grid (default: 256 x 256 lanes, log10 lr in [-3, 6] on both
 axes: columns = layer-0 lr, rows = layer-1 lr), same CPU cores. The JAX side is written from the formulas, not from
 our code: a per-lane training loop (lax.scan over the steps: value_and_grad, then the update; a lane whose loss is
 not finite stops updating) under jax.vmap over the lanes and jax.jit, run over the lanes in chunks of one shape.
@@ -40,10 +40,10 @@ from simple_parsing import ArgumentParser
 sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, however the script is started
 from common import FOREIGN_MAX, RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
 
-from fractal_vmap import paper  # noqa: E402
+from fractal_vmap.tasks.paper import mlp as paper  # noqa: E402
 from fractal_vmap.cli import tune_allocator  # noqa: E402
-from fractal_vmap.fractal import convergence_measure, edge_pixels, fractal_dimension  # noqa: E402
-from fractal_vmap.paper import (  # noqa: E402
+from fractal_vmap.analysis.fractal import convergence_measure, edge_pixels, fractal_dimension  # noqa: E402
+from fractal_vmap.tasks.paper.mlp import (  # noqa: E402
     DEFAULT_VIEW, PaperConfig, init_params, lane_loss_and_grads, make_data, phase_lanes, train_paper_lanes, vmap_loss_and_grads,
 )
 

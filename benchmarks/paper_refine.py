@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
 from fractal_vmap.options import GridConfig  # noqa: E402
-from fractal_vmap.paper_task import run_paper_grid  # noqa: E402
-from fractal_vmap.refine import run_refined_grid  # noqa: E402
+from fractal_vmap.tasks.paper.task import run_paper_grid  # noqa: E402
+from fractal_vmap.grid.refine import run_refined_grid  # noqa: E402
 
 
 @dataclass

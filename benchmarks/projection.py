@@ -19,9 +19,9 @@ from simple_parsing import ArgumentParser
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
-from fractal_vmap.lanes import Levers  # noqa: E402
-from fractal_vmap.projected import print_projection, projection_rows  # noqa: E402
-from fractal_vmap.projection import GPUS, LAUNCH_US  # noqa: E402
+from fractal_vmap.tasks.nanochat.row import Levers  # noqa: E402
+from fractal_vmap.perf.projection import print_projection, projection_rows  # noqa: E402
+from fractal_vmap.perf.roofline import GPUS, LAUNCH_US  # noqa: E402
 
 
 @dataclass

@@ -21,7 +21,7 @@ from simple_parsing import ArgumentParser
 sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, however the script is started
 from common import RESULTS_DIR, check_unchanged, device_slug, environment  # noqa: E402
 
-from fractal_vmap.bench import BenchConfig, print_report, run_bench, write_report  # noqa: E402
+from fractal_vmap.perf.bench import BenchConfig, print_report, run_bench, write_report  # noqa: E402
 from fractal_vmap.recipe import resolve_device  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # piped output: wide enough for the table

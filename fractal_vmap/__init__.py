@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_model": "fractal_vmap.checkpoint",
     "run_finetune": "fractal_vmap.finetune",
     "save_checkpoint": "fractal_vmap.checkpoint",
-    "train_single": "fractal_vmap.single",
+    "train_single": "fractal_vmap.reference",
 }
 
 

@@ -47,26 +47,26 @@ def finetune_command(cfg) -> None:
 
 
 def grid_command(cfg) -> None:
-    from fractal_vmap.paper_task import TASKS
+    from fractal_vmap.tasks.paper.task import TASKS
 
     if cfg.task not in TASKS:
         raise UserError(f"unknown --task {cfg.task!r}: use one of {', '.join(TASKS)}")
     if cfg.refine:
-        from fractal_vmap.refine import run_refined_grid
+        from fractal_vmap.grid.refine import run_refined_grid
 
         if cfg.workers > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
             raise UserError("--refine runs in one process: leave out --workers and torchrun")
         run_refined_grid(cfg)
         return
     if cfg.task == "paper-mlp":
-        from fractal_vmap.paper_task import run_paper_grid
+        from fractal_vmap.tasks.paper.task import run_paper_grid
 
         if cfg.workers > 1:
             raise UserError("--workers is for nanochat grids: a paper-mlp grid of 256 x 256 runs in minutes in one process (its chunks use every core)")
         run_paper_grid(cfg)
         return
-    from fractal_vmap import shard
-    from fractal_vmap.grid import run_grid
+    from fractal_vmap.grid import shard
+    from fractal_vmap.grid.pipeline import run_grid
 
     shard.check_workers(cfg)
     if cfg.workers > 1:
@@ -80,7 +80,7 @@ def grid_command(cfg) -> None:
 def grid_worker(cfg) -> str | None:
     """One worker of `grid --workers N` (torch's elastic agent calls it in a fresh process). Returns None, or a user
     error's line for the launcher to print once: an error is not a crash, so the agent must not restart the workers."""
-    from fractal_vmap.shard import run_worker
+    from fractal_vmap.grid.shard import run_worker
 
     tune_allocator()
     try:
@@ -94,37 +94,37 @@ def grid_worker(cfg) -> str | None:
 
 
 def compare_command(cfg) -> None:
-    from fractal_vmap.compare import compare_runs, print_report
+    from fractal_vmap.analysis.compare import compare_runs, print_report
 
     print_report(compare_runs(cfg), console)
 
 
 def zoom_command(cfg) -> None:
-    from fractal_vmap.zoom import run_zoom
+    from fractal_vmap.grid.zoom import run_zoom
 
     run_zoom(cfg)
 
 
 def boxes_command(cfg) -> None:
-    from fractal_vmap.zoom import print_boxes, suggest_boxes
+    from fractal_vmap.grid.zoom import print_boxes, suggest_boxes
 
     print_boxes(suggest_boxes(cfg), cfg)
 
 
 def animate_command(cfg) -> None:
-    from fractal_vmap.zoom import run_animate
+    from fractal_vmap.grid.zoom import run_animate
 
     run_animate(cfg)
 
 
 def plot_command(cfg) -> None:
-    from fractal_vmap.redraw import plot_run
+    from fractal_vmap.analysis.plot import plot_run
 
     plot_run(cfg)
 
 
 def plan_command(cfg) -> None:
-    from fractal_vmap.plan import print_plan, run_plan
+    from fractal_vmap.perf.plan import print_plan, run_plan
 
     print_plan(run_plan(cfg), console)
     if cfg.json:
@@ -134,8 +134,8 @@ def plan_command(cfg) -> None:
 def bench_command(cfg) -> None:
     wide = Console(width=None if sys.stdout.isatty() else 160)  # piped output: wide enough for the table
     if cfg.project != "none":
-        from fractal_vmap.projected import print_projection, projection_rows
-        from fractal_vmap.projection import GPUS
+        from fractal_vmap.perf.projection import print_projection, projection_rows
+        from fractal_vmap.perf.roofline import GPUS
 
         if cfg.project not in GPUS:
             raise UserError(f"--project {cfg.project!r} is not one of none, {', '.join(GPUS)}")
@@ -143,13 +143,13 @@ def bench_command(cfg) -> None:
         rows = projection_rows(cfg.project, cfg.depths, lanes, cfg.batch_size, cfg.seq_len)
         print_projection(rows, cfg.project, cfg.batch_size, cfg.seq_len, rows[0]["launch_us"], wide)
         return
-    from fractal_vmap.bench import print_report, run_bench
+    from fractal_vmap.perf.bench import print_report, run_bench
 
     print_report(run_bench(cfg, say=wide.print), wide)
 
 
 def compare_options() -> type:
-    from fractal_vmap.compare import CompareConfig
+    from fractal_vmap.analysis.compare import CompareConfig
 
     return CompareConfig
 

@@ -9,7 +9,7 @@ from fractal_vmap.files import check_writable_file, finite_or_none, strict_json,
 from fractal_vmap.progress import StepProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, resolve_device, validate
 from fractal_vmap.sft import load_source, make_stream, render_split, total_steps
-from fractal_vmap.single import evaluate, train_single
+from fractal_vmap.reference import evaluate, train_single
 
 console = Console()
 

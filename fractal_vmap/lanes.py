@@ -1,232 +1,173 @@
-"""A grid row of nanochat SFT runs as lanes of the engine: stacked trainable groups (frozen groups shared by all
-lanes, never copied), BatchedAdamW for the embedding groups and BatchedMuon for the matrices with each lane's own
-learning rates and schedule, the lanes' attention and head. Every lane follows `recipe.py`, as `single.py` does.
+"""The lane engine, task-agnostic: L copies of a model's trainable weights stacked on a leading dim ("lanes"), trained
+at once. A task brings a loss function of one lane, the stacked weights, an update (its optimizers) and per-lane step
+counts; `lanes_step` is one training step of every lane, the unit that a compiler, a kernel or a benchmark plugs into.
+
+The forward is the task's loss under `torch.func.vmap` over the stacked weights; the backward is plain autograd on the
+stacked leaves (`losses.sum().backward()`: lane i's loss only reaches lane i's weights). A lane whose loss goes
+non-finite, or that has run all its steps, stops updating. Per-lane losses stay on the device; the host reads them
+every `sync_every` steps ("all lanes done") and at the end.
+
+Chunk invariance: a lane's numbers must not depend on how many lanes train beside it. Every op here is per lane or
+elementwise, except the batched matmuls that vmap makes of the task's matmuls. A BLAS computes each item of a
+batched matmul alike whatever the batch count (2, 3 or 8 items: observed on AMD EPYC and Intel Xeon), but with one
+item it calls its plain matmul, which sums in another order on some CPUs (Intel with MKL). So a chunk never runs
+with fewer than MIN_LANES lanes: a 1-lane chunk gets a second, idle lane (no steps, its result dropped).
+
+Dead lanes cost nothing: at the host syncs, once lanes have diverged or run all their steps, `run` drops them from the
+stacked tensors (`Row.compact`, through the task's `select`), keeping a dead lane as idle padding where fewer than
+MIN_LANES would be left (a compiled row keeps a few fixed lane counts, `Row.lane_counts`: each count is a compile). By the argument above the living lanes' numbers do not change; the dead lanes' results are
+what they were when they stopped.
 """
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
+from torch.func import vmap
 
-from fractal_vmap import engine
-from fractal_vmap.engine import Batches, Progress, Row, padded_lanes
-from fractal_vmap.head import lanes_head_loss
-from fractal_vmap.model import GPTConfig, Head, forward, lanes_attention, param_group, rotary_cos_sin
-from fractal_vmap.optim import BatchedAdamW, BatchedMuon, lr_multiplier
-from fractal_vmap.recipe import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, CellResult, FinetuneConfig, autocast_dtype, cell_result, group_lrs, trainable_groups
+MIN_LANES = 2  # see the module docstring: a batch of one takes another matmul path than a batch of two or more
+
+# batches(step) -> (inputs, targets): shared by every lane, or with a leading lane dim (see Row.data_dim)
+Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+Progress = Callable[[int, int, int], None]  # (steps done, steps of the chunk, tokens processed by its lanes)
+
+
+def padded_lanes(n: int) -> int:
+    """How many lanes a chunk of n real lanes runs with."""
+    return max(n, MIN_LANES)
+
+
+def stack(params: dict[str, torch.Tensor], lanes: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`lanes` copies of each tensor, stacked [lanes, ...] as leaves that require grad."""
+    return {k: v.to(device).expand(lanes, *v.shape).clone().requires_grad_(True) for k, v in params.items()}
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch to the device without a host sync: a pageable-memory copy would block until the GPU catches up."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
-class LaneSettings:
-    """Per-lane scalars as device tensors [L] (float64), read by the optimizers and the schedule each step."""
+class Row:
+    """A chunk of lanes in training: what `lanes_step` reads and updates. Lanes at index >= `real` are idle padding."""
 
-    lrs: dict[str, torch.Tensor]  # group -> base lr (init_lr_frac and the AdamW scale included)
-    weight_decay: torch.Tensor
-    warmup_frac: torch.Tensor
-    final_lr_frac: torch.Tensor
-    total_steps: torch.Tensor
-
-    @classmethod
-    def from_configs(cls, cfgs: list[FinetuneConfig], config: GPTConfig, steps: list[int], device: torch.device) -> "LaneSettings":
-        def vec(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float64, device=device)
-
-        lrs = [group_lrs(c, config) for c in cfgs]
-        return cls(
-            lrs={g: vec([lr[g] for lr in lrs]) for g in lrs[0]},
-            weight_decay=vec([c.weight_decay for c in cfgs]),
-            warmup_frac=vec([c.warmup_frac for c in cfgs]),
-            final_lr_frac=vec([c.final_lr_frac for c in cfgs]),
-            total_steps=vec(steps),
-        )
-
-    def select(self, index: torch.Tensor) -> "LaneSettings":
-        """The settings of the lanes at `index`."""
-        return LaneSettings({g: lr[index] for g, lr in self.lrs.items()}, *(getattr(self, f)[index] for f in ("weight_decay", "warmup_frac", "final_lr_frac", "total_steps")))
-
-
-def check_row(cfgs: list[FinetuneConfig]) -> list[str]:
-    """Lanes of one row may differ in per-lane scalars only; everything else must be shared. Returns the trainable groups."""
-    groups = trainable_groups(cfgs[0])
-    for c in cfgs[1:]:
-        if trainable_groups(c) != groups or c.dtype != cfgs[0].dtype:
-            raise ValueError("all lanes of a row must share trainable_param_groups and dtype")
-    return groups
-
-
-def supervised_tokens(targets: torch.Tensor) -> torch.Tensor:
-    """Supervised tokens of a batch [B, T] (a scalar) or of per-lane batches [L, B, T] (one count a lane)."""
-    return (targets != -1).flatten(-2).sum(-1)
-
-
-@dataclass(frozen=True)
-class Levers:
-    """How a row trades time for memory. The first two change no number (bit for bit: tests/test_memory.py); the
-    last two do, and are used only when asked for (their drift: benchmarks/README.md)."""
-
-    step_in_backward: bool = False  # each layer's optimizer step as soon as its gradients are in: full gradients never all alive
-    remat: bool = False  # recompute each block's activations in the backward, keeping only its input (model.py)
-    micro_batches: int = 1  # each step's batch in this many parts, gradients accumulated (the sums run in another order)
-    momentum_dtype: str = "float32"  # "bfloat16": Muon's momentum buffers in half the memory, rounded every step
-    master_dtype: str = "float32"  # "bfloat16": the trained weights (so their gradients, AdamW moments) in half; needs bf16 autocast
+    loss: Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]  # one lane's scalar loss
+    params: dict[str, torch.Tensor]  # the stacked trainable leaves [L, ...]
+    update: Callable[[int, torch.Tensor], None]  # (step, active [L]) -> the optimizer steps, for active lanes only
+    total_steps: torch.Tensor  # int64 [L]: lane i trains total_steps[i] steps (0 for an idle lane)
+    real: int  # lanes that are real cells (the rest are padding)
+    data_dim: int | None = None  # 0: batches carry one stream per lane [L, ...]; None: one batch shared by all lanes
+    amp: torch.dtype | None = None  # autocast dtype of the forward
+    supervised: Callable[[torch.Tensor], torch.Tensor] | None = None  # targets -> supervised-token count (per lane or shared)
+    max_steps: int | None = None  # the longest lane's steps, when the task knows it (else read from total_steps: a host sync)
+    prepare: Callable[[int, torch.Tensor], None] | None = None  # (step, active) before the backward: for a task whose update runs in backward hooks
+    select: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # lanes to keep -> the task's state narrowed to them, its new params
+    micro_batches: int = 1  # >1: each step's batch in this many parts, gradients accumulated (changes the sum order: see micro_batched_step)
+    forward: Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (params, inputs, targets) -> losses [L]: a compiled vmap(loss) (compiled.py); None = vmap(loss)
+    lane_counts: Callable[[int], int] = padded_lanes  # living lanes -> the lanes a compacted row keeps (a compiled row: a few fixed counts)
 
     def __post_init__(self):
-        if self.micro_batches > 1 and self.step_in_backward:
-            raise ValueError("micro-batches keep the gradients between parts: they do not combine with stepping in the backward")
+        device = self.total_steps.device
+        L = self.total_steps.shape[0]
+        self.active = self.total_steps > 0
+        self.max_steps = int(self.total_steps.max()) if self.max_steps is None else self.max_steps
+        self.loss_log = torch.full((self.max_steps, L), math.nan, dtype=torch.float32, device=device)
+        self.tokens_seen = torch.zeros(L, dtype=torch.int64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.total_steps.device
+
+    def compact(self, keep: list[int]) -> None:
+        """Keep only these lanes (indices into the current lanes, in this order): the task's state, then the engine's."""
+        index = torch.tensor(keep, device=self.device)
+        self.params = self.select(index)
+        self.total_steps, self.active, self.tokens_seen = (t[index] for t in (self.total_steps, self.active, self.tokens_seen))
+        self.loss_log = self.loss_log[:, index]
 
 
-class RowOptimizers:
-    """The optimizers of a row's lanes, with each lane's lrs and schedule: one BatchedAdamW per AdamW group, BatchedMuon
-    over the matrices: one for all, or with `step_in_backward` one per layer, stepped from a post-accumulate-grad hook
-    when the layer's last gradient is in (Newton-Schulz then batches the lanes of one layer), its gradients freed."""
-
-    def __init__(self, stacked: dict[str, torch.Tensor], groups: list[str], settings: LaneSettings, levers: Levers, kernels: str = "torch"):
-        self.stacked, self.settings, self.levers = stacked, settings, levers
-        names = {g: [k for k in stacked if param_group(k) == g] for g in groups}
-        # (optimizer, its group, the names of its params): one AdamW per AdamW group (their lrs differ)
-        self.owners = [(BatchedAdamW([stacked[k] for k in names[g]], betas=ADAMW_BETAS, eps=ADAMW_EPS, kernels=kernels), g, names[g]) for g in groups if g != "matrix"]
-        layers: dict[str, list[str]] = {}
-        for k in names.get("matrix", []):
-            layers.setdefault(k.split(".")[2] if levers.step_in_backward else "all", []).append(k)  # transformer.h.{i}.
-        momentum_dtype = getattr(torch, levers.momentum_dtype)
-        self.owners += [(BatchedMuon([stacked[k] for k in ks], momentum=MUON_MOMENTUM, nesterov=True, kernels=kernels,
-                                       momentum_dtype=momentum_dtype), "matrix", ks)
-                        for ks in layers.values()]
-        self.handles = []
-        if levers.step_in_backward:
-            self.hook()
-
-    def prepare(self, step: int, active: torch.Tensor) -> None:
-        """This step's per-lane lrs and active lanes, before the backward."""
-        mult = lr_multiplier(step, self.settings.total_steps, self.settings.warmup_frac, self.settings.final_lr_frac)
-        self.lrs = {g: lr * mult for g, lr in self.settings.lrs.items()}
-        self.active = active
-
-    def step(self, optimizer: BatchedAdamW | BatchedMuon, group: str) -> None:
-        if group == "matrix":
-            optimizer.step(self.lrs[group], self.active)
-        else:
-            optimizer.step(self.lrs[group], self.settings.weight_decay, self.active)
-
-    def update(self, step: int, active: torch.Tensor) -> None:
-        """After the backward: every optimizer's step (unless they ran in the backward)."""
-        if not self.levers.step_in_backward:
-            self.prepare(step, active)
-            for optimizer, group, _ in self.owners:
-                self.step(optimizer, group)
-
-    def hook(self) -> None:
-        """A post-accumulate-grad hook on every stacked leaf: the last of an optimizer's gradients steps it."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        for optimizer, group, _ in self.owners:
-            pending = {"left": len(optimizer.params)}
-
-            def arrived(p, optimizer=optimizer, group=group, pending=pending):
-                pending["left"] -= 1
-                if pending["left"] == 0:
-                    self.step(optimizer, group)
-                    for q in optimizer.params:
-                        q.grad = None
-                    pending["left"] = len(optimizer.params)
-
-            self.handles += [p.register_post_accumulate_grad_hook(arrived) for p in optimizer.params]
-
-    def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Keep the lanes at `index`: new stacked leaves (each old one freed as its new one is made), the optimizers'
-        state and the lanes' settings. Returns the stacked leaves."""
-        for optimizer, _, names in self.owners:
-            for i, k in enumerate(names):
-                self.stacked[k] = optimizer.params[i] = self.stacked[k].detach()[index].requires_grad_(True)
-            optimizer.select(index)
-        self.settings = self.settings.select(index)
-        if self.levers.step_in_backward:
-            self.hook()
-        return self.stacked
+def lanes_step(row: Row, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """One training step of every lane of the row: forward, loss bookkeeping, backward, update. No host sync."""
+    if row.micro_batches > 1:
+        return micro_batched_step(row, step, inputs, targets)
+    device = row.device
+    with torch.autocast(device.type, dtype=row.amp or torch.float32, enabled=row.amp is not None):
+        forward = row.forward or vmap(row.loss, in_dims=(0, row.data_dim, row.data_dim))
+        losses = forward(row.params, inputs, targets)
+    if row.supervised is not None:
+        row.tokens_seen += row.supervised(targets) * row.active
+    row.loss_log[step] = torch.where(row.active, losses.detach().float(), math.nan)
+    row.active &= torch.isfinite(losses.detach())  # a non-finite loss ends that lane, as in the single-lane trainer
+    if row.prepare is not None:
+        row.prepare(step, row.active)
+    torch.where(row.active, losses, 0.0).sum().backward()
+    row.update(step, row.active)
+    for p in row.params.values():
+        p.grad = None
+    row.active &= row.total_steps > step + 1  # lanes that ran all their steps stop
 
 
-def nanochat_row(
-    cfgs: list[FinetuneConfig],
-    config: GPTConfig,
-    params: dict[str, torch.Tensor],
-    steps: list[int],
-    device: torch.device,
-    data_dim: int | None = None,
-    kernels: str = "torch",
-    head: Head | None = None,
-    levers: Levers = Levers(),
-    compile: bool = False,
-) -> Row:
-    """The engine's row for these cells, padded with idle lanes to the engine's minimum, all starting from `params`.
-    kernels: "torch" (the references) or "triton" (fused optimizer steps and the lanes' head; kernels.resolve first);
-    head: another lanes' head in its place (plan.py notes what it keeps); levers: memory for time (Levers).
-    compile: the forward and backward under torch.compile (compiled.py: its own attention and head, `head` unused;
-    compaction keeps powers of two lanes, so that it compiles few shapes). With levers.remat the row runs eagerly
-    all the same: the recomputation's Function has a vmap rule, which dynamo does not honour (compiled.py)."""
-    groups = check_row(cfgs)
-    if levers.master_dtype != "float32" and autocast_dtype(cfgs[0], device) is None:
-        raise ValueError("bfloat16 master weights need the bfloat16 autocast (dtype bfloat16)")
-    n, L = len(cfgs), padded_lanes(len(cfgs))
-    settings = LaneSettings.from_configs(cfgs + [cfgs[-1]] * (L - n), config, steps + [0] * (L - n), device)
-    master = getattr(torch, levers.master_dtype)
-    stacked = engine.stack({k: v.to(master) for k, v in params.items() if param_group(k) in groups}, L, device)
-    frozen = {k: v.to(device) for k, v in params.items() if param_group(k) not in groups}
-    optimizers = RowOptimizers(stacked, groups, settings, levers, kernels)
-    cos_sin = rotary_cos_sin(config, device)
-    head = head or partial(lanes_head_loss, kernels=kernels)
-
-    def lane_loss(lane_params, inputs, targets):
-        return forward({**frozen, **lane_params}, inputs, config, cos_sin, targets, attend=lanes_attention, head=head, remat=levers.remat)
-
-    compiled, lane_counts = None, padded_lanes
-    if compile and not levers.remat:
-        from fractal_vmap.compiled import compiled_forward, lane_counts  # imports torch.compile's stack on first use: only when asked
-
-        compiled = compiled_forward(config, frozen, cos_sin, data_dim, kernels)
-    total = torch.tensor(steps + [0] * (L - n), dtype=torch.int64, device=device)
-    return Row(lane_loss, stacked, optimizers.update, total, real=n, data_dim=data_dim, amp=autocast_dtype(cfgs[0], device), supervised=supervised_tokens,
-               max_steps=max(steps), prepare=optimizers.prepare if levers.step_in_backward else None, select=optimizers.select,
-               micro_batches=levers.micro_batches, forward=compiled, lane_counts=lane_counts)
+def micro_batched_step(row: Row, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """lanes_step with the batch split in `row.micro_batches` parts along its batch dim, one forward and backward a
+    part, gradients accumulated. A part's loss (a mean over its supervised tokens) is weighted by its share of the
+    batch's supervised tokens, so the parts add up to the batch's loss; but the sums run in another order, so the
+    numbers drift from the one-pass step (measured: benchmarks/README.md). Every part needs a supervised token in
+    every lane: SFT batches have one in every sequence (sft.py drops the others)."""
+    device, dim = row.device, 0 if row.data_dim is None else 1
+    total = row.supervised(targets)
+    losses = torch.zeros_like(row.loss_log[step])
+    forward = row.forward or vmap(row.loss, in_dims=(0, row.data_dim, row.data_dim))
+    for x, y in zip(inputs.chunk(row.micro_batches, dim), targets.chunk(row.micro_batches, dim)):
+        with torch.autocast(device.type, dtype=row.amp or torch.float32, enabled=row.amp is not None):
+            part = forward(row.params, x, y) * (row.supervised(y) / total)
+        losses += part.detach().float()
+        torch.where(row.active & torch.isfinite(part.detach()), part, 0.0).sum().backward()
+    row.tokens_seen += total * row.active
+    row.loss_log[step] = torch.where(row.active, losses, math.nan)
+    row.active &= torch.isfinite(losses)
+    row.update(step, row.active)
+    for p in row.params.values():
+        p.grad = None
+    row.active &= row.total_steps > step + 1
 
 
-def train_lanes(
-    cfgs: list[FinetuneConfig],
-    config: GPTConfig,
-    params: dict[str, torch.Tensor],
-    batches: Batches,
-    steps: list[int],
-    device: torch.device,
-    progress: Progress | None = None,
-    sync_every: int = 10,
-    kernels: str = "torch",
-    levers: Levers = Levers(),
-    compact: bool = True,
-    compile: bool = False,
-) -> list[CellResult]:
-    """Train len(cfgs) lanes from the same base params; lane i runs steps[i] steps. One result a lane.
-    compile, kernels, levers: see nanochat_row.
+def run(row: Row, batches: Batches, progress: Progress | None = None, sync_every: int = 10, compact: bool = True) -> float:
+    """Train the row to its longest lane's end (or until no lane is active). Returns the wall seconds.
 
-    `batches(step)` gives one batch [B, T] for every lane, or one per lane [L, B, T] (lanes with their own seed).
-    compact: drop lanes that are done from the stacked tensors at the host syncs (engine.run); False only to compare."""
-    first = batches(0)  # its shape says whether the lanes share the data
-
-    def fetched(step: int) -> tuple[torch.Tensor, torch.Tensor]:  # each batch fetched once
-        return first if step == 0 else batches(step)
-
-    data_dim = 0 if first[0].dim() == 3 else None
-    row = nanochat_row(cfgs, config, params, steps, device, data_dim, kernels, levers=levers, compile=compile)
-    L = row.total_steps.shape[0]
-    runtime = engine.run(row, fetched if data_dim is None or row.real == L else pad_lane_batches(fetched, L), progress, sync_every, compact)
-    log = row.loss_log.cpu().double()
-    seen = row.tokens_seen.cpu().tolist()
-    return [cell_result(cfg, log[: steps[i], i].tolist(), steps[i], seen[i], runtime) for i, cfg in enumerate(cfgs)]
-
-
-def pad_lane_batches(batches: Batches, lanes: int) -> Batches:
-    """Per-lane batches [n, B, T] repeated along the lane dim up to `lanes` (for idle padding lanes)."""
-
-    def padded(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(torch.cat([t, t[-1:].expand(lanes - t.shape[0], *t.shape[1:])]) for t in batches(step))
-
-    return padded
+    `progress(steps_done, max_steps, tokens_processed)` is called after every step with host values only (a step
+    count and token counts from shapes), so it costs no sync; on CUDA "done" means queued, at most `sync_every` steps
+    ahead of the device. Every `sync_every` steps the host reads which lanes are still active: the only host sync in
+    the loop. There, with `compact` and a task that can `select`, lanes that are done are dropped from the row.
+    Afterwards `row.loss_log` and `row.tokens_seen` hold every lane the row started with, in its order."""
+    processed = 0  # tokens pushed through the model by the real lanes (host-side, from shapes)
+    log, seen = row.loss_log, row.tokens_seen  # every lane the row started with
+    cols = list(range(len(seen)))  # the row's current lanes -> their columns in log and seen
+    t0 = time.perf_counter()
+    for step in range(row.max_steps):
+        inputs, targets = batches(step)
+        if row.data_dim == 0 and len(cols) < len(seen):  # per-lane data of the lanes left
+            inputs, targets = inputs[cols], targets[cols]
+        inputs, targets = to_device(inputs, row.device), to_device(targets, row.device)
+        processed += inputs.numel() * row.real if row.data_dim is None else inputs[: row.real].numel()
+        lanes_step(row, step, inputs, targets)
+        if progress is not None:
+            progress(step + 1, row.max_steps, processed)
+        if (step + 1) % sync_every == 0:
+            alive = row.active.nonzero().flatten().tolist()
+            if not alive:  # every lane diverged or finished: the rest would be NaN padding
+                break
+            if compact and row.select is not None and row.lane_counts(len(alive)) < len(cols):
+                if row.loss_log is not log:
+                    log[:, cols], seen[cols] = row.loss_log, row.tokens_seen
+                dead = [k for k in range(len(cols)) if k not in alive]
+                keep = alive + dead[: row.lane_counts(len(alive)) - len(alive)]  # dead lanes stay as idle padding
+                row.compact(keep)
+                row.real, cols = len(alive), [cols[k] for k in keep]
+    if row.loss_log is not log:
+        log[:, cols], seen[cols] = row.loss_log, row.tokens_seen
+        row.loss_log, row.tokens_seen = log, seen
+    return time.perf_counter() - t0

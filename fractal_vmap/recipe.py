@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.fractal import convergence_measure, trainability
+from fractal_vmap.analysis.fractal import convergence_measure, trainability
 from fractal_vmap.model import GROUPS, GPTConfig
 from fractal_vmap.options import FinetuneConfig, TrainConfig  # the knobs live in a light module (fast --help)
 

@@ -16,7 +16,7 @@ DEFAULT_TRAIN_EXAMPLES, DEFAULT_VAL_EXAMPLES = 4000, 400  # the synthetic doc-QA
 def model_dir(source: str):
     """A model source (a dir, hf:, wandb:, or default) resolved to a local dir; the default model is built on first use."""
     if source == "default":
-        from fractal_vmap.default import default_model_dir
+        from fractal_vmap.default_model import default_model_dir
 
         return default_model_dir()
     return resolve_source(source)

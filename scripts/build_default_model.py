@@ -6,7 +6,7 @@ The `grid` and `finetune` commands build it on first use anyway; this is for bui
 import shutil
 import time
 
-from fractal_vmap.default import VERSION, build_default_model, storage_dir
+from fractal_vmap.default_model import VERSION, build_default_model, storage_dir
 
 if __name__ == "__main__":
     directory = storage_dir() / f"default-model-v{VERSION}"

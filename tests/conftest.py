@@ -25,6 +25,6 @@ def isolated_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_model(isolated_env):
     """The embedded default model dir, built once per test session (~25 s on 2 cores)."""
-    from fractal_vmap.default import default_model_dir
+    from fractal_vmap.default_model import default_model_dir
 
     return default_model_dir()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fractal_vmap.animate import BOX_RGB, CAPTION_PX, Level, write_animation, zoom_frames
+from fractal_vmap.analysis.animate import BOX_RGB, CAPTION_PX, Level, write_animation, zoom_frames
 
 
 def disc(H, W, centre, radius, rng):

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fractal_vmap import bench
+from fractal_vmap.perf import bench
 from fractal_vmap.cli import main
-from fractal_vmap.measure import profile_mode
+from fractal_vmap.perf.timing import profile_mode
 from fractal_vmap.model import init_params
 from fractal_vmap.recipe import FinetuneConfig
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fractal_vmap.boxes import Box, box_edge_counts, box_values, boundary_boxes
-from fractal_vmap.fractal import edge_pixels
+from fractal_vmap.analysis.boxes import Box, box_edge_counts, box_values, boundary_boxes
+from fractal_vmap.analysis.fractal import edge_pixels
 
 
 def synthetic(H=64, W=80):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fractal_vmap.cli import main
-from fractal_vmap.compare import CompareConfig, boundary_distance, compare_runs
-from fractal_vmap.grid import nudged
+from fractal_vmap.analysis.compare import CompareConfig, boundary_distance, compare_runs
+from fractal_vmap.grid.pipeline import nudged
 
 # 2 rows x 6 lanes, lr 0.3..1e4 (around the default model's boundary at these sizes, where rounding matters)
 GRID = ["grid", "--wandb", "disabled", "--device", "cpu", "--rows", "2", "--cols", "6", "--row_min", "600", "--row_max", "800",

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fractal_vmap import compiled
+from fractal_vmap.tasks.nanochat import compiled
 from fractal_vmap.checkpoint import load_model
 from fractal_vmap.errors import UserError
-from fractal_vmap.lanes import Levers, train_lanes
+from fractal_vmap.tasks.nanochat.row import Levers, train_lanes
 from fractal_vmap.recipe import FinetuneConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from fractal_vmap.fractal import (
+from fractal_vmap.analysis.fractal import (
     box_counting,
     convergence_measure,
     edge_pixels,

@@ -14,16 +14,16 @@ import pandas as pd
 import pytest
 import torch
 
-from fractal_vmap import grid
+from fractal_vmap.grid import pipeline as grid
 from fractal_vmap.axes import AXES, INTEGER_AXES, cell_config, cell_lrs, check_overrides, make_axis
 from fractal_vmap.cli import build_parser, main
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.finetune import run_finetune
-from fractal_vmap.fractal import fractal_dimension
-from fractal_vmap.grid import CPU_LANE_CHUNK, GridConfig, base_config, grid_axes, plan_grid, train_row
+from fractal_vmap.analysis.fractal import fractal_dimension
+from fractal_vmap.grid.pipeline import CPU_LANE_CHUNK, GridConfig, base_config, grid_axes, plan_grid, train_row
 from fractal_vmap.options import TrainConfig
 from fractal_vmap.recipe import FinetuneConfig, group_lrs
-from fractal_vmap.rundir import read_row
+from fractal_vmap.grid.rundir import read_row
 
 CPU = torch.device("cpu")
 LOSS_TOL_PER_LR = 2.0  # lanes vs finetune at tame lrs, justified in tests/test_lanes.py
@@ -519,7 +519,7 @@ def test_plot_redraws_identical_pictures_from_the_files(grid_run, tmp_path):
 
 
 def test_plot_relabels_cells_from_their_loss_curves(grid_run, tmp_path, capsys):
-    from fractal_vmap.redraw import relabel
+    from fractal_vmap.analysis.plot import relabel
 
     run_dir, cells = copy_run(grid_run, tmp_path), grid_run[1]
     grid_json = json.loads((run_dir / "grid.json").read_text())

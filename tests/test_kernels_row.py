@@ -4,7 +4,7 @@ same labels, losses within the noise floor where training is tame, one lane dive
 import pytest
 import torch
 
-from fractal_vmap.lanes import train_lanes
+from fractal_vmap.tasks.nanochat.row import train_lanes
 from fractal_vmap.recipe import FinetuneConfig
 from fractal_vmap.sft import load_source, make_stream, render_split, total_steps
 

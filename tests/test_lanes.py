@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import fractal_vmap.lanes as lanes_module
+import fractal_vmap.tasks.nanochat.row as lanes_module
 from fractal_vmap.checkpoint import load_model
-from fractal_vmap.engine import MIN_LANES
-from fractal_vmap.lanes import nanochat_row, train_lanes
+from fractal_vmap.lanes import MIN_LANES
+from fractal_vmap.tasks.nanochat.row import nanochat_row, train_lanes
 from fractal_vmap.model import GPTConfig, init_params, param_group
 from fractal_vmap.recipe import FinetuneConfig
 from fractal_vmap.sft import lane_batches, load_source, make_stream, render_split, total_steps
-from fractal_vmap.single import train_single
+from fractal_vmap.reference import train_single
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""The memory levers of a row (lanes.Levers) and dead-lane compaction (engine.run).
+"""The memory levers of a row (lanes.Levers) and dead-lane compaction (lanes.run).
 
 Stepping each layer's optimizer in the backward (post-accumulate-grad hooks, Newton-Schulz batched per layer instead
 of per shape across layers) and recomputing blocks in the backward (recompute.py) must change no number, bit for bit,
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fractal_vmap import engine
+from fractal_vmap import lanes
 from fractal_vmap.checkpoint import load_model
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
-from fractal_vmap.lanes import Levers, nanochat_row, train_lanes
+from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row, train_lanes
 from fractal_vmap.model import forward, rotary_cos_sin
 from fractal_vmap.recipe import FinetuneConfig
 
@@ -94,7 +94,7 @@ def test_stepping_in_the_backward_frees_each_layers_gradients(nanochat, monkeypa
             alive.append((names, [k for k, p in row.params.items() if p.grad is not None]))
             original(*args)
         monkeypatch.setattr(optimizer, "step", spy)
-    engine.lanes_step(row, 0, *batches(0))
+    lanes.lanes_step(row, 0, *batches(0))
     assert len(alive) == len(optimizers)
     assert alive[0][0] == ["lm_head.weight"]
     for names, with_grads in alive:
@@ -134,13 +134,13 @@ def test_bfloat16_momentum_halves_it_and_stays_near(nanochat, monkeypatch):
 def watch_compaction(monkeypatch) -> list[int]:
     """The widths rows are compacted to."""
     widths = []
-    compact = engine.Row.compact
+    compact = lanes.Row.compact
 
     def spy(row, keep):
         widths.append(len(keep))
         compact(row, keep)
 
-    monkeypatch.setattr(engine.Row, "compact", spy)
+    monkeypatch.setattr(lanes.Row, "compact", spy)
     return widths
 
 
@@ -186,9 +186,9 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
     out-of-memory in a chunk of 2 still halves it (to 1, run with an idle lane), and changes no number either."""
     from dataclasses import replace
 
-    from fractal_vmap import grid
-    from fractal_vmap.grid import GridConfig, plan_grid, train_row
-    from fractal_vmap.plan import HEADROOM, estimate_memory
+    from fractal_vmap.grid import pipeline as grid
+    from fractal_vmap.grid.pipeline import GridConfig, plan_grid, train_row
+    from fractal_vmap.perf.plan import HEADROOM, estimate_memory
 
     cfg = GridConfig(axes="num_tokens,lr", rows=1, cols=5, row_min=400, row_max=400, col_min=0.01, col_max=1e12, device="cpu",
                      wandb="disabled", run_dir=str(tmp_path / "run"))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fractal_vmap import paper
+from fractal_vmap.tasks.paper import mlp as paper
 from fractal_vmap.errors import UserError
-from fractal_vmap.fractal import convergence_measure
-from fractal_vmap.paper import (
+from fractal_vmap.analysis.fractal import convergence_measure
+from fractal_vmap.tasks.paper.mlp import (
     ACTIVATIONS,
     DEFAULT_VIEW,
     PaperConfig,

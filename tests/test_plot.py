@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fractal_vmap.plot import panels, paper_image
+from fractal_vmap.analysis.pictures import panels, paper_image
 
 H, W = 6, 9
 ROWS = np.logspace(3, 6, H)  # e.g. num_tokens
@@ -127,7 +127,7 @@ def figures(monkeypatch):
     """The figures the plot functions draw, kept open for inspection (plt.close is intercepted)."""
     import matplotlib.pyplot as plt
 
-    from fractal_vmap import plot
+    from fractal_vmap.analysis import pictures as plot
 
     kept, close = [], plt.close
     monkeypatch.setattr(plot.plt, "close", kept.append)

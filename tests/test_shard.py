@@ -122,7 +122,7 @@ def test_killing_the_whole_grid_then_rerunning_loses_nothing(one_process, tmp_pa
 
 
 def test_ctrl_c_stops_the_workers_cleanly_and_prints_the_resume_command(default_model, tmp_path):
-    from fractal_vmap.lock import run_dir_lock
+    from fractal_vmap.grid.lock import run_dir_lock
 
     run_dir = tmp_path / "run"
     proc = start(grid_argv(run_dir, "--workers", "2"), start_new_session=True)

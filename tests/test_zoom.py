@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fractal_vmap.animate import CAPTION_PX
+from fractal_vmap.analysis.animate import CAPTION_PX
 from fractal_vmap.cli import main
-from fractal_vmap.fractal import convergence_measure, edge_pixels
-from fractal_vmap.paper import PaperConfig, paper_grid
+from fractal_vmap.analysis.fractal import convergence_measure, edge_pixels
+from fractal_vmap.tasks.paper.mlp import PaperConfig, paper_grid
 
 SIZE, STEPS = 12, 25
 # the default view's band where both phases meet at 12 x 12 (lr1 around 10^1.5, lr0 beyond 10^2: the ragged part)
@@ -81,7 +81,7 @@ def test_a_finer_zoom_spans_the_box(parent, tmp_path):
 
 def test_boxes_hold_the_boundary(parent, capsys):
     from fractal_vmap.options import BoxesConfig
-    from fractal_vmap.zoom import suggest_boxes
+    from fractal_vmap.grid.zoom import suggest_boxes
 
     boxes = suggest_boxes(BoxesConfig(run=str(parent), size=4, count=3))
     measure = cells(parent)["measure"].to_numpy().reshape(SIZE, SIZE)

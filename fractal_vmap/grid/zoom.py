@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fractal_vmap.axes import AXES, Axis, make_axis
-from fractal_vmap.boxes import boundary_boxes
+from fractal_vmap.analysis.boxes import boundary_boxes
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import read_json_object
 from fractal_vmap.options import AnimateConfig, BoxesConfig, GridConfig, ZoomConfig
-from fractal_vmap.report import measure_grid
+from fractal_vmap.analysis.report import measure_grid
 
 console = Console()
 RESOLVED = ("device", "dtype", "kernels")  # spec settings recorded as resolved: the child resolves its own ("compile" is "on" or absent)
@@ -80,7 +80,7 @@ def squared(lo: float, hi: float, other: tuple[float, float], log: bool, other_l
 
 def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int] | None]:
     """The zoom's axes, and the parent's box (cell indices) when given by --box."""
-    from fractal_vmap.paper_task import PAPER_AXES
+    from fractal_vmap.tasks.paper.task import PAPER_AXES
 
     rows, cols = (Axis(**spec["axes"][k]) for k in ("rows", "cols"))
     if (cfg.box is None) == (cfg.range is None):
@@ -128,10 +128,10 @@ def run_zoom(cfg: ZoomConfig) -> Path:
         setattr(child, f"{which}_max", axis.values[-1])
         setattr(child, f"{which}_scale", axis.scale)
     if spec["settings"].get("task") == "paper-mlp":
-        from fractal_vmap.paper_task import run_paper_grid
+        from fractal_vmap.tasks.paper.task import run_paper_grid
 
         return run_paper_grid(child, axes, parent)
-    from fractal_vmap.grid import run_grid
+    from fractal_vmap.grid.pipeline import run_grid
 
     child.axes = f"{axes[0].name},{axes[1].name}"
     return run_grid(child, axes, parent)
@@ -172,7 +172,7 @@ def print_boxes(boxes: list[dict], cfg: BoxesConfig) -> None:
 
 def zoom_levels(runs: list[str]) -> list:
     """The animation's levels: each run's measure and axis values, with the box of the next run, which must be its zoom."""
-    from fractal_vmap.animate import Level
+    from fractal_vmap.analysis.animate import Level
 
     read = [read_grid(r) for r in runs]
     levels = []
@@ -194,7 +194,7 @@ def zoom_levels(runs: list[str]) -> list:
 
 
 def run_animate(cfg: AnimateConfig) -> dict:
-    from fractal_vmap.animate import write_animation
+    from fractal_vmap.analysis.animate import write_animation
 
     if cfg.size < 16 or cfg.size % 2:
         raise UserError(f"--size {cfg.size}: use an even number of pixels, 16 or more")

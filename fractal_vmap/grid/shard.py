@@ -30,11 +30,11 @@ import torch
 from rich.console import Console
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.grid import finish_grid, open_grid, plan_grid, run_rows
-from fractal_vmap.lock import run_dir_lock
+from fractal_vmap.grid.pipeline import finish_grid, open_grid, plan_grid, run_rows
+from fractal_vmap.grid.lock import run_dir_lock
 from fractal_vmap.options import GridConfig
 from fractal_vmap.recipe import resolve_device
-from fractal_vmap.rundir import spec_digest
+from fractal_vmap.grid.rundir import spec_digest
 from fractal_vmap.tracking import closing_run
 
 # how long a worker waits for the others (rank 0's start, the slowest worker's last row): longer than any grid. A dead

@@ -22,8 +22,8 @@ console = Console()
 def relabel(run_dir: Path, grid: dict, cells, window: int, threshold: float):
     """The cells relabelled with another window or threshold: `converged`, the ratio and the measure recomputed from
     each lane's loss curve in the row files (`stable` does not depend on them)."""
-    from fractal_vmap.fractal import convergence_measure, trainability
-    from fractal_vmap.rundir import read_row, row_path
+    from fractal_vmap.analysis.fractal import convergence_measure, trainability
+    from fractal_vmap.grid.rundir import read_row, row_path
 
     cols = len(grid["spec"]["axes"]["cols"]["values"])
     cells = cells.copy()
@@ -45,7 +45,7 @@ def relabel(run_dir: Path, grid: dict, cells, window: int, threshold: float):
 
 def plot_run(cfg: PlotConfig) -> list[Path]:
     """The `plot` command: check everything, then draw (and, when relabelled, write cells.parquet and fractal.json)."""
-    from fractal_vmap.report import draw_pictures, measure_fractal, read_run
+    from fractal_vmap.analysis.report import draw_pictures, measure_fractal, read_run
 
     run_dir = Path(cfg.run)
     missing = [name for name in ("grid.json", "cells.parquet", "fractal.json") if not (run_dir / name).is_file()]

@@ -15,7 +15,7 @@ from simple_parsing import field
 
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import read_json_object, strict_json
-from fractal_vmap.fractal import fractal_dimension
+from fractal_vmap.analysis.fractal import fractal_dimension
 
 NEAR = 2  # cells within this many steps (king moves) of run A's boundary count as "near" it
 

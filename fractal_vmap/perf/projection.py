@@ -9,9 +9,9 @@ from dataclasses import asdict
 
 from rich.table import Table
 
-from fractal_vmap.lanes import Levers
-from fractal_vmap.plan import GRID_CELLS, GRID_TOKENS, TARGETS, nanochat_depth, plan_levers
-from fractal_vmap.projection import GPUS, LAUNCH_US, grid_seconds, project_runtime
+from fractal_vmap.tasks.nanochat.row import Levers
+from fractal_vmap.perf.plan import GRID_CELLS, GRID_TOKENS, TARGETS, nanochat_depth, plan_levers
+from fractal_vmap.perf.roofline import GPUS, LAUNCH_US, grid_seconds, project_runtime
 
 
 def projection_rows(gpu: str = "h100", depths: list[int] = (4, 8, 12, 20), lanes: int = 16, batch: int = 8, seq: int = 1024,

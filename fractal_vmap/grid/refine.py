@@ -23,11 +23,11 @@ from rich.console import Console
 from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
-from fractal_vmap.lock import run_dir_lock
+from fractal_vmap.grid.lock import run_dir_lock
 from fractal_vmap.options import GridConfig
-from fractal_vmap.paper import LANE_CHUNK
-from fractal_vmap.report import dimension_note, write_report
-from fractal_vmap.rundir import open_run_dir, read_row, row_path, write_row
+from fractal_vmap.tasks.paper.mlp import LANE_CHUNK
+from fractal_vmap.analysis.report import dimension_note, write_report
+from fractal_vmap.grid.rundir import open_run_dir, read_row, row_path, write_row
 
 MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom serves better
 console = Console()
@@ -36,7 +36,7 @@ console = Console()
 def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
     """The finest level's axes: (n - 1) x 2^K + 1 values over the same ranges (level 0's values are every 2^K-th)."""
     from fractal_vmap.axes import AXES, parse_axes
-    from fractal_vmap.paper_task import PAPER_AXES, SPACE_AXES
+    from fractal_vmap.tasks.paper.task import PAPER_AXES, SPACE_AXES
 
     if cfg.task == "paper-mlp":
         (rows_axis, cols_axis), table = SPACE_AXES[cfg.phase_space], PAPER_AXES
@@ -70,7 +70,7 @@ def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int
 def train_nanochat_points(plan, points: list[tuple[int, int]]) -> list[dict]:
     """Train the fine-grid cells `points` of a nanochat grid as one row of lanes (grid.train_row: lane chunks, memory,
     out-of-memory halving); one result a cell."""
-    from fractal_vmap.grid import train_row
+    from fractal_vmap.grid.pipeline import train_row
 
     results, _ = train_row(plan, [plan.cells[i][j] for i, j in points])
     for (i, j), r in zip(points, results):
@@ -106,11 +106,11 @@ def run_refined_grid(cfg: GridConfig) -> Path:
     if cfg.rows < 2 or cfg.cols < 2:
         raise UserError(f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}")
     if cfg.task == "paper-mlp":
-        from fractal_vmap.paper_task import plan_paper_grid, train_paper_cells
+        from fractal_vmap.tasks.paper.task import plan_paper_grid, train_paper_cells
 
         plan, train = plan_paper_grid(cfg, fine_axes(cfg, K)), train_paper_cells
     else:
-        from fractal_vmap.grid import plan_grid
+        from fractal_vmap.grid.pipeline import plan_grid
 
         plan, train = plan_grid(cfg, fine_axes(cfg, K)), train_nanochat_points
     cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)

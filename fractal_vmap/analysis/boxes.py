@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fractal_vmap.fractal import edge_pixels
+from fractal_vmap.analysis.fractal import edge_pixels
 
 
 @dataclass(frozen=True)

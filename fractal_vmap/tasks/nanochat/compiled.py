@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from fractal_vmap import model
-from fractal_vmap.engine import MIN_LANES
+from fractal_vmap.lanes import MIN_LANES
 from fractal_vmap.errors import UserError
 from fractal_vmap.head import head_loss
 

@@ -45,7 +45,7 @@ def measure_grid(cells, rows: int, cols: int) -> np.ndarray:
 def measure_fractal(cells, row: Axis, col: Axis) -> dict:
     """fractal.json's content (strict-JSON ready): the dimension, the box sizes, counts and edge pixels it rests on,
     and a caveat when they are too few to mean anything."""
-    from fractal_vmap.fractal import fractal_dimension
+    from fractal_vmap.analysis.fractal import fractal_dimension
 
     f = fractal_dimension(measure_grid(cells, len(row.values), len(col.values)))
     too_few = len(f["sizes"]) < MIN_BOX_SIZES or f["edge_pixel_count"] < MIN_EDGE_PIXELS
@@ -99,7 +99,7 @@ def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, thresh
 def draw_pictures(grid: dict, cells, fractal: dict, out_dir: Path, run_name: str, window: int | None = None,
                   threshold: float | None = None, dpi: int = 150) -> list[Path]:
     """trainability.png and panels.png in out_dir, from a grid.json, its cells and fractal.json (as read from files)."""
-    from fractal_vmap.plot import panels, paper_image
+    from fractal_vmap.analysis.pictures import panels, paper_image
 
     settings = grid["spec"]["settings"]
     window = settings["trainable_window_steps"] if window is None else window

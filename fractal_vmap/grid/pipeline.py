@@ -15,19 +15,19 @@ import torch
 from rich.console import Console
 
 from fractal_vmap.axes import Axis, cell_config, cell_lrs, check_overrides, lr_sources, make_axis, parse_axes, unused_fields
-from fractal_vmap.compiled import resolve_compile
+from fractal_vmap.tasks.nanochat.compiled import resolve_compile
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
-from fractal_vmap.engine import padded_lanes
+from fractal_vmap.lanes import padded_lanes
 from fractal_vmap.kernels import resolve as resolve_kernels
-from fractal_vmap.lanes import Levers, train_lanes
-from fractal_vmap.lock import run_dir_lock
+from fractal_vmap.tasks.nanochat.row import Levers, train_lanes
+from fractal_vmap.grid.lock import run_dir_lock
 from fractal_vmap.options import GridConfig, TrainConfig
-from fractal_vmap.plan import HEADROOM, MemoryPlan, estimate_memory, parse_bytes, parse_levers, plan_levers
+from fractal_vmap.perf.plan import HEADROOM, MemoryPlan, estimate_memory, parse_bytes, parse_levers, plan_levers
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
-from fractal_vmap.report import dimension_note, write_report
-from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
+from fractal_vmap.analysis.report import dimension_note, write_report
+from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
 from fractal_vmap.sft import lane_batches, make_stream, model_dir, render_split, total_steps
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match

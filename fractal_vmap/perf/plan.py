@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from fractal_vmap.engine import MIN_LANES, lanes_step
+from fractal_vmap.lanes import MIN_LANES, lanes_step
 from fractal_vmap.errors import UserError
 from fractal_vmap.head import lanes_head_loss
-from fractal_vmap.lanes import Levers, nanochat_row
+from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row
 from fractal_vmap.model import GPTConfig, param_shapes
 from fractal_vmap.options import PlanConfig
 from fractal_vmap.recipe import FinetuneConfig, trainable_groups
@@ -53,7 +53,7 @@ def model_config(model: str) -> GPTConfig:
             raise UserError(f"--model {model}: a depth must be at least 1, e.g. d20")
         return nanochat_depth(int(model[1:]))
     if model == "default":
-        from fractal_vmap.default import CONFIG
+        from fractal_vmap.default_model import CONFIG
 
         return CONFIG
     from fractal_vmap.checkpoint import last_step, model_files_dir
@@ -252,7 +252,7 @@ def run_plan(cfg: PlanConfig) -> dict:
     out = {"model": cfg.model, "lanes": cfg.lanes, "headroom": HEADROOM, "memory": asdict(plan), "lane_bytes": plan.lane_bytes,
            "peak_bytes": plan.peak(cfg.lanes), "lanes_that_fit": {name: plan.lanes_that_fit(size) for name, size in sizes.items()}}
     if cfg.project != "none":
-        from fractal_vmap.projection import GPUS, grid_seconds, project_runtime
+        from fractal_vmap.perf.roofline import GPUS, grid_seconds, project_runtime
 
         gpu = GPUS[cfg.project]
         fit = plan.lanes_that_fit(int(gpu.memory_gb * 1e9))

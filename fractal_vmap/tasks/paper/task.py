@@ -21,13 +21,13 @@ from rich.progress import track
 from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
-from fractal_vmap.fractal import convergence_measure, trainability
-from fractal_vmap.lock import run_dir_lock
+from fractal_vmap.analysis.fractal import convergence_measure, trainability
+from fractal_vmap.grid.lock import run_dir_lock
 from fractal_vmap.options import GridConfig
-from fractal_vmap.paper import DEFAULT_VIEW, LANE_CHUNK, PHASE_SPACES, PaperConfig, check_config, num_params, num_points, train_paper_lanes
+from fractal_vmap.tasks.paper.mlp import DEFAULT_VIEW, LANE_CHUNK, PHASE_SPACES, PaperConfig, check_config, num_params, num_points, train_paper_lanes
 from fractal_vmap.recipe import resolve_device
-from fractal_vmap.report import dimension_note, write_report
-from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
+from fractal_vmap.analysis.report import dimension_note, write_report
+from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
 
 TASKS = ("nanochat-sft", "paper-mlp")
 DEFAULT_STEPS = 100  # gradient descent steps when --num_iterations is unset (the paper: 500 to 1000)

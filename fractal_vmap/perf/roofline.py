@@ -27,8 +27,8 @@ from unittest import mock
 import torch
 import torch.utils._pytree as pytree
 
-from fractal_vmap.engine import lanes_step
-from fractal_vmap.lanes import Levers, nanochat_row
+from fractal_vmap.lanes import lanes_step
+from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row
 from fractal_vmap.model import GPTConfig, forward, param_group, param_shapes, rotary_cos_sin, sdpa_attention
 from fractal_vmap.recipe import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, FinetuneConfig, trainable_groups
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fractal_vmap.plot import measure_rgb
+from fractal_vmap.analysis.pictures import measure_rgb
 
 CAPTION_PX = 24  # height of the text strip under each frame
 BOX_RGB = (0, 0, 0)  # the child's box: black shows on both phases and on the pale cells near the boundary

@@ -3,7 +3,7 @@
 Modes (each trains the same lanes on the same batches):
 - sequential: L single models one after another, each doing the `finetune` step (forward, loss.item(), backward,
   torch.optim AdamW + Muon, zero_grad): how grids were run before, minus process start-up (benchmarks/e2e_row.py).
-- row: the eager vmapped row step, engine.lanes_step (what `grid --compile off` trains with).
+- row: the eager vmapped row step, lanes.lanes_step (what `grid --compile off` trains with).
 - fast: the compiled row step (compiled.py), with the Triton kernels where they run (CUDA: kernels "auto").
 
 Models: the embedded default model on its real SFT batches (float32), the CPU default; random-init nanochat models by
@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fractal_vmap import engine
-from fractal_vmap.compiled import bucket
+from fractal_vmap.lanes import lanes_step, to_device
+from fractal_vmap.tasks.nanochat.compiled import bucket
 from fractal_vmap.errors import UserError
 from fractal_vmap.kernels import resolve as resolve_kernels
-from fractal_vmap.lanes import nanochat_row
+from fractal_vmap.tasks.nanochat.row import nanochat_row
 from fractal_vmap.machine import device_name, device_slug, wait_for_quiet
-from fractal_vmap.measure import free_memory, matmul_ceiling, profile_mode, time_mode
+from fractal_vmap.perf.timing import free_memory, matmul_ceiling, profile_mode, time_mode
 from fractal_vmap.model import GPTConfig, forward, init_params, param_group, param_shapes, rotary_cos_sin
 from fractal_vmap.optim import lr_multiplier_scalar
 from fractal_vmap.options import BenchConfig
@@ -147,7 +147,7 @@ def build(mode: str, cfg: FinetuneConfig, config: GPTConfig, params: dict, lanes
     row = nanochat_row(cfgs, config, params, [total] * lanes, device, kernels=resolve_kernels("auto", device) if fast else "torch", compile=fast)
 
     def row_step(i: int, batch) -> None:
-        engine.lanes_step(row, i, *(engine.to_device(t, device) for t in batch))
+        lanes_step(row, i, *(to_device(t, device) for t in batch))
 
     return row_step
 
@@ -256,7 +256,7 @@ def measure_mode(mode: str, finetune: FinetuneConfig, config: GPTConfig, params:
     result["launches_per_step"] = profiled["launches"]
     result.setdefault("peak_bytes", profiled.get("peak_bytes"))
     if mode == "fast":
-        from fractal_vmap import compiled
+        from fractal_vmap.tasks.nanochat import compiled
 
         result["compiled_shapes"] = len(compiled.shapes_compiled)  # in this process so far: one compile each
     return result
