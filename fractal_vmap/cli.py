@@ -13,7 +13,16 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.options import AnimateConfig, BenchConfig, BoxesConfig, FinetuneConfig, GridConfig, PlanConfig, PlotConfig, ZoomConfig
+from fractal_vmap.options import (
+    AnimateConfig,
+    BenchConfig,
+    BoxesConfig,
+    FinetuneConfig,
+    GridConfig,
+    PlanConfig,
+    PlotConfig,
+    ZoomConfig,
+)
 
 console = Console()
 
@@ -37,7 +46,17 @@ def finetune_command(cfg) -> None:
 
     result = run_finetune(cfg)
     table = Table(title=f"finetune {result['run_name']}", show_header=False)
-    for key in ("steps", "tokens_seen", "avg_loss", "final_loss", "trainable_ratio", "stable", "converged", "runtime_s", "error"):
+    for key in (
+        "steps",
+        "tokens_seen",
+        "avg_loss",
+        "final_loss",
+        "trainable_ratio",
+        "stable",
+        "converged",
+        "runtime_s",
+        "error",
+    ):
         value = result[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     if "val_loss" in result:
@@ -62,7 +81,9 @@ def grid_command(cfg) -> None:
         from fractal_vmap.tasks.paper.task import run_paper_grid
 
         if cfg.workers > 1:
-            raise UserError("--workers is for nanochat grids: a paper-mlp grid of 256 x 256 runs in minutes in one process (its chunks use every core)")
+            raise UserError(
+                "--workers is for nanochat grids: a paper-mlp grid of 256 x 256 runs in minutes in one process (its chunks use every core)"
+            )
         run_paper_grid(cfg)
         return
     from fractal_vmap.grid import shard
@@ -154,7 +175,11 @@ def compare_options() -> type:
     return CompareConfig
 
 
-OPTIONS = {"finetune": FinetuneConfig, "grid": GridConfig, "plan": PlanConfig}  # commands that take a --config_path file -> their options
+OPTIONS = {
+    "finetune": FinetuneConfig,
+    "grid": GridConfig,
+    "plan": PlanConfig,
+}  # commands that take a --config_path file -> their options
 
 
 def build_parser() -> ArgumentParser:
@@ -163,14 +188,49 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands_and_help = (
         ("finetune", FinetuneConfig, finetune_command, "train one model (one grid cell) with torch.optim AdamW + Muon"),
-        ("grid", GridConfig, grid_command, "train a 2-D grid of fine-tuning runs, a whole row of lanes at once (or --task paper-mlp)"),
-        ("plot", PlotConfig, plot_command, "redraw a grid's pictures from its run dir (restyled or re-thresholded), without training"),
-        ("compare", compare_options(), compare_command, "count the cells of two grids over the same axes that change phase, and where"),
-        ("zoom", ZoomConfig, zoom_command, "a new grid inside a box of a finished grid (same settings, the parent recorded)"),
+        (
+            "grid",
+            GridConfig,
+            grid_command,
+            "train a 2-D grid of fine-tuning runs, a whole row of lanes at once (or --task paper-mlp)",
+        ),
+        (
+            "plot",
+            PlotConfig,
+            plot_command,
+            "redraw a grid's pictures from its run dir (restyled or re-thresholded), without training",
+        ),
+        (
+            "compare",
+            compare_options(),
+            compare_command,
+            "count the cells of two grids over the same axes that change phase, and where",
+        ),
+        (
+            "zoom",
+            ZoomConfig,
+            zoom_command,
+            "a new grid inside a box of a finished grid (same settings, the parent recorded)",
+        ),
         ("boxes", BoxesConfig, boxes_command, "suggest where to zoom: the boxes of a grid with the most boundary"),
-        ("animate", AnimateConfig, animate_command, "a zoom animation (GIF, MP4 with ffmpeg) through a chain of zoomed runs"),
-        ("plan", PlanConfig, plan_command, "how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast"),
-        ("bench", BenchConfig, bench_command, "training throughput of a row: sequential models vs the eager row vs the compiled row"),
+        (
+            "animate",
+            AnimateConfig,
+            animate_command,
+            "a zoom animation (GIF, MP4 with ffmpeg) through a chain of zoomed runs",
+        ),
+        (
+            "plan",
+            PlanConfig,
+            plan_command,
+            "how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast",
+        ),
+        (
+            "bench",
+            BenchConfig,
+            bench_command,
+            "training throughput of a row: sequential models vs the eager row vs the compiled row",
+        ),
     )
     for name, options, run, text in commands_and_help:
         # --config_path file.yaml (or .json) sets a training command's options; flags given on the command line override it
@@ -200,12 +260,18 @@ def check_config_file(path: str, command: str, options: type) -> None:
     try:
         data = yaml.safe_load(file.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"--config_path {path} is not valid YAML or JSON ({str(e).splitlines()[0]}): fix the file") from None
+        raise UserError(
+            f"--config_path {path} is not valid YAML or JSON ({str(e).splitlines()[0]}): fix the file"
+        ) from None
     if not isinstance(data, dict) or set(data) != {"cfg"} or not isinstance(data["cfg"], dict):
-        raise UserError(f"--config_path {path}: put the options in a mapping under one top-level `cfg:` key, e.g. `cfg: {{learning_rate: 0.05}}`")
+        raise UserError(
+            f"--config_path {path}: put the options in a mapping under one top-level `cfg:` key, e.g. `cfg: {{learning_rate: 0.05}}`"
+        )
     unknown = sorted(set(data["cfg"]) - {f.name for f in fields(options)})
     if unknown:
-        raise UserError(f"--config_path {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap {command} --help")
+        raise UserError(
+            f"--config_path {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap {command} --help"
+        )
 
 
 def resume_command(argv: list[str], cfg) -> str:
@@ -234,5 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         again = "resume (finished rows are kept)" if args.command == "grid" else "start it again"
         if lead:
-            console.print(f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, args.cfg)}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, args.cfg)}",
+                highlight=False,
+                soft_wrap=True,
+            )
         sys.exit(130)  # 128 + SIGINT, the shell's convention

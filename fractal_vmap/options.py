@@ -17,10 +17,16 @@ class TrainConfig:
     model: str = "default"  # base model: a nanochat checkpoint dir, hf:<owner>/<repo>[@rev], wandb:<entity>/<project>/<name>:<version>, or "default" (a tiny model built on first use)
     tokenizer: str | None = None  # tokenizer dir, if it is neither in the model dir nor beside it
     dataset: str = "default"  # training conversations: a JSONL file of {"messages": [...]}, a Hugging Face dataset id, or "default" (synthetic document Q&A)
-    learning_rate: float = 0.02  # base learning rate: the matrices get it, the embedding 10x, the lm_head 0.2x (unless set below)
+    learning_rate: float = (
+        0.02  # base learning rate: the matrices get it, the embedding 10x, the lm_head 0.2x (unless set below)
+    )
     matrix_lr: float | None = None  # learning rate of the transformer's matrices (Muon); unset: --learning_rate
-    embedding_lr: float | None = None  # learning rate of the token embedding (AdamW, scaled by (n_embd/768)^-0.5 as nanochat does); unset: --learning_rate x --embedding_lr_mult
-    unembedding_lr: float | None = None  # learning rate of the lm_head (AdamW, scaled by (n_embd/768)^-0.5); unset: --learning_rate x --unembedding_lr_mult
+    embedding_lr: float | None = (
+        None  # learning rate of the token embedding (AdamW, scaled by (n_embd/768)^-0.5 as nanochat does); unset: --learning_rate x --embedding_lr_mult
+    )
+    unembedding_lr: float | None = (
+        None  # learning rate of the lm_head (AdamW, scaled by (n_embd/768)^-0.5); unset: --learning_rate x --unembedding_lr_mult
+    )
     embedding_lr_mult: float = 10.0  # embedding lr = learning_rate x this, when --embedding_lr is unset
     unembedding_lr_mult: float = 0.2  # lm_head lr = learning_rate x this, when --unembedding_lr is unset
     trainable_param_groups: str = "matrix,unembedding"  # which weights train: a comma list of matrix, embedding, unembedding, or "all"; the others stay frozen
@@ -28,14 +34,18 @@ class TrainConfig:
     init_lr_frac: float = 1.0  # every learning rate is multiplied by this
     warmup_frac: float = 0.06  # fraction of the steps spent warming the learning rate up linearly
     final_lr_frac: float = 0.0  # the cosine schedule ends at this fraction of the learning rate
-    num_tokens: int = 20_000  # supervised tokens to train on: steps = ceil(num_tokens / supervised tokens in the first batch)
+    num_tokens: int = (
+        20_000  # supervised tokens to train on: steps = ceil(num_tokens / supervised tokens in the first batch)
+    )
     num_iterations: int | None = None  # a fixed number of steps instead of --num_tokens
     device_batch_size: int = 8  # conversations per step
     max_seq_len: int = 1024  # longest conversation in tokens; longer ones are cut
     dtype: str = "auto"  # float32, bfloat16 (autocast), or auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # cpu, cuda, cuda:N, or auto: CUDA if available
     seed: int = 999  # seed of the data order
-    trainable_window_steps: int = 20  # a run is trainable when the mean of its last this-many losses is below the threshold times its first loss
+    trainable_window_steps: int = (
+        20  # a run is trainable when the mean of its last this-many losses is below the threshold times its first loss
+    )
     trainable_loss_ratio_threshold: float = 1.0  # that threshold (mean of the last losses / first loss)
     run_name: str | None = None  # a name for the run (W&B, result file); unset: one made from the settings
     wandb: str = "auto"  # Weights & Biases logging: online, offline (files to sync later), disabled, or auto: online with credentials, else offline
@@ -47,7 +57,9 @@ class TrainConfig:
 class FinetuneConfig(TrainConfig):
     """One fine-tuning run (one grid cell) with torch.optim AdamW + Muon: every setting a cell trains with."""
 
-    val_dataset: str | None = None  # validation conversations (JSONL file or dataset id); the default dataset brings its own
+    val_dataset: str | None = (
+        None  # validation conversations (JSONL file or dataset id); the default dataset brings its own
+    )
     eval_every: int = 0  # evaluate on the validation set every this-many steps; 0: only at the end
     eval_batches: int = 4  # validation batches per evaluation
     out: str | None = None  # where to write the result JSON; unset: runs/finetune/<run_name>.json
@@ -67,7 +79,9 @@ class GridConfig(TrainConfig):
     col_max: float | None = None  # largest cols-axis value; unset: the axis' own range
     row_scale: str = "auto"  # spacing of the rows-axis values: log, linear, or auto (the axis' usual one)
     col_scale: str = "auto"  # spacing of the cols-axis values: log, linear, or auto
-    run_dir: str | None = None  # where the grid's files go; rerunning with the same dir resumes it; unset: runs/grid-<axes>-<hash of the settings>
+    run_dir: str | None = (
+        None  # where the grid's files go; rerunning with the same dir resumes it; unset: runs/grid-<axes>-<hash of the settings>
+    )
     lane_chunk: int = 0  # most lanes trained at once; 0: a whole row on CUDA, 8 on CPU; halves itself on out-of-memory
     perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, to `compare` against (the map's noise floor)
     kernels: str = "auto"  # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under TRITON_INTERPRET=1: slow, for debugging)
@@ -78,10 +92,14 @@ class GridConfig(TrainConfig):
     data_multiple: float = 1.0  # paper-mlp: training points = parameters x this (the identity network: width x this)
     refine: int = 0  # refine K levels near the boundary: the --rows x --cols grid, then K times half the spacing where neighbours disagree in phase (a (rows-1) x 2^K + 1 map at a fraction of its cells); 0: off
     workers: int = 1  # processes sharing the rows on this node (one per GPU; on CPU each gets cores / N threads), started by torch's elastic launcher; under torchrun leave it out
-    memory_budget: str | None = None  # most memory a lane chunk may use, e.g. 2GB; unset: the GPU's on CUDA, no limit on CPU
+    memory_budget: str | None = (
+        None  # most memory a lane chunk may use, e.g. 2GB; unset: the GPU's on CUDA, no limit on CPU
+    )
     levers: str = "auto"  # memory levers that change no number: auto (what the memory budget needs), none, or a comma list of step_in_backward, remat
     micro_batches: int = 1  # split each step's batch in this many parts, gradients accumulated: less memory, numbers drift (another sum order)
-    momentum_dtype: str = "float32"  # bfloat16: Muon's momentum in half the memory, rounded each step (changes the numbers)
+    momentum_dtype: str = (
+        "float32"  # bfloat16: Muon's momentum in half the memory, rounded each step (changes the numbers)
+    )
     master_dtype: str = "float32"  # bfloat16: the trained weights in half the memory, updates rounded (changes the numbers; needs --dtype bfloat16)
 
 
@@ -91,7 +109,9 @@ class PlotConfig:
 
     run: str = field(positional=True, metavar="RUN", help="a grid's run dir")
     out: str | None = None  # where to write the pictures (and, when re-thresholded, fractal.json); unset: the run dir
-    trainable_loss_ratio_threshold: float | None = None  # relabel the cells with this threshold (from the loss curves in the row files); unset: the grid's
+    trainable_loss_ratio_threshold: float | None = (
+        None  # relabel the cells with this threshold (from the loss curves in the row files); unset: the grid's
+    )
     trainable_window_steps: int | None = None  # relabel the cells with this window; unset: the grid's
     dpi: int = 150  # resolution of the PNGs
     style: str | None = None  # a matplotlib style sheet (name or file) to draw with, e.g. ggplot
@@ -108,11 +128,15 @@ class PlanConfig:
     seq: int = 1024  # max_seq_len
     dtype: str = "bfloat16"  # the forward's autocast: bfloat16 (as on CUDA) or float32 (as on CPU)
     trainable_param_groups: str = "matrix,unembedding"
-    levers: str = "auto"  # auto (the first of: none, step_in_backward, remat, both, that fits --lanes), none, or a comma list
+    levers: str = (
+        "auto"  # auto (the first of: none, step_in_backward, remat, both, that fits --lanes), none, or a comma list
+    )
     micro_batches: int = 1  # changes the numbers (see lanes.Levers)
     momentum_dtype: str = "float32"  # bfloat16 changes the numbers (see lanes.Levers)
     master_dtype: str = "float32"  # bfloat16 changes the numbers (see lanes.Levers)
-    project: str = "none"  # h100 or h200: also project the step time, speed-up, MFU and a 64x64 grid's time (a projection)
+    project: str = (
+        "none"  # h100 or h200: also project the step time, speed-up, MFU and a 64x64 grid's time (a projection)
+    )
     launch_us: float = 10.0  # host time per kernel launch in the projection (projection.LAUNCH_US)
     supervised_frac: float = 0.7  # supervised share of a batch's tokens, for the grid's step count in the projection
     json: str | None = None  # also write the plan as JSON to this path
@@ -145,7 +169,9 @@ class ZoomConfig:
     """A new grid inside a box of a finished grid, with the same settings; its grid.json records the parent and the box."""
 
     run: str = field(positional=True, metavar="RUN", help="a finished grid's run dir")
-    box: str | None = None  # the box in the parent's cells, half-open: r0:r1,c0:c1 (rows r0..r1-1, cols c0..c1-1), e.g. from `fractal-vmap boxes RUN`
+    box: str | None = (
+        None  # the box in the parent's cells, half-open: r0:r1,c0:c1 (rows r0..r1-1, cols c0..c1-1), e.g. from `fractal-vmap boxes RUN`
+    )
     range: str | None = None  # the box in axis values instead: rows=LO:HI,cols=LO:HI (e.g. rows=1e-2:1e1,cols=1e3:1e4)
     rows: int = 0  # rows of the new grid; 0: the box's rows at the parent's spacing (the parent's exact values, so its cells are reproduced)
     cols: int = 0  # cols of the new grid; 0: the box's cols at the parent's spacing

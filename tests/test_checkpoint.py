@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FIXTURE
+
 from fractal_vmap.checkpoint import last_step, load_checkpoint, load_model, save_checkpoint
 from fractal_vmap.errors import UserError
 from fractal_vmap.model import GPTConfig, param_shapes

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fractal_vmap.tasks.nanochat import compiled
 from fractal_vmap.checkpoint import load_model
 from fractal_vmap.errors import UserError
-from fractal_vmap.tasks.nanochat.row import Levers, train_lanes
 from fractal_vmap.recipe import FinetuneConfig
+from fractal_vmap.tasks.nanochat import compiled
+from fractal_vmap.tasks.nanochat.row import Levers, train_lanes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"
 CPU = torch.device("cpu")
@@ -57,8 +57,16 @@ def nanochat():
 
 
 def cfg(lr: float) -> FinetuneConfig:
-    return FinetuneConfig(trainable_param_groups="all", weight_decay=0.0, warmup_frac=0.0, final_lr_frac=1.0, num_iterations=STEPS,
-                          device="cpu", learning_rate=lr, run_name=f"lr{lr:g}")
+    return FinetuneConfig(
+        trainable_param_groups="all",
+        weight_decay=0.0,
+        warmup_frac=0.0,
+        final_lr_frac=1.0,
+        num_iterations=STEPS,
+        device="cpu",
+        learning_rate=lr,
+        run_name=f"lr{lr:g}",
+    )
 
 
 CFGS = [cfg(lr) for lr in (*TAME_LRS[:2], WILD_LR, TAME_LRS[2])]
@@ -98,7 +106,9 @@ def test_compiled_row_equals_eager_within_the_noise_floor(runs):
         gap = max(abs(a - b) for a, b in zip(eager.losses, fast.losses))
         assert gap <= LOSS_TOL_PER_LR * c.learning_rate, f"{c.run_name}: max |dloss| {gap:.3g}"
         assert fast.tokens_seen == eager.tokens_seen  # padded positions are not supervised tokens
-    assert runs["eager"][0].losses != runs["whole"][0].losses  # the compiled step did run (fused kernels round differently)
+    assert (
+        runs["eager"][0].losses != runs["whole"][0].losses
+    )  # the compiled step did run (fused kernels round differently)
 
 
 def test_compiled_lanes_do_not_depend_on_their_chunk(runs):
@@ -132,8 +142,13 @@ def test_bucket_pads_to_64_within_the_rotary_table():
 
 
 def test_compile_choice():
-    assert compiled.resolve_compile("auto", CPU) is False and compiled.resolve_compile("auto", torch.device("cuda")) is True
-    assert compiled.resolve_compile("on", CPU) is True and compiled.resolve_compile("off", torch.device("cuda")) is False
+    assert (
+        compiled.resolve_compile("auto", CPU) is False
+        and compiled.resolve_compile("auto", torch.device("cuda")) is True
+    )
+    assert (
+        compiled.resolve_compile("on", CPU) is True and compiled.resolve_compile("off", torch.device("cuda")) is False
+    )
     with pytest.raises(UserError, match="--compile 'yes'"):
         compiled.resolve_compile("yes", CPU)
 

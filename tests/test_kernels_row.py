@@ -4,9 +4,9 @@ same labels, losses within the noise floor where training is tame, one lane dive
 import pytest
 import torch
 
-from fractal_vmap.tasks.nanochat.row import train_lanes
 from fractal_vmap.recipe import FinetuneConfig
 from fractal_vmap.sft import load_source, make_stream, render_split, total_steps
+from fractal_vmap.tasks.nanochat.row import train_lanes
 
 CPU = torch.device("cpu")
 # The kernels round differently from the torch path by an ulp here and there (AdamW's sqrt, the head's float32 dx, dw:
@@ -40,7 +40,10 @@ def rows(default_model, wide_interpreter_blocks):
     stream = make_stream(base, tokenizer, render_split(base, tokenizer, config, "train")[0], base.seed)
     steps = total_steps(base, stream.batch(0)[1])
     cfgs = [FinetuneConfig(device="cpu", num_tokens=2100, learning_rate=lr, run_name=f"lr{lr:g}") for lr in LRS]
-    return steps, {k: train_lanes(cfgs, config, params, stream.batch, [steps] * len(LRS), CPU, kernels=k) for k in ("torch", "triton")}
+    return steps, {
+        k: train_lanes(cfgs, config, params, stream.batch, [steps] * len(LRS), CPU, kernels=k)
+        for k in ("torch", "triton")
+    }
 
 
 def test_triton_row_matches_the_torch_row(rows):

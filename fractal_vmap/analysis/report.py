@@ -12,9 +12,28 @@ import numpy as np
 from fractal_vmap.axes import Axis
 from fractal_vmap.files import atomic_path, finite_or_none, strict_json, write_atomic
 
-CELL_COLUMNS = ["row", "col", "stable", "converged", "trainable_ratio", "final_loss", "avg_loss", "measure", "trainable_loss0",
-                "trainable_mean_last_k", "tokens_seen", "steps", "total_steps", "learning_rate", "matrix_lr", "embedding_lr",
-                "unembedding_lr", "num_tokens_target", "seed", "error"]
+CELL_COLUMNS = [
+    "row",
+    "col",
+    "stable",
+    "converged",
+    "trainable_ratio",
+    "final_loss",
+    "avg_loss",
+    "measure",
+    "trainable_loss0",
+    "trainable_mean_last_k",
+    "tokens_seen",
+    "steps",
+    "total_steps",
+    "learning_rate",
+    "matrix_lr",
+    "embedding_lr",
+    "unembedding_lr",
+    "num_tokens_target",
+    "seed",
+    "error",
+]
 PICTURES = ("trainability.png", "panels.png")
 # A box-counting dimension needs a slope over >= 3 box sizes (2 points always fit a line) and >= 50 edge pixels.
 # Measured on 3,000 straight and circular boundaries (dimension 1) on 8-128 cell grids, 1st-99th percentile of the
@@ -29,16 +48,33 @@ def cells_frame(lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] |
     import pandas as pd
 
     refined = [c for c in ("trained", "level") if lanes and c in lanes[0]]  # a refined grid's (refine.py)
-    columns = list(dict.fromkeys(["row", "col", row.name, col.name, *CELL_COLUMNS, *refined]))  # an axis named like a field (seed) once
-    records = [{**lane, **(lrs[lane["grid_i"]][lane["grid_j"]] if lrs else {}), "row": lane["grid_i"], "col": lane["grid_j"],
-                row.name: row.values[lane["grid_i"]], col.name: col.values[lane["grid_j"]]} for lane in lanes]
-    return pd.DataFrame.from_records(records).reindex(columns=columns).astype({c: "float64" for c in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr")})
+    columns = list(
+        dict.fromkeys(["row", "col", row.name, col.name, *CELL_COLUMNS, *refined])
+    )  # an axis named like a field (seed) once
+    records = [
+        {
+            **lane,
+            **(lrs[lane["grid_i"]][lane["grid_j"]] if lrs else {}),
+            "row": lane["grid_i"],
+            "col": lane["grid_j"],
+            row.name: row.values[lane["grid_i"]],
+            col.name: col.values[lane["grid_j"]],
+        }
+        for lane in lanes
+    ]
+    return (
+        pd.DataFrame.from_records(records)
+        .reindex(columns=columns)
+        .astype({c: "float64" for c in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr")})
+    )
 
 
 def measure_grid(cells, rows: int, cols: int) -> np.ndarray:
     """The convergence measure laid out [rows, cols]; cells not in the frame are NaN."""
     measure = np.full((rows, cols), np.nan)
-    measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["measure"].to_numpy(dtype=np.float64, na_value=np.nan)
+    measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["measure"].to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
     return measure
 
 
@@ -49,10 +85,23 @@ def measure_fractal(cells, row: Axis, col: Axis) -> dict:
 
     f = fractal_dimension(measure_grid(cells, len(row.values), len(col.values)))
     too_few = len(f["sizes"]) < MIN_BOX_SIZES or f["edge_pixel_count"] < MIN_EDGE_PIXELS
-    caveat = (f"too few to mean anything (a dimension needs >= {MIN_EDGE_PIXELS} edge pixels and >= {MIN_BOX_SIZES} box sizes: "
-              "a grid of about 32 x 32 cells or more)") if too_few and f["edge_pixel_count"] else None
-    return finite_or_none({**f, "rows_axis": row.name, "cols_axis": col.name, "trainable_fraction": float(cells["converged"].mean()),
-                           "caveat": caveat})
+    caveat = (
+        (
+            f"too few to mean anything (a dimension needs >= {MIN_EDGE_PIXELS} edge pixels and >= {MIN_BOX_SIZES} box sizes: "
+            "a grid of about 32 x 32 cells or more)"
+        )
+        if too_few and f["edge_pixel_count"]
+        else None
+    )
+    return finite_or_none(
+        {
+            **f,
+            "rows_axis": row.name,
+            "cols_axis": col.name,
+            "trainable_fraction": float(cells["converged"].mean()),
+            "caveat": caveat,
+        }
+    )
 
 
 def dimension_note(f: dict) -> str:
@@ -68,8 +117,10 @@ def dimension_note(f: dict) -> str:
 
 
 def source_label(source: dict) -> str:
-    """"default (step 300, sha256 1a2b3c4d)" from a spec's model or dataset id."""
-    extra = ([f"step {source['step']}"] if "step" in source else []) + ([f"sha256 {source['sha256'][:8]}"] if "sha256" in source else [])
+    """ "default (step 300, sha256 1a2b3c4d)" from a spec's model or dataset id."""
+    extra = ([f"step {source['step']}"] if "step" in source else []) + (
+        [f"sha256 {source['sha256'][:8]}"] if "sha256" in source else []
+    )
     return source["source"] + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -83,21 +134,34 @@ def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, thresh
     """What a picture shows, in a few lines: model, data, axes, lrs, labels, the dimension and its basis, the run."""
     spec, env = grid["spec"], grid.get("environment", {})
     settings, axes = spec["settings"], spec["axes"]
-    lrs = ", ".join(f"{g} frozen" if v is None else f"{g} = {v if isinstance(v, str) else f'{v:g}'}" for g, v in spec.get("group_lrs", {}).items())
+    lrs = ", ".join(
+        f"{g} frozen" if v is None else f"{g} = {v if isinstance(v, str) else f'{v:g}'}"
+        for g, v in spec.get("group_lrs", {}).items()
+    )
     cells_total = len(axes["rows"]["values"]) * len(axes["cols"]["values"])
     lines = [
         f"model {source_label(spec['model'])} · dataset {source_label(spec['dataset'])} · {settings['device']} {settings['dtype']}",
         f"rows {axis_label(axes['rows'])} x cols {axis_label(axes['cols'])} · learning rates: {lrs}",
-        (f"{len(cells)}/{cells_total} cells · {cells['converged'].mean():.0%} trainable (mean of the last {window} losses < {threshold:g} x "
-         f"the first) · {cells['stable'].mean():.0%} stable"),
+        (
+            f"{len(cells)}/{cells_total} cells · {cells['converged'].mean():.0%} trainable (mean of the last {window} losses < {threshold:g} x "
+            f"the first) · {cells['stable'].mean():.0%} stable"
+        ),
         dimension_note(fractal),
         f"run dir {run_name} · created {env.get('created', '?')} · fractal-vmap {(env.get('git_revision') or env.get('fractal_vmap') or '?')[:12]}",
     ]
     return "\n".join(textwrap.fill(line, CAPTION_WIDTH, subsequent_indent="  ") for line in lines)
 
 
-def draw_pictures(grid: dict, cells, fractal: dict, out_dir: Path, run_name: str, window: int | None = None,
-                  threshold: float | None = None, dpi: int = 150) -> list[Path]:
+def draw_pictures(
+    grid: dict,
+    cells,
+    fractal: dict,
+    out_dir: Path,
+    run_name: str,
+    window: int | None = None,
+    threshold: float | None = None,
+    dpi: int = 150,
+) -> list[Path]:
     """trainability.png and panels.png in out_dir, from a grid.json, its cells and fractal.json (as read from files)."""
     from fractal_vmap.analysis.pictures import panels, paper_image
 
@@ -110,8 +174,19 @@ def draw_pictures(grid: dict, cells, fractal: dict, out_dir: Path, run_name: str
     measure = measure_grid(cells, len(row.values), len(col.values))
     paths = [Path(out_dir) / name for name in PICTURES]
     with atomic_path(paths[0]) as tmp:
-        paper_image(measure, row.values, col.values, row.name, col.name, tmp, log_rows, log_cols,
-                    f"trainable (blue) or not (red): {row.name} x {col.name}", text, dpi)
+        paper_image(
+            measure,
+            row.values,
+            col.values,
+            row.name,
+            col.name,
+            tmp,
+            log_rows,
+            log_cols,
+            f"trainable (blue) or not (red): {row.name} x {col.name}",
+            text,
+            dpi,
+        )
     with atomic_path(paths[1]) as tmp:
         panels(cells, row.name, col.name, tmp, log_rows, log_cols, text, dpi)
     return paths
@@ -121,8 +196,11 @@ def read_run(run_dir: Path) -> tuple[dict, object, dict]:
     """grid.json, cells.parquet and fractal.json of a finished run."""
     import pandas as pd
 
-    return (json.loads((run_dir / "grid.json").read_text()), pd.read_parquet(run_dir / "cells.parquet"),
-            json.loads((run_dir / "fractal.json").read_text()))
+    return (
+        json.loads((run_dir / "grid.json").read_text()),
+        pd.read_parquet(run_dir / "cells.parquet"),
+        json.loads((run_dir / "fractal.json").read_text()),
+    )
 
 
 def write_report(run_dir: Path, lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] | None = None) -> dict:

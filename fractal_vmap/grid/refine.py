@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from fractal_vmap.analysis.report import dimension_note, write_report
 from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.grid.lock import run_dir_lock
+from fractal_vmap.grid.rundir import open_run_dir, read_row, row_path, write_row
 from fractal_vmap.options import GridConfig
 from fractal_vmap.tasks.paper.mlp import LANE_CHUNK
-from fractal_vmap.analysis.report import dimension_note, write_report
-from fractal_vmap.grid.rundir import open_run_dir, read_row, row_path, write_row
 
 MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom serves better
 console = Console()
@@ -42,8 +42,10 @@ def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
         (rows_axis, cols_axis), table = SPACE_AXES[cfg.phase_space], PAPER_AXES
     else:
         (rows_axis, cols_axis), table = parse_axes(cfg.axes), AXES
-    return (make_axis(rows_axis, (cfg.rows - 1) * 2**K + 1, cfg.row_min, cfg.row_max, cfg.row_scale, "rows", table),
-            make_axis(cols_axis, (cfg.cols - 1) * 2**K + 1, cfg.col_min, cfg.col_max, cfg.col_scale, "cols", table))
+    return (
+        make_axis(rows_axis, (cfg.rows - 1) * 2**K + 1, cfg.row_min, cfg.row_max, cfg.row_scale, "rows", table),
+        make_axis(cols_axis, (cfg.cols - 1) * 2**K + 1, cfg.col_min, cfg.col_max, cfg.col_scale, "cols", table),
+    )
 
 
 def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int, int]]:
@@ -78,7 +80,9 @@ def train_nanochat_points(plan, points: list[tuple[int, int]]) -> list[dict]:
     return results
 
 
-def filled(results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], int], H: int, W: int, K: int) -> list[dict]:
+def filled(
+    results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], int], H: int, W: int, K: int
+) -> list[dict]:
     """Every fine cell: a trained one as it is (trained = true, its level), another from its coarse parent: the corner
     of its square at the finest level whose corner was trained (trained = false, the parent's level)."""
     out = []
@@ -92,7 +96,9 @@ def filled(results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], i
                 parent = (i - i % step, j - j % step)
                 if parent in results:
                     break
-            out.append({**results[parent], "grid_i": i, "grid_j": j, "trained": False, "level": levels[parent], "losses": []})
+            out.append(
+                {**results[parent], "grid_i": i, "grid_j": j, "trained": False, "level": levels[parent], "losses": []}
+            )
     return out
 
 
@@ -104,7 +110,9 @@ def run_refined_grid(cfg: GridConfig) -> Path:
     if not 1 <= K <= MAX_LEVELS:
         raise UserError(f"--refine {K}: use 1 to {MAX_LEVELS} levels (each halves the spacing near the boundary)")
     if cfg.rows < 2 or cfg.cols < 2:
-        raise UserError(f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}")
+        raise UserError(
+            f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}"
+        )
     if cfg.task == "paper-mlp":
         from fractal_vmap.tasks.paper.task import plan_paper_grid, train_paper_cells
 
@@ -119,15 +127,21 @@ def run_refined_grid(cfg: GridConfig) -> Path:
     levels: dict[tuple[int, int], int] = {}
     with run_dir_lock(plan.run_dir):
         digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"fine_cells": H * W})
-        console.print(f"{cfg.task} grid refined {K} levels: {cfg.rows} x {cfg.cols} coarse cells to {H} x {W}, run dir [bold]{plan.run_dir}[/bold]",
-                      soft_wrap=True)
+        console.print(
+            f"{cfg.task} grid refined {K} levels: {cfg.rows} x {cfg.cols} coarse cells to {H} x {W}, run dir [bold]{plan.run_dir}[/bold]",
+            soft_wrap=True,
+        )
         for k in range(K + 1):
             step = 2 ** (K - k)
             known = np.zeros((H, W), dtype=bool)
             phase = np.zeros((H, W), dtype=bool)
             for (i, j), r in results.items():
                 known[i, j], phase[i, j] = True, r["converged"]
-            points = [(i, j) for i in range(0, H, step) for j in range(0, W, step)] if k == 0 else to_refine(phase, known, step)
+            points = (
+                [(i, j) for i in range(0, H, step) for j in range(0, W, step)]
+                if k == 0
+                else to_refine(phase, known, step)
+            )
             path = row_path(plan.run_dir, k)
             done = read_row(path, len(points), digest) if points else []
             if done is None:
@@ -137,10 +151,20 @@ def run_refined_grid(cfg: GridConfig) -> Path:
                 done = json.loads(json.dumps(finite_or_none(trained)))  # as a resumed run reads it back: NaN is null
             for r in done:
                 results[(r["grid_i"], r["grid_j"])], levels[(r["grid_i"], r["grid_j"])] = r, k
-            console.print(f"level {k}: {len(points)} cells trained at spacing {step} ({len(results)} of {H * W} so far)", highlight=False)
+            console.print(
+                f"level {k}: {len(points)} cells trained at spacing {step} ({len(results)} of {H * W} so far)",
+                highlight=False,
+            )
         out = write_report(plan.run_dir, filled(results, levels, H, W, K), plan.row, plan.col)
     f = out["fractal"]
-    console.print(f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); trainable {f['trainable_fraction']:.0%}; "
-                  f"{dimension_note(f)}", highlight=False, soft_wrap=True)
-    console.print(f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}", soft_wrap=True)
+    console.print(
+        f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); trainable {f['trainable_fraction']:.0%}; "
+        f"{dimension_note(f)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}",
+        soft_wrap=True,
+    )
     return plan.run_dir

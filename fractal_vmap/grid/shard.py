@@ -30,11 +30,11 @@ import torch
 from rich.console import Console
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.grid.pipeline import finish_grid, open_grid, plan_grid, run_rows
 from fractal_vmap.grid.lock import run_dir_lock
+from fractal_vmap.grid.pipeline import finish_grid, open_grid, plan_grid, run_rows
+from fractal_vmap.grid.rundir import spec_digest
 from fractal_vmap.options import GridConfig
 from fractal_vmap.recipe import resolve_device
-from fractal_vmap.grid.rundir import spec_digest
 from fractal_vmap.tracking import closing_run
 
 # how long a worker waits for the others (rank 0's start, the slowest worker's last row): longer than any grid. A dead
@@ -55,7 +55,9 @@ def check_workers(cfg: GridConfig) -> None:
     if cfg.workers < 1:
         raise UserError(f"--workers is {cfg.workers}: use 1 (this process) or more (one per GPU, or CPU processes)")
     if cfg.workers > 1 and world_size() > 1:
-        raise UserError("--workers starts its own workers: under torchrun leave it out (torchrun's --nproc_per_node says how many)")
+        raise UserError(
+            "--workers starts its own workers: under torchrun leave it out (torchrun's --nproc_per_node says how many)"
+        )
 
 
 def claims(store, rows: int):
@@ -105,11 +107,18 @@ def join(cfg: GridConfig):
     Returns (rank, size, store)."""
     import torch.distributed as dist
 
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-        raise UserError(f"torchrun would restart these workers over the store it keeps, where they cannot meet again: export {FRESH_STORE}=1 "
-                        "and use a c10d rendezvous (--rdzv-backend c10d, or --standalone), as scripts/slurm_grid.sh does, or pass --max-restarts 0")
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    ):
+        raise UserError(
+            f"torchrun would restart these workers over the store it keeps, where they cannot meet again: export {FRESH_STORE}=1 "
+            "and use a c10d rendezvous (--rdzv-backend c10d, or --standalone), as scripts/slurm_grid.sh does, or pass --max-restarts 0"
+        )
     if cfg.device.startswith("cuda:"):
-        raise UserError(f"--device {cfg.device} names one GPU, but each worker takes the GPU of its LOCAL_RANK: pass --device cuda (or auto)")
+        raise UserError(
+            f"--device {cfg.device} names one GPU, but each worker takes the GPU of its LOCAL_RANK: pass --device cuda (or auto)"
+        )
     if resolve_device(cfg.device).type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this worker's GPU
     store, rank, size = next(dist.rendezvous("env://", timeout=WAIT))
@@ -137,7 +146,9 @@ def run_worker(cfg: GridConfig) -> None:
         dist.broadcast_object_list(word, src=0)
         if word[0] is not None:
             raise UserError(word[0])
-        log = RowLog()  # every worker keeps its rows' metrics; rank 0 logs them all in row order (W&B steps only increase)
+        log = (
+            RowLog()
+        )  # every worker keeps its rows' metrics; rank 0 logs them all in row order (W&B steps only increase)
         progress = None if rank == 0 else RankLines(rank)
         with closing_run(wandb_run, plan.run_dir / "wandb"):
             lanes = run_rows(plan, digest, log, claims(store, rows), progress, rank)
@@ -150,7 +161,9 @@ def run_worker(cfg: GridConfig) -> None:
 
 def merge(plan, gathered: list[tuple], wandb_run) -> None:
     """Rank 0: every worker's lanes in grid order, the per-row metrics they kept, then the tables and pictures."""
-    lanes = sorted((lane for _, worker_lanes, _ in gathered for lane in worker_lanes), key=lambda r: (r["grid_i"], r["grid_j"]))
+    lanes = sorted(
+        (lane for _, worker_lanes, _ in gathered for lane in worker_lanes), key=lambda r: (r["grid_i"], r["grid_j"])
+    )
     expected = [(i, j) for i in range(len(plan.row.values)) for j in range(len(plan.col.values))]
     if [(r["grid_i"], r["grid_j"]) for r in lanes] != expected:  # every row claimed exactly once: a bug otherwise
         raise RuntimeError(f"the workers returned {len(lanes)} lanes, not each of the {len(expected)} cells once")
@@ -159,7 +172,9 @@ def merge(plan, gathered: list[tuple], wandb_run) -> None:
             for metrics, step in sorted(logged, key=lambda m: m[1]):
                 wandb_run.log(metrics, step=step)
     claimed = {rank: len({r["grid_i"] for r in worker_lanes}) for rank, worker_lanes, _ in gathered}
-    console.print("rows claimed by worker: " + "; ".join(f"rank {r}: {n}" for r, n in sorted(claimed.items())), highlight=False)
+    console.print(
+        "rows claimed by worker: " + "; ".join(f"rank {r}: {n}" for r, n in sorted(claimed.items())), highlight=False
+    )
     finish_grid(plan, lanes, wandb_run)
 
 
@@ -176,13 +191,23 @@ def launch(cfg: GridConfig, entrypoint) -> None:
 
     device = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.workers > torch.cuda.device_count():
-        raise UserError(f"--workers {cfg.workers} but this node has {torch.cuda.device_count()} GPUs: one worker a GPU, pass at most that many")
+        raise UserError(
+            f"--workers {cfg.workers} but this node has {torch.cuda.device_count()} GPUs: one worker a GPU, pass at most that many"
+        )
     if device.type == "cpu":  # the workers share the cores (an OMP_NUM_THREADS already set wins)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // cfg.workers)))
     os.environ[FRESH_STORE] = "1"  # a fresh store for each start, so a restart can form its group (module docstring)
     # as `torchrun --standalone`: a c10d rendezvous on a free local port, a fresh run id
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.workers, rdzv_backend="c10d", rdzv_endpoint="localhost:0",
-                          run_id=uuid.uuid4().hex, max_restarts=MAX_RESTARTS, start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.workers,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        run_id=uuid.uuid4().hex,
+        max_restarts=MAX_RESTARTS,
+        start_method="spawn",
+    )
     try:
         said = elastic_launch(config, entrypoint)(cfg)
     except SignalException as e:
