@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from fractal_vmap.machine import CpuWatch, cpu_model, device_name, device_slug, wait_for_quiet  # noqa: F401 (re-exported for the scripts)
+from fractal_vmap.machine import cpu_model, device_name, device_slug  # noqa: F401 (re-exported for the scripts)
+from fractal_vmap.perf.timing import CpuWatch, own_seconds, wait_for_quiet  # noqa: F401 (re-exported for the scripts)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 

@@ -29,12 +29,12 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
-from fractal_vmap.checkpoint import load_model  # noqa: E402
-from fractal_vmap.cli import tune_allocator  # noqa: E402
+from fractal_vmap.data import make_stream, render_split, total_steps  # noqa: E402
+from fractal_vmap.machine import tune_allocator  # noqa: E402
 from fractal_vmap.model import GPTConfig, init_params  # noqa: E402
 from fractal_vmap.recipe import FinetuneConfig  # noqa: E402
 from fractal_vmap.reference import train_single  # noqa: E402
-from fractal_vmap.sft import load_source, make_stream, render_split, total_steps  # noqa: E402
+from fractal_vmap.sources import load_model  # noqa: E402
 from fractal_vmap.tasks.nanochat.row import train_lanes  # noqa: E402
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "nanochat-d2"
@@ -102,7 +102,7 @@ def fixture_cfg(lr: float, **kw) -> FinetuneConfig:
 def setups():
     """name -> (config, params, batches, steps, cfg for an lr): the models the tests compare lanes on."""
     base = FinetuneConfig(device="cpu", num_tokens=2400)  # 35 steps of the default stream
-    config, params, tokenizer = load_source(base, CPU)
+    config, params, tokenizer = load_model(base.model, base.tokenizer, CPU)
     stream = make_stream(base, tokenizer, render_split(base, tokenizer, config, "train")[0], base.seed)
     steps = total_steps(base, stream.batch(0)[1])
     traj = torch.load(FIXTURE / "trajectories.pt")

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, CpuWatch, environment, own_seconds, write_json  # noqa: E402
 
 from fractal_vmap import lanes  # noqa: E402
-from fractal_vmap.checkpoint import load_model  # noqa: E402
-from fractal_vmap.cli import tune_allocator  # noqa: E402
+from fractal_vmap.data import make_stream, render_split, total_steps  # noqa: E402
+from fractal_vmap.machine import tune_allocator  # noqa: E402
 from fractal_vmap.perf.plan import KIND_NAMES, KINDS, estimate_memory, nanochat_depth  # noqa: E402
 from fractal_vmap.recipe import FinetuneConfig  # noqa: E402
-from fractal_vmap.sft import load_source, make_stream, render_split, total_steps  # noqa: E402
+from fractal_vmap.sources import load_model  # noqa: E402
 from fractal_vmap.tasks.nanochat.row import Levers, train_lanes  # noqa: E402
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "nanochat-d2"
@@ -138,7 +138,7 @@ def drift(console: Console, opts: Options) -> list[dict]:
 def dead_lanes(console: Console) -> dict:
     """16 lanes of the default model, 40 steps; lanes 8..15 at a diverging lr (NaN within a few steps)."""
     base = FinetuneConfig(device="cpu")
-    config, params, tokenizer = load_source(base, CPU)
+    config, params, tokenizer = load_model(base.model, base.tokenizer, CPU)
     examples, _ = render_split(base, tokenizer, config, "train")
     lrs = [0.003 * 1.2**i for i in range(8)] + [3e12] * 8
     cfgs = [FinetuneConfig(device="cpu", learning_rate=lr, num_iterations=40) for lr in lrs]

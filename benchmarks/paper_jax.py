@@ -50,7 +50,7 @@ from common import (
 )  # noqa: E402
 
 from fractal_vmap.analysis.fractal import convergence_measure, edge_pixels, fractal_dimension  # noqa: E402
-from fractal_vmap.cli import tune_allocator  # noqa: E402
+from fractal_vmap.machine import tune_allocator  # noqa: E402
 from fractal_vmap.tasks.paper import mlp as paper  # noqa: E402
 from fractal_vmap.tasks.paper.mlp import (  # noqa: E402
     DEFAULT_VIEW,

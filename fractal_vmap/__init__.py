@@ -17,7 +17,7 @@ _EXPORTS = {
     "FinetuneConfig": "fractal_vmap.options",
     "GPTConfig": "fractal_vmap.model",
     "forward": "fractal_vmap.model",
-    "load_model": "fractal_vmap.checkpoint",
+    "load_model": "fractal_vmap.sources",
     "run_finetune": "fractal_vmap.finetune",
     "save_checkpoint": "fractal_vmap.checkpoint",
     "train_single": "fractal_vmap.reference",

@@ -1,8 +1,8 @@
-"""nanochat checkpoint dirs (model_{step:06d}.pt + meta_{step:06d}.json) and model sources: a local dir,
-`hf:<owner>/<repo>[@revision]` (huggingface_hub), `wandb:<entity>/<project>/<name>:<version>` (a W&B artifact)."""
+"""nanochat checkpoint dirs: model_{step:06d}.pt (a state dict, maybe bfloat16, maybe with torch.compile's `_orig_mod.`
+prefix) + meta_{step:06d}.json (`model_config`), read and written as nanochat does; the tokenizer dir beside them.
+Where a checkpoint comes from (hf:, wandb:, default): sources.py."""
 
 import json
-import os
 import pickle
 import re
 import zipfile
@@ -12,7 +12,6 @@ import torch
 
 from fractal_vmap.errors import UserError
 from fractal_vmap.model import GPTConfig, param_shapes
-from fractal_vmap.tokenizer import Tokenizer, load_tokenizer
 
 MODEL_FILE = re.compile(r"model_(\d{6})\.pt")
 
@@ -104,57 +103,3 @@ def find_tokenizer_dir(directory: Path) -> Path:
     raise UserError(
         f"no tokenizer.pkl in or beside {directory}: put nanochat's tokenizer dir there or pass --tokenizer"
     )
-
-
-def resolve_source(source: str) -> Path:
-    """A model source string to a local dir: a path, `hf:` repo snapshot, or `wandb:` artifact dir."""
-    if source.startswith("hf:"):
-        return _hf_snapshot(source.removeprefix("hf:"))
-    if source.startswith("wandb:"):
-        return _wandb_artifact(source.removeprefix("wandb:"))
-    return Path(source).expanduser()
-
-
-def _hf_snapshot(repo: str) -> Path:
-    """Download (or, with HF_HUB_OFFLINE=1, find in the local HF cache) a hub repo snapshot."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    repo_id, _, revision = repo.partition("@")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None))
-    except LocalEntryNotFoundError:
-        raise UserError(
-            f"hf:{repo} is neither reachable nor in the local HF cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}): download it first"
-        ) from None
-
-
-def wandb_artifact_dir(artifact: str) -> Path:
-    """Where `wandb` puts a downloaded artifact by default: $WANDB_ARTIFACT_DIR (./artifacts) / <name>:<version>."""
-    return Path(os.environ.get("WANDB_ARTIFACT_DIR", "./artifacts")) / artifact.split("/")[-1]
-
-
-def _wandb_artifact(artifact: str) -> Path:
-    """`entity/project/name:version`: an already-downloaded copy if there is one, else download it with the W&B API."""
-    if artifact.count("/") != 2 or ":" not in artifact:
-        raise UserError(f"wandb:{artifact} is not of the form wandb:<entity>/<project>/<name>:<version>")
-    local = wandb_artifact_dir(artifact)
-    if local.is_dir():
-        return local
-    import wandb
-
-    return Path(wandb.Api().artifact(artifact).download(root=str(local)))
-
-
-def load_model(
-    source: str, tokenizer_dir: str | None = None, device: str | torch.device = "cpu", step: int | None = None
-) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Load a model source into (config, float32 params, tokenizer), checking the tokenizer fits the model."""
-    directory = resolve_source(source)
-    config, params = load_checkpoint(directory, step, device)
-    tokenizer = load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(directory))
-    if tokenizer.vocab_size != config.vocab_size:
-        raise UserError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}: pass the model's own tokenizer"
-        )
-    return config, params, tokenizer

@@ -1,6 +1,5 @@
 """`fractal-vmap <command>`: each command's options are a simple_parsing dataclass (flags or --config_path file)."""
 
-import ctypes
 import os
 import shlex
 import signal
@@ -8,11 +7,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 from simple_parsing import ArgumentParser
 
+from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
+from fractal_vmap.machine import tune_allocator
 from fractal_vmap.options import (
     AnimateConfig,
     BenchConfig,
@@ -23,22 +23,6 @@ from fractal_vmap.options import (
     PlotConfig,
     ZoomConfig,
 )
-
-console = Console()
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-
-
-def tune_allocator() -> None:
-    """Keep freed memory in the C heap. By default glibc maps every block over its mmap threshold afresh and unmaps it
-    on free, so each multi-MB tensor, made anew every step, page-faults all its pages in again: on the 2-core CPU
-    that cost 15-20% of a grid row (16 lanes of the default model) and ~10% of a finetune run. 32 MiB is glibc's
-    largest mmap threshold; the heap keeps up to 1 GiB of free memory before trimming. Linux (glibc) only."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def finetune_command(cfg) -> None:
@@ -153,7 +137,7 @@ def plan_command(cfg) -> None:
 
 
 def bench_command(cfg) -> None:
-    wide = Console(width=None if sys.stdout.isatty() else 160)  # piped output: wide enough for the table
+    wide = console
     if cfg.project != "none":
         from fractal_vmap.perf.projection import print_projection, projection_rows
         from fractal_vmap.perf.roofline import GPUS

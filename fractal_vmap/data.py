@@ -1,4 +1,5 @@
-"""SFT data: load chat conversations (JSONL or a Hugging Face dataset), render them, and stream batches.
+"""SFT data: load chat conversations (JSONL, a Hugging Face dataset, or the synthetic default), render them, stream
+batches, and count a run's steps. Shared by `finetune` (one run) and the grid's nanochat task (rows of lanes).
 
 Batches follow nanochat's chat_sft collation: one conversation per row, inputs = ids[:-1] padded with
 <|assistant_end|>, targets = ids[1:] with -1 (ignored by the loss) where the mask is 0 and on padding.
@@ -10,8 +11,11 @@ from pathlib import Path
 import torch
 
 from fractal_vmap.errors import UserError
+from fractal_vmap.model import GPTConfig
+from fractal_vmap.options import FinetuneConfig, TrainConfig
 from fractal_vmap.tokenizer import Tokenizer
 
+DEFAULT_TRAIN_EXAMPLES, DEFAULT_VAL_EXAMPLES = 4000, 400  # the synthetic doc-QA set's split sizes
 Example = tuple[list[int], list[int]]  # (token ids, mask) of one rendered conversation
 
 
@@ -161,3 +165,47 @@ def steps_for_tokens(num_tokens: int, first_targets: torch.Tensor) -> int:
     if per_step == 0:
         raise UserError("the first batch has no supervised tokens: check the dataset's assistant messages")
     return max(1, -(-num_tokens // per_step))  # ceil division
+
+
+def conversations(source: str, split: str) -> list[dict]:
+    if source == "default":
+        from fractal_vmap.synth import doc_qa_conversations
+
+        return doc_qa_conversations(
+            DEFAULT_TRAIN_EXAMPLES if split == "train" else DEFAULT_VAL_EXAMPLES, seed=0, split=split
+        )
+    return load_conversations(source, split)
+
+
+def render_split(cfg: FinetuneConfig, tokenizer: Tokenizer, config: GPTConfig, split: str) -> tuple[list, int]:
+    """The rendered examples of a dataset split and how many were dropped for having no supervised token."""
+    if cfg.max_seq_len > config.sequence_len * 10:  # nanochat precomputes rotary for 10x its sequence_len
+        raise UserError(
+            f"--max_seq_len {cfg.max_seq_len} exceeds the model's rotary table ({config.sequence_len * 10}): lower it"
+        )
+    source = cfg.dataset if split == "train" else (cfg.val_dataset or cfg.dataset)
+    return render_examples(conversations(source, split), tokenizer, cfg.max_seq_len)
+
+
+def make_stream(cfg: TrainConfig, tokenizer: Tokenizer, examples: list, seed: int) -> SFTStream:
+    """SFT batches padded with <|assistant_end|>, in an order drawn from the seed."""
+    return SFTStream(examples, cfg.device_batch_size, seed, tokenizer.special_id("<|assistant_end|>"))
+
+
+def total_steps(cfg: TrainConfig, first_targets: torch.Tensor) -> int:
+    return cfg.num_iterations if cfg.num_iterations is not None else steps_for_tokens(cfg.num_tokens, first_targets)
+
+
+def lane_batches(seeds: list[int], streams: dict[int, SFTStream], pad_id: int):
+    """Shared batches [B, T] when every lane has the same seed, else one stream per lane stacked to [L, B, T]."""
+    if len(set(seeds)) == 1:
+        return streams[seeds[0]].batch
+
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [streams[s].batch(step) for s in seeds]
+        T = max(x.shape[1] for x, _ in pairs)  # right-padding more columns changes no loss (causal, targets -1)
+        inputs = torch.stack([torch.nn.functional.pad(x, (0, T - x.shape[1]), value=pad_id) for x, _ in pairs])
+        targets = torch.stack([torch.nn.functional.pad(y, (0, T - y.shape[1]), value=-1) for _, y in pairs])
+        return inputs, targets
+
+    return batches

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fractal_vmap.checkpoint import save_checkpoint
+from fractal_vmap.console import console
 from fractal_vmap.model import GPTConfig, init_params
 from fractal_vmap.synth import documents
 from fractal_vmap.tokenizer import byte_tokenizer, save_tokenizer
@@ -33,9 +34,7 @@ def default_model_dir() -> Path:
     """The cached default model dir (checkpoints/ + tokenizer/), built on first use."""
     directory = storage_dir() / f"default-model-v{VERSION}"
     if not (directory / "checkpoints").is_dir():
-        from rich.console import Console
-
-        Console().print(
+        console.print(
             f"building the default base model, once ({PRETRAIN_STEPS} pretraining steps, ~30 s on 2 CPU cores); cached in {directory}",
             highlight=False,
             soft_wrap=True,
@@ -80,11 +79,10 @@ def build_default_model(directory: Path, steps: int = PRETRAIN_STEPS) -> Path:
         device="cpu",
         dtype="float32",
     )
-    from rich.console import Console
 
     from fractal_vmap.progress import StepProgress
 
-    with StepProgress(Console(), "pretraining the default model", steps) as progress:
+    with StepProgress(console, "pretraining the default model", steps) as progress:
 
         def log(step: int, metrics: dict) -> None:
             progress.step(step + 1, metrics["train/loss"], (step + 1) * PRETRAIN_BATCH * T)

@@ -3,15 +3,13 @@
 from dataclasses import asdict
 from pathlib import Path
 
-from rich.console import Console
-
+from fractal_vmap.console import console
+from fractal_vmap.data import make_stream, render_split, total_steps
 from fractal_vmap.files import check_writable_file, finite_or_none, strict_json, write_atomic
 from fractal_vmap.progress import StepProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, resolve_device, validate
 from fractal_vmap.reference import evaluate, train_single
-from fractal_vmap.sft import load_source, make_stream, render_split, total_steps
-
-console = Console()
+from fractal_vmap.sources import load_model
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -23,7 +21,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.out or f"runs/finetune/{cfg.run_name}.json")
     check_writable_file(out, "--out")  # before any work: a run must not end in an unwritable path
     device = resolve_device(cfg.device)
-    config, params, tokenizer = load_source(cfg, device)
+    config, params, tokenizer = load_model(cfg.model, cfg.tokenizer, device)
     examples, dropped = render_split(cfg, tokenizer, config, "train")
     stream = make_stream(cfg, tokenizer, examples, cfg.seed)
     has_val = cfg.dataset == "default" or cfg.val_dataset is not None

@@ -13,12 +13,10 @@ import string
 from contextlib import contextmanager
 from pathlib import Path
 
-from rich.console import Console
-
+from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import write_atomic
 
-console = Console()
 ID_FILE = "wandb_id"
 ID_PATTERN = re.compile(r"[a-z0-9]{8,64}")  # W&B's generated ids are 8 lowercase letters and digits
 

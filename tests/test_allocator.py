@@ -10,7 +10,7 @@ import pytest
 # steps, count the process's minor page faults over 10 more.
 PROGRAM = """
 import resource, torch
-from fractal_vmap.cli import tune_allocator
+from fractal_vmap.machine import tune_allocator
 tune_allocator()
 def step():
     return [torch.empty(2 << 20).fill_(1.0) for _ in range(8)]

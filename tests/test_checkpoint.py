@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import FIXTURE
 
-from fractal_vmap.checkpoint import last_step, load_checkpoint, load_model, save_checkpoint
+from fractal_vmap.checkpoint import last_step, load_checkpoint, save_checkpoint
 from fractal_vmap.errors import UserError
 from fractal_vmap.model import GPTConfig, param_shapes
+from fractal_vmap.sources import load_model
 from fractal_vmap.tokenizer import byte_tokenizer, save_tokenizer
 
 SMALL = GPTConfig(sequence_len=16, vocab_size=100, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)

@@ -4,8 +4,9 @@ same labels, losses within the noise floor where training is tame, one lane dive
 import pytest
 import torch
 
+from fractal_vmap.data import make_stream, render_split, total_steps
 from fractal_vmap.recipe import FinetuneConfig
-from fractal_vmap.sft import load_source, make_stream, render_split, total_steps
+from fractal_vmap.sources import load_model
 from fractal_vmap.tasks.nanochat.row import train_lanes
 
 CPU = torch.device("cpu")
@@ -36,7 +37,7 @@ def wide_interpreter_blocks():
 @pytest.fixture(scope="module")
 def rows(default_model, wide_interpreter_blocks):
     base = FinetuneConfig(device="cpu", num_tokens=2100)  # 30 steps of the default stream
-    config, params, tokenizer = load_source(base, CPU)
+    config, params, tokenizer = load_model(base.model, base.tokenizer, CPU)
     stream = make_stream(base, tokenizer, render_split(base, tokenizer, config, "train")[0], base.seed)
     steps = total_steps(base, stream.batch(0)[1])
     cfgs = [FinetuneConfig(device="cpu", num_tokens=2100, learning_rate=lr, run_name=f"lr{lr:g}") for lr in LRS]

@@ -23,12 +23,12 @@ import pytest
 import torch
 
 import fractal_vmap.tasks.nanochat.row as lanes_module
-from fractal_vmap.checkpoint import load_model
+from fractal_vmap.data import lane_batches, make_stream, render_split, total_steps
 from fractal_vmap.lanes import MIN_LANES
 from fractal_vmap.model import GPTConfig, init_params, param_group
 from fractal_vmap.recipe import FinetuneConfig
 from fractal_vmap.reference import train_single
-from fractal_vmap.sft import lane_batches, load_source, make_stream, render_split, total_steps
+from fractal_vmap.sources import load_model
 from fractal_vmap.tasks.nanochat.row import nanochat_row, train_lanes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"
@@ -111,7 +111,7 @@ def fixture_lanes(nanochat):
 def default_data(default_model):
     """The default model, its tokenizer and rendered train split (what `finetune` and `grid` train on)."""
     base = FinetuneConfig(device="cpu")
-    config, params, tokenizer = load_source(base, CPU)
+    config, params, tokenizer = load_model(base.model, base.tokenizer, CPU)
     examples, _ = render_split(base, tokenizer, config, "train")
     return config, params, tokenizer, examples
 

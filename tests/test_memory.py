@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from fractal_vmap import lanes
-from fractal_vmap.checkpoint import load_model
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.model import forward, rotary_cos_sin
 from fractal_vmap.recipe import FinetuneConfig
+from fractal_vmap.sources import load_model
 from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row, train_lanes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"

@@ -10,7 +10,6 @@ from conftest import FIXTURE
 from torch.func import vmap
 
 from fractal_vmap import model
-from fractal_vmap.checkpoint import load_model
 from fractal_vmap.head import head_loss, lanes_head_loss
 from fractal_vmap.model import (
     GPTConfig,
@@ -22,6 +21,7 @@ from fractal_vmap.model import (
     param_shapes,
     rotary_cos_sin,
 )
+from fractal_vmap.sources import load_model
 
 # Same op sequence as nanochat in float32 on CPU (measured bit-equal here); another BLAS build may
 # reorder sums, which moves logits of magnitude <= 15 by a few float32 ulps (~1e-6), far below 1e-5.

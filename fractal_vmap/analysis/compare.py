@@ -14,6 +14,7 @@ from rich.table import Table
 from simple_parsing import field
 
 from fractal_vmap.analysis.fractal import fractal_dimension
+from fractal_vmap.console import console as default_console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import read_json_object, strict_json
 
@@ -107,7 +108,7 @@ def compare_runs(cfg: CompareConfig) -> dict:
 
 
 def print_report(report: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or default_console
     table = Table(title=f"compare {report['run_a']} vs {report['run_b']}", show_header=False)
     n, f = report["cells"], report["flipped"]
     table.add_row("cells compared", str(n))

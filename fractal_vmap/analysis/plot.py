@@ -9,14 +9,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
 from fractal_vmap.axes import Axis
+from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import atomic_path, check_writable_dir, read_json_object, strict_json, write_atomic
 from fractal_vmap.options import PlotConfig
-
-console = Console()
 
 
 def relabel(run_dir: Path, grid: dict, cells, window: int, threshold: float):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from fractal_vmap.analysis.report import dimension_note, write_report
 from fractal_vmap.axes import (
@@ -25,6 +24,8 @@ from fractal_vmap.axes import (
     parse_axes,
     unused_fields,
 )
+from fractal_vmap.console import console
+from fractal_vmap.data import lane_batches, make_stream, render_split, total_steps
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
 from fractal_vmap.grid.lock import run_dir_lock
@@ -35,7 +36,7 @@ from fractal_vmap.options import GridConfig, TrainConfig
 from fractal_vmap.perf.plan import HEADROOM, MemoryPlan, estimate_memory, parse_bytes, parse_levers, plan_levers
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
-from fractal_vmap.sft import lane_batches, make_stream, model_dir, render_split, total_steps
+from fractal_vmap.sources import resolve_source
 from fractal_vmap.tasks.nanochat.compiled import resolve_compile
 from fractal_vmap.tasks.nanochat.row import Levers, train_lanes
 
@@ -66,7 +67,6 @@ PAPER_FIELDS = {
     "data_multiple": 1.0,
 }  # paper-mlp only (paper_task.py)
 CPU_LANE_CHUNK = 8
-console = Console()
 
 
 @dataclass
@@ -184,8 +184,8 @@ def plan_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: di
         raise UserError(
             "--compile on does not take the remat lever (its recomputation does not trace): drop remat from --levers, or use --compile off"
         )
-    directory = model_dir(cfg.model)  # resolved once: an hf:/wandb: source is looked up a single time
-    from fractal_vmap.checkpoint import load_model
+    directory = resolve_source(cfg.model)  # resolved once: an hf:/wandb: source is looked up a single time
+    from fractal_vmap.sources import load_model
 
     config, params, tokenizer = load_model(str(directory), cfg.tokenizer, device)
     params = {k: nudged(v, cfg.perturb_ulp) for k, v in params.items()}

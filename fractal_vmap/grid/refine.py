@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
 from fractal_vmap.analysis.report import dimension_note, write_report
 from fractal_vmap.axes import Axis, make_axis
+from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.grid.lock import run_dir_lock
@@ -30,7 +30,6 @@ from fractal_vmap.options import GridConfig
 from fractal_vmap.tasks.paper.mlp import LANE_CHUNK
 
 MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom serves better
-console = Console()
 
 
 def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
+from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import check_writable_dir, read_json_object, strict_json, write_atomic
+from fractal_vmap.machine import cpu_model
 
-console = Console()
 MAX_DIFFS = 4  # differing spec fields named in a refusal
 
 
@@ -54,16 +54,6 @@ def spec_diff(old: dict, new: dict) -> list[str]:
     return [
         f"{k}: {describe(a.get(k))} -> {describe(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
     ]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def git_revision() -> str | None:

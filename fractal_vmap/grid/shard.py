@@ -27,8 +27,8 @@ from contextlib import ExitStack
 from datetime import timedelta
 
 import torch
-from rich.console import Console
 
+from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.grid.lock import run_dir_lock
 from fractal_vmap.grid.pipeline import finish_grid, open_grid, plan_grid, run_rows
@@ -43,7 +43,6 @@ WAIT = timedelta(days=7)
 MAX_RESTARTS = 1  # `--workers`: after a worker dies, the agent starts the workers once more (finished rows are kept)
 COUNTER = "fractal_vmap/next_row"  # the store's row counter (a fresh store each start, see the module docstring)
 FRESH_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"  # torch's switch: "1" = not the agent's kept store
-console = Console()
 
 
 def world_size() -> int:

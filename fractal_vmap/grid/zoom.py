@@ -12,17 +12,16 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from fractal_vmap.analysis.boxes import boundary_boxes
 from fractal_vmap.analysis.report import measure_grid
 from fractal_vmap.axes import AXES, Axis, make_axis
+from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import read_json_object
 from fractal_vmap.options import AnimateConfig, BoxesConfig, GridConfig, ZoomConfig
 
-console = Console()
 RESOLVED = (
     "device",
     "dtype",

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from fractal_vmap.errors import UserError
 from fractal_vmap.kernels import resolve as resolve_kernels
 from fractal_vmap.lanes import lanes_step, to_device
-from fractal_vmap.machine import device_name, device_slug, wait_for_quiet
+from fractal_vmap.machine import device_name, device_slug
 from fractal_vmap.model import GPTConfig, forward, init_params, param_group, param_shapes, rotary_cos_sin
 from fractal_vmap.optim import lr_multiplier_scalar
 from fractal_vmap.options import BenchConfig
-from fractal_vmap.perf.timing import free_memory, matmul_ceiling, profile_mode, time_mode
+from fractal_vmap.perf.timing import free_memory, matmul_ceiling, profile_mode, time_mode, wait_for_quiet
 from fractal_vmap.recipe import (
     ADAMW_BETAS,
     ADAMW_EPS,
@@ -96,9 +96,10 @@ def random_batches(config: GPTConfig, n: int, cfg: BenchConfig) -> list[tuple[to
 
 def default_model_setup(cfg: FinetuneConfig, n: int, device: torch.device):
     """The embedded default model and the first n batches of its real training stream (what `finetune` trains on)."""
-    from fractal_vmap.sft import load_source, make_stream, render_split
+    from fractal_vmap.data import make_stream, render_split
+    from fractal_vmap.sources import load_model
 
-    config, params, tokenizer = load_source(cfg, device)
+    config, params, tokenizer = load_model(cfg.model, cfg.tokenizer, device)
     examples, _ = render_split(cfg, tokenizer, config, "train")
     stream = make_stream(cfg, tokenizer, examples, cfg.seed)
     return config, params, [stream.batch(i) for i in range(n)]
@@ -249,7 +250,7 @@ def with_primers(batches: list, plan: Plan, limit: int) -> tuple[list, Plan]:
 
 def run_bench(cfg: BenchConfig, environment: dict | None = None, say=print) -> dict:
     """Every (model, L, mode) measurement; the report (JSON-ready) is written to cfg.out after each one."""
-    from fractal_vmap.cli import tune_allocator
+    from fractal_vmap.machine import tune_allocator
 
     tune_allocator()  # as every fractal-vmap command does at start, for all modes alike
     device = resolve_device(cfg.device)

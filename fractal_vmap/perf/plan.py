@@ -62,9 +62,9 @@ def model_config(model: str) -> GPTConfig:
 
         return CONFIG
     from fractal_vmap.checkpoint import last_step, model_files_dir
-    from fractal_vmap.sft import model_dir
+    from fractal_vmap.sources import resolve_source
 
-    files = model_files_dir(Path(model_dir(model)))
+    files = model_files_dir(Path(resolve_source(model)))
     meta = files / f"meta_{last_step(files.parent if files.name == 'checkpoints' else files):06d}.json"
     return GPTConfig.from_dict(json.loads(meta.read_text())["model_config"])
 

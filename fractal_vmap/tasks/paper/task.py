@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.progress import track
 
 from fractal_vmap.analysis.fractal import convergence_measure, trainability
 from fractal_vmap.analysis.report import dimension_note, write_report
 from fractal_vmap.axes import Axis, make_axis
+from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.grid.lock import run_dir_lock
@@ -49,7 +49,6 @@ PAPER_AXES = {
     "offset": ("offset", (-2.0, 2.0), "linear"),
 }
 SPACE_AXES = {"lr_vs_lr": ("lr1", "lr0"), "offset_vs_lr": ("lr", "offset")}  # phase space -> (rows axis, cols axis)
-console = Console()
 
 
 @dataclass
