@@ -236,7 +236,7 @@ def test_a_one_lane_chunk_runs_with_an_idle_second_lane(nanochat):
     config, params, _, _ = nanochat
     row = nanochat_row([fixture_cfg(learning_rate=0.01)], config, params, [30], CPU)
     assert MIN_LANES == 2 and row.real == 1
-    assert all(p.shape[0] == 2 for p in row.params.values())
+    assert all(p.shape[0] == 2 for p in row.model.params.values())
     assert row.total_steps.tolist() == [30, 0] and row.active.tolist() == [True, False]  # the idle lane never updates
 
 

@@ -88,13 +88,13 @@ def test_stepping_in_the_backward_frees_each_layers_gradients(nanochat, monkeypa
     its own layer's gradients alive, and the first to step is the head's (its gradient is the first one ready)."""
     config, params, batches = nanochat
     row = nanochat_row([cfg(learning_rate=0.01)] * 2, config, params, [1, 1], CPU, levers=Levers(step_in_backward=True))
-    optimizers = row.update.__self__.owners
+    optimizers = row.model.optimizers.owners
     assert len(optimizers) == 2 + config.n_layer  # AdamW for wte and for lm_head, one Muon per layer
     alive = []
     for optimizer, group, names in optimizers:
 
         def spy(*args, optimizer=optimizer, names=names, original=optimizer.step):
-            alive.append((names, [k for k, p in row.params.items() if p.grad is not None]))
+            alive.append((names, [k for k, p in row.model.params.items() if p.grad is not None]))
             original(*args)
 
         monkeypatch.setattr(optimizer, "step", spy)
@@ -122,7 +122,7 @@ def test_micro_batches_drift_within_the_noise_floor(nanochat):
 def test_bfloat16_momentum_halves_it_and_stays_near(nanochat, monkeypatch):
     config, params, batches = nanochat
     row = nanochat_row([cfg()] * 2, config, params, [1, 1], CPU, levers=Levers(momentum_dtype="bfloat16"))
-    muon = row.update.__self__.owners[-1][0]
+    muon = row.model.optimizers.owners[-1][0]
     assert all(b.dtype == torch.bfloat16 for b in muon.momentum_buffer)
     cfgs = [cfg(learning_rate=lr, run_name=f"lr{lr:g}") for lr in (0.001, 0.01)]
     fp32 = train_lanes(cfgs, config, params, batches, [12] * 2, CPU)

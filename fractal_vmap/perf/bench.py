@@ -31,20 +31,14 @@ from fractal_vmap.errors import UserError
 from fractal_vmap.kernels import resolve as resolve_kernels
 from fractal_vmap.lanes import lanes_step, to_device
 from fractal_vmap.machine import device_name, device_slug
-from fractal_vmap.model import GPTConfig, forward, init_params, param_group, param_shapes, rotary_cos_sin
-from fractal_vmap.optim import lr_multiplier_scalar
+from fractal_vmap.model import GPTConfig, init_params, param_shapes
 from fractal_vmap.options import BenchConfig
 from fractal_vmap.perf.timing import free_memory, matmul_ceiling, profile_mode, time_mode, wait_for_quiet
 from fractal_vmap.recipe import (
-    ADAMW_BETAS,
-    ADAMW_EPS,
-    MUON_MOMENTUM,
     FinetuneConfig,
-    autocast_dtype,
-    group_lrs,
     resolve_device,
-    trainable_groups,
 )
+from fractal_vmap.reference import ReferenceModel
 from fractal_vmap.tasks.nanochat.compiled import bucket
 from fractal_vmap.tasks.nanochat.row import nanochat_row
 
@@ -121,25 +115,6 @@ def flops_per_token(config: GPTConfig, seq: int) -> int:
 # the three modes: each builds its state and returns step(i, batch)
 
 
-def single_model(cfg: FinetuneConfig, config: GPTConfig, params: dict, device: torch.device):
-    """One model as train_single sets it up: its own copy of every weight, torch.optim AdamW + Muon on the trainable groups."""
-    groups, lrs = trainable_groups(cfg), group_lrs(cfg, config)
-    params = {k: v.detach().clone().to(device) for k, v in params.items()}
-    by_group = {g: [p.requires_grad_(True) for k, p in params.items() if param_group(k) == g] for g in groups}
-    optimizers = []
-    adamw_groups = [
-        {"params": by_group[g], "lr": lrs[g], "initial_lr": lrs[g]} for g in ("embedding", "unembedding") if g in groups
-    ]
-    if adamw_groups:
-        optimizers.append(
-            torch.optim.AdamW(adamw_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay)
-        )
-    if "matrix" in groups:
-        muon_group = {"params": by_group["matrix"], "lr": lrs["matrix"], "initial_lr": lrs["matrix"]}
-        optimizers.append(torch.optim.Muon([muon_group], momentum=MUON_MOMENTUM, nesterov=True, weight_decay=0.0))
-    return params, optimizers
-
-
 def build(
     mode: str,
     cfg: FinetuneConfig,
@@ -153,27 +128,17 @@ def build(
     """The mode's state for `lanes` lanes of `total` steps, and its step(i, batch). sequential with `shared`: one model
     takes all L models' steps (the same work and kernels), for when L full models do not fit in GPU memory."""
     if mode == "sequential":
-        models = (
-            [single_model(cfg, config, params, device)] * lanes
-            if shared
-            else [single_model(cfg, config, params, device) for _ in range(lanes)]
+        models = [ReferenceModel(cfg, config, params, device) for _ in range(1 if shared else lanes)] * (
+            lanes if shared else 1
         )
-        cos_sin, amp = rotary_cos_sin(config, device), autocast_dtype(cfg, device)
 
         def sequential_step(i: int, batch) -> None:  # train_single's step, minus its logging
-            mult = lr_multiplier_scalar(i, total, cfg.warmup_frac, cfg.final_lr_frac)
-            for model_params, optimizers in models:
+            for model in models:
                 inputs, targets = (t.to(device) for t in batch)  # each run moves its own batch
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = forward(model_params, inputs, config, cos_sin, targets)
+                loss = model.loss(inputs, targets)
                 loss.item()  # finetune reads every loss: one host sync per step
                 int((targets != -1).sum())  # and counts the supervised tokens: another
-                loss.backward()
-                for opt in optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] = group["initial_lr"] * mult
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                model.update(i, total, loss)
 
         return sequential_step
     fast = mode == "fast"

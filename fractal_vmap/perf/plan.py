@@ -139,17 +139,16 @@ def trace_step(
         with tracker:
             row = nanochat_row([cfg] * lanes, config, params, [1] * lanes, cpu, head=head, levers=levers)
             marks["static"] = alive()
-            prepare = row.prepare
+            update = row.model.update
 
-            def noting(step, active):  # called by lanes_step just before the backward
+            def noting(step, losses, active):  # called by lanes_step after the forward, before the backward
                 marks["before_backward"] = alive()
-                if prepare is not None:
-                    prepare(step, active)
+                update(step, losses, active)
 
-            row.prepare = noting
+            row.model.update = noting
             lanes_step(row, 0, idx, idx)
         peak = tracker.get_tracker_snapshot("peak")[cpu]["Total"]
-        params_bytes = sum(p.numel() * p.element_size() for p in row.params.values())
+        params_bytes = sum(p.numel() * p.element_size() for p in row.model.params.values())
     return Trace(lanes, marks["static"], params_bytes, marks["before_backward"], marks["head"], peak)
 
 

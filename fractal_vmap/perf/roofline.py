@@ -28,8 +28,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from fractal_vmap.lanes import lanes_step
-from fractal_vmap.model import GPTConfig, forward, param_group, param_shapes, rotary_cos_sin, sdpa_attention
-from fractal_vmap.recipe import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, FinetuneConfig, trainable_groups
+from fractal_vmap.model import GPTConfig, param_shapes
+from fractal_vmap.recipe import FinetuneConfig
+from fractal_vmap.reference import ReferenceModel
 from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row
 
 
@@ -141,35 +142,17 @@ def row_step_times(
 
 
 def single_step_times(config: GPTConfig, batch: int, seq: int, gpu: Gpu, groups: str) -> list[tuple[str, float]]:
-    """The op times of one `finetune` step (single.py): forward under bf16 autocast, backward, torch.optim AdamW
-    (foreach, its CUDA default) and Muon, gradients dropped. Its loss.item() is the host sync each step starts from."""
+    """The op times of one `finetune` step (reference.ReferenceModel's loss and update): forward under bf16 autocast,
+    backward, torch.optim AdamW (foreach, its CUDA default) and Muon, gradients dropped. Its loss.item() is the host
+    sync each step starts from."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    trained = trainable_groups(FinetuneConfig(trainable_param_groups=groups))
+    cfg = FinetuneConfig(device="cpu", dtype="bfloat16", trainable_param_groups=groups)
     with FakeTensorMode():
-        params = {k: torch.empty(s, requires_grad=param_group(k) in trained) for k, s in param_shapes(config).items()}
+        params = {k: torch.empty(s) for k, s in param_shapes(config).items()}
         idx = torch.randint(0, config.vocab_size, (batch, seq))
-        adamw = [p for k, p in params.items() if param_group(k) in trained and param_group(k) != "matrix"]
-        matrices = [p for k, p in params.items() if param_group(k) in trained and param_group(k) == "matrix"]
-        optimizers = (
-            [torch.optim.AdamW(adamw, lr=1e-3, betas=ADAMW_BETAS, eps=ADAMW_EPS, foreach=True)] if adamw else []
-        )
-        optimizers += (
-            [torch.optim.Muon(matrices, lr=1e-3, momentum=MUON_MOMENTUM, nesterov=True, weight_decay=0.0)]
-            if matrices
-            else []
-        )
-        cos_sin = rotary_cos_sin(config)
-
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = forward(params, idx, config, cos_sin, idx, attend=sdpa_attention)
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        return op_times(step, gpu)
+        model = ReferenceModel(cfg, config, params, torch.device("cpu"), foreach=True)
+        return op_times(lambda: model.update(0, 1, model.loss(idx, idx)), gpu)
 
 
 def flops_per_token(config: GPTConfig, seq: int) -> float:

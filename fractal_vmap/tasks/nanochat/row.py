@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch.func import vmap
 
 from fractal_vmap.head import lanes_head_loss
 from fractal_vmap.lanes import Batches, Progress, Row, padded_lanes, run, stack
@@ -194,6 +195,71 @@ class RowOptimizers:
         return self.stacked
 
 
+class NanochatLanes:
+    """A row of nanochat SFT lanes as the engine's lane model (lanes.LaneModel): the stacked trainable groups (the
+    frozen ones shared, never copied), the lanes' forward (vmapped, or compiled: compiled.py) under the row's autocast,
+    the backward of the active lanes' losses, and their optimizers (RowOptimizers)."""
+
+    log_dtype = torch.float32
+
+    def __init__(
+        self,
+        optimizers: RowOptimizers,
+        forward,
+        amp: torch.dtype | None,
+        levers: Levers,
+        data_dim: int | None,
+        lane_counts=padded_lanes,
+    ):
+        self.optimizers, self.forward, self.amp, self.levers, self.data_dim = optimizers, forward, amp, levers, data_dim
+        self.lane_counts = lane_counts
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.optimizers.stacked
+
+    def autocast(self):
+        device = next(iter(self.params.values())).device
+        return torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def losses(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        if self.levers.micro_batches == 1:
+            with self.autocast():
+                return self.forward(self.params, inputs, targets)
+        return self.micro_batched(inputs, targets, active)
+
+    def micro_batched(self, inputs: torch.Tensor, targets: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """The batch in `levers.micro_batches` parts along its batch dim, one forward and backward a part, gradients
+        accumulated. A part's loss (a mean over its supervised tokens) is weighted by its share of the batch's
+        supervised tokens, so the parts add up to the batch's loss; but the sums run in another order, so the numbers
+        drift from the one-pass step (measured: benchmarks/README.md). Every part needs a supervised token in every
+        lane: SFT batches have one in every sequence (data.render_examples drops the others)."""
+        dim = 0 if self.data_dim is None else 1
+        total = supervised_tokens(targets)
+        losses = torch.zeros(active.shape[0], device=active.device)
+        for x, y in zip(inputs.chunk(self.levers.micro_batches, dim), targets.chunk(self.levers.micro_batches, dim)):
+            with self.autocast():
+                part = self.forward(self.params, x, y) * (supervised_tokens(y) / total)
+            losses += part.detach().float()
+            torch.where(active & torch.isfinite(part.detach()), part, 0.0).sum().backward()
+        return losses
+
+    def update(self, step: int, losses: torch.Tensor, active: torch.Tensor) -> None:
+        if self.levers.micro_batches == 1:  # micro-batches ran their backwards in `losses`
+            if self.levers.step_in_backward:
+                self.optimizers.prepare(step, active)  # the hooks step the optimizers during the backward
+            torch.where(active, losses, 0.0).sum().backward()
+        self.optimizers.update(step, active)
+        for p in self.params.values():
+            p.grad = None
+
+    def select(self, index: torch.Tensor) -> None:
+        self.optimizers.select(index)
+
+    def supervised(self, targets: torch.Tensor) -> torch.Tensor:
+        return supervised_tokens(targets)
+
+
 def nanochat_row(
     cfgs: list[FinetuneConfig],
     config: GPTConfig,
@@ -208,7 +274,7 @@ def nanochat_row(
 ) -> Row:
     """The engine's row for these cells, padded with idle lanes to the engine's minimum, all starting from `params`.
     kernels: "torch" (the references) or "triton" (fused optimizer steps and the lanes' head; kernels.resolve first);
-    head: another lanes' head in its place (plan.py notes what it keeps); levers: memory for time (Levers).
+    head: another lanes' head in its place (perf/plan.py notes what it keeps); levers: memory for time (Levers).
     compile: the forward and backward under torch.compile (compiled.py: its own attention and head, `head` unused;
     compaction keeps powers of two lanes, so that it compiles few shapes). With levers.remat the row runs eagerly
     all the same: the recomputation's Function has a vmap rule, which dynamo does not honour (compiled.py)."""
@@ -225,42 +291,20 @@ def nanochat_row(
     head = head or partial(lanes_head_loss, kernels=kernels)
 
     def lane_loss(lane_params, inputs, targets):
-        return forward(
-            {**frozen, **lane_params},
-            inputs,
-            config,
-            cos_sin,
-            targets,
-            attend=lanes_attention,
-            head=head,
-            remat=levers.remat,
-        )
+        merged = {**frozen, **lane_params}
+        return forward(merged, inputs, config, cos_sin, targets, attend=lanes_attention, head=head, remat=levers.remat)
 
-    compiled, lane_counts = None, padded_lanes
+    lanes_forward, lane_counts = vmap(lane_loss, in_dims=(0, data_dim, data_dim)), padded_lanes
     if compile and not levers.remat:
-        from fractal_vmap.tasks.nanochat.compiled import (
-            compiled_forward,
-            lane_counts,
-        )  # imports torch.compile's stack on first use: only when asked
+        from fractal_vmap.tasks.nanochat import compiled  # imports torch.compile's stack: only when asked
 
-        compiled = compiled_forward(config, frozen, cos_sin, data_dim, kernels)
+        lanes_forward, lane_counts = (
+            compiled.compiled_forward(config, frozen, cos_sin, data_dim, kernels),
+            compiled.lane_counts,
+        )
+    model = NanochatLanes(optimizers, lanes_forward, autocast_dtype(cfgs[0], device), levers, data_dim, lane_counts)
     total = torch.tensor(steps + [0] * (L - n), dtype=torch.int64, device=device)
-    return Row(
-        lane_loss,
-        stacked,
-        optimizers.update,
-        total,
-        real=n,
-        data_dim=data_dim,
-        amp=autocast_dtype(cfgs[0], device),
-        supervised=supervised_tokens,
-        max_steps=max(steps),
-        prepare=optimizers.prepare if levers.step_in_backward else None,
-        select=optimizers.select,
-        micro_batches=levers.micro_batches,
-        forward=compiled,
-        lane_counts=lane_counts,
-    )
+    return Row(model, total, real=n, data_dim=data_dim, max_steps=max(steps))
 
 
 def train_lanes(

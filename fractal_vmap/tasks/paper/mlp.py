@@ -34,6 +34,7 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from fractal_vmap.errors import UserError
+from fractal_vmap.lanes import Row, padded_lanes, run
 
 ACTIVATIONS = ("tanh", "relu", "identity")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -203,7 +204,48 @@ def gd_update(
     return out
 
 
-def _train_chunk(
+class PaperLanes:
+    """A chunk of the paper's networks as the engine's lane model (lanes.LaneModel): stacked W0 [L, n, n] and W1
+    [L, n, 1] from the same initial weights (plus each lane's W0 offset), full-batch gradient descent with each lane's
+    lr per layer. `losses` computes the losses and the gradients together (`loss_and_grads`); `update` applies them
+    to the active lanes."""
+
+    log_dtype = torch.float64
+
+    def __init__(
+        self,
+        cfg: PaperConfig,
+        base: dict[str, torch.Tensor],
+        lr0: torch.Tensor,
+        lr1: torch.Tensor,
+        offset: torch.Tensor,
+        loss_and_grads: LossAndGrads,
+    ):
+        L = lr0.shape[0]
+        self.cfg, self.loss_and_grads = cfg, loss_and_grads
+        self.params = {k: v.expand(L, *v.shape).clone() for k, v in base.items()}
+        self.params["W0"] += offset.to(self.params["W0"].dtype).view(L, 1, 1)
+        self.lrs = {"W0": lr0, "W1": lr1}
+
+    def losses(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        losses, self.grads = self.loss_and_grads(self.params, inputs, targets, self.cfg)
+        return losses
+
+    def update(self, step: int, losses: torch.Tensor, active: torch.Tensor) -> None:
+        self.params = gd_update(self.params, self.grads, self.lrs, active)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.params = {k: v[index] for k, v in self.params.items()}
+        self.lrs = {k: v[index] for k, v in self.lrs.items()}
+
+    def supervised(self, targets: torch.Tensor) -> int:
+        return targets.shape[0]  # training points: every lane sees the whole set every step
+
+    def lane_counts(self, alive: int) -> int:
+        return padded_lanes(alive)
+
+
+def train_chunk(
     cfg: PaperConfig,
     base: dict[str, torch.Tensor],
     x: torch.Tensor,
@@ -213,31 +255,16 @@ def _train_chunk(
     offset: torch.Tensor,
     loss_and_grads: LossAndGrads,
 ) -> torch.Tensor:
-    """Losses [steps, L] of one chunk. Every COMPACT_EVERY steps the lanes that stopped are dropped from the
-    computation (their remaining losses are NaN anyway); at least two lanes stay, as in train_paper_lanes."""
-    L, device = lr0.shape[0], x.device
-    params = {k: v.expand(L, *v.shape).clone() for k, v in base.items()}
-    params["W0"] += offset.to(params["W0"].dtype).view(L, 1, 1)
-    lrs = {"W0": lr0, "W1": lr1}
-    lanes = torch.arange(L, device=device)  # the log column of each lane still computed
-    active = torch.ones(L, dtype=torch.bool, device=device)
-    log = torch.full((cfg.steps, L), math.nan, dtype=torch.float64, device=device)
-    for step in range(cfg.steps):
-        losses, grads = loss_and_grads(params, x, y, cfg)
-        log[step, lanes] = torch.where(active, losses.double(), math.nan)  # the first non-finite loss, then NaN
-        active = active & torch.isfinite(losses)  # a lane whose loss is not finite stops updating
-        params = gd_update(params, grads, lrs, active)
-        if (step + 1) % COMPACT_EVERY == 0 and step + 1 < cfg.steps:
-            keep = torch.nonzero(active).view(-1)  # on a GPU, a host sync every COMPACT_EVERY steps
-            if len(keep) == 0:
-                break
-            if len(keep) < min(2, len(lanes)):
-                keep = torch.cat([keep, torch.nonzero(~active).view(-1)[:1]])  # a stopped companion for a lone lane
-            if len(keep) < len(lanes):
-                params = {k: v[keep] for k, v in params.items()}
-                lrs = {k: v[keep] for k, v in lrs.items()}
-                lanes, active = lanes[keep], active[keep]
-    return log.cpu()
+    """Losses [steps, n] of one chunk of n lanes, trained on the lane engine (a lone lane beside an idle one; the lanes
+    that stopped dropped every COMPACT_EVERY steps: lanes.run)."""
+    n = lr0.shape[0]
+    L = padded_lanes(n)
+    pad = lambda t: torch.cat([t, t[-1:].expand(L - n)])  # noqa: E731  (the idle lane copies the last one's settings)
+    model = PaperLanes(cfg, base, pad(lr0), pad(lr1), pad(offset), loss_and_grads)
+    total = torch.tensor([cfg.steps] * n + [0] * (L - n), dtype=torch.int64, device=x.device)
+    row = Row(model, total, real=n, max_steps=cfg.steps)
+    run(row, lambda step: (x, y), sync_every=COMPACT_EVERY)
+    return row.loss_log[:, :n].cpu()
 
 
 def train_paper_lanes(
@@ -255,9 +282,9 @@ def train_paper_lanes(
     recorded before its update; after a lane's first non-finite loss, its entries are NaN. No host sync inside
     the step loop: the losses stay on the device until a chunk ends.
 
-    Lanes run in chunks of `chunk` (on a GPU, pass the lane count: one chunk); a chunk of one lane is padded with
-    a copy of itself, because a single lane takes matrix-vector kernels that round differently: a lane's numbers
-    never depend on its chunk. On CPU the chunks run side by side on `workers` threads (0: torch's intra-op thread
+    Lanes run in chunks of `chunk` (on a GPU, pass the lane count: one chunk), each a row of the lane engine; a
+    chunk of one lane runs beside an idle one, because a single lane takes matrix-vector kernels that round
+    differently (lanes.MIN_LANES): a lane's numbers never depend on its chunk. On CPU the chunks run side by side on `workers` threads (0: torch's intra-op thread
     count), every op on one thread (intra-op threads set to 1 meanwhile, then restored): this network's ops last
     tens of microseconds, too short for OpenMP's fork and join, and while another process holds a core an OpenMP
     team waits for its descheduled member at every op (on 2 busy shared cores: 2 OpenMP threads ran 17x slower
@@ -276,22 +303,18 @@ def train_paper_lanes(
     base = {k: v.to(device) for k, v in init_params(cfg).items()}
     x, y = (t.to(device) for t in make_data(cfg))
 
-    def run(i: int) -> torch.Tensor:
+    def run_chunk(i: int) -> torch.Tensor:
         part = [t[i : i + chunk].to(device) for t in (lr0, lr1, offset)]
-        single = part[0].shape[0] == 1
-        if single:
-            part = [t.repeat(2) for t in part]
-        log = _train_chunk(cfg, base, x, y, *part, loss_and_grads)
-        return log[:, :1] if single else log
+        return train_chunk(cfg, base, x, y, *part, loss_and_grads)
 
     starts = range(0, lr0.shape[0], chunk)
     if torch.device(device).type != "cpu":
-        return torch.cat([run(i) for i in starts], dim=1)
+        return torch.cat([run_chunk(i) for i in starts], dim=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers or threads) as pool:
-            return torch.cat(list(pool.map(run, starts)), dim=1)
+            return torch.cat(list(pool.map(run_chunk, starts)), dim=1)
     finally:
         torch.set_num_threads(threads)
 
