@@ -128,9 +128,10 @@ def build(
     """The mode's state for `lanes` lanes of `total` steps, and its step(i, batch). sequential with `shared`: one model
     takes all L models' steps (the same work and kernels), for when L full models do not fit in GPU memory."""
     if mode == "sequential":
-        models = [ReferenceModel(cfg, config, params, device) for _ in range(1 if shared else lanes)] * (
-            lanes if shared else 1
-        )
+        if shared:
+            models = [ReferenceModel(cfg, config, params, device)] * lanes
+        else:
+            models = [ReferenceModel(cfg, config, params, device) for _ in range(lanes)]
 
         def sequential_step(i: int, batch) -> None:  # train_single's step, minus its logging
             for model in models:
