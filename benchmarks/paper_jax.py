@@ -49,7 +49,8 @@ from common import (
     write_json,
 )  # noqa: E402
 
-from fractal_vmap.analysis.fractal import convergence_measure, edge_pixels, fractal_dimension  # noqa: E402
+from fractal_vmap.analysis.fractal import edge_pixels, fractal_dimension  # noqa: E402
+from fractal_vmap.analysis.labels import convergence_measure  # noqa: E402
 from fractal_vmap.machine import tune_allocator  # noqa: E402
 from fractal_vmap.tasks.paper import mlp as paper  # noqa: E402
 from fractal_vmap.tasks.paper.mlp import (  # noqa: E402

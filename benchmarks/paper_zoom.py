@@ -23,7 +23,8 @@ from common import RESULTS_DIR, write_json  # noqa: E402
 
 from fractal_vmap.analysis.animate import Level, write_animation  # noqa: E402
 from fractal_vmap.analysis.boxes import boundary_boxes, box_values  # noqa: E402
-from fractal_vmap.analysis.fractal import convergence_measure, fractal_dimension  # noqa: E402
+from fractal_vmap.analysis.fractal import fractal_dimension  # noqa: E402
+from fractal_vmap.analysis.labels import convergence_measure  # noqa: E402
 from fractal_vmap.analysis.pictures import paper_image  # noqa: E402
 from fractal_vmap.machine import tune_allocator  # noqa: E402
 from fractal_vmap.tasks.paper.mlp import DEFAULT_VIEW, PaperConfig, paper_grid  # noqa: E402

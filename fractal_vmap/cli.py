@@ -111,13 +111,13 @@ def zoom_command(cfg) -> None:
 
 
 def boxes_command(cfg) -> None:
-    from fractal_vmap.grid.zoom import print_boxes, suggest_boxes
+    from fractal_vmap.analysis.boxes import print_boxes, suggest_boxes
 
     print_boxes(suggest_boxes(cfg), cfg)
 
 
 def animate_command(cfg) -> None:
-    from fractal_vmap.grid.zoom import run_animate
+    from fractal_vmap.analysis.animate import run_animate
 
     run_animate(cfg)
 

@@ -85,7 +85,9 @@ class Row:
     total_steps: torch.Tensor  # int64 [L]: lane i trains total_steps[i] steps (0 for an idle lane)
     real: int  # lanes that are real cells (the rest are padding)
     data_dim: int | None = None  # 0: batches carry one stream per lane [L, ...]; None: one batch shared by all lanes
-    max_steps: int | None = None  # the longest lane's steps, when the task knows it (else read from total_steps: a sync)
+    max_steps: int | None = (
+        None  # the longest lane's steps, when the task knows it (else read from total_steps: a sync)
+    )
 
     def __post_init__(self):
         device = self.total_steps.device
@@ -103,7 +105,9 @@ class Row:
         """Keep only these lanes (indices into the current lanes, in this order): the task's state, then the engine's."""
         index = torch.tensor(keep, device=self.device)
         self.model.select(index)
-        self.total_steps, self.active, self.tokens_seen = (t[index] for t in (self.total_steps, self.active, self.tokens_seen))
+        self.total_steps, self.active, self.tokens_seen = (
+            t[index] for t in (self.total_steps, self.active, self.tokens_seen)
+        )
         self.loss_log = self.loss_log[:, index]
 
 
@@ -118,7 +122,9 @@ def lanes_step(row: Row, step: int, inputs: torch.Tensor, targets: torch.Tensor)
     row.active &= row.total_steps > step + 1  # lanes that ran all their steps stop
 
 
-def run(row: Row, batches: Batches, progress: Progress | None = None, sync_every: int = 10, compact: bool = True) -> float:
+def run(
+    row: Row, batches: Batches, progress: Progress | None = None, sync_every: int = 10, compact: bool = True
+) -> float:
     """Train the row to its longest lane's end (or until no lane is active). Returns the wall seconds.
 
     `progress(steps_done, max_steps, tokens_processed)` is called after every step with host values only (a step

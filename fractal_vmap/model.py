@@ -308,3 +308,13 @@ def generate_greedy(
         out.append(int(next_id))
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     return out
+
+
+def nanochat_depth(depth: int, vocab_size: int = 65536, sequence_len: int = 2048) -> GPTConfig:
+    """nanochat's model of a given depth: width 64 x depth, heads of 128 dims (at least one), no GQA, nanochat's
+    vocab and context by default (d20: 20 layers, 1280 wide, 10 heads)."""
+    width = 64 * depth
+    heads = max(1, math.ceil(width / 128))
+    return GPTConfig(
+        sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=width
+    )

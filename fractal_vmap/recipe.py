@@ -6,10 +6,9 @@ reference) and `lanes.py` (a vmapped row of lanes), so they cannot drift apart.
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
-from fractal_vmap.analysis.fractal import convergence_measure, trainability
+from fractal_vmap.analysis.labels import label_run
 from fractal_vmap.errors import UserError
 from fractal_vmap.model import GROUPS, GPTConfig
 from fractal_vmap.options import FinetuneConfig, TrainConfig  # the knobs live in a light module (fast --help)
@@ -137,24 +136,15 @@ class CellResult:
 
 def cell_result(cfg: FinetuneConfig, losses: list[float], steps: int, tokens_seen: int, runtime_s: float) -> CellResult:
     """A cell's result from its loss before each step (NaN padding after a non-finite loss is cut off)."""
-    run = losses[: next((i + 1 for i, x in enumerate(losses) if not math.isfinite(x)), len(losses))]
-    window, threshold = cfg.trainable_window_steps, cfg.trainable_loss_ratio_threshold
-    labels = trainability(run, window, threshold)
-    padded = run + [math.nan] * (steps - len(run))  # a run that stopped early is diverged for the measure
-    finite = [x for x in run if math.isfinite(x)]
+    labels = label_run(losses, steps, cfg.trainable_window_steps, cfg.trainable_loss_ratio_threshold)
     return CellResult(
         run_name=cfg.run_name,
         learning_rate=cfg.learning_rate,
         num_tokens_target=cfg.num_tokens,
         tokens_seen=tokens_seen,
-        avg_loss=sum(finite) / len(finite) if finite else math.nan,
-        final_loss=run[-1] if run else math.nan,
         **labels,
-        steps=len(run),
         total_steps=steps,
         runtime_s=runtime_s,
         seed=cfg.seed,
-        error=None if labels["stable"] else f"non-finite loss at step {len(run) - 1}",
-        measure=float(convergence_measure(np.array(padded), window, threshold)),
-        losses=run,
+        error=None if labels["stable"] else f"non-finite loss at step {labels['steps'] - 1}",
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fractal_vmap.cli import main
-from fractal_vmap.model import init_params
+from fractal_vmap.model import init_params, nanochat_depth
 from fractal_vmap.perf import bench
 from fractal_vmap.perf.timing import profile_mode
 from fractal_vmap.recipe import FinetuneConfig
@@ -123,7 +123,7 @@ HEAD_OPS = (
 def tiny():
     """A one-layer nanochat (64 wide, vocab 256) and one random batch of 2 x 32 tokens (as TINY)."""
     cfg = bench.BenchConfig(batch_size=2, seq_len=32, vocab_size=256, context=64)
-    config = bench.nanochat_config(1, cfg)
+    config = nanochat_depth(1, cfg.vocab_size, cfg.context)
     return config, init_params(config, seed=0), bench.random_batches(config, 1, cfg)[0]
 
 

@@ -3,13 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from fractal_vmap.analysis.fractal import (
-    box_counting,
-    convergence_measure,
-    edge_pixels,
-    fractal_dimension,
-    trainability,
-)
+from fractal_vmap.analysis.fractal import box_counting, edge_pixels, fractal_dimension
+from fractal_vmap.analysis.labels import convergence_measure, trainability
 
 # ---------------------------------------------------------------------------
 # trainability

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from fractal_vmap.analysis.fractal import fractal_dimension
+from fractal_vmap.analysis.runs import read_row
 from fractal_vmap.axes import AXES, INTEGER_AXES, cell_config, cell_lrs, check_overrides, make_axis
 from fractal_vmap.cli import build_parser, main
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.finetune import run_finetune
 from fractal_vmap.grid import pipeline as grid
 from fractal_vmap.grid.pipeline import CPU_LANE_CHUNK, GridConfig, base_config, grid_axes, plan_grid, train_row
-from fractal_vmap.grid.rundir import read_row
 from fractal_vmap.options import TrainConfig
 from fractal_vmap.recipe import FinetuneConfig, group_lrs
 

@@ -192,7 +192,7 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
 
     from fractal_vmap.grid import pipeline as grid
     from fractal_vmap.grid.pipeline import GridConfig, plan_grid, train_row
-    from fractal_vmap.perf.plan import HEADROOM, estimate_memory
+    from fractal_vmap.tasks.nanochat.memory import HEADROOM, estimate_memory
 
     cfg = GridConfig(
         axes="num_tokens,lr",

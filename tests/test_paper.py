@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fractal_vmap.analysis.fractal import convergence_measure
+from fractal_vmap.analysis.labels import convergence_measure
 from fractal_vmap.errors import UserError
 from fractal_vmap.tasks.paper import mlp as paper
 from fractal_vmap.tasks.paper.mlp import (

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from fractal_vmap.analysis.animate import CAPTION_PX
-from fractal_vmap.analysis.fractal import convergence_measure, edge_pixels
+from fractal_vmap.analysis.fractal import edge_pixels
+from fractal_vmap.analysis.labels import convergence_measure
 from fractal_vmap.cli import main
 from fractal_vmap.tasks.paper.mlp import PaperConfig, paper_grid
 
@@ -97,7 +98,7 @@ def test_a_finer_zoom_spans_the_box(parent, tmp_path):
 
 
 def test_boxes_hold_the_boundary(parent, capsys):
-    from fractal_vmap.grid.zoom import suggest_boxes
+    from fractal_vmap.analysis.boxes import suggest_boxes
     from fractal_vmap.options import BoxesConfig
 
     boxes = suggest_boxes(BoxesConfig(run=str(parent), size=4, count=3))

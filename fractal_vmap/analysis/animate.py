@@ -15,6 +15,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fractal_vmap.analysis.pictures import measure_rgb
+from fractal_vmap.analysis.runs import read_grid
+from fractal_vmap.console import console
+from fractal_vmap.errors import UserError
+from fractal_vmap.options import AnimateConfig
 
 CAPTION_PX = 24  # height of the text strip under each frame
 BOX_RGB = (0, 0, 0)  # the child's box: black shows on both phases and on the pale cells near the boundary
@@ -108,3 +112,43 @@ def write_animation(levels: list[Level], path, size: int = 512, frame_ms: int = 
                 check=True,
             )
     return {"gif": gif, "mp4": mp4}
+
+
+def zoom_levels(runs: list[str]) -> list:
+    """The animation's levels: each run's measure and axis values, with the box of the next run, which must be its zoom."""
+    read = [read_grid(r) for r in runs]
+    levels = []
+    for k, (run_dir, grid, measure) in enumerate(read):
+        axes = grid["spec"]["axes"]
+        box = None
+        if k + 1 < len(read):
+            child_dir, child, _ = read[k + 1]
+            parent = child["spec"].get("parent") or {}
+            if Path(parent.get("run_dir", "")).resolve() != run_dir.resolve():
+                raise UserError(
+                    f"{child_dir} is not a zoom of {run_dir}: list the runs outermost first, each a `fractal-vmap zoom` of the one before"
+                )
+            if parent.get("box") is None:
+                raise UserError(
+                    f"{child_dir} was zoomed by --range, so it has no box in {run_dir}'s cells to draw: zoom with --box"
+                )
+            box = tuple(parent["box"])
+        label = (
+            f"{run_dir.name}: {axes['rows']['name']} {axes['rows']['values'][0]:.3g}..{axes['rows']['values'][-1]:.3g}, "
+            f"{axes['cols']['name']} {axes['cols']['values'][0]:.3g}..{axes['cols']['values'][-1]:.3g}"
+        )
+        levels.append(
+            Level(measure, np.asarray(axes["rows"]["values"]), np.asarray(axes["cols"]["values"]), box, label)
+        )
+    return levels
+
+
+def run_animate(cfg: AnimateConfig) -> dict:
+    if cfg.size < 16 or cfg.size % 2:
+        raise UserError(f"--size {cfg.size}: use an even number of pixels, 16 or more")
+    paths = write_animation(zoom_levels(cfg.runs), cfg.out, cfg.size, cfg.frame_ms)
+    console.print(
+        f"animation: [bold]{paths['gif']}[/bold]"
+        + (f" and [bold]{paths['mp4']}[/bold]" if paths.get("mp4") else " (no ffmpeg: no MP4)")
+    )
+    return paths

@@ -10,8 +10,13 @@ cell with it, and so on. Ties go to the box nearest the top-left (lowest row0, t
 from dataclasses import dataclass
 
 import numpy as np
+from rich.table import Table
 
 from fractal_vmap.analysis.fractal import edge_pixels
+from fractal_vmap.analysis.runs import read_grid
+from fractal_vmap.console import console
+from fractal_vmap.errors import UserError
+from fractal_vmap.options import BoxesConfig
 
 
 @dataclass(frozen=True)
@@ -64,3 +69,48 @@ def box_values(box: Box, row_values, col_values) -> tuple[float, float, float, f
     """The axis values of a box's first and last cells: (row_min, row_max, col_min, col_max), for a zoomed grid."""
     rows, cols = np.asarray(row_values, dtype=np.float64), np.asarray(col_values, dtype=np.float64)
     return float(rows[box.row0]), float(rows[box.row1 - 1]), float(cols[box.col0]), float(cols[box.col1 - 1])
+
+
+def suggest_boxes(cfg: BoxesConfig) -> list[dict]:
+    """The boxes with the most edge pixels, each with its cells, axis ranges and the zoom command."""
+    run_dir, grid, measure = read_grid(cfg.run)
+    H, W = measure.shape
+    size = cfg.size or max(2, min(H, W) // 16)
+    if not 2 <= size <= min(H, W):
+        raise UserError(f"--size {cfg.size}: a box needs 2 to {min(H, W)} cells a side on this {H} x {W} grid")
+    if cfg.count < 1:
+        raise UserError(f"--count {cfg.count}: ask for at least one box")
+    axes = grid["spec"]["axes"]
+    rows, cols = axes["rows"]["values"], axes["cols"]["values"]
+    out = []
+    for b in boundary_boxes(measure, size, cfg.count):
+        out.append(
+            {
+                "box": f"{b.row0}:{b.row1},{b.col0}:{b.col1}",
+                "edge_pixels": b.edges,
+                "density": b.density,
+                "rows": (rows[b.row0], rows[b.row1 - 1]),
+                "cols": (cols[b.col0], cols[b.col1 - 1]),
+                "zoom": f"fractal-vmap zoom {run_dir} --box {b.row0}:{b.row1},{b.col0}:{b.col1} --rows {H} --cols {W}",
+            }
+        )
+    return out
+
+
+def print_boxes(boxes: list[dict], cfg: BoxesConfig) -> None:
+    if not boxes:
+        console.print(f"{cfg.run} has no boundary (every cell in one phase): nothing to zoom into")
+        return
+    table = Table(title=f"boxes of {cfg.run} with the most boundary")
+    for name in ("box (r0:r1,c0:c1)", "edge pixels", "density", "rows", "cols"):
+        table.add_column(name, justify="right")
+    for b in boxes:
+        table.add_row(
+            b["box"],
+            str(b["edge_pixels"]),
+            f"{b['density']:.2f}",
+            f"{b['rows'][0]:.4g} .. {b['rows'][1]:.4g}",
+            f"{b['cols'][0]:.4g} .. {b['cols'][1]:.4g}",
+        )
+    console.print(table)
+    console.print(f"zoom into the first: {boxes[0]['zoom']}", highlight=False, soft_wrap=True)

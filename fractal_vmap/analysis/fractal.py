@@ -1,73 +1,12 @@
 """
-Trainability labels, the paper's convergence measure, and the box-counting dimension of the
-trainable / not-trainable boundary (Sohl-Dickstein 2024, arXiv 2402.06184). Numpy only.
-
-Sign convention used everywhere: measure < 0 means the run trained, measure > 0 means it did not.
+The box-counting dimension of the trainable / not-trainable boundary of a measure grid (Sohl-Dickstein 2024,
+arXiv 2402.06184): edge pixels (2x2 blocks holding both phases), boxes of power-of-two sizes, the slope. The phase of
+a cell is the sign of its convergence measure (labels.py: measure < 0 trained). Numpy only.
 """
 
 import math
 
 import numpy as np
-
-MAX_VAL = 1e6  # cap on normalised losses, and the value given to non-finite ones (the paper's choice)
-
-
-def trainability(losses, window: int = 20, threshold: float = 1.0) -> dict:
-    """
-    Labels of one run from its loss curve.
-    The run is the prefix up to and including the first non-finite entry (what follows is NaN padding).
-    Returns JSON-friendly Python floats and bools:
-      stable: every entry of the run is finite (and there is at least one)
-      trainable_loss0: the first loss
-      trainable_mean_last_k: mean of the last min(window, len(run)) entries of the run
-        (the run includes its non-finite entry, so a diverged run gets a non-finite mean)
-      trainable_ratio: mean_last_k / loss0
-      converged: stable and ratio < threshold
-    """
-    assert window >= 1, f"window must be >= 1, got {window}"
-    x = np.asarray(losses, dtype=np.float64).reshape(-1)
-    bad = np.flatnonzero(~np.isfinite(x))
-    run = x if len(bad) == 0 else x[: bad[0] + 1]
-    if len(run) == 0:
-        nan = float("nan")
-        return dict(stable=False, converged=False, trainable_loss0=nan, trainable_mean_last_k=nan, trainable_ratio=nan)
-    stable = bool(np.isfinite(run).all())
-    loss0 = float(run[0])
-    with np.errstate(all="ignore"):  # inf - inf or x / 0 give nan / inf, which is what we want to report
-        mean_last_k = float(np.mean(run[-min(window, len(run)) :]))
-        ratio = float(np.float64(mean_last_k) / np.float64(loss0))
-    converged = bool(stable and ratio < threshold)
-    return dict(
-        stable=stable,
-        converged=converged,
-        trainable_loss0=loss0,
-        trainable_mean_last_k=mean_last_k,
-        trainable_ratio=ratio,
-    )
-
-
-def convergence_measure(losses, window: int = 20, threshold: float = 1.0) -> np.ndarray:
-    """
-    The paper's convergence measure, vectorised over leading dims: losses [..., steps] -> [...].
-    v = losses / losses[..., :1], with non-finite entries and entries above 1e6 set to 1e6
-    (a non-finite or non-positive first loss makes the whole v equal to 1e6: diverged).
-    If mean(v[..., -window:]) < threshold the run trained and the measure is -sum(v) (negative);
-    otherwise it did not and the measure is sum(1/v) (positive).
-    So: measure < 0 is trained, measure > 0 is not, and |measure| grows towards the boundary
-    (slow training gives a large sum(v), slow divergence a large sum(1/v)).
-    """
-    x = np.asarray(losses, dtype=np.float64)
-    assert x.ndim >= 1 and x.shape[-1] >= 1, f"losses must have shape [..., steps>=1], got {x.shape}"
-    first = x[..., :1]
-    with np.errstate(all="ignore"):
-        v = x / first
-    first_ok = np.isfinite(first) & (first > 0)
-    v = np.where(first_ok, v, MAX_VAL)
-    v = np.where(np.isfinite(v) & (v <= MAX_VAL), v, MAX_VAL)
-    trained = v[..., -window:].mean(axis=-1) < threshold  # the rule of trainability()'s `converged`
-    trained_value = -v.sum(axis=-1)
-    diverged_value = (1.0 / np.maximum(v, 1.0 / MAX_VAL)).sum(axis=-1)  # floor keeps a zero loss from giving inf
-    return np.where(trained, trained_value, diverged_value)
 
 
 def edge_pixels(measure: np.ndarray) -> np.ndarray:

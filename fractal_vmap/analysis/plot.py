@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fractal_vmap.analysis.labels import label_runs
+from fractal_vmap.analysis.runs import read_row, row_path
 from fractal_vmap.axes import Axis
 from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
@@ -18,11 +20,8 @@ from fractal_vmap.options import PlotConfig
 
 
 def relabel(run_dir: Path, grid: dict, cells, window: int, threshold: float):
-    """The cells relabelled with another window or threshold: `converged`, the ratio and the measure recomputed from
-    each lane's loss curve in the row files (`stable` does not depend on them)."""
-    from fractal_vmap.analysis.fractal import convergence_measure, trainability
-    from fractal_vmap.grid.rundir import read_row, row_path
-
+    """The cells relabelled with another window or threshold: every label and the measure recomputed from each lane's
+    loss curve in the row files (labels.label_runs, as the grid labelled them)."""
     cols = len(grid["spec"]["axes"]["cols"]["values"])
     cells = cells.copy()
     index = {(int(r), int(c)): k for k, (r, c) in enumerate(zip(cells["row"], cells["col"]))}
@@ -32,22 +31,21 @@ def relabel(run_dir: Path, grid: dict, cells, window: int, threshold: float):
             raise UserError(
                 f"{row_path(run_dir, i)} is missing or not of this grid: rerun the grid command to finish it, then plot"
             )
+        steps = [lane["total_steps"] for lane in lanes]
+        curves = np.full((len(lanes), max(steps)), np.nan)
         for j, lane in enumerate(lanes):
-            run = [math.nan if x is None else x for x in lane["losses"]]  # strict JSON wrote NaN as null
-            labels = trainability(run, window, threshold)
-            padded = np.array(
-                run + [math.nan] * (lane["total_steps"] - len(run))
-            )  # stopped early: diverged for the measure
-            k = index[(i, j)]
-            for key in ("converged", "trainable_mean_last_k", "trainable_ratio"):
-                cells.at[k, key] = labels[key]
-            cells.at[k, "measure"] = float(convergence_measure(padded, window, threshold))
+            curves[j, : len(lane["losses"])] = [np.nan if x is None else x for x in lane["losses"]]  # JSON null: NaN
+        labels = label_runs(curves, steps, window, threshold)
+        rows = [index[(i, j)] for j in range(len(lanes))]
+        for key in ("converged", "trainable_mean_last_k", "trainable_ratio", "measure"):
+            cells.loc[rows, key] = labels[key]
     return cells
 
 
 def plot_run(cfg: PlotConfig) -> list[Path]:
     """The `plot` command: check everything, then draw (and, when relabelled, write cells.parquet and fractal.json)."""
-    from fractal_vmap.analysis.report import draw_pictures, measure_fractal, read_run
+    from fractal_vmap.analysis.report import draw_pictures, measure_fractal
+    from fractal_vmap.analysis.runs import read_run
 
     run_dir = Path(cfg.run)
     missing = [name for name in ("grid.json", "cells.parquet", "fractal.json") if not (run_dir / name).is_file()]

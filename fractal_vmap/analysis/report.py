@@ -3,12 +3,10 @@ dimension, with what it rests on), trainability.png and panels.png; each written
 drawn from the files (grid.json, cells.parquet, fractal.json), so `fractal-vmap plot RUN` redraws them identically.
 """
 
-import json
 import textwrap
 from pathlib import Path
 
-import numpy as np
-
+from fractal_vmap.analysis.runs import measure_grid, read_run
 from fractal_vmap.axes import Axis
 from fractal_vmap.files import atomic_path, finite_or_none, strict_json, write_atomic
 
@@ -67,15 +65,6 @@ def cells_frame(lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] |
         .reindex(columns=columns)
         .astype({c: "float64" for c in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr")})
     )
-
-
-def measure_grid(cells, rows: int, cols: int) -> np.ndarray:
-    """The convergence measure laid out [rows, cols]; cells not in the frame are NaN."""
-    measure = np.full((rows, cols), np.nan)
-    measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["measure"].to_numpy(
-        dtype=np.float64, na_value=np.nan
-    )
-    return measure
 
 
 def measure_fractal(cells, row: Axis, col: Axis) -> dict:
@@ -190,17 +179,6 @@ def draw_pictures(
     with atomic_path(paths[1]) as tmp:
         panels(cells, row.name, col.name, tmp, log_rows, log_cols, text, dpi)
     return paths
-
-
-def read_run(run_dir: Path) -> tuple[dict, object, dict]:
-    """grid.json, cells.parquet and fractal.json of a finished run."""
-    import pandas as pd
-
-    return (
-        json.loads((run_dir / "grid.json").read_text()),
-        pd.read_parquet(run_dir / "cells.parquet"),
-        json.loads((run_dir / "fractal.json").read_text()),
-    )
 
 
 def write_report(run_dir: Path, lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] | None = None) -> dict:

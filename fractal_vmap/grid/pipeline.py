@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fractal_vmap.analysis.report import dimension_note, write_report
+from fractal_vmap.analysis.runs import read_row, row_path
 from fractal_vmap.axes import (
     Axis,
     cell_config,
@@ -29,15 +30,22 @@ from fractal_vmap.data import lane_batches, make_stream, render_split, total_ste
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
 from fractal_vmap.grid.lock import run_dir_lock
-from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
+from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_dir, write_row
 from fractal_vmap.kernels import resolve as resolve_kernels
 from fractal_vmap.lanes import padded_lanes
 from fractal_vmap.options import GridConfig, TrainConfig
-from fractal_vmap.perf.plan import HEADROOM, MemoryPlan, estimate_memory, parse_bytes, parse_levers, plan_levers
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
 from fractal_vmap.sources import resolve_source
 from fractal_vmap.tasks.nanochat.compiled import resolve_compile
+from fractal_vmap.tasks.nanochat.memory import (
+    HEADROOM,
+    MemoryPlan,
+    estimate_memory,
+    parse_bytes,
+    parse_levers,
+    plan_levers,
+)
 from fractal_vmap.tasks.nanochat.row import Levers, train_lanes
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match

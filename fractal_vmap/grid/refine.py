@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from fractal_vmap.analysis.report import dimension_note, write_report
+from fractal_vmap.analysis.runs import read_row, row_path
 from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.grid.lock import run_dir_lock
-from fractal_vmap.grid.rundir import open_run_dir, read_row, row_path, write_row
+from fractal_vmap.grid.rundir import open_run_dir, write_row
 from fractal_vmap.options import GridConfig
 from fractal_vmap.tasks.paper.mlp import LANE_CHUNK
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import check_writable_dir, read_json_object, strict_json, write_atomic
 from fractal_vmap.machine import cpu_model
@@ -120,31 +119,6 @@ def open_run_dir(run_dir: Path, spec: dict, device: torch.device, data: dict) ->
             strict_json({"spec": spec, "digest": digest, "environment": environment(device), "data": data}),
         )
     return digest
-
-
-def row_path(run_dir: Path, i: int) -> Path:
-    return run_dir / "rows" / f"row_{i:04d}.json"
-
-
-def read_row(path: Path, cols: int, digest: str) -> list[dict] | None:
-    """A finished row's lanes, or None if the file is missing, torn, incomplete or of another spec (then the row is
-    trained again)."""
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        console.print(f"[yellow]{path} is torn: training that row again[/yellow]")
-        return None
-    if not isinstance(data, dict):
-        console.print(f"[yellow]{path} holds a JSON {type(data).__name__}, not a row: training that row again[/yellow]")
-        return None
-    if data.get("spec_digest") != digest:
-        console.print(f"[yellow]{path} was trained under another spec: training that row again[/yellow]")
-        return None
-    if not data.get("complete") or len(data.get("lanes", [])) != cols:
-        return None
-    return data["lanes"]
 
 
 def write_row(

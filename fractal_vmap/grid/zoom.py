@@ -11,38 +11,16 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
-from rich.table import Table
-
-from fractal_vmap.analysis.boxes import boundary_boxes
-from fractal_vmap.analysis.report import measure_grid
+from fractal_vmap.analysis.runs import read_grid
 from fractal_vmap.axes import AXES, Axis, make_axis
-from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
-from fractal_vmap.files import read_json_object
-from fractal_vmap.options import AnimateConfig, BoxesConfig, GridConfig, ZoomConfig
+from fractal_vmap.options import GridConfig, ZoomConfig
 
 RESOLVED = (
     "device",
     "dtype",
     "kernels",
 )  # spec settings recorded as resolved: the child resolves its own ("compile" is "on" or absent)
-
-
-def read_grid(run: str) -> tuple[Path, dict, np.ndarray]:
-    """A finished grid's dir, grid.json and measure [rows, cols]; one line if it is not one."""
-    import pandas as pd
-
-    run_dir = Path(run)
-    fix = "pass the run dir of a finished grid"
-    grid = read_json_object(run_dir / "grid.json", "the grid's spec", fix) if (run_dir / "grid.json").exists() else None
-    if grid is None or "spec" not in grid or not (run_dir / "cells.parquet").exists():
-        raise UserError(f"{run} is not a finished grid (no grid.json with a spec, or no cells.parquet): {fix}")
-    axes = grid["spec"]["axes"]
-    measure = measure_grid(
-        pd.read_parquet(run_dir / "cells.parquet"), len(axes["rows"]["values"]), len(axes["cols"]["values"])
-    )
-    return run_dir, grid, measure
 
 
 def parse_box(text: str, rows: int, cols: int) -> tuple[int, int, int, int]:
@@ -161,92 +139,3 @@ def run_zoom(cfg: ZoomConfig) -> Path:
 
     child.axes = f"{axes[0].name},{axes[1].name}"
     return run_grid(child, axes, parent)
-
-
-def suggest_boxes(cfg: BoxesConfig) -> list[dict]:
-    """The boxes with the most edge pixels, each with its cells, axis ranges and the zoom command."""
-    run_dir, grid, measure = read_grid(cfg.run)
-    H, W = measure.shape
-    size = cfg.size or max(2, min(H, W) // 16)
-    if not 2 <= size <= min(H, W):
-        raise UserError(f"--size {cfg.size}: a box needs 2 to {min(H, W)} cells a side on this {H} x {W} grid")
-    if cfg.count < 1:
-        raise UserError(f"--count {cfg.count}: ask for at least one box")
-    axes = grid["spec"]["axes"]
-    rows, cols = axes["rows"]["values"], axes["cols"]["values"]
-    out = []
-    for b in boundary_boxes(measure, size, cfg.count):
-        out.append(
-            {
-                "box": f"{b.row0}:{b.row1},{b.col0}:{b.col1}",
-                "edge_pixels": b.edges,
-                "density": b.density,
-                "rows": (rows[b.row0], rows[b.row1 - 1]),
-                "cols": (cols[b.col0], cols[b.col1 - 1]),
-                "zoom": f"fractal-vmap zoom {run_dir} --box {b.row0}:{b.row1},{b.col0}:{b.col1} --rows {H} --cols {W}",
-            }
-        )
-    return out
-
-
-def print_boxes(boxes: list[dict], cfg: BoxesConfig) -> None:
-    if not boxes:
-        console.print(f"{cfg.run} has no boundary (every cell in one phase): nothing to zoom into")
-        return
-    table = Table(title=f"boxes of {cfg.run} with the most boundary")
-    for name in ("box (r0:r1,c0:c1)", "edge pixels", "density", "rows", "cols"):
-        table.add_column(name, justify="right")
-    for b in boxes:
-        table.add_row(
-            b["box"],
-            str(b["edge_pixels"]),
-            f"{b['density']:.2f}",
-            f"{b['rows'][0]:.4g} .. {b['rows'][1]:.4g}",
-            f"{b['cols'][0]:.4g} .. {b['cols'][1]:.4g}",
-        )
-    console.print(table)
-    console.print(f"zoom into the first: {boxes[0]['zoom']}", highlight=False, soft_wrap=True)
-
-
-def zoom_levels(runs: list[str]) -> list:
-    """The animation's levels: each run's measure and axis values, with the box of the next run, which must be its zoom."""
-    from fractal_vmap.analysis.animate import Level
-
-    read = [read_grid(r) for r in runs]
-    levels = []
-    for k, (run_dir, grid, measure) in enumerate(read):
-        axes = grid["spec"]["axes"]
-        box = None
-        if k + 1 < len(read):
-            child_dir, child, _ = read[k + 1]
-            parent = child["spec"].get("parent") or {}
-            if Path(parent.get("run_dir", "")).resolve() != run_dir.resolve():
-                raise UserError(
-                    f"{child_dir} is not a zoom of {run_dir}: list the runs outermost first, each a `fractal-vmap zoom` of the one before"
-                )
-            if parent.get("box") is None:
-                raise UserError(
-                    f"{child_dir} was zoomed by --range, so it has no box in {run_dir}'s cells to draw: zoom with --box"
-                )
-            box = tuple(parent["box"])
-        label = (
-            f"{run_dir.name}: {axes['rows']['name']} {axes['rows']['values'][0]:.3g}..{axes['rows']['values'][-1]:.3g}, "
-            f"{axes['cols']['name']} {axes['cols']['values'][0]:.3g}..{axes['cols']['values'][-1]:.3g}"
-        )
-        levels.append(
-            Level(measure, np.asarray(axes["rows"]["values"]), np.asarray(axes["cols"]["values"]), box, label)
-        )
-    return levels
-
-
-def run_animate(cfg: AnimateConfig) -> dict:
-    from fractal_vmap.analysis.animate import write_animation
-
-    if cfg.size < 16 or cfg.size % 2:
-        raise UserError(f"--size {cfg.size}: use an even number of pixels, 16 or more")
-    paths = write_animation(zoom_levels(cfg.runs), cfg.out, cfg.size, cfg.frame_ms)
-    console.print(
-        f"animation: [bold]{paths['gif']}[/bold]"
-        + (f" and [bold]{paths['mp4']}[/bold]" if paths.get("mp4") else " (no ffmpeg: no MP4)")
-    )
-    return paths

@@ -31,7 +31,7 @@ from fractal_vmap.errors import UserError
 from fractal_vmap.kernels import resolve as resolve_kernels
 from fractal_vmap.lanes import lanes_step, to_device
 from fractal_vmap.machine import device_name, device_slug
-from fractal_vmap.model import GPTConfig, init_params, param_shapes
+from fractal_vmap.model import GPTConfig, init_params, nanochat_depth, param_shapes
 from fractal_vmap.options import BenchConfig
 from fractal_vmap.perf.timing import free_memory, matmul_ceiling, profile_mode, time_mode, wait_for_quiet
 from fractal_vmap.recipe import (
@@ -59,20 +59,6 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------------------------------
 # models and batches
-
-
-def nanochat_config(depth: int, cfg: BenchConfig) -> GPTConfig:
-    """nanochat's convention: width 64 per layer, heads of 128 dims (at least one head), no GQA."""
-    n_embd = depth * 64
-    n_head = max(1, (n_embd + 127) // 128)
-    return GPTConfig(
-        sequence_len=cfg.context,
-        vocab_size=cfg.vocab_size,
-        n_layer=depth,
-        n_head=n_head,
-        n_kv_head=n_head,
-        n_embd=n_embd,
-    )
 
 
 def random_batches(config: GPTConfig, n: int, cfg: BenchConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -250,7 +236,7 @@ def run_bench(cfg: BenchConfig, environment: dict | None = None, say=print) -> d
         if depth is None:
             config, params, batches = default_model_setup(finetune, n, device)
         else:
-            config = nanochat_config(depth, cfg)
+            config = nanochat_depth(depth, cfg.vocab_size, cfg.context)
             params, batches = init_params(config, seed=0, device=device), random_batches(config, n, cfg)
         batches = padded_to_one_length(batches) if cfg.quick else batches
         tokens_per_window = [sum(batches[s][0].numel() for s in range(i, j)) for i, j in plan.windows()]

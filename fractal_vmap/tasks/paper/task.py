@@ -13,18 +13,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.progress import track
 
-from fractal_vmap.analysis.fractal import convergence_measure, trainability
+from fractal_vmap.analysis.labels import label_runs
 from fractal_vmap.analysis.report import dimension_note, write_report
+from fractal_vmap.analysis.runs import read_row, row_path
 from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.grid.lock import run_dir_lock
-from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_dir, read_row, row_path, write_row
+from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_dir, write_row
 from fractal_vmap.options import GridConfig
 from fractal_vmap.recipe import resolve_device
 from fractal_vmap.tasks.paper.mlp import (
@@ -133,22 +133,12 @@ def plan_paper_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, pare
 def lane_results(losses: torch.Tensor, window: int, threshold: float) -> list[dict]:
     """One result a lane from its losses [steps, lanes] (NaN after a lane's first non-finite loss)."""
     curves = losses.T.numpy()
-    measures = convergence_measure(curves, window, threshold)
+    labels = label_runs(curves, [curves.shape[1]] * curves.shape[0], window, threshold)
+    names = list(labels)
     results = []
-    for curve, measure in zip(curves, measures):
-        finite = curve[np.isfinite(curve)]
-        run = curve[: len(finite) + 1] if len(finite) < len(curve) else curve  # up to the first non-finite loss
-        results.append(
-            {
-                **trainability(run, window, threshold),
-                "measure": float(measure),
-                "final_loss": float(run[-1]),
-                "avg_loss": float(np.mean(run)),
-                "steps": len(run),
-                "total_steps": len(curve),
-                "losses": run.tolist(),
-            }
-        )
+    for i, curve in enumerate(curves):
+        result = {k: labels[k][i].item() for k in names}
+        results.append({**result, "total_steps": curves.shape[1], "losses": curve[: result["steps"]].tolist()})
     return results
 
 
