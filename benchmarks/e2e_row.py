@@ -39,6 +39,7 @@ from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environm
 
 from fractal_vmap.axes import make_axis  # noqa: E402
 from fractal_vmap.default_model import default_model_dir, storage_dir  # noqa: E402
+from fractal_vmap.tasks.nanochat.axes import AXES  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 140)  # piped output: wide enough for the table
 LOSS_TOL = 1e-4  # |final loss of the row's lane - final loss of the finetune process| per cell
@@ -172,9 +173,7 @@ def main(opts: Options) -> None:
     device = torch.device(opts.device)
     env_info = environment(device)
     exe = entry_point()
-    lrs = make_axis(
-        "lr", opts.lanes, opts.lr_min, opts.lr_max, "log", "cols"
-    ).values  # exactly the grid's column values
+    lrs = make_axis("lr", opts.lanes, opts.lr_min, opts.lr_max, "log", "cols", AXES).values  # the grid's column values
     # one storage dir for every process; the default model is built (and cached there) before any timing
     env = {**os.environ, "FRACTAL_STORAGE_DIR": str(storage_dir()), "WANDB_MODE": "disabled"}
     os.environ["FRACTAL_STORAGE_DIR"] = env["FRACTAL_STORAGE_DIR"]

@@ -32,7 +32,7 @@ from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from fractal_vmap.data import make_stream, render_split, total_steps  # noqa: E402
 from fractal_vmap.machine import tune_allocator  # noqa: E402
 from fractal_vmap.model import GPTConfig, init_params  # noqa: E402
-from fractal_vmap.recipe import FinetuneConfig  # noqa: E402
+from fractal_vmap.options import FinetuneConfig  # noqa: E402
 from fractal_vmap.reference import train_single  # noqa: E402
 from fractal_vmap.sources import load_model  # noqa: E402
 from fractal_vmap.tasks.nanochat.row import train_lanes  # noqa: E402

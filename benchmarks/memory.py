@@ -30,7 +30,7 @@ from fractal_vmap import lanes  # noqa: E402
 from fractal_vmap.data import make_stream, render_split, total_steps  # noqa: E402
 from fractal_vmap.machine import tune_allocator  # noqa: E402
 from fractal_vmap.model import nanochat_depth  # noqa: E402
-from fractal_vmap.recipe import FinetuneConfig  # noqa: E402
+from fractal_vmap.options import FinetuneConfig  # noqa: E402
 from fractal_vmap.sources import load_model  # noqa: E402
 from fractal_vmap.tasks.nanochat.memory import KIND_NAMES, KINDS, estimate_memory  # noqa: E402
 from fractal_vmap.tasks.nanochat.row import Levers, train_lanes  # noqa: E402

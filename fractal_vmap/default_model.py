@@ -57,7 +57,7 @@ def pretrain_tokens(n_tokens: int) -> torch.Tensor:
 
 def build_default_model(directory: Path, steps: int = PRETRAIN_STEPS) -> Path:
     """Pretrain the default model with the project's own single-lane trainer and write it atomically."""
-    from fractal_vmap.recipe import FinetuneConfig
+    from fractal_vmap.options import FinetuneConfig
     from fractal_vmap.reference import train_single
 
     torch.manual_seed(SEED)

@@ -6,8 +6,9 @@ from pathlib import Path
 from fractal_vmap.console import console
 from fractal_vmap.data import make_stream, render_split, total_steps
 from fractal_vmap.files import check_writable_file, finite_or_none, strict_json, write_atomic
+from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.progress import StepProgress
-from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, resolve_device, validate
+from fractal_vmap.recipe import autocast_dtype, resolve_device, validate
 from fractal_vmap.reference import evaluate, train_single
 from fractal_vmap.sources import load_model
 

@@ -31,18 +31,36 @@ def trainable_groups(cfg: TrainConfig) -> list[str]:
     return [g for g in GROUPS if g in groups]
 
 
+LR_FLAGS = {
+    "matrix": "matrix_lr",
+    "embedding": "embedding_lr",
+    "unembedding": "unembedding_lr",
+}  # a group's own lr flag
+LR_MULTS = {
+    "embedding": "embedding_lr_mult",
+    "unembedding": "unembedding_lr_mult",
+}  # a group's multiple of learning_rate
+ADAMW_GROUPS = ("embedding", "unembedding")  # AdamW's groups: scaled by (n_embd/768)^-0.5, with weight decay
+
+
+def lr_source(cfg: TrainConfig, group: str) -> tuple[str, float]:
+    """Where a group's learning rate comes from, the one rule: (its own flag, 1) when that flag is set, else
+    ("learning_rate", the group's multiple of it: 1 for the matrices, --embedding_lr_mult, --unembedding_lr_mult)."""
+    if getattr(cfg, LR_FLAGS[group]) is not None:
+        return LR_FLAGS[group], 1.0
+    return "learning_rate", getattr(cfg, LR_MULTS[group]) if group in LR_MULTS else 1.0
+
+
+def flag_lr(cfg: TrainConfig, group: str) -> float:
+    """A group's learning rate as the flags set it (before the AdamW scale and init_lr_frac)."""
+    name, mult = lr_source(cfg, group)
+    return getattr(cfg, name) * mult
+
+
 def group_lrs(cfg: TrainConfig, config: GPTConfig) -> dict[str, float]:
     """The base lr of each group, as nanochat's setup_optimizers uses them (AdamW groups scaled by (n_embd/768)^-0.5)."""
     adamw_scale = (config.n_embd / 768) ** -0.5
-    lrs = {
-        "matrix": cfg.matrix_lr if cfg.matrix_lr is not None else cfg.learning_rate,
-        "embedding": (cfg.embedding_lr if cfg.embedding_lr is not None else cfg.learning_rate * cfg.embedding_lr_mult)
-        * adamw_scale,
-        "unembedding": (
-            cfg.unembedding_lr if cfg.unembedding_lr is not None else cfg.learning_rate * cfg.unembedding_lr_mult
-        )
-        * adamw_scale,
-    }
+    lrs = {g: flag_lr(cfg, g) * (adamw_scale if g in ADAMW_GROUPS else 1.0) for g in LR_FLAGS}
     for group in trainable_groups(cfg):
         if not 0 < lrs[group] < math.inf:
             raise UserError(f"the {group} learning rate is {lrs[group]}: learning rates must be positive and finite")

@@ -11,12 +11,12 @@ import torch
 
 from fractal_vmap.model import GROUPS, GPTConfig, forward, param_group, rotary_cos_sin
 from fractal_vmap.optim import lr_multiplier_scalar
+from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.recipe import (
     ADAMW_BETAS,
     ADAMW_EPS,
     MUON_MOMENTUM,
     CellResult,
-    FinetuneConfig,
     autocast_dtype,
     cell_result,
     group_lrs,

@@ -10,9 +10,9 @@ import torch
 
 from fractal_vmap.cli import main
 from fractal_vmap.model import init_params, nanochat_depth
+from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.perf import bench
 from fractal_vmap.perf.timing import profile_mode
-from fractal_vmap.recipe import FinetuneConfig
 
 CPU = torch.device("cpu")
 FIELDS = {

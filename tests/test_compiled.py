@@ -16,7 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from fractal_vmap.errors import UserError
-from fractal_vmap.recipe import FinetuneConfig
+from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.sources import load_model
 from fractal_vmap.tasks.nanochat import compiled
 from fractal_vmap.tasks.nanochat.row import Levers, train_lanes

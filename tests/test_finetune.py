@@ -18,7 +18,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from fractal_vmap.cli import main
 from fractal_vmap.data import render_examples
 from fractal_vmap.model import GPTConfig, param_group
-from fractal_vmap.recipe import FinetuneConfig, group_lrs
+from fractal_vmap.options import FinetuneConfig
+from fractal_vmap.recipe import group_lrs
 from fractal_vmap.reference import train_single
 from fractal_vmap.sources import load_model
 from fractal_vmap.synth import doc_qa_conversations

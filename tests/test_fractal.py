@@ -221,7 +221,8 @@ def test_dimension_random_signs_fills_the_plane():
 def test_measure_sign_follows_the_labels_window_and_threshold(window, threshold):
     """The picture (measure sign) and the label (converged) use the same K and threshold: they agree on every run,
     including runs that stop at a non-finite loss and runs shorter than K."""
-    from fractal_vmap.recipe import FinetuneConfig, cell_result
+    from fractal_vmap.options import FinetuneConfig
+    from fractal_vmap.recipe import cell_result
 
     rng = np.random.default_rng()
     cfg = FinetuneConfig(trainable_window_steps=window, trainable_loss_ratio_threshold=threshold)

@@ -16,14 +16,15 @@ import torch
 
 from fractal_vmap.analysis.fractal import fractal_dimension
 from fractal_vmap.analysis.runs import read_row
-from fractal_vmap.axes import AXES, INTEGER_AXES, cell_config, cell_lrs, check_overrides, make_axis
+from fractal_vmap.axes import make_axis
 from fractal_vmap.cli import build_parser, main
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.finetune import run_finetune
 from fractal_vmap.grid import pipeline as grid
-from fractal_vmap.grid.pipeline import CPU_LANE_CHUNK, GridConfig, base_config, grid_axes, plan_grid, train_row
-from fractal_vmap.options import TrainConfig
-from fractal_vmap.recipe import FinetuneConfig, group_lrs
+from fractal_vmap.grid.pipeline import CPU_LANE_CHUNK, base_config, grid_axes, plan_grid, train_row
+from fractal_vmap.options import FinetuneConfig, GridConfig, TrainConfig
+from fractal_vmap.recipe import group_lrs
+from fractal_vmap.tasks.nanochat.axes import AXES, cell_config, cell_lrs, check_overrides
 
 CPU = torch.device("cpu")
 LOSS_TOL_PER_LR = 2.0  # lanes vs finetune at tame lrs, justified in tests/test_lanes.py
@@ -113,29 +114,29 @@ def only_line(capsys) -> str:
 
 
 def test_log_and_linear_axes():
-    lr = make_axis("lr", 5, 0.01, 100.0, "auto", "cols")
+    lr = make_axis("lr", 5, 0.01, 100.0, "auto", "cols", AXES)
     assert lr.scale == "log" and lr.field == "learning_rate"
     assert lr.values == pytest.approx([0.01, 0.1, 1.0, 10.0, 100.0], rel=1e-12)  # geometric: float rounding only
-    wd = make_axis("weight_decay", 5, 0.0, 1.0, "auto", "rows")
+    wd = make_axis("weight_decay", 5, 0.0, 1.0, "auto", "rows", AXES)
     assert wd.scale == "linear" and wd.values == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0], abs=1e-15)
-    forced = make_axis("lr", 3, 0.5, 1.5, "linear", "cols")  # an explicit scale overrides the axis' default
+    forced = make_axis("lr", 3, 0.5, 1.5, "linear", "cols", AXES)  # an explicit scale overrides the axis' default
     assert forced.scale == "linear" and forced.values == pytest.approx([0.5, 1.0, 1.5], abs=1e-15)
-    forced = make_axis("weight_decay", 3, 0.01, 1.0, "log", "cols")
+    forced = make_axis("weight_decay", 3, 0.01, 1.0, "log", "cols", AXES)
     assert forced.values == pytest.approx([0.01, 0.1, 1.0], rel=1e-12)
     # no range given: the axis' own default range and scale
     for name, (_, (lo, hi), scale) in AXES.items():
-        axis = make_axis(name, 4, None, None, "auto", "rows")
+        axis = make_axis(name, 4, None, None, "auto", "rows", AXES)
         assert axis.scale == scale and axis.values[0] == lo and axis.values[-1] == hi, name
-    assert make_axis("matrix_lr", 1, 0.3, 7.0, "auto", "cols").values == [0.3]  # one value: the min
+    assert make_axis("matrix_lr", 1, 0.3, 7.0, "auto", "cols", AXES).values == [0.3]  # one value: the min
 
 
 def test_integer_axes_are_rounded():
-    tokens = make_axis("num_tokens", 4, 100, 1000, "auto", "rows")  # geomspace: 100, 215.4, 464.2, 1000
+    tokens = make_axis("num_tokens", 4, 100, 1000, "auto", "rows", AXES)  # geomspace: 100, 215.4, 464.2, 1000
     assert tokens.values == [100.0, 215.0, 464.0, 1000.0]
-    seeds = make_axis("seed", 8, None, None, "auto", "cols")  # default 0..7, linear
+    seeds = make_axis("seed", 8, None, None, "auto", "cols", AXES)  # default 0..7, linear
     assert seeds.values == [float(s) for s in range(8)]
-    assert make_axis("seed", 4, 0, 10, "auto", "cols").values == [0.0, 3.0, 7.0, 10.0]  # 3.33, 6.67 rounded
-    assert set(INTEGER_AXES) == {"num_tokens", "seed"}
+    assert make_axis("seed", 4, 0, 10, "auto", "cols", AXES).values == [0.0, 3.0, 7.0, 10.0]  # 3.33, 6.67 rounded
+    assert {name for name, kind in AXES.items() if kind.integer} == {"num_tokens", "seed"}
 
 
 @pytest.mark.parametrize("name", list(AXES))
@@ -143,7 +144,7 @@ def test_every_axis_sets_its_finetune_field(name):
     other = "lr" if name != "lr" else "seed"
     cfg = GridConfig(axes=f"{name},{other}", rows=3, cols=2, weight_decay=0.3, num_tokens=1234, run_name="g")
     row, col = grid_axes(cfg)
-    field = AXES[name][0]
+    field = AXES[name].setting
     assert field in FinetuneConfig.__dataclass_fields__ and row.field == field
     base = {
         k: v for k, v in asdict(cfg).items() if k in TrainConfig.__dataclass_fields__
@@ -154,7 +155,7 @@ def test_every_axis_sets_its_finetune_field(name):
             assert type(c) is FinetuneConfig
             value = getattr(c, field)
             assert value == row.values[i] and getattr(c, col.field) == col.values[j]
-            if name in INTEGER_AXES:
+            if AXES[name].integer:
                 assert type(value) is int
             assert c.run_name == f"g-r{i}-c{j}"
             untouched = {k: v for k, v in asdict(c).items() if k in base and k not in (field, col.field, "run_name")}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fractal_vmap.data import make_stream, render_split, total_steps
-from fractal_vmap.recipe import FinetuneConfig
+from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.sources import load_model
 from fractal_vmap.tasks.nanochat.row import train_lanes
 

@@ -26,7 +26,7 @@ import fractal_vmap.tasks.nanochat.row as lanes_module
 from fractal_vmap.data import lane_batches, make_stream, render_split, total_steps
 from fractal_vmap.lanes import MIN_LANES
 from fractal_vmap.model import GPTConfig, init_params, param_group
-from fractal_vmap.recipe import FinetuneConfig
+from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.reference import train_single
 from fractal_vmap.sources import load_model
 from fractal_vmap.tasks.nanochat.row import nanochat_row, train_lanes

@@ -17,7 +17,7 @@ from fractal_vmap import lanes
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.model import forward, rotary_cos_sin
-from fractal_vmap.recipe import FinetuneConfig
+from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.sources import load_model
 from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row, train_lanes
 
@@ -191,7 +191,8 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
     from dataclasses import replace
 
     from fractal_vmap.grid import pipeline as grid
-    from fractal_vmap.grid.pipeline import GridConfig, plan_grid, train_row
+    from fractal_vmap.grid.pipeline import plan_grid, train_row
+    from fractal_vmap.options import GridConfig
     from fractal_vmap.tasks.nanochat.memory import HEADROOM, estimate_memory
 
     cfg = GridConfig(

@@ -15,16 +15,7 @@ import torch
 
 from fractal_vmap.analysis.report import dimension_note, write_report
 from fractal_vmap.analysis.runs import read_row, row_path
-from fractal_vmap.axes import (
-    Axis,
-    cell_config,
-    cell_lrs,
-    check_overrides,
-    lr_sources,
-    make_axis,
-    parse_axes,
-    unused_fields,
-)
+from fractal_vmap.axes import Axis, make_axis, parse_axes
 from fractal_vmap.console import console
 from fractal_vmap.data import lane_batches, make_stream, render_split, total_steps
 from fractal_vmap.errors import UserError
@@ -33,10 +24,11 @@ from fractal_vmap.grid.lock import run_dir_lock
 from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_dir, write_row
 from fractal_vmap.kernels import resolve as resolve_kernels
 from fractal_vmap.lanes import padded_lanes
-from fractal_vmap.options import GridConfig, TrainConfig
+from fractal_vmap.options import FinetuneConfig, GridConfig, TrainConfig
 from fractal_vmap.progress import GridProgress
-from fractal_vmap.recipe import FinetuneConfig, autocast_dtype, group_lrs, resolve_device, validate
+from fractal_vmap.recipe import autocast_dtype, group_lrs, resolve_device, validate
 from fractal_vmap.sources import resolve_source
+from fractal_vmap.tasks.nanochat.axes import cell_config, cell_lrs, check_overrides, lr_sources, unused_fields
 from fractal_vmap.tasks.nanochat.compiled import resolve_compile
 from fractal_vmap.tasks.nanochat.memory import (
     HEADROOM,

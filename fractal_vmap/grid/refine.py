@@ -35,7 +35,8 @@ MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom ser
 
 def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
     """The finest level's axes: (n - 1) x 2^K + 1 values over the same ranges (level 0's values are every 2^K-th)."""
-    from fractal_vmap.axes import AXES, parse_axes
+    from fractal_vmap.axes import parse_axes
+    from fractal_vmap.tasks.nanochat.axes import AXES
     from fractal_vmap.tasks.paper.task import PAPER_AXES, SPACE_AXES
 
     if cfg.task == "paper-mlp":

@@ -12,9 +12,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from fractal_vmap.analysis.runs import read_grid
-from fractal_vmap.axes import AXES, Axis, make_axis
+from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.errors import UserError
 from fractal_vmap.options import GridConfig, ZoomConfig
+from fractal_vmap.tasks.nanochat.axes import AXES
 
 RESOLVED = (
     "device",

@@ -32,12 +32,9 @@ from fractal_vmap.kernels import resolve as resolve_kernels
 from fractal_vmap.lanes import lanes_step, to_device
 from fractal_vmap.machine import device_name, device_slug
 from fractal_vmap.model import GPTConfig, init_params, nanochat_depth, param_shapes
-from fractal_vmap.options import BenchConfig
+from fractal_vmap.options import BenchConfig, FinetuneConfig
 from fractal_vmap.perf.timing import free_memory, matmul_ceiling, profile_mode, time_mode, wait_for_quiet
-from fractal_vmap.recipe import (
-    FinetuneConfig,
-    resolve_device,
-)
+from fractal_vmap.recipe import resolve_device
 from fractal_vmap.reference import ReferenceModel
 from fractal_vmap.tasks.nanochat.compiled import bucket
 from fractal_vmap.tasks.nanochat.row import nanochat_row

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from fractal_vmap.errors import UserError
 from fractal_vmap.model import GPTConfig, nanochat_depth
-from fractal_vmap.options import PlanConfig
-from fractal_vmap.recipe import FinetuneConfig, trainable_groups
+from fractal_vmap.options import FinetuneConfig, PlanConfig
+from fractal_vmap.recipe import trainable_groups
 from fractal_vmap.tasks.nanochat.memory import (
     HEADROOM,
     KIND_NAMES,

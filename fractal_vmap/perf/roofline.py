@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 
 from fractal_vmap.lanes import lanes_step
 from fractal_vmap.model import GPTConfig, param_shapes
-from fractal_vmap.recipe import FinetuneConfig
+from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.reference import ReferenceModel
 from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row
 

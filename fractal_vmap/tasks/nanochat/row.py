@@ -13,12 +13,12 @@ from fractal_vmap.head import lanes_head_loss
 from fractal_vmap.lanes import Batches, Progress, Row, padded_lanes, run, stack
 from fractal_vmap.model import GPTConfig, Head, forward, lanes_attention, param_group, rotary_cos_sin
 from fractal_vmap.optim import BatchedAdamW, BatchedMuon, lr_multiplier
+from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.recipe import (
     ADAMW_BETAS,
     ADAMW_EPS,
     MUON_MOMENTUM,
     CellResult,
-    FinetuneConfig,
     autocast_dtype,
     cell_result,
     group_lrs,
