@@ -50,26 +50,6 @@ def finetune_command(cfg) -> None:
 
 
 def grid_command(cfg) -> None:
-    from fractal_vmap.tasks.paper.task import TASKS
-
-    if cfg.task not in TASKS:
-        raise UserError(f"unknown --task {cfg.task!r}: use one of {', '.join(TASKS)}")
-    if cfg.refine:
-        from fractal_vmap.grid.refine import run_refined_grid
-
-        if cfg.workers > 1 or os.environ.get("WORLD_SIZE", "1") != "1":
-            raise UserError("--refine runs in one process: leave out --workers and torchrun")
-        run_refined_grid(cfg)
-        return
-    if cfg.task == "paper-mlp":
-        from fractal_vmap.tasks.paper.task import run_paper_grid
-
-        if cfg.workers > 1:
-            raise UserError(
-                "--workers is for nanochat grids: a paper-mlp grid of 256 x 256 runs in minutes in one process (its chunks use every core)"
-            )
-        run_paper_grid(cfg)
-        return
     from fractal_vmap.grid import shard
     from fractal_vmap.grid.pipeline import run_grid
 

@@ -75,6 +75,16 @@ class GridProgress:
 
     # ------------------------------------------------------------------ what the grid calls
 
+    def add_row(self, steps: list[int]) -> int:
+        """One more row (a refinement level, known only once the levels before it are done) of cells with these step
+        counts; returns its index. The ETA then counts the work known so far."""
+        self.cell_steps.append(list(steps))
+        self.cells_total += len(steps)
+        self.work_total += sum(steps)
+        if self.bar is not None:
+            self.bar.update(self.grid_task, total=self.cells_total)
+        return len(self.cell_steps) - 1
+
     def row_skipped(self, i: int) -> None:
         self.rows_skipped += 1
         self.cells_done += len(self.cell_steps[i])

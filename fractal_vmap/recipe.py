@@ -166,3 +166,8 @@ def cell_result(cfg: FinetuneConfig, losses: list[float], steps: int, tokens_see
         seed=cfg.seed,
         error=None if labels["stable"] else f"non-finite loss at step {labels['steps'] - 1}",
     )
+
+
+def autocast_name(cfg: TrainConfig, device: torch.device) -> str:
+    """The forward's dtype as resolved: bfloat16 (autocast) or float32."""
+    return str(autocast_dtype(cfg, device) or torch.float32).removeprefix("torch.")

@@ -1,52 +1,58 @@
-"""`grid --refine K` (either task): a boundary map at (rows - 1) x 2^K + 1 by (cols - 1) x 2^K + 1 cells that trains
-only near the boundary. Level 0 trains the --rows x --cols grid (every 2^K-th cell of the fine grid); each next level
+"""`grid --refine K` (either task), the schedule the grid pipeline follows (pipeline.run_levels): a boundary map at
+(rows - 1) x 2^K + 1 by (cols - 1) x 2^K + 1 cells that trains only near the boundary. Level 0 trains the --rows x --cols grid (every 2^K-th cell of the fine grid); each next level
 halves the spacing inside the squares of the level before whose corners disagree in phase, and inside their
 neighbouring squares, so a thin feature next to the boundary is not missed. A cell no level trained takes the result
 of its coarse parent (the trained cell at the corner of its square at the coarsest level that has one) and is marked
 `trained = false` in cells.parquet; `level` says at which level a cell was trained (or filled).
 
 Every level's values are the fine grid's own values, and a lane's numbers do not depend on which lanes train beside
-it (paper.py, engine.py), so a trained cell equals the same cell of a full fine grid bit for bit: refinement can only be wrong
+it (lanes.py), so a trained cell equals the same cell of a full fine grid bit for bit: refinement can only be wrong
 where it did not look (islands inside squares whose corners agree: the known weakness of border tracing).
 
 Layout: the run dir as every grid's, except `rows/` holds one file a level (`row_XXXX.json` = level XXXX, the lanes it
 trained, each with its fine-grid indices), so a rerun resumes level by level.
 """
 
-import json
-import time
-from pathlib import Path
-
 import numpy as np
 
-from fractal_vmap.analysis.report import dimension_note, write_report
-from fractal_vmap.analysis.runs import read_row, row_path
-from fractal_vmap.axes import Axis, make_axis
-from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
-from fractal_vmap.files import finite_or_none
-from fractal_vmap.grid.lock import run_dir_lock
-from fractal_vmap.grid.rundir import open_run_dir, write_row
 from fractal_vmap.options import GridConfig
-from fractal_vmap.tasks.paper.mlp import LANE_CHUNK
 
 MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom serves better
 
 
-def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
-    """The finest level's axes: (n - 1) x 2^K + 1 values over the same ranges (level 0's values are every 2^K-th)."""
-    from fractal_vmap.axes import parse_axes
-    from fractal_vmap.tasks.nanochat.axes import AXES
-    from fractal_vmap.tasks.paper.task import PAPER_AXES, SPACE_AXES
+def fine_size(n: int, K: int) -> int:
+    """Values on an axis of n coarse values refined K levels: (n - 1) x 2^K + 1 (level 0's are every 2^K-th)."""
+    return (n - 1) * 2**K + 1 if K else n
 
-    if cfg.task == "paper-mlp":
-        (rows_axis, cols_axis), table = SPACE_AXES[cfg.phase_space], PAPER_AXES
-    else:
-        (rows_axis, cols_axis), table = parse_axes(cfg.axes), AXES
-    return (
-        make_axis(rows_axis, (cfg.rows - 1) * 2**K + 1, cfg.row_min, cfg.row_max, cfg.row_scale, "rows", table),
-        make_axis(cols_axis, (cfg.cols - 1) * 2**K + 1, cfg.col_min, cfg.col_max, cfg.col_scale, "cols", table),
-    )
+
+def check(cfg: GridConfig) -> None:
+    """--refine's options, one clear line each, before any work."""
+    if not cfg.refine:
+        return
+    if not 1 <= cfg.refine <= MAX_LEVELS:
+        raise UserError(
+            f"--refine {cfg.refine}: use 1 to {MAX_LEVELS} levels (each halves the spacing near the boundary)"
+        )
+    if cfg.rows < 2 or cfg.cols < 2:
+        raise UserError(
+            f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}"
+        )
+    if cfg.workers > 1:
+        raise UserError("--refine runs in one process: leave out --workers (and torchrun)")
+
+
+def level_points(results: dict[tuple[int, int], dict], k: int, K: int, H: int, W: int) -> list[tuple[int, int]]:
+    """The fine-grid cells level k of K trains: every 2^K-th cell at level 0, then (to_refine) the cells near the
+    boundary the `results` of the levels before show."""
+    step = 2 ** (K - k)
+    if k == 0:
+        return [(i, j) for i in range(0, H, step) for j in range(0, W, step)]
+    known = np.zeros((H, W), dtype=bool)
+    phase = np.zeros((H, W), dtype=bool)
+    for (i, j), r in results.items():
+        known[i, j], phase[i, j] = True, r["converged"]
+    return to_refine(phase, known, step)
 
 
 def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int, int]]:
@@ -70,17 +76,6 @@ def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int
     return sorted(c for c in cells if not known[c])
 
 
-def train_nanochat_points(plan, points: list[tuple[int, int]]) -> list[dict]:
-    """Train the fine-grid cells `points` of a nanochat grid as one row of lanes (grid.train_row: lane chunks, memory,
-    out-of-memory halving); one result a cell."""
-    from fractal_vmap.grid.pipeline import train_row
-
-    results, _ = train_row(plan, [plan.cells[i][j] for i, j in points])
-    for (i, j), r in zip(points, results):
-        r.update(grid_i=i, grid_j=j)
-    return results
-
-
 def filled(
     results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], int], H: int, W: int, K: int
 ) -> list[dict]:
@@ -101,71 +96,3 @@ def filled(
                 {**results[parent], "grid_i": i, "grid_j": j, "trained": False, "level": levels[parent], "losses": []}
             )
     return out
-
-
-def run_refined_grid(cfg: GridConfig) -> Path:
-    """Level 0, then K levels of refinement near the boundary, then the tables and pictures of the filled fine grid.
-    (No W&B run: the files are the record.)"""
-
-    K = cfg.refine
-    if not 1 <= K <= MAX_LEVELS:
-        raise UserError(f"--refine {K}: use 1 to {MAX_LEVELS} levels (each halves the spacing near the boundary)")
-    if cfg.rows < 2 or cfg.cols < 2:
-        raise UserError(
-            f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}"
-        )
-    if cfg.task == "paper-mlp":
-        from fractal_vmap.tasks.paper.task import plan_paper_grid, train_paper_cells
-
-        plan, train = plan_paper_grid(cfg, fine_axes(cfg, K)), train_paper_cells
-    else:
-        from fractal_vmap.grid.pipeline import plan_grid
-
-        plan, train = plan_grid(cfg, fine_axes(cfg, K)), train_nanochat_points
-    cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
-    H, W = len(plan.row.values), len(plan.col.values)
-    results: dict[tuple[int, int], dict] = {}
-    levels: dict[tuple[int, int], int] = {}
-    with run_dir_lock(plan.run_dir):
-        digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"fine_cells": H * W})
-        console.print(
-            f"{cfg.task} grid refined {K} levels: {cfg.rows} x {cfg.cols} coarse cells to {H} x {W}, run dir [bold]{plan.run_dir}[/bold]",
-            soft_wrap=True,
-        )
-        for k in range(K + 1):
-            step = 2 ** (K - k)
-            known = np.zeros((H, W), dtype=bool)
-            phase = np.zeros((H, W), dtype=bool)
-            for (i, j), r in results.items():
-                known[i, j], phase[i, j] = True, r["converged"]
-            points = (
-                [(i, j) for i in range(0, H, step) for j in range(0, W, step)]
-                if k == 0
-                else to_refine(phase, known, step)
-            )
-            path = row_path(plan.run_dir, k)
-            done = read_row(path, len(points), digest) if points else []
-            if done is None:
-                t0 = time.perf_counter()
-                trained = train(plan, points)
-                write_row(path, k, digest, trained, time.perf_counter() - t0, min(LANE_CHUNK, len(points)))
-                done = json.loads(json.dumps(finite_or_none(trained)))  # as a resumed run reads it back: NaN is null
-            for r in done:
-                results[(r["grid_i"], r["grid_j"])], levels[(r["grid_i"], r["grid_j"])] = r, k
-            console.print(
-                f"level {k}: {len(points)} cells trained at spacing {step} ({len(results)} of {H * W} so far)",
-                highlight=False,
-            )
-        out = write_report(plan.run_dir, filled(results, levels, H, W, K), plan.row, plan.col)
-    f = out["fractal"]
-    console.print(
-        f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); trainable {f['trainable_fraction']:.0%}; "
-        f"{dimension_note(f)}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    console.print(
-        f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}",
-        soft_wrap=True,
-    )
-    return plan.run_dir

@@ -8,7 +8,7 @@ takes more rows, and skip a claimed row that has a finished file of this spec. R
 then writes the tables and pictures and logs the one W&B run.
 
 Why the merged grid equals a one-process grid bit for bit: rows are independent, and a lane's numbers do not depend
-on its chunk or neighbours (engine.py), so it does not matter which worker trains a row.
+on its chunk or neighbours (lanes.py), so it does not matter which worker trains a row.
 
 Faults: a row file is written atomically when its row is done, so a worker killed mid-row loses only that row. The
 elastic agent then stops the other workers (their unfinished rows go too) and starts them all again, or a plain rerun
@@ -35,6 +35,7 @@ from fractal_vmap.grid.pipeline import finish_grid, open_grid, plan_grid, run_ro
 from fractal_vmap.grid.rundir import spec_digest
 from fractal_vmap.options import GridConfig
 from fractal_vmap.recipe import resolve_device
+from fractal_vmap.tasks import get_task
 from fractal_vmap.tracking import closing_run
 
 # how long a worker waits for the others (rank 0's start, the slowest worker's last row): longer than any grid. A dead
@@ -51,6 +52,15 @@ def world_size() -> int:
 
 
 def check_workers(cfg: GridConfig) -> None:
+    """--workers and torchrun against the grid's task and mode, one clear line each."""
+    task = get_task(cfg.task)
+    many = cfg.workers > 1 or world_size() > 1
+    if many and cfg.refine:
+        raise UserError("--refine runs in one process: leave out --workers and torchrun")
+    if many and not task.WORKERS:
+        raise UserError(
+            f"--workers is for nanochat grids: a {cfg.task} grid runs in one process (its chunks use every core)"
+        )
     if cfg.workers < 1:
         raise UserError(f"--workers is {cfg.workers}: use 1 (this process) or more (one per GPU, or CPU processes)")
     if cfg.workers > 1 and world_size() > 1:

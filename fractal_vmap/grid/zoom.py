@@ -1,27 +1,20 @@
-"""Zooming into a finished grid: `zoom` (a new grid inside a box of it, same settings, the parent recorded), `boxes`
-(where the boundary is densest, to zoom there) and the chain of runs that `animate` plays.
+"""`fractal-vmap zoom`: a new grid inside a box of a finished grid, of the same task and settings, the parent recorded
+in its grid.json (where to zoom: `boxes`, analysis/boxes.py; a chain of zooms played: `animate`, analysis/animate.py).
 
 A zoom at the parent's spacing (no --rows/--cols) takes the parent's exact axis values, so its lanes are the parent's
-lanes and, a lane's numbers not depending on its neighbours (engine.py, paper.py), its cells equal the parent's bit
-for bit. A finer zoom spaces its values evenly (in log10 on a log axis) from the box's first to its last value.
+lanes and, a lane's numbers not depending on its neighbours (lanes.py), its cells equal the parent's bit for bit. A finer zoom spaces its values evenly (in log10 on a log axis) from the box's first to its last value.
 """
 
 import math
 import re
-from dataclasses import fields
 from pathlib import Path
 
 from fractal_vmap.analysis.runs import read_grid
 from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.errors import UserError
+from fractal_vmap.grid.pipeline import run_grid
 from fractal_vmap.options import GridConfig, ZoomConfig
-from fractal_vmap.tasks.nanochat.axes import AXES
-
-RESOLVED = (
-    "device",
-    "dtype",
-    "kernels",
-)  # spec settings recorded as resolved: the child resolves its own ("compile" is "on" or absent)
+from fractal_vmap.tasks import get_task
 
 
 def parse_box(text: str, rows: int, cols: int) -> tuple[int, int, int, int]:
@@ -68,25 +61,22 @@ def squared(lo: float, hi: float, other: tuple[float, float], log: bool, other_l
 
 def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int] | None]:
     """The zoom's axes, and the parent's box (cell indices) when given by --box."""
-    from fractal_vmap.tasks.paper.task import PAPER_AXES
-
-    rows, cols = (Axis(**spec["axes"][k]) for k in ("rows", "cols"))
+    table = get_task(spec["settings"].get("task", GridConfig.task)).AXES
+    rows, cols = (Axis(**spec["axes"][k], field=table[spec["axes"][k]["name"]].setting) for k in ("rows", "cols"))
     if (cfg.box is None) == (cfg.range is None):
         raise UserError(
             "pass the box as --box r0:r1,c0:c1 (cell indices) or as --range rows=LO:HI,cols=LO:HI (axis values), one of the two"
         )
     if cfg.rows < 0 or cfg.cols < 0:
         raise UserError(f"--rows {cfg.rows} --cols {cfg.cols}: use 0 (the parent's spacing) or a positive number")
-    table = PAPER_AXES if spec["settings"].get("task") == "paper-mlp" else AXES
     if cfg.box is not None:
         r0, r1, c0, c1 = parse_box(cfg.box, len(rows.values), len(cols.values))
         if not cfg.rows and not cfg.cols and not cfg.square:  # the parent's spacing: its exact values
-            return (Axis(rows.name, rows.values[r0:r1], rows.scale), Axis(cols.name, cols.values[c0:c1], cols.scale)), [
-                r0,
-                r1,
-                c0,
-                c1,
-            ]
+            exact = (
+                Axis(rows.name, rows.values[r0:r1], rows.scale, rows.field),
+                Axis(cols.name, cols.values[c0:c1], cols.scale, cols.field),
+            )
+            return exact, [r0, r1, c0, c1]
         ranges = {"rows": (rows.values[r0], rows.values[r1 - 1]), "cols": (cols.values[c0], cols.values[c1 - 1])}
         counts, box = {"rows": cfg.rows or r1 - r0, "cols": cfg.cols or c1 - c0}, [r0, r1, c0, c1]
     else:
@@ -105,19 +95,9 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
 
 
 def child_config(settings: dict, run_dir: str | None) -> GridConfig:
-    """The parent's settings as the zoom's options: every grid option the spec holds (a null one: the default), the
-    resolved ones (device, dtype, kernels) left for the child to resolve again."""
-    names = {f.name for f in fields(GridConfig)}
-    kept = {k: v for k, v in settings.items() if k in names and v is not None and k not in RESOLVED}
-    if settings.get("task") == "paper-mlp":
-        kept.update(
-            num_iterations=settings["steps"],
-            dtype=settings["dtype"],
-            width=settings["width"],
-            activation=settings["activation"],
-            data_multiple=settings["data_multiple"],
-            seed=settings["seed"],
-        )
+    """The parent's settings as the zoom's options (its task's zoom_options); the zoom is a plain grid."""
+    task = get_task(settings.get("task", GridConfig.task))
+    kept = {k: v for k, v in task.zoom_options(settings).items() if k != "refine"}
     return GridConfig(**kept, run_dir=run_dir)
 
 
@@ -132,11 +112,4 @@ def run_zoom(cfg: ZoomConfig) -> Path:
         setattr(child, f"{which}_min", axis.values[0])
         setattr(child, f"{which}_max", axis.values[-1])
         setattr(child, f"{which}_scale", axis.scale)
-    if spec["settings"].get("task") == "paper-mlp":
-        from fractal_vmap.tasks.paper.task import run_paper_grid
-
-        return run_paper_grid(child, axes, parent)
-    from fractal_vmap.grid.pipeline import run_grid
-
-    child.axes = f"{axes[0].name},{axes[1].name}"
     return run_grid(child, axes, parent)

@@ -276,6 +276,7 @@ def train_paper_lanes(
     loss_and_grads: LossAndGrads = lane_loss_and_grads,
     device: torch.device | str = "cpu",
     workers: int = 0,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Train L networks from the same initial weights and data, lane i with lr0[i] on W0 and lr1[i] on W1 and
     offset[i] (default 0) added to its initial W0. Returns the losses [steps, L] (float64, on the CPU), each
@@ -288,7 +289,8 @@ def train_paper_lanes(
     count), every op on one thread (intra-op threads set to 1 meanwhile, then restored): this network's ops last
     tens of microseconds, too short for OpenMP's fork and join, and while another process holds a core an OpenMP
     team waits for its descheduled member at every op (on 2 busy shared cores: 2 OpenMP threads ran 17x slower
-    than one thread, 2 chunk threads 2x faster than one)."""
+    than one thread, 2 chunk threads 2x faster than one). `on_chunk(start, lanes)` is called as each chunk's losses
+    are in, in order, on the calling thread (a progress view)."""
     check_config(cfg)
     lr0, lr1 = (
         torch.as_tensor(lr0, dtype=torch.float64).reshape(-1),
@@ -308,13 +310,22 @@ def train_paper_lanes(
         return train_chunk(cfg, base, x, y, *part, loss_and_grads)
 
     starts = range(0, lr0.shape[0], chunk)
+    on_chunk = on_chunk or (lambda start, lanes: None)
+
+    def in_order(logs) -> torch.Tensor:
+        parts = []
+        for start, log in zip(starts, logs):
+            parts.append(log)
+            on_chunk(start, log.shape[1])
+        return torch.cat(parts, dim=1)
+
     if torch.device(device).type != "cpu":
-        return torch.cat([run_chunk(i) for i in starts], dim=1)
+        return in_order(run_chunk(i) for i in starts)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers or threads) as pool:
-            return torch.cat(list(pool.map(run_chunk, starts)), dim=1)
+            return in_order(pool.map(run_chunk, starts))
     finally:
         torch.set_num_threads(threads)
 

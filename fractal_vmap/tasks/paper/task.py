@@ -1,30 +1,22 @@
-"""`grid --task paper-mlp`: the paper's MLP (paper.py) as a grid with the same run dir as a nanochat grid: grid.json,
-one row file a row (each lane's loss curve and labels), cells.parquet, fractal.json and both pictures, resumed row by
-row, one writer at a time. A row is one `train_paper_lanes` call over the row's cells (its lanes' numbers do not
-depend on their chunk: paper.py), labelled with the same measure and threshold as every grid (fractal.py).
+"""The paper-mlp task of a grid (`grid --task paper-mlp`): each cell trains the paper's MLP (mlp.py) by full-batch
+gradient descent at its axis values, one lane a pixel on the lane engine. It runs through the same grid pipeline as a
+nanochat grid (grid/pipeline.py): grid.json, one row file a row (each lane's loss curve and labels), cells.parquet,
+fractal.json and both pictures, resumed row by row, one writer at a time; labelled with the same measure and threshold
+as every grid (analysis/labels.py).
 
 The axes follow --phase_space: lr_vs_lr has rows = lr1 (output layer) and cols = lr0 (input layer), by default log10
 lr in [-3, 6] on both (the notebook's first picture); offset_vs_lr has rows = lr (both layers) and cols = the offset
-added to every initial W0 weight. A zoom (zoom.py) passes the parent's exact axis values instead of a range.
+added to every initial W0 weight. A zoom (grid/zoom.py) passes the parent's exact axis values instead of a range.
 """
 
-import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import track
 
 from fractal_vmap.analysis.labels import label_runs
-from fractal_vmap.analysis.report import dimension_note, write_report
-from fractal_vmap.analysis.runs import read_row, row_path
-from fractal_vmap.axes import Axis, make_axis
-from fractal_vmap.console import console
+from fractal_vmap.axes import Axis, AxisKind
 from fractal_vmap.errors import UserError
-from fractal_vmap.files import finite_or_none
-from fractal_vmap.grid.lock import run_dir_lock
-from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_dir, write_row
 from fractal_vmap.options import GridConfig
 from fractal_vmap.recipe import resolve_device
 from fractal_vmap.tasks.paper.mlp import (
@@ -38,28 +30,92 @@ from fractal_vmap.tasks.paper.mlp import (
     train_paper_lanes,
 )
 
-TASKS = ("nanochat-sft", "paper-mlp")
+NAME = "paper-mlp"
+WORKERS = False  # one process: a 256 x 256 grid trains in under a minute, its chunks on every core
 DEFAULT_STEPS = 100  # gradient descent steps when --num_iterations is unset (the paper: 500 to 1000)
 VIEW = (10 ** DEFAULT_VIEW[0], 10 ** DEFAULT_VIEW[1])
-# axis name -> (what it sets, default (min, max), default scale); the offset's range is ours (the notebook's is not stated)
-PAPER_AXES = {
-    "lr0": ("lr0", VIEW, "log"),
-    "lr1": ("lr1", VIEW, "log"),
-    "lr": ("lr", VIEW, "log"),
-    "offset": ("offset", (-2.0, 2.0), "linear"),
+# the offset's range is ours (the notebook's is not stated)
+AXES = {
+    "lr0": AxisKind("lr0", VIEW, "log"),
+    "lr1": AxisKind("lr1", VIEW, "log"),
+    "lr": AxisKind("lr", VIEW, "log"),
+    "offset": AxisKind("offset", (-2.0, 2.0), "linear"),
 }
 SPACE_AXES = {"lr_vs_lr": ("lr1", "lr0"), "offset_vs_lr": ("lr", "offset")}  # phase space -> (rows axis, cols axis)
 
 
 @dataclass
 class PaperPlan:
+    """Everything a paper-mlp grid needs, checked, before its run dir is touched."""
+
     cfg: GridConfig
     paper: PaperConfig
     row: Axis
     col: Axis
     device: torch.device
     spec: dict
-    run_dir: Path
+    run_dir: Path | None = None  # set by the grid pipeline (grid/pipeline.py plan_grid)
+
+    @property
+    def data(self) -> dict:
+        """grid.json's account of the data."""
+        return {"train_points": num_points(self.paper)}
+
+    def describe(self) -> str:
+        return (
+            f"{num_points(self.paper)} training points, {self.paper.steps} steps of full-batch gradient descent a cell"
+        )
+
+    def steps(self, points: list[tuple[int, int]]) -> list[int]:
+        return [self.paper.steps] * len(points)
+
+    def train(self, points: list[tuple[int, int]], progress=None) -> tuple[list[dict], int]:
+        """Train the cells `points` ((row, col) indices: a row, or a refinement level's cells) as the lanes of one
+        call, each at its axis values (mlp.phase_lanes' mapping); one result a cell, and the lane chunk."""
+        rows = torch.tensor([self.row.values[i] for i, _ in points], dtype=torch.float64)
+        cols = torch.tensor([self.col.values[j] for _, j in points], dtype=torch.float64)
+        lr0, lr1, offset = (
+            (cols, rows, torch.zeros_like(rows)) if self.cfg.phase_space == "lr_vs_lr" else (rows, rows, cols)
+        )
+        chunk = LANE_CHUNK if self.device.type == "cpu" else len(points)  # a GPU takes them all at once
+        steps, tokens = self.paper.steps, num_points(self.paper)
+
+        def chunk_done(start: int, n: int) -> None:  # in order, as each chunk's losses are in
+            if progress is not None:
+                progress.chunk(list(range(start, start + n)), [steps] * n)(steps, steps, n * steps * tokens)
+
+        losses = train_paper_lanes(self.paper, lr0, lr1, offset, chunk=chunk, device=self.device, on_chunk=chunk_done)
+        results = lane_results(losses, self.cfg.trainable_window_steps, self.cfg.trainable_loss_ratio_threshold)
+        for (i, j), r in zip(points, results):
+            r.update(grid_i=i, grid_j=j)
+        return results, min(chunk, len(points))
+
+    def cell_lrs(self) -> None:
+        return None  # the axes are the learning rates (cells.parquet's axis columns)
+
+
+def axis_names(cfg: GridConfig) -> tuple[str, str]:
+    """The rows and cols axes of --phase_space."""
+    if cfg.phase_space not in SPACE_AXES:
+        raise UserError(f"unknown --phase_space {cfg.phase_space!r}: use one of {', '.join(PHASE_SPACES)}")
+    return SPACE_AXES[cfg.phase_space]
+
+
+def zoom_options(settings: dict) -> dict:
+    """A zoom's options from its parent's spec settings (the PaperConfig fields under their flags' names)."""
+    return {
+        "task": NAME,
+        "num_iterations": settings["steps"],
+        "dtype": settings["dtype"],
+        "width": settings["width"],
+        "activation": settings["activation"],
+        "data_multiple": settings["data_multiple"],
+        "seed": settings["seed"],
+        "phase_space": settings["phase_space"],
+        "trainable_window_steps": settings["trainable_window_steps"],
+        "trainable_loss_ratio_threshold": settings["trainable_loss_ratio_threshold"],
+        **({"refine": settings["refine"]} if "refine" in settings else {}),
+    }
 
 
 def paper_config(cfg: GridConfig) -> PaperConfig:
@@ -84,9 +140,9 @@ def make_spec(
         else ("rows axis (lr)", "rows axis (lr)")
     )
     spec = {
-        "axes": {"rows": asdict(row), "cols": asdict(col)},
+        "axes": {"rows": row.to_spec(), "cols": col.to_spec()},
         "settings": {
-            "task": "paper-mlp",
+            "task": NAME,
             **asdict(paper),
             "phase_space": cfg.phase_space,
             "device": device.type,
@@ -98,104 +154,34 @@ def make_spec(
         "dataset": {"source": f"N(0, 1) inputs and targets ({num_points(paper)} points, seed {paper.seed})"},
     }
     if cfg.refine:
-        spec["settings"]["refine"] = cfg.refine  # the cells a refined grid trains depend on it (refine.py)
+        spec["settings"]["refine"] = cfg.refine  # the cells a refined grid trains depend on it (grid/refine.py)
     if parent is not None:
         spec["parent"] = parent
     return spec
 
 
-def plan_paper_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: dict | None = None) -> PaperPlan:
-    """Every check before any work. `axes`: exact axis values (a zoom's), instead of --rows/--cols and their ranges."""
+def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> PaperPlan:
+    """Every check before any work."""
     if cfg.axes != GridConfig.axes:
         raise UserError(
-            f"--axes {cfg.axes} is for nanochat grids: the paper task's axes follow --phase_space ({', '.join(PHASE_SPACES)})"
+            f"--axes {cfg.axes} is for nanochat grids: the paper task's axes follow --phase_space "
+            f"({', '.join(PHASE_SPACES)})"
         )
-    if cfg.phase_space not in SPACE_AXES:
-        raise UserError(f"unknown --phase_space {cfg.phase_space!r}: use one of {', '.join(PHASE_SPACES)}")
     if cfg.dtype not in ("auto", "float64", "float32"):
         raise UserError(f"--dtype {cfg.dtype} for the paper task: use float64 (auto) or float32")
     paper = paper_config(cfg)
     check_config(paper)
-    if axes is None:
-        rows_axis, cols_axis = SPACE_AXES[cfg.phase_space]
-        axes = (
-            make_axis(rows_axis, cfg.rows, cfg.row_min, cfg.row_max, cfg.row_scale, "rows", PAPER_AXES),
-            make_axis(cols_axis, cfg.cols, cfg.col_min, cfg.col_max, cfg.col_scale, "cols", PAPER_AXES),
-        )
-    row, col = axes
     device = resolve_device(cfg.device)
     spec = make_spec(cfg, paper, row, col, device, parent)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(spec, row.name, col.name)
-    check_run_dir(run_dir, spec)
-    return PaperPlan(cfg, paper, row, col, device, spec, run_dir)
+    return PaperPlan(cfg, paper, row, col, device, spec)
 
 
 def lane_results(losses: torch.Tensor, window: int, threshold: float) -> list[dict]:
     """One result a lane from its losses [steps, lanes] (NaN after a lane's first non-finite loss)."""
     curves = losses.T.numpy()
     labels = label_runs(curves, [curves.shape[1]] * curves.shape[0], window, threshold)
-    names = list(labels)
     results = []
     for i, curve in enumerate(curves):
-        result = {k: labels[k][i].item() for k in names}
+        result = {k: v[i].item() for k, v in labels.items()}
         results.append({**result, "total_steps": curves.shape[1], "losses": curve[: result["steps"]].tolist()})
     return results
-
-
-def train_paper_cells(plan: PaperPlan, points: list[tuple[int, int]]) -> list[dict]:
-    """Train the cells `points` ((row, col) indices: a row, or a refinement level's cells, refine.py) as the lanes of one
-    call, each at its axis values (phase_lanes' mapping); one result a cell."""
-    rows = torch.tensor([plan.row.values[i] for i, _ in points], dtype=torch.float64)
-    cols = torch.tensor([plan.col.values[j] for _, j in points], dtype=torch.float64)
-    lr0, lr1, offset = (
-        (cols, rows, torch.zeros_like(rows)) if plan.cfg.phase_space == "lr_vs_lr" else (rows, rows, cols)
-    )
-    chunk = LANE_CHUNK if plan.device.type == "cpu" else len(points)  # a GPU takes them all at once
-    losses = train_paper_lanes(plan.paper, lr0, lr1, offset, chunk=chunk, device=plan.device)
-    results = lane_results(losses, plan.cfg.trainable_window_steps, plan.cfg.trainable_loss_ratio_threshold)
-    for (i, j), r in zip(points, results):
-        r.update(grid_i=i, grid_j=j)
-    return results
-
-
-def run_paper_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: dict | None = None) -> Path:
-    """Plan, train every row without a finished file of this spec, then the tables and pictures."""
-    plan = plan_paper_grid(cfg, axes, parent)
-    cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
-    rows = len(plan.row.values)
-    with run_dir_lock(plan.run_dir):
-        digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"train_points": num_points(plan.paper)})
-        console.print(
-            f"paper-mlp grid {plan.row.name} ({rows} rows) x {plan.col.name} ({len(plan.col.values)} lanes a row) on {plan.device}, "
-            f"run dir [bold]{plan.run_dir}[/bold]",
-            soft_wrap=True,
-        )
-        done = [read_row(row_path(plan.run_dir, i), len(plan.col.values), digest) for i in range(rows)]
-        if any(d is not None for d in done):
-            console.print(f"resuming: {sum(d is not None for d in done)}/{rows} rows already done")
-        for i in track(range(rows), description="rows", console=console, disable=not console.is_terminal):
-            if done[i] is None:
-                t0 = time.perf_counter()
-                results = train_paper_cells(plan, [(i, j) for j in range(len(plan.col.values))])
-                write_row(
-                    row_path(plan.run_dir, i),
-                    i,
-                    digest,
-                    results,
-                    time.perf_counter() - t0,
-                    min(LANE_CHUNK, len(results)),
-                )
-                done[i] = json.loads(json.dumps(finite_or_none(results)))  # as a resumed run reads it back: NaN is null
-        out = write_report(plan.run_dir, [lane for row in done for lane in row], plan.row, plan.col)
-    f = out["fractal"]
-    console.print(
-        f"trainable {f['trainable_fraction']:.0%} of {rows * len(plan.col.values)} cells; {dimension_note(f)}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    console.print(
-        f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold] and [bold]{plan.run_dir / 'panels.png'}[/bold]; "
-        f"cells: {plan.run_dir / 'cells.parquet'}",
-        soft_wrap=True,
-    )
-    return plan.run_dir
