@@ -35,7 +35,8 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, however the script is started
-from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
+# noqa: E402
+from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json
 
 from fractal_vmap.axes import make_axis  # noqa: E402
 from fractal_vmap.default_model import default_model_dir, storage_dir  # noqa: E402
@@ -53,7 +54,8 @@ class Options:
     lr_max: float = 1e2
     repeats: int = 1  # timed runs of each side; the fastest is reported
     device: str = "cpu"  # passed to both commands (the target is for CPU)
-    bytecode: str = "cached"  # cached: every process shares one warmed .pyc cache, as on a usual machine; env: as this environment has it
+    # cached: every process shares one warmed .pyc cache, as on a usual machine; env: as this environment has it
+    bytecode: str = "cached"
     max_load: float = 1.2  # wait until the 1-minute load average is below this before timing
     out: str = ""  # result JSON (default benchmarks/results/e2e_row-<device>.json)
 
@@ -187,9 +189,8 @@ def main(opts: Options) -> None:
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
             console.print("warming the shared bytecode cache: one short untimed run of each command")
-            warm = replace(
-                opts, lanes=2, num_tokens=100
-            )  # a few steps of each command: every module imported, every .pyc written
+            # a few steps of each command: every module imported, every .pyc written
+            warm = replace(opts, lanes=2, num_tokens=100)
             run_row(exe, warm, env, Path(tmp))
             run_sequential(exe, warm, lrs[:2], env, Path(tmp))
         elif opts.bytecode != "env":

@@ -32,8 +32,9 @@ from fractal_vmap.machine import tune_allocator  # noqa: E402
 from fractal_vmap.model import nanochat_depth  # noqa: E402
 from fractal_vmap.options import FinetuneConfig  # noqa: E402
 from fractal_vmap.sources import load_model  # noqa: E402
+from fractal_vmap.tasks.nanochat.levers import Levers  # noqa: E402
 from fractal_vmap.tasks.nanochat.memory import KIND_NAMES, KINDS, estimate_memory  # noqa: E402
-from fractal_vmap.tasks.nanochat.row import Levers, train_lanes  # noqa: E402
+from fractal_vmap.tasks.nanochat.row import train_lanes  # noqa: E402
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "nanochat-d2"
 CPU = torch.device("cpu")

@@ -78,18 +78,16 @@ class Options:
     seed: int = 0
     view: list[float] = field(default_factory=lambda: list(DEFAULT_VIEW))  # log10 lr range of both axes
     torch_chunks: list[int] = field(default_factory=lambda: [256, 1024])  # lanes per chunk of our hand-derived trainer
-    full_chunks: list[int] = field(
-        default_factory=lambda: [256]
-    )  # ours again, computing stopped lanes to the end as JAX does
+    # ours again, computing stopped lanes to the end as JAX does
+    full_chunks: list[int] = field(default_factory=lambda: [256])
     vmap_chunks: list[int] = field(default_factory=lambda: [256])  # lanes per chunk of our vmap(grad) trainer
     jax_chunks: list[int] = field(default_factory=lambda: [1024, 4096, 65536])  # lanes per jit call on the JAX side
     max_load: float = 1.2  # wait until the 1-minute load average is below this before starting
     wait: bool = True  # wait for a quiet machine before each measurement; false: measure at once, contention recorded
     repeats: int = 1  # rounds over all sides, interleaved (each side's best round is reported)
     out: str = ""  # default benchmarks/results/paper_jax-<device>.json
-    side: str = (
-        ""  # internal: run one side (torch, torch_full, torch_vmap or jax) with --chunk, write --side_out and exit
-    )
+    # internal: run one side (torch, torch_full, torch_vmap or jax) with --chunk, write --side_out and exit
+    side: str = ""
     chunk: int = 0  # internal, with --side
     side_out: str = ""  # internal, with --side: a .npz with the measure and the timings
 
@@ -242,9 +240,8 @@ def main() -> None:
     ]
     sides += [(f"jax chunk {c}", "jax", c, {"engine": "jax jit(vmap)", "chunk": c}) for c in opts.jax_chunks]
     rounds, measures = [], {}
-    for rep in range(
-        opts.repeats
-    ):  # rounds interleave the sides, so on a noisy machine all of them meet the same noise
+    # rounds interleave the sides, so on a noisy machine all of them meet the same noise
+    for rep in range(opts.repeats):
         for label, side, chunk, info in sides:
             row, m = measured(label, side, chunk, opts, argv)
             if label in measures and not np.array_equal(np.sign(m), np.sign(measures[label])):
@@ -253,9 +250,8 @@ def main() -> None:
                 )
             measures[label] = m
             rounds.append(row | info | {"round": rep})
-    rows = [
-        min((r for r in rounds if r["side"] == label), key=lambda r: r["wall_s"]) for label, *_ in sides
-    ]  # best round per side
+    # best round per side
+    rows = [min((r for r in rounds if r["side"] == label), key=lambda r: r["wall_s"]) for label, *_ in sides]
 
     # sign agreement of every side with our first one, and where the disagreeing cells lie
     ref_name = next(iter(measures))

@@ -22,9 +22,8 @@ from simple_parsing import ArgumentParser
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
-from fractal_vmap.grid.refine import run_refined_grid  # noqa: E402
+from fractal_vmap.grid.pipeline import run_grid  # noqa: E402
 from fractal_vmap.options import GridConfig  # noqa: E402
-from fractal_vmap.tasks.paper.task import run_paper_grid  # noqa: E402
 
 
 @dataclass
@@ -42,12 +41,12 @@ def main() -> None:
     console, fine = Console(), (opts.coarse - 1) * 2**opts.levels + 1
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        full = run_paper_grid(
+        full = run_grid(
             GridConfig(task="paper-mlp", rows=fine, cols=fine, num_iterations=opts.steps, run_dir=f"{tmp}/full")
         )
         t_full = time.perf_counter() - t0
         t0 = time.perf_counter()
-        refined = run_refined_grid(
+        refined = run_grid(
             GridConfig(
                 task="paper-mlp",
                 rows=opts.coarse,

@@ -21,7 +21,7 @@ from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
 from fractal_vmap.perf.projection import print_projection, projection_rows  # noqa: E402
 from fractal_vmap.perf.roofline import GPUS, LAUNCH_US  # noqa: E402
-from fractal_vmap.tasks.nanochat.row import Levers  # noqa: E402
+from fractal_vmap.tasks.nanochat.levers import Levers  # noqa: E402
 
 
 @dataclass

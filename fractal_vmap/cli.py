@@ -197,7 +197,8 @@ def build_parser() -> ArgumentParser:
         ),
     )
     for name, options, run, text in commands_and_help:
-        # --config_path file.yaml (or .json) sets a training command's options; flags given on the command line override it
+        # --config_path file.yaml (or .json) sets a training command's options; flags given on the command line override
+        # it
         command = commands.add_parser(name, help=text, add_config_path_arg=name in OPTIONS)
         command.add_arguments(options, dest="cfg")
         command.set_defaults(run=run)

@@ -18,9 +18,8 @@ from fractal_vmap.synth import documents
 from fractal_vmap.tokenizer import byte_tokenizer, save_tokenizer
 
 VERSION = 1  # bump when the recipe below changes, so old caches are not reused
-CONFIG = GPTConfig(
-    sequence_len=256, vocab_size=265, n_layer=2, n_head=2, n_kv_head=2, n_embd=64
-)  # 256 bytes + 9 specials
+# 256 bytes + 9 specials
+CONFIG = GPTConfig(sequence_len=256, vocab_size=265, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 PRETRAIN_STEPS = 300
 PRETRAIN_BATCH = 16  # sequences of 256 tokens: 4096 tokens a step, 1.2M tokens in all (~7k documents, ~1 pass)
 SEED = 0

@@ -77,23 +77,30 @@ class _LanesHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses, _grad_dx, _grad_dw):
         dx, dw = ctx.saved_tensors
-        scale = grad_losses[:, None, None]  # a lane's gradients times its incoming gradient (1 for a summed loss)
-        grad_x = None if dx is None else dx * scale.to(dx.dtype)
-        grad_w = None if dw is None else dw * scale.to(dw.dtype)
-        return grad_x, grad_w, None, None
+        return (*scaled_by_lane(grad_losses, dx, dw), None, None)
 
     @staticmethod
     def vmap(info, in_dims, x, w, targets, kernels):
         L = info.batch_size
         # the Triton path takes a frozen w shared by the lanes as it is, [V, C]: one matmul for all lanes' rows
         keep_w = kernels == "triton" and in_dims[1] is None and not w.requires_grad
-        x, targets = (
-            t.expand(L, *t.shape) if d is None else t.movedim(d, 0)
-            for t, d in zip((x, targets), (in_dims[0], in_dims[2]))
-        )
+        x, targets = lanes_first(L, in_dims, x, targets)
         w = w if keep_w else w.expand(L, *w.shape) if in_dims[1] is None else w.movedim(in_dims[1], 0)
         losses, dx, dw = _LanesHeadLoss.apply(x, w, targets, kernels)
         return (losses, dx, dw), (0, None if dx is None else 0, None if dw is None else 0)
+
+
+def scaled_by_lane(grad_losses: torch.Tensor, dx: torch.Tensor | None, dw: torch.Tensor | None):
+    """The head's backward: each lane's saved gradients times its incoming gradient (1 for a summed loss)."""
+    scale = grad_losses[:, None, None]
+    return (None if dx is None else dx * scale.to(dx.dtype), None if dw is None else dw * scale.to(dw.dtype))
+
+
+def lanes_first(L: int, in_dims, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A vmap rule's x and targets with the lane dim first ([L, N, C], [L, N]): moved there, or expanded when shared."""
+    return tuple(
+        t.expand(L, *t.shape) if d is None else t.movedim(d, 0) for t, d in zip((x, targets), (in_dims[0], in_dims[2]))
+    )
 
 
 def lanes_head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, kernels: str = "torch") -> torch.Tensor:

@@ -85,9 +85,8 @@ class Row:
     total_steps: torch.Tensor  # int64 [L]: lane i trains total_steps[i] steps (0 for an idle lane)
     real: int  # lanes that are real cells (the rest are padding)
     data_dim: int | None = None  # 0: batches carry one stream per lane [L, ...]; None: one batch shared by all lanes
-    max_steps: int | None = (
-        None  # the longest lane's steps, when the task knows it (else read from total_steps: a sync)
-    )
+    # the longest lane's steps, when the task knows it (else read from total_steps: a sync)
+    max_steps: int | None = None
 
     def __post_init__(self):
         device = self.total_steps.device

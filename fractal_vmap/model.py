@@ -156,9 +156,8 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
         out, logsumexp, _, _, _, _, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)
         return out, logsumexp, seed, offset
     assert backend == EFFICIENT and k.shape[-3] == q.shape[-3], f"not a fused kernel for these heads: {backend}"
-    return tuple(
-        aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True)
-    )  # out, logsumexp, seed, offset
+    # out, logsumexp, seed, offset
+    return tuple(aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True))
 
 
 def fused_attention_backward(grad_out, q, k, v, out, logsumexp, seed, offset, backend: int) -> tuple[torch.Tensor, ...]:

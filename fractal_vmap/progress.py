@@ -48,8 +48,9 @@ class GridProgress:
     chunk(lanes, steps) before each lane chunk (its return value is the engine's progress callback, `steps`), and
     row_finished. `cell_steps[i][j]` is the step count of cell (i, j): the work the ETA is measured in (lane-steps)."""
 
-    def __init__(self, console: Console, cell_steps: list[list[int]]):
+    def __init__(self, console: Console, cell_steps: list[list[int]], unit: str = "row", rate: str = "tok/s"):
         self.console, self.cell_steps = console, cell_steps
+        self.unit, self.rate = unit, rate  # what a row is called (a refinement's "level"), what the rate counts
         self.cells_total = sum(len(r) for r in cell_steps)
         self.work_total = sum(sum(r) for r in cell_steps)
         self.live = console.is_terminal
@@ -104,7 +105,7 @@ class GridProgress:
         if self.bar is not None:
             self.bar.update(
                 self.row_task,
-                description=f"row {i + 1}/{len(self.cell_steps)} {description}",
+                description=f"{self.unit} {i + 1}/{len(self.cell_steps)} {description}",
                 total=sum(self.cell_steps[i]),
                 completed=0,
                 visible=True,
@@ -135,8 +136,8 @@ class GridProgress:
             self.t_line = self.t_update
             lanes = self.chunk_lanes
             self.console.print(
-                f"  row {self.row + 1}/{len(self.cell_steps)}: lanes {lanes[0]}-{lanes[-1]} at step {step}/{max_steps} · "
-                f"{self._rate():,.0f} tok/s · ETA {clock(self._eta())}",
+                f"  {self.unit} {self.row + 1}/{len(self.cell_steps)}: lanes {lanes[0]}-{lanes[-1]} at step {step}/{max_steps} · "
+                f"{self._rate():,.0f} {self.rate} · ETA {clock(self._eta())}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -153,8 +154,8 @@ class GridProgress:
             self.bar.update(self.grid_task, completed=self.cells_done)
             self.bar.update(self.row_task, visible=False)
         self.console.print(
-            f"row {i + 1}/{len(self.cell_steps)} {self.description}: {len(self.cell_steps[i])} cells in {clock(seconds)} "
-            f"({row_rate:,.0f} tok/s) · grid {self.cells_done}/{self.cells_total} cells, {self._rate():,.0f} tok/s, "
+            f"{self.unit} {i + 1}/{len(self.cell_steps)} {self.description}: {len(self.cell_steps[i])} cells in {clock(seconds)} "
+            f"({row_rate:,.0f} {self.rate}) · grid {self.cells_done}/{self.cells_total} cells, {self._rate():,.0f} {self.rate}, "
             f"{clock(now - self.t_start)} elapsed, ETA {clock(self._eta())}",
             highlight=False,
             soft_wrap=True,
@@ -220,7 +221,7 @@ class GridProgress:
             rate = f"{self._rate():,.0f}" if self._rate() else "?"  # nothing trained yet
             return (
                 f"{self.cells_done + (self.row_cells if self.row is not None else 0)}/{self.cells_total} cells · {lanes}"
-                f"{rate} tok/s · {clock(elapsed)} elapsed · ETA {clock(self._eta())}"
+                f"{rate} {self.rate} · {clock(elapsed)} elapsed · ETA {clock(self._eta())}"
             )
         if self.row is None:
             return ""

@@ -124,7 +124,8 @@ Field = tuple[str, list[str]]  # (exact answer value, question phrasings)
 
 
 def _date(rng: random.Random) -> str:
-    return f"{rng.randint(2020, 2025)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"  # day <= 28: valid in every month
+    # day <= 28: valid in every month
+    return f"{rng.randint(2020, 2025)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
 
 
 def _money(cents: int) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from fractal_vmap.analysis.compare import CompareConfig, boundary_distance, compare_runs
 from fractal_vmap.cli import main
-from fractal_vmap.grid.pipeline import nudged
+from fractal_vmap.tasks.nanochat.task import nudged
 
 # 2 rows x 6 lanes, lr 0.3..1e4 (around the default model's boundary at these sizes, where rounding matters)
 GRID = [

@@ -104,7 +104,8 @@ def test_step0_loss_is_nanochat_to_float32_rounding(nanochat, trajectories, sett
 @pytest.mark.parametrize(
     "setting, tol",
     [
-        # fixture README: correct implementations (fused vs for-loop AdamW, compiled vs eager NS, ...) differ by <= 2.8e-3
+        # fixture README: correct implementations (fused vs for-loop AdamW, compiled vs eager NS, ...) differ by <=
+        # 2.8e-3
         ("small", 3e-3),
         # fixture README: <= 1.5e-2 between correct implementations; the bf16 Newton-Schulz amplifies op-order changes
         ("default", 2e-2),
@@ -133,7 +134,8 @@ def test_large_lr_trajectory_is_finite(trajectories):
 @pytest.mark.parametrize(
     "setting, tol",
     [
-        # fixture README: worst-tensor rel. L2 gap between correct implementations is <= 4.5e-3; +10% for thread-count noise
+        # fixture README: worst-tensor rel. L2 gap between correct implementations is <= 4.5e-3; +10% for thread-count
+        # noise
         ("small", 5e-3),
         # fixture README: <= 5.4e-2 (zero-init c_proj drifts most); +10% for thread-count noise
         ("default", 6e-2),

@@ -21,10 +21,12 @@ from fractal_vmap.cli import build_parser, main
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.finetune import run_finetune
 from fractal_vmap.grid import pipeline as grid
-from fractal_vmap.grid.pipeline import CPU_LANE_CHUNK, base_config, grid_axes, plan_grid, train_row
+from fractal_vmap.grid.pipeline import grid_axes, plan_grid
 from fractal_vmap.options import FinetuneConfig, GridConfig, TrainConfig
 from fractal_vmap.recipe import group_lrs
 from fractal_vmap.tasks.nanochat.axes import AXES, cell_config, cell_lrs, check_overrides
+from fractal_vmap.tasks.nanochat.chunks import CPU_LANE_CHUNK, train_row
+from fractal_vmap.tasks.nanochat.task import base_config
 
 CPU = torch.device("cpu")
 LOSS_TOL_PER_LR = 2.0  # lanes vs finetune at tame lrs, justified in tests/test_lanes.py
@@ -292,9 +294,8 @@ def test_grid_writes_the_run_dir(grid_run):
     assert spec["model"]["source"] == "default" and len(spec["model"]["sha256"]) == 64
     # settings the axes set cell by cell, or that no cell reads, are null: never an overridden base
     assert spec["settings"]["num_tokens"] is None and spec["settings"]["learning_rate"] is None
-    assert (
-        spec["settings"]["embedding_lr_mult"] is None and spec["settings"]["unembedding_lr_mult"] == 0.2
-    )  # embedding frozen
+    # embedding frozen
+    assert spec["settings"]["embedding_lr_mult"] is None and spec["settings"]["unembedding_lr_mult"] == 0.2
     assert spec["group_lrs"] == {"matrix": "cols axis (lr)", "embedding": None, "unembedding": "cols axis (lr) x 0.2"}
     assert_strict_json_files(run_dir)
 
@@ -325,9 +326,8 @@ def test_grid_writes_the_run_dir(grid_run):
     measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["measure"].to_numpy()
     assert not np.isnan(measure).any()
     for key, value in fractal_dimension(measure).items():
-        assert fractal[key] == finite_or_none(value), (
-            key
-        )  # strict JSON: null for the NaN of a grid too small for a dimension
+        # strict JSON: null for the NaN of a grid too small for a dimension
+        assert fractal[key] == finite_or_none(value), key
     assert fractal["trainable_fraction"] == cells["converged"].mean()
     assert (fractal["rows_axis"], fractal["cols_axis"]) == ("num_tokens", "lr")
 
@@ -357,13 +357,11 @@ def test_grid_cell_equals_finetune(grid_run, tmp_path, i, j):
         tol = LOSS_TOL_PER_LR * single["learning_rate"]  # tests/test_lanes.py: 2 x lr, 4x the measured noise floor
         assert np.abs(np.array(lane["losses"]) - single["losses"]).max() <= tol
         assert got["final_loss"] == pytest.approx(single["final_loss"], abs=tol)
-        assert got["trainable_ratio"] == pytest.approx(
-            single["trainable_ratio"], abs=tol
-        )  # loss0 ~ 4: ratio gap < loss gap
+        # loss0 ~ 4: ratio gap < loss gap
+        assert got["trainable_ratio"] == pytest.approx(single["trainable_ratio"], abs=tol)
     elif (i, j) == (2, 1):
-        assert (
-            single["trainable_ratio"] > 1.2 and got["trainable_ratio"] > 1.2
-        )  # a robust label: far above the threshold
+        # a robust label: far above the threshold
+        assert single["trainable_ratio"] > 1.2 and got["trainable_ratio"] > 1.2
     else:
         assert math.isnan(got["final_loss"]) and math.isnan(single["final_loss"])
         assert got["measure"] > 0

@@ -102,7 +102,6 @@ def test_sigint_stops_cleanly_and_prints_the_resume_command(uninterrupted, tmp_p
     assert command[:2] == ["fractal-vmap", "grid"] and command[command.index("--run_dir") + 1] == str(run_dir)
     for name in row_files(run_dir):  # every row file there is whole
         assert json.loads((run_dir / "rows" / name).read_text())["complete"] is True
-    run_to_end(
-        run_dir, [sys.executable, "-m", "fractal_vmap", *command[1:]]
-    )  # the printed command, as a user would run it
+    # the printed command, as a user would run it
+    run_to_end(run_dir, [sys.executable, "-m", "fractal_vmap", *command[1:]])
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "cells.parquet"), uninterrupted, check_exact=True)

@@ -312,9 +312,8 @@ def test_muon_update_kernel_matches_torch(L):
     gen = torch.Generator().manual_seed(50 + L)
     for rows, cols in [(67, 29), (29, 67)]:
         p = torch.randn(L, rows, cols, generator=gen)
-        ortho = (
-            torch.randn(L, cols, rows, generator=gen).bfloat16().mT
-        )  # transposed, as Newton-Schulz returns tall ones
+        # transposed, as Newton-Schulz returns tall ones
+        ortho = torch.randn(L, cols, rows, generator=gen).bfloat16().mT
         neg_lr = -(torch.rand(L, generator=gen, dtype=torch.float64) * 0.05) * max(1, rows / cols) ** 0.5
         active = torch.rand(L, generator=gen) < 0.7
         want = torch.where(active[:, None, None], torch.addcmul(p, ortho, neg_lr.float()[:, None, None]), p)

@@ -120,9 +120,8 @@ def default_cfg(**kw) -> FinetuneConfig:
     return FinetuneConfig(device="cpu", wandb="disabled", **kw)
 
 
-DEFAULT_NUM_TOKENS = (
-    2400  # 35 steps of the default stream (70 supervised tokens in batch 0): 2 warmup steps, 33 cosine steps
-)
+# 35 steps of the default stream (70 supervised tokens in batch 0): 2 warmup steps, 33 cosine steps
+DEFAULT_NUM_TOKENS = 2400
 # tame lanes (lane vs finetune within the noise floor), then labels-only lanes: lr 0.1 converges far below the
 # threshold (ratio ~0.5), lr 100 stays finite far above it (ratio ~3.5), DIVERGING_LR gives a NaN loss
 DEFAULT_LRS = (0.003, 0.01, 0.1, DIVERGING_LR, 100.0)
@@ -179,9 +178,8 @@ def assert_labels_agree(lane, ref, threshold: float = 1.0) -> None:
         for run in (lane, ref):
             assert run.error is not None and run.error.startswith("non-finite loss"), name
             assert len(run.losses) <= run.total_steps and not math.isfinite(run.losses[-1]), run.losses
-            assert all(math.isfinite(x) for x in run.losses[:-1]), (
-                run.losses
-            )  # the run ends at its first non-finite loss
+            # the run ends at its first non-finite loss
+            assert all(math.isfinite(x) for x in run.losses[:-1]), run.losses
             assert run.measure > 0  # the paper's sign convention: positive = did not train
 
 
@@ -253,16 +251,16 @@ def test_fixture_row_matches_finetune_lane_by_lane(nanochat, fixture_lanes):
         ref = single(cfg, config, params, batches, 30)
         if is_tame(cfg):
             assert_lane_equals_single(lane, ref, loss_tol(cfg))
-            assert (
-                lane.steps == 30 and lane.tokens_seen == 2049
-            )  # fixture README: 2049 supervised targets in 30 batches
+            # fixture README: 2049 supervised targets in 30 batches
+            assert lane.steps == 30 and lane.tokens_seen == 2049
             tame += 1
         else:
             assert_labels_agree(lane, ref)
     assert tame == 4
     # the lanes trained (the labels are not vacuous): the fixture's settings all converge
     assert all(r.converged for r in results if r.run_name in ("small", "default", "large"))
-    # and the fixture's "small" lane stays on nanochat's own trajectory (README: <= 2.8e-3 between correct implementations)
+    # and the fixture's "small" lane stays on nanochat's own trajectory (README: <= 2.8e-3 between correct
+    # implementations)
     small = torch.tensor(results[0].losses, dtype=torch.float64)
     assert (small - traj["losses"]["eager_ns"]["small"]).abs().max().item() <= 3e-3
 
@@ -377,7 +375,8 @@ def test_diverging_lane_changes_no_other_lane_default_model(default_data, defaul
     assert_rows_identical([results[i] for i in keep], without)
 
 
-# ----------------------------------------------------------------------------- lanes of different lengths, per-lane data
+# ----------------------------------------------------------------------------- lanes of different lengths, per-lane
+# data
 
 
 def recording(cls, snapshots: list):

@@ -19,7 +19,8 @@ from fractal_vmap.files import finite_or_none
 from fractal_vmap.model import forward, rotary_cos_sin
 from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.sources import load_model
-from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row, train_lanes
+from fractal_vmap.tasks.nanochat.levers import Levers
+from fractal_vmap.tasks.nanochat.row import nanochat_row, train_lanes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"
 CPU = torch.device("cpu")
@@ -191,8 +192,9 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
     from dataclasses import replace
 
     from fractal_vmap.grid import pipeline as grid
-    from fractal_vmap.grid.pipeline import plan_grid, train_row
+    from fractal_vmap.grid.pipeline import plan_grid
     from fractal_vmap.options import GridConfig
+    from fractal_vmap.tasks.nanochat.chunks import train_row
     from fractal_vmap.tasks.nanochat.memory import HEADROOM, estimate_memory
 
     cfg = GridConfig(

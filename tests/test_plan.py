@@ -10,8 +10,8 @@ import pytest
 from fractal_vmap.cli import main
 from fractal_vmap.model import GPTConfig, nanochat_depth
 from fractal_vmap.perf.roofline import GPUS, flops_per_token, launch_bound, project_runtime
+from fractal_vmap.tasks.nanochat.levers import Levers
 from fractal_vmap.tasks.nanochat.memory import HEADROOM, KINDS, estimate_memory, parse_bytes, trace_step
-from fractal_vmap.tasks.nanochat.row import Levers
 
 SMALL = GPTConfig(sequence_len=128, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)  # GQA, 3 blocks
 

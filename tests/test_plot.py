@@ -167,7 +167,8 @@ def test_log_axes_are_ticked_in_values_and_the_shading_has_a_colour_bar(tmp_path
     fig.canvas.draw()
     ax, bar = fig.axes
     assert ax.get_xscale() == ax.get_yscale() == "log"
-    # cells span the axis values: the first and last cells are centred on the first and last values (geometric midpoints)
+    # cells span the axis values: the first and last cells are centred on the first and last values (geometric
+    # midpoints)
     lo, hi = ax.get_xlim()
     assert np.sqrt(lo * hi) == pytest.approx(np.sqrt(COLS[0] * COLS[-1]), rel=1e-9)
     assert tick_labels(ax.xaxis) == [

@@ -150,9 +150,8 @@ def test_terminal_view_shows_cells_lanes_rate_eta_and_the_rows_steps(fake_clock)
         callback(2, 4, 2 * 2 * TOKENS)
         grid_line = p._info(p.grid_task)
         row_line = p._info(p.row_task)
-        assert (
-            grid_line == "0/8 cells · 2 lanes in flight · 200 tok/s · 0:02 elapsed · ETA 0:14"
-        )  # 28 lane-steps left, 2 a second
+        # 28 lane-steps left, 2 a second
+        assert grid_line == "0/8 cells · 2 lanes in flight · 200 tok/s · 0:02 elapsed · ETA 0:14"
         assert row_line == "lanes 2-3 of 4 · step 2/4"
         fake_clock.now += 0.5  # between updates the elapsed time goes on and the ETA counts down
         assert p._eta() == pytest.approx(14 - 0.5) and "0:02 elapsed" in p._info(p.grid_task)
@@ -172,9 +171,8 @@ def test_step_progress_prints_about_ten_lines_off_a_terminal(fake_clock):
     lines = output(c).splitlines()
     assert len(lines) == 13  # every 2 steps (25 // 10), and the last
     assert lines[-1] == "finetune x: step 25/25 · loss 0.6 · 1,024 tok/s · 0:12 elapsed · ETA 0:00"
-    assert (
-        lines[0] == "finetune x: step 2/25 · loss 2.9 · 1,024 tok/s · 0:01 elapsed · ETA 0:12"
-    )  # 11.5 s, rounded to even
+    # 11.5 s, rounded to even
+    assert lines[0] == "finetune x: step 2/25 · loss 2.9 · 1,024 tok/s · 0:01 elapsed · ETA 0:12"
 
 
 def test_clock():

@@ -82,9 +82,8 @@ def test_a_zoom_at_the_parents_spacing_reproduces_its_cells(parent, tmp_path):
     mine = cells(child)
     assert len(mine) == 6 * 5
     columns = ["row", "col", "lr1", "lr0", "measure", "final_loss", "converged", "stable"]
-    pd.testing.assert_frame_equal(
-        mine[columns], block.reset_index(drop=True)[columns], check_exact=True
-    )  # the same lanes, bit for bit
+    # the same lanes, bit for bit
+    pd.testing.assert_frame_equal(mine[columns], block.reset_index(drop=True)[columns], check_exact=True)
 
 
 def test_a_finer_zoom_spans_the_box(parent, tmp_path):
@@ -230,8 +229,7 @@ def test_a_refined_nanochat_grid_equals_the_full_grid_where_it_trained(default_m
     main([*base, "--rows", "2", "--cols", "2", "--refine", "1", "--run_dir", str(tmp_path / "refined")])
     full, refined = cells(tmp_path / "full"), cells(tmp_path / "refined")
     trained = refined["trained"].to_numpy()
-    assert (
-        refined["matrix_lr"].tolist() == full["matrix_lr"].tolist() and trained[[0, 2, 6, 8]].all()
-    )  # level 0: the corners
+    # level 0: the corners
+    assert refined["matrix_lr"].tolist() == full["matrix_lr"].tolist() and trained[[0, 2, 6, 8]].all()
     columns = ["final_loss", "measure", "converged"]
     pd.testing.assert_frame_equal(refined[trained][columns], full[trained][columns], check_exact=True)

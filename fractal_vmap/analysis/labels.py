@@ -54,11 +54,13 @@ def label_runs(curves, steps, window: int = 20, threshold: float = 1.0) -> dict[
     x = np.asarray(curves, dtype=np.float64)
     steps = np.asarray(steps, dtype=np.int64).reshape(-1)
     assert x.ndim == 2 and x.shape[0] == steps.shape[0] and (steps <= x.shape[1]).all(), (x.shape, steps.shape)
+    if x.shape[1] == 0:  # runs of no step: one NaN column, outside every run
+        x = np.full((x.shape[0], 1), np.nan)
     parts = [
         _label_chunk(x[i : i + CHUNK], steps[i : i + CHUNK], window, threshold) for i in range(0, len(steps), CHUNK)
     ]
-    if not parts:
-        return {k: np.zeros(0) for k in _label_chunk(np.zeros((0, 1)), np.zeros(0, np.int64), window, threshold)}
+    if not parts:  # no run at all
+        return _label_chunk(x, steps, window, threshold)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -75,12 +77,12 @@ def _label_chunk(x: np.ndarray, steps: np.ndarray, window: int, threshold: float
     last = run & (cols >= (length - k)[:, None])
     finite = run & np.isfinite(x)
     with np.errstate(all="ignore"):  # inf - inf, x / 0: nan or inf, which is what a diverged run reports
-        loss0 = np.where(length > 0, x[:, 0] if T else np.nan, np.nan)
+        loss0 = np.where(length > 0, x[:, 0], np.nan)
         mean_last = np.where(last, x, 0.0).sum(axis=1) / k
         ratio = mean_last / loss0
         avg = np.where(finite, x, 0.0).sum(axis=1) / finite.sum(axis=1)
     stable = ~stopped & (length > 0)
-    final = x[np.arange(L), np.maximum(length - 1, 0)] if T else np.full(L, np.nan)
+    final = x[np.arange(L), np.maximum(length - 1, 0)]
     padded = np.where(run, x, np.nan)
     measure = np.full(L, np.nan)
     for s in np.unique(steps[steps > 0]):  # the measure sums over a run's own steps

@@ -214,9 +214,8 @@ def panels(
     mesh_args = (row_values, col_values, row_name, col_name, log_rows, log_cols)
     final_loss = _grid(cells, "final_loss", H, W)
 
-    fig, axes = plt.subplots(
-        2, 2, figsize=(13, 9), dpi=dpi, layout="constrained"
-    )  # constrained: room for bars and legends
+    # constrained: room for bars and legends
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), dpi=dpi, layout="constrained")
     mesh = _mesh(
         axes[0, 0], *mesh_args, measure_shade(_grid(cells, "measure", H, W)), cmap=PHASE_CMAP, norm=Normalize(-1, 1)
     )
@@ -232,7 +231,8 @@ def panels(
         "stable or diverged",
     )
     ok = np.isfinite(final_loss) & (final_loss > 0)
-    # float64 losses of a diverging run reach ~1e300, where the colour bar's log ticks overflow: losses above 1e30 saturate
+    # float64 losses of a diverging run reach ~1e300, where the colour bar's log ticks overflow: losses above 1e30
+    # saturate
     norm = (
         LogNorm(min(final_loss[ok].min(), MAX_SHOWN_LOSS), min(final_loss[ok].max(), MAX_SHOWN_LOSS), clip=True)
         if ok.any()

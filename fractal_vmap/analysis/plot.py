@@ -53,9 +53,8 @@ def plot_run(cfg: PlotConfig) -> list[Path]:
         raise UserError(
             f"{run_dir} is not a finished grid (no {', '.join(missing)}): pass a run dir that `grid` completed, or rerun the grid to finish it"
         )
-    read_json_object(
-        run_dir / "grid.json", "the grid's spec", "pass a run dir that `grid` wrote"
-    )  # one clear line if unreadable
+    # one clear line if unreadable
+    read_json_object(run_dir / "grid.json", "the grid's spec", "pass a run dir that `grid` wrote")
     grid, cells, fractal = read_run(run_dir)
     settings = grid["spec"]["settings"]
     window = settings["trainable_window_steps"] if cfg.trainable_window_steps is None else cfg.trainable_window_steps

@@ -46,9 +46,8 @@ def cells_frame(lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] |
     import pandas as pd
 
     refined = [c for c in ("trained", "level") if lanes and c in lanes[0]]  # a refined grid's (refine.py)
-    columns = list(
-        dict.fromkeys(["row", "col", row.name, col.name, *CELL_COLUMNS, *refined])
-    )  # an axis named like a field (seed) once
+    # an axis named like a field (seed) once
+    columns = list(dict.fromkeys(["row", "col", row.name, col.name, *CELL_COLUMNS, *refined]))
     records = [
         {
             **lane,

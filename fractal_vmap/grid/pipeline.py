@@ -32,8 +32,9 @@ from fractal_vmap.tasks import get_task
 from fractal_vmap.tracking import closing_run, start_run
 
 
-def grid_axes(cfg: GridConfig, task) -> tuple[Axis, Axis]:
+def grid_axes(cfg: GridConfig, task=None) -> tuple[Axis, Axis]:
     """The grid's axes from its options: --rows x --cols values, or a refined grid's finest level (refine.py)."""
+    task = task or get_task(cfg.task)
     rows_axis, cols_axis = task.axis_names(cfg)
     rows, cols = refine.fine_size(cfg.rows, cfg.refine), refine.fine_size(cfg.cols, cfg.refine)
     return (
@@ -126,7 +127,9 @@ def run_rows(
     row, H = plan.row, len(plan.row.values)
     done = [read_unit(plan, digest, i, len(plan.col.values)) for i in range(H)]
     lanes: list[dict] = []
-    with progress or GridProgress(console, [plan.steps(row_points(plan, i)) for i in range(H)]) as progress:
+    with progress or GridProgress(
+        console, [plan.steps(row_points(plan, i)) for i in range(H)], rate=plan.rate
+    ) as progress:
         for i in (i for i in range(H) if done[i] is not None):
             progress.row_skipped(i)
         for i in range(H) if rows is None else rows:
@@ -145,7 +148,7 @@ def run_levels(plan, digest: str, wandb_run=None) -> tuple[list[dict], int]:
     K, H, W = plan.cfg.refine, len(plan.row.values), len(plan.col.values)
     results: dict[tuple[int, int], dict] = {}
     levels: dict[tuple[int, int], int] = {}
-    with GridProgress(console, []) as progress:
+    with GridProgress(console, [], unit="level", rate=plan.rate) as progress:
         for k in range(K + 1):
             points = refine.level_points(results, k, K, H, W)
             progress.add_row(plan.steps(points))
@@ -154,13 +157,18 @@ def run_levels(plan, digest: str, wandb_run=None) -> tuple[list[dict], int]:
             if done is not None:
                 progress.row_skipped(k)
             else:
-                done = train_unit(plan, digest, k, points, progress, 0, wandb_run, f"level {k} (spacing {spacing})")
+                done = train_unit(
+                    plan,
+                    digest,
+                    k,
+                    points,
+                    progress,
+                    0,
+                    wandb_run,
+                    f"spacing {spacing} ({len(results) + len(points)} of {H * W} cells trained by then)",
+                )
             for r in done:
                 results[(r["grid_i"], r["grid_j"])], levels[(r["grid_i"], r["grid_j"])] = r, k
-            console.print(
-                f"level {k}: {len(points)} cells at spacing {spacing} ({len(results)} of {H * W} trained so far)",
-                highlight=False,
-            )
     return refine.filled(results, levels, H, W, K), len(results)
 
 

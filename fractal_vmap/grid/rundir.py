@@ -60,7 +60,8 @@ def git_revision() -> str | None:
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
-    run = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)  # noqa: E731
+    # noqa: E731
+    run = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
     head = run("rev-parse", "HEAD")
     if head.returncode != 0:
         return None

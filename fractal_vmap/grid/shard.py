@@ -155,9 +155,8 @@ def run_worker(cfg: GridConfig) -> None:
         dist.broadcast_object_list(word, src=0)
         if word[0] is not None:
             raise UserError(word[0])
-        log = (
-            RowLog()
-        )  # every worker keeps its rows' metrics; rank 0 logs them all in row order (W&B steps only increase)
+        # every worker keeps its rows' metrics; rank 0 logs them all in row order (W&B steps only increase)
+        log = RowLog()
         progress = None if rank == 0 else RankLines(rank)
         with closing_run(wandb_run, plan.run_dir / "wandb"):
             lanes = run_rows(plan, digest, log, claims(store, rows), progress, rank)

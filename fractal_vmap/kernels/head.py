@@ -19,7 +19,7 @@ import triton.language as tl
 from fractal_vmap.kernels import interpreting
 from fractal_vmap.kernels.common import store
 
-SOFTCAP = 15.0  # as head.SOFTCAP (not imported: head imports this module's caller)
+SOFTCAP = tl.constexpr(15.0)  # head.SOFTCAP (a kernel reads only constexpr globals; tests/test_kernels.py: equal)
 CHUNK_BYTES = 64 * 2**20  # logits buffer per lane: vocab 65536 in float32 -> 256 tokens a chunk (16 lanes: 1 GiB)
 BLOCK_N, BLOCK_V = 4, 2048  # rows x vocab columns per step of a program: 32 KB of float32 logits (not tuned)
 INTERPRET_BLOCK_N, INTERPRET_BLOCK_V = 16, 64  # the interpreter pays per op: wide programs, several vocab blocks
@@ -27,12 +27,12 @@ INTERPRET_BLOCK_N, INTERPRET_BLOCK_V = 16, 64  # the interpreter pays per op: wi
 
 @triton.jit
 def softcap(z):
-    """(15 tanh(z / 15), tanh(z / 15)); tanh from one exp (Triton's interpreter has no tanh), odd by symmetry."""
-    u = z / 15.0
+    """(SOFTCAP tanh(z / SOFTCAP), tanh(z / SOFTCAP)); tanh from one exp (Triton's interpreter has no tanh), odd."""
+    u = z / SOFTCAP
     e = tl.exp(-2.0 * tl.abs(u))
     t = (1.0 - e) / (1.0 + e)
     t = tl.where(u < 0, -t, t)
-    return 15.0 * t, t
+    return SOFTCAP * t, t
 
 
 @triton.jit

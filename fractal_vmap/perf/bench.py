@@ -225,9 +225,8 @@ def run_bench(cfg: BenchConfig, environment: dict | None = None, say=print) -> d
         "matmul_ceiling": ceiling,
         "results": [],
     }
-    finetune = FinetuneConfig(
-        device=str(device)
-    )  # finetune's defaults: lr 0.02, matrix + unembedding, bf16 autocast on CUDA
+    # finetune's defaults: lr 0.02, matrix + unembedding, bf16 autocast on CUDA
+    finetune = FinetuneConfig(device=str(device))
     for name, depth in [("default", None)] if model == "default" else [(f"d{d}", d) for d in cfg.depths]:
         n = plan.warmup + plan.steps * plan.repeats
         if depth is None:
@@ -238,9 +237,8 @@ def run_bench(cfg: BenchConfig, environment: dict | None = None, say=print) -> d
         batches = padded_to_one_length(batches) if cfg.quick else batches
         tokens_per_window = [sum(batches[s][0].numel() for s in range(i, j)) for i, j in plan.windows()]
         steps, run_plan = with_primers(batches, plan, config.sequence_len * 10)
-        seq = round(
-            sum(x.numel() * x.shape[-1] for x, _ in batches) / sum(x.numel() for x, _ in batches)
-        )  # a token's mean context
+        # a token's mean context
+        seq = round(sum(x.numel() * x.shape[-1] for x, _ in batches) / sum(x.numel() for x, _ in batches))
         fpt = flops_per_token(config, seq)
         say(
             f"[bold]{name}[/bold]: {config}, batch {tuple(batches[0][0].shape)}, {fpt / 1e6:,.1f} MFLOP/token, {run_plan.primers} padded shapes"

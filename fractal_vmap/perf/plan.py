@@ -12,6 +12,7 @@ from fractal_vmap.errors import UserError
 from fractal_vmap.model import GPTConfig, nanochat_depth
 from fractal_vmap.options import FinetuneConfig, PlanConfig
 from fractal_vmap.recipe import trainable_groups
+from fractal_vmap.tasks.nanochat.levers import Levers
 from fractal_vmap.tasks.nanochat.memory import (
     HEADROOM,
     KIND_NAMES,
@@ -21,7 +22,6 @@ from fractal_vmap.tasks.nanochat.memory import (
     parse_levers,
     plan_levers,
 )
-from fractal_vmap.tasks.nanochat.row import Levers
 
 
 def model_config(model: str) -> GPTConfig:
@@ -96,9 +96,8 @@ def run_plan(cfg: PlanConfig) -> dict:
 
         gpu = GPUS[cfg.project]
         fit = plan.lanes_that_fit(int(gpu.memory_gb * 1e9))
-        lanes = (
-            min(cfg.lanes, fit) if fit else cfg.lanes
-        )  # the lanes that fit; if none, the lanes asked (they would not fit)
+        # the lanes that fit; if none, the lanes asked (they would not fit)
+        lanes = min(cfg.lanes, fit) if fit else cfg.lanes
         projection = project_runtime(
             config, lanes, cfg.project, cfg.batch, cfg.seq, Levers(**plan.levers), groups, cfg.launch_us
         )

@@ -12,8 +12,8 @@ from rich.table import Table
 from fractal_vmap.model import nanochat_depth
 from fractal_vmap.perf.plan import GRID_CELLS, GRID_TOKENS, TARGETS
 from fractal_vmap.perf.roofline import GPUS, LAUNCH_US, grid_seconds, project_runtime
+from fractal_vmap.tasks.nanochat.levers import Levers
 from fractal_vmap.tasks.nanochat.memory import plan_levers
-from fractal_vmap.tasks.nanochat.row import Levers
 
 
 def projection_rows(

@@ -31,7 +31,8 @@ from fractal_vmap.lanes import lanes_step
 from fractal_vmap.model import GPTConfig, param_shapes
 from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.reference import ReferenceModel
-from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row
+from fractal_vmap.tasks.nanochat.levers import Levers
+from fractal_vmap.tasks.nanochat.row import nanochat_row
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ A task is a module with:
   axis_names(cfg) -> (rows axis, cols axis): the axes a grid's options ask for;
   plan(cfg, row, col, parent) -> a plan: every check and load, each bad input one clear line, before the run dir is
     touched. A plan has cfg, row, col, device, spec (what the numbers depend on: grid.json), run_dir, data
-    (grid.json's account of the data), describe() (a line about the data), steps(points) (the step counts of
-    these (row, col) cells: the progress' work), train(points, progress) -> (one result a cell, the lane chunk that ran) for any (row, col)
-    cells (a row, or a refinement level), and cell_lrs() (cells.parquet's learning-rate columns, or None);
+    (grid.json's account of the data), describe() (a line about the data), rate (what the progress' rate counts),
+    steps(points) (the step counts of these (row, col) cells: the progress' work), train(points, progress) -> (one
+    result a cell, the lane chunk that ran) for any cells (a row, or a refinement level), and cell_lrs()
+    (cells.parquet's learning-rate columns, or None);
   zoom_options(settings) -> a zoom's grid options from its parent's spec settings.
 """
 

@@ -12,6 +12,7 @@ from fractal_vmap.errors import UserError
 from fractal_vmap.lanes import padded_lanes
 from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.recipe import autocast_name
+from fractal_vmap.tasks.nanochat.levers import Levers
 from fractal_vmap.tasks.nanochat.memory import (
     HEADROOM,
     MemoryPlan,
@@ -20,7 +21,7 @@ from fractal_vmap.tasks.nanochat.memory import (
     parse_levers,
     plan_levers,
 )
-from fractal_vmap.tasks.nanochat.row import Levers, train_lanes
+from fractal_vmap.tasks.nanochat.row import train_lanes
 
 # on CPU, chunks of 8 lanes train fastest: a 16-lane row of the default model took 23.4 s as 2 x 8, 25 s as 1 x 16,
 # 26 s as 4 x 4 (2 cores): bigger batched matmuls against activations that outgrow the cache
@@ -113,9 +114,8 @@ def train_row(plan, cell_cfgs: list[FinetuneConfig], progress=None) -> tuple[lis
                     compile=plan.compile,
                 )
                 results += [c.to_dict() for c in cells]
-                if (
-                    cuda and memory is not None and len(lanes) == chunk
-                ):  # a full chunk's measured peak sizes the next ones
+                # a full chunk's measured peak sizes the next ones
+                if cuda and memory is not None and len(lanes) == chunk:
                     fit = measured_fit(
                         memory, memory_budget(plan), len(lanes), torch.cuda.max_memory_allocated(plan.device)
                     )

@@ -38,14 +38,14 @@ from torch.func import vmap
 
 from fractal_vmap import model
 from fractal_vmap.errors import UserError
-from fractal_vmap.head import head_loss
+from fractal_vmap.head import head_loss, lanes_first, scaled_by_lane
 from fractal_vmap.lanes import MIN_LANES
 
-BUCKET = 64  # tokens: batches are padded to a multiple of this (at most 64 - 1 padded columns, ~14% at the default data's ~230)
+# tokens: batches are padded to a multiple of this (at most 64 - 1 padded columns, ~14% at the default data's ~230)
+BUCKET = 64
 CHOICES = ("auto", "on", "off")
-MAX_COMPILES = (
-    64  # distinct shapes one process may compile (dynamo's default of 8 is too few for 16 buckets x chunk sizes)
-)
+# distinct shapes one process may compile (dynamo's default of 8 is too few for 16 buckets x chunk sizes)
+MAX_COMPILES = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,9 +66,8 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tenso
 @attention_op.register_fake
 def _(q, k, v):
     backend = model.attention_backend(q, k, v)
-    return model.fused_attention(
-        q, k, v, backend if backend in model.FUSED else model.FLASH
-    )  # the kernels' meta functions
+    # the kernels' meta functions
+    return model.fused_attention(q, k, v, backend if backend in model.FUSED else model.FLASH)
 
 
 @torch.library.custom_op("fractal_vmap::attention_backward", mutates_args=())
@@ -146,28 +145,16 @@ def _head_setup(ctx, inputs, output):
 
 def _head_backward(ctx, grad_losses, *_):
     dx, dw = ctx.saved_tensors
-    scale = grad_losses[:, None, None]  # a lane's gradients times its incoming gradient (1 for a summed loss)
-    return (
-        dx * scale.to(dx.dtype) if ctx.need[0] else None,
-        dw * scale.to(dw.dtype) if ctx.need[1] else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    grad_x, grad_w = scaled_by_lane(grad_losses, dx if ctx.need[0] else None, dw if ctx.need[1] else None)
+    return grad_x, grad_w, None, None, None, None
 
 
 def _head_vmap(info, in_dims, x, w, targets, need_dx, need_dw, dtype):
     L = info.batch_size
-    x, targets = (
-        t.expand(L, *t.shape) if d is None else t.movedim(d, 0) for t, d in zip((x, targets), (in_dims[0], in_dims[2]))
-    )
+    x, targets = lanes_first(L, in_dims, x, targets)
     if in_dims[1] is not None:  # a frozen lm_head shared by the lanes stays [V, C]: one matmul for all lanes' rows
         w = w.movedim(in_dims[1], 0)
-    need_dx, need_dw = (
-        x.requires_grad,
-        w.requires_grad,
-    )  # seen here, on the lanes' own tensors (a vmapped view says False)
+    need_dx, need_dw = x.requires_grad, w.requires_grad  # seen here, on the lanes' own tensors (a vmapped view: False)
     losses, dx, dw = triton_head_op(x, w, targets, need_dx, need_dw, dtype)
     return (losses, dx, dw), (0, 0 if need_dx else None, 0 if need_dw else None)
 
@@ -180,9 +167,8 @@ def triton_head(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
     """head.lanes_head_loss(kernels="triton") for the compiled step: one lane's mean loss, all lanes in one call."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # the logits' matmul dtype
-    return triton_head_op(x, w, targets, x.requires_grad, w.requires_grad, dtype)[
-        0
-    ]  # (under vmap the rule sets the flags)
+    # (under vmap the rule sets the flags)
+    return triton_head_op(x, w, targets, x.requires_grad, w.requires_grad, dtype)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,12 +194,10 @@ def _lanes_losses(
     return vmap(lane_loss, in_dims=(0, data_dim, data_dim))(params, inputs, targets)
 
 
-_compiled_losses = (
-    None  # torch.compile(_lanes_losses), made on first use (importing torch.compile's stack costs seconds)
-)
-shapes_compiled: set[tuple] = (
-    set()
-)  # the (lanes, padded tokens, data layout, dtype) this process compiled: one graph each
+# torch.compile(_lanes_losses), made on first use (importing torch.compile's stack costs seconds)
+_compiled_losses = None
+# the (lanes, padded tokens, data layout, dtype) this process compiled: one graph each
+shapes_compiled: set[tuple] = set()
 
 
 def bucket(tokens: int, limit: int) -> int:

@@ -24,7 +24,8 @@ from fractal_vmap.head import lanes_head_loss
 from fractal_vmap.lanes import MIN_LANES, lanes_step
 from fractal_vmap.model import GPTConfig, param_shapes
 from fractal_vmap.options import FinetuneConfig
-from fractal_vmap.tasks.nanochat.row import Levers, nanochat_row
+from fractal_vmap.tasks.nanochat.levers import Levers
+from fractal_vmap.tasks.nanochat.row import nanochat_row
 
 HEADROOM = 0.9  # plan chunks to use at most 90% of the memory: CUDA context, cuBLAS workspaces, fragmentation
 

@@ -3,7 +3,6 @@ lanes, never copied), BatchedAdamW for the embedding groups and BatchedMuon for 
 learning rates and schedule, the lanes' attention and head. Every lane follows `recipe.py`, as `reference.py` does.
 """
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -12,52 +11,15 @@ from torch.func import vmap
 from fractal_vmap.head import lanes_head_loss
 from fractal_vmap.lanes import Batches, Progress, Row, padded_lanes, run, stack
 from fractal_vmap.model import GPTConfig, Head, forward, lanes_attention, param_group, rotary_cos_sin
-from fractal_vmap.optim import BatchedAdamW, BatchedMuon, lr_multiplier
 from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.recipe import (
-    ADAMW_BETAS,
-    ADAMW_EPS,
-    MUON_MOMENTUM,
     CellResult,
     autocast_dtype,
     cell_result,
-    group_lrs,
     trainable_groups,
 )
-
-
-@dataclass
-class LaneSettings:
-    """Per-lane scalars as device tensors [L] (float64), read by the optimizers and the schedule each step."""
-
-    lrs: dict[str, torch.Tensor]  # group -> base lr (init_lr_frac and the AdamW scale included)
-    weight_decay: torch.Tensor
-    warmup_frac: torch.Tensor
-    final_lr_frac: torch.Tensor
-    total_steps: torch.Tensor
-
-    @classmethod
-    def from_configs(
-        cls, cfgs: list[FinetuneConfig], config: GPTConfig, steps: list[int], device: torch.device
-    ) -> "LaneSettings":
-        def vec(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float64, device=device)
-
-        lrs = [group_lrs(c, config) for c in cfgs]
-        return cls(
-            lrs={g: vec([lr[g] for lr in lrs]) for g in lrs[0]},
-            weight_decay=vec([c.weight_decay for c in cfgs]),
-            warmup_frac=vec([c.warmup_frac for c in cfgs]),
-            final_lr_frac=vec([c.final_lr_frac for c in cfgs]),
-            total_steps=vec(steps),
-        )
-
-    def select(self, index: torch.Tensor) -> "LaneSettings":
-        """The settings of the lanes at `index`."""
-        return LaneSettings(
-            {g: lr[index] for g, lr in self.lrs.items()},
-            *(getattr(self, f)[index] for f in ("weight_decay", "warmup_frac", "final_lr_frac", "total_steps")),
-        )
+from fractal_vmap.tasks.nanochat.levers import Levers
+from fractal_vmap.tasks.nanochat.optimizers import LaneSettings, RowOptimizers
 
 
 def check_row(cfgs: list[FinetuneConfig]) -> list[str]:
@@ -72,127 +34,6 @@ def check_row(cfgs: list[FinetuneConfig]) -> list[str]:
 def supervised_tokens(targets: torch.Tensor) -> torch.Tensor:
     """Supervised tokens of a batch [B, T] (a scalar) or of per-lane batches [L, B, T] (one count a lane)."""
     return (targets != -1).flatten(-2).sum(-1)
-
-
-@dataclass(frozen=True)
-class Levers:
-    """How a row trades time for memory. The first two change no number (bit for bit: tests/test_memory.py); the
-    last two do, and are used only when asked for (their drift: benchmarks/README.md)."""
-
-    step_in_backward: bool = (
-        False  # each layer's optimizer step as soon as its gradients are in: full gradients never all alive
-    )
-    remat: bool = False  # recompute each block's activations in the backward, keeping only its input (model.py)
-    micro_batches: int = (
-        1  # each step's batch in this many parts, gradients accumulated (the sums run in another order)
-    )
-    momentum_dtype: str = "float32"  # "bfloat16": Muon's momentum buffers in half the memory, rounded every step
-    master_dtype: str = (
-        "float32"  # "bfloat16": the trained weights (so their gradients, AdamW moments) in half; needs bf16 autocast
-    )
-
-    def __post_init__(self):
-        if self.micro_batches > 1 and self.step_in_backward:
-            raise ValueError(
-                "micro-batches keep the gradients between parts: they do not combine with stepping in the backward"
-            )
-
-
-class RowOptimizers:
-    """The optimizers of a row's lanes, with each lane's lrs and schedule: one BatchedAdamW per AdamW group, BatchedMuon
-    over the matrices: one for all, or with `step_in_backward` one per layer, stepped from a post-accumulate-grad hook
-    when the layer's last gradient is in (Newton-Schulz then batches the lanes of one layer), its gradients freed."""
-
-    def __init__(
-        self,
-        stacked: dict[str, torch.Tensor],
-        groups: list[str],
-        settings: LaneSettings,
-        levers: Levers,
-        kernels: str = "torch",
-    ):
-        self.stacked, self.settings, self.levers = stacked, settings, levers
-        names = {g: [k for k in stacked if param_group(k) == g] for g in groups}
-        # (optimizer, its group, the names of its params): one AdamW per AdamW group (their lrs differ)
-        self.owners = [
-            (
-                BatchedAdamW([stacked[k] for k in names[g]], betas=ADAMW_BETAS, eps=ADAMW_EPS, kernels=kernels),
-                g,
-                names[g],
-            )
-            for g in groups
-            if g != "matrix"
-        ]
-        layers: dict[str, list[str]] = {}
-        for k in names.get("matrix", []):
-            layers.setdefault(k.split(".")[2] if levers.step_in_backward else "all", []).append(k)  # transformer.h.{i}.
-        momentum_dtype = getattr(torch, levers.momentum_dtype)
-        self.owners += [
-            (
-                BatchedMuon(
-                    [stacked[k] for k in ks],
-                    momentum=MUON_MOMENTUM,
-                    nesterov=True,
-                    kernels=kernels,
-                    momentum_dtype=momentum_dtype,
-                ),
-                "matrix",
-                ks,
-            )
-            for ks in layers.values()
-        ]
-        self.handles = []
-        if levers.step_in_backward:
-            self.hook()
-
-    def prepare(self, step: int, active: torch.Tensor) -> None:
-        """This step's per-lane lrs and active lanes, before the backward."""
-        mult = lr_multiplier(step, self.settings.total_steps, self.settings.warmup_frac, self.settings.final_lr_frac)
-        self.lrs = {g: lr * mult for g, lr in self.settings.lrs.items()}
-        self.active = active
-
-    def step(self, optimizer: BatchedAdamW | BatchedMuon, group: str) -> None:
-        if group == "matrix":
-            optimizer.step(self.lrs[group], self.active)
-        else:
-            optimizer.step(self.lrs[group], self.settings.weight_decay, self.active)
-
-    def update(self, step: int, active: torch.Tensor) -> None:
-        """After the backward: every optimizer's step (unless they ran in the backward)."""
-        if not self.levers.step_in_backward:
-            self.prepare(step, active)
-            for optimizer, group, _ in self.owners:
-                self.step(optimizer, group)
-
-    def hook(self) -> None:
-        """A post-accumulate-grad hook on every stacked leaf: the last of an optimizer's gradients steps it."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        for optimizer, group, _ in self.owners:
-            pending = {"left": len(optimizer.params)}
-
-            def arrived(p, optimizer=optimizer, group=group, pending=pending):
-                pending["left"] -= 1
-                if pending["left"] == 0:
-                    self.step(optimizer, group)
-                    for q in optimizer.params:
-                        q.grad = None
-                    pending["left"] = len(optimizer.params)
-
-            self.handles += [p.register_post_accumulate_grad_hook(arrived) for p in optimizer.params]
-
-    def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Keep the lanes at `index`: new stacked leaves (each old one freed as its new one is made), the optimizers'
-        state and the lanes' settings. Returns the stacked leaves."""
-        for optimizer, _, names in self.owners:
-            for i, k in enumerate(names):
-                self.stacked[k] = optimizer.params[i] = self.stacked[k].detach()[index].requires_grad_(True)
-            optimizer.select(index)
-        self.settings = self.settings.select(index)
-        if self.levers.step_in_backward:
-            self.hook()
-        return self.stacked
 
 
 class NanochatLanes:

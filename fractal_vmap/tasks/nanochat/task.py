@@ -73,6 +73,8 @@ class NanochatPlan:
     compile: bool = False  # --compile, resolved: the row step under torch.compile (compiled.py)
     run_dir: Path | None = None  # set by the grid pipeline (grid/pipeline.py plan_grid)
 
+    rate = "tok/s"  # the progress' rate: tokens through the model
+
     @property
     def data(self) -> dict:
         """grid.json's account of the data."""
@@ -175,9 +177,8 @@ def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> N
         raise UserError(f"--lane_chunk is {cfg.lane_chunk}: use 0 (auto) or a positive number of lanes")
     if cfg.perturb_ulp < 0:
         raise UserError(f"--perturb_ulp is {cfg.perturb_ulp}: use 0 (no nudge) or a positive number of ulps")
-    for line in check_overrides(
-        cfg, row, col
-    ):  # refuses a flag an axis overrides; warns of one that pins part of an axis
+    # refuses a flag an axis overrides; warns of one that pins part of an axis
+    for line in check_overrides(cfg, row, col):
         console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
     device = resolve_device(cfg.device)
     kernels = resolve_kernels(cfg.kernels, device)

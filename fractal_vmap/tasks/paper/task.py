@@ -56,6 +56,8 @@ class PaperPlan:
     spec: dict
     run_dir: Path | None = None  # set by the grid pipeline (grid/pipeline.py plan_grid)
 
+    rate = "lane-steps/s"  # the progress' rate: networks x gradient steps
+
     @property
     def data(self) -> dict:
         """grid.json's account of the data."""
@@ -78,11 +80,11 @@ class PaperPlan:
             (cols, rows, torch.zeros_like(rows)) if self.cfg.phase_space == "lr_vs_lr" else (rows, rows, cols)
         )
         chunk = LANE_CHUNK if self.device.type == "cpu" else len(points)  # a GPU takes them all at once
-        steps, tokens = self.paper.steps, num_points(self.paper)
+        steps = self.paper.steps
 
         def chunk_done(start: int, n: int) -> None:  # in order, as each chunk's losses are in
             if progress is not None:
-                progress.chunk(list(range(start, start + n)), [steps] * n)(steps, steps, n * steps * tokens)
+                progress.chunk(list(range(start, start + n)), [steps] * n)(steps, steps, n * steps)
 
         losses = train_paper_lanes(self.paper, lr0, lr1, offset, chunk=chunk, device=self.device, on_chunk=chunk_done)
         results = lane_results(losses, self.cfg.trainable_window_steps, self.cfg.trainable_loss_ratio_threshold)
