@@ -120,9 +120,9 @@ def koch(H: int, W: int, D: float, rng) -> np.ndarray:
     """Region under a generalized (Cesaro) Koch curve: each segment becomes 4 of ratio r = 1 / (2 + 2 cos theta), a
     tent of base angle theta in the middle. For theta < 90 degrees the open set condition holds, so its dimension is
     log 4 / log(2 + 2 cos theta) (Hutchinson 1981, Indiana Univ. Math. J. 30); theta = 60 is von Koch's 1.2619.
-    The polygon is refined until its segments are under half a cell (at most 4^11 segments, reached only at D >= 1.85
-    on 4096 cells, where they are under 1.5 cells), tilted by up to 10 degrees, and filled by the even-odd rule at the
-    cell centres (measure -1 inside, +1 outside)."""
+    The polygon is refined until its segments are under half a cell, but to at most 4^11 segments (so on 4096 cells
+    above D = 1.65, and on 2048 above 1.85, they are up to 1.7 cells long), tilted by up to 10 degrees, and filled by
+    the even-odd rule at the cell centres (measure -1 inside, +1 outside)."""
     theta = math.acos((4 ** (1 / D) - 2) / 2)
     r = 1 / (2 + 2 * math.cos(theta))
     length = 1.25 * max(H, W)  # the curve overshoots the map by 1/8 on each side
