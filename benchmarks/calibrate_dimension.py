@@ -24,7 +24,7 @@ from common import RESULTS_DIR, CpuWatch, cpu_model, git_revision  # noqa: E402
 
 from fractal_vmap.analysis.dimension import CALIBRATION, box_sizes, lattice_estimates  # noqa: E402
 from fractal_vmap.analysis.synthetic import FRACTAL, FRACTAL_FAMILIES, SMOOTH_FAMILIES, phase_map  # noqa: E402
-from fractal_vmap.machine import own_seconds  # noqa: E402
+from fractal_vmap.perf.timing import own_seconds  # noqa: E402
 
 RESOLUTIONS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 DIMENSIONS = [1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9]

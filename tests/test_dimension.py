@@ -20,9 +20,9 @@ from fractal_vmap.analysis.dimension import (
     lattice_estimates,
     load_calibration,
 )
+from fractal_vmap.analysis.fractal import box_counting, edge_pixels
 from fractal_vmap.analysis.synthetic import FRACTAL_FAMILIES, SMOOTH_FAMILIES, phase_map
 from fractal_vmap.errors import UserError
-from fractal_vmap.fractal import box_counting, edge_pixels
 
 FRACTAL, SMOOTH, CANNOT = VERDICTS
 
@@ -37,7 +37,7 @@ def row(family: str, D: float, n: int) -> dict:
 
 
 def test_thresholds_are_report_s():
-    from fractal_vmap import report
+    from fractal_vmap.analysis import report
 
     assert (MIN_EDGE_PIXELS, MIN_BOX_SIZES) == (report.MIN_EDGE_PIXELS, report.MIN_BOX_SIZES)
 

@@ -6,6 +6,7 @@ drawn from the files (grid.json, cells.parquet, fractal.json), so `fractal-vmap 
 import textwrap
 from pathlib import Path
 
+from fractal_vmap.analysis.dimension import MIN_BOX_SIZES, MIN_EDGE_PIXELS
 from fractal_vmap.analysis.runs import measure_grid, read_run
 from fractal_vmap.axes import Axis
 from fractal_vmap.files import atomic_path, finite_or_none, strict_json, write_atomic
@@ -33,10 +34,6 @@ CELL_COLUMNS = [
     "error",
 ]
 PICTURES = ("trainability.png", "panels.png")
-# A box-counting dimension needs a slope over >= 3 box sizes (2 points always fit a line) and >= 50 edge pixels.
-# Measured on 3,000 straight and circular boundaries (dimension 1) on 8-128 cell grids, 1st-99th percentile of the
-# estimate: 0.00-1.58 with 2 box sizes, 0.00-1.29 under 25 edge pixels, 0.85-1.19 at 25-50, 0.92-1.14 at 50-100.
-MIN_BOX_SIZES, MIN_EDGE_PIXELS = 3, 50
 CAPTION_WIDTH = 110  # characters a caption line: about the paper image's width in 7-point monospace
 
 
