@@ -24,6 +24,8 @@ from fractal_vmap.grid import pipeline as grid
 from fractal_vmap.grid.pipeline import grid_axes, plan_grid
 from fractal_vmap.options import FinetuneConfig, GridConfig, TrainConfig
 from fractal_vmap.recipe import group_lrs
+from fractal_vmap.tasks.nanochat import chunks
+from fractal_vmap.tasks.nanochat import task as nanochat_task
 from fractal_vmap.tasks.nanochat.axes import AXES, cell_config, cell_lrs, check_overrides
 from fractal_vmap.tasks.nanochat.chunks import CPU_LANE_CHUNK, train_row
 from fractal_vmap.tasks.nanochat.task import base_config
@@ -126,7 +128,8 @@ def test_log_and_linear_axes():
     forced = make_axis("weight_decay", 3, 0.01, 1.0, "log", "cols", AXES)
     assert forced.values == pytest.approx([0.01, 0.1, 1.0], rel=1e-12)
     # no range given: the axis' own default range and scale
-    for name, (_, (lo, hi), scale) in AXES.items():
+    for name, kind in AXES.items():
+        (lo, hi), scale = kind.default_range, kind.scale
         axis = make_axis(name, 4, None, None, "auto", "rows", AXES)
         assert axis.scale == scale and axis.values[0] == lo and axis.values[-1] == hi, name
     assert make_axis("matrix_lr", 1, 0.3, 7.0, "auto", "cols", AXES).values == [0.3]  # one value: the min
@@ -383,15 +386,15 @@ def mtimes(run_dir: Path) -> dict[str, int]:
 
 @pytest.fixture
 def trained_rows(monkeypatch):
-    """The rows the grid actually trains (a spy on grid.train_row)."""
+    """The rows the grid actually trains (a spy on the nanochat task's train_row)."""
     seen = []
-    real = grid.train_row
+    real = nanochat_task.train_row
 
     def spy(plan, cell_cfgs, *args):
         seen.append(cell_cfgs[0].run_name.split("-")[-2])  # "grid-r{i}-c0" -> "r{i}"
         return real(plan, cell_cfgs, *args)
 
-    monkeypatch.setattr(grid, "train_row", spy)
+    monkeypatch.setattr(nanochat_task, "train_row", spy)
     return seen
 
 
@@ -543,7 +546,7 @@ def test_out_of_memory_halves_the_lane_chunk(one_row, monkeypatch, capsys, error
     assert plan.cfg.lane_chunk == 0 and CPU_LANE_CHUNK >= 5  # auto: the whole row of 5 in one chunk on CPU
     reference, chunk = train_row(plan, cells)
     assert chunk == len(cells) == 5  # the chunk that ran: the whole row (auto caps at CPU_LANE_CHUNK)
-    real, seen = grid.train_lanes, []
+    real, seen = chunks.train_lanes, []
 
     def small_memory(cfgs, *args, **kwargs):
         seen.append(len(cfgs))
@@ -551,7 +554,7 @@ def test_out_of_memory_halves_the_lane_chunk(one_row, monkeypatch, capsys, error
             raise error
         return real(cfgs, *args, **kwargs)
 
-    monkeypatch.setattr(grid, "train_lanes", small_memory)
+    monkeypatch.setattr(chunks, "train_lanes", small_memory)
     capsys.readouterr()
     results, chunk = train_row(plan, cells)
     assert seen == [5, 2, 2, 1] and chunk == 2  # the row's 5 lanes fail, then chunks of 2 + 2 + 1 succeed
