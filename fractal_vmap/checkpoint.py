@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fractal_vmap.errors import UserError
+from fractal_vmap.machine import is_out_of_memory
 from fractal_vmap.model import GPTConfig, param_shapes
 
 MODEL_FILE = re.compile(r"model_(\d{6})\.pt")
@@ -51,6 +52,8 @@ def load_checkpoint(
         meta = json.loads(meta_path.read_text())
         state = torch.load(model_path, map_location=device, weights_only=True)
     except (json.JSONDecodeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+        if is_out_of_memory(e):  # a sound checkpoint that does not fit: not the file's fault
+            raise
         raise UserError(
             f"corrupt checkpoint {model_path} or {meta_path.name} ({type(e).__name__}): re-download or re-save it"
         ) from None

@@ -252,21 +252,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     config_path = config_path_of(argv)
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun every worker meets the same error: rank 0 says it
+    command, cfg = (argv[0] if argv else None), None  # known before anything can be interrupted
     try:
-        if config_path is not None and argv and argv[0] in OPTIONS:
-            check_config_file(config_path, argv[0], OPTIONS[argv[0]])
+        if config_path is not None and command in OPTIONS:
+            check_config_file(config_path, command, OPTIONS[command])
         args = parser.parse_args(argv)
+        cfg = args.cfg
         tune_allocator()
-        args.run(args.cfg)
+        args.run(cfg)
     except UserError as e:
         if lead:
             console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        again = "resume (finished rows are kept)" if args.command == "grid" else "start it again"
+        again = "resume (finished rows are kept)" if command == "grid" else "start it again"
         if lead:
             console.print(
-                f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, args.cfg)}",
+                f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, cfg)}",
                 highlight=False,
                 soft_wrap=True,
             )

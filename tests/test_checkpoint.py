@@ -129,6 +129,19 @@ def test_truncated_model_file(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_running_out_of_memory_while_loading_is_not_called_a_corrupt_checkpoint(tmp_path, monkeypatch):
+    """The CPU allocator's RuntimeError from torch.load is a machine's limit, not a bad file: it goes on as itself."""
+    saved_small(tmp_path)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 42 bytes")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator") as raised:
+        load_checkpoint(tmp_path)
+    assert not isinstance(raised.value, UserError)
+
+
 def test_corrupt_meta(tmp_path):
     (saved_small(tmp_path) / "meta_000000.json").write_text('{"model_config": {')
     with pytest.raises(UserError, match="corrupt checkpoint"):

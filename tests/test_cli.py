@@ -64,3 +64,22 @@ def test_grid_lists_no_finetune_only_flag():
     assert FINETUNE_ONLY <= finetune
     assert not FINETUNE_ONLY & grid
     assert {"--axes", "--rows", "--cols", "--run_dir", "--learning_rate", "--num_tokens", "--seed"} <= grid
+
+
+def test_ctrl_c_while_the_config_file_is_read_prints_the_resume_line(tmp_path, monkeypatch, capsys):
+    """An interrupt that lands before the options are parsed (in the config file's check) is the same clean exit:
+    code 130 and the line to run again, not an UnboundLocalError from the interrupt handler."""
+    from fractal_vmap import cli
+
+    config = tmp_path / "grid.yaml"
+    config.write_text("cfg: {rows: 2}\n")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "check_config_file", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["grid", "--config_path", str(config)])
+    assert exit_.value.code == 130
+    out = capsys.readouterr().out
+    assert "interrupted." in out and f"fractal-vmap grid --config_path {config}" in out

@@ -20,7 +20,6 @@ from fractal_vmap.axes import make_axis
 from fractal_vmap.cli import build_parser, main
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.finetune import run_finetune
-from fractal_vmap.grid import pipeline as grid
 from fractal_vmap.grid.pipeline import grid_axes, plan_grid
 from fractal_vmap.options import FinetuneConfig, GridConfig, TrainConfig
 from fractal_vmap.recipe import group_lrs
@@ -574,7 +573,7 @@ def test_out_of_memory_with_one_lane_is_raised_and_other_errors_pass_through(one
         seen.append(len(cfgs))
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(grid, "train_lanes", no_memory)
+    monkeypatch.setattr(chunks, "train_lanes", no_memory)
     with pytest.raises(torch.OutOfMemoryError):
         train_row(replace(plan, cfg=replace(plan.cfg, lane_chunk=3)), cells)
     assert seen == [3, 1]  # --lane_chunk 3, halved to 1, and a lane that does not fit alone is a real error
@@ -583,7 +582,7 @@ def test_out_of_memory_with_one_lane_is_raised_and_other_errors_pass_through(one
         seen.append(len(cfgs))
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(grid, "train_lanes", broken)
+    monkeypatch.setattr(chunks, "train_lanes", broken)
     with pytest.raises(RuntimeError, match="shapes"):
         train_row(plan, cells)
     assert seen == [3, 1, 5]  # a bug is not mistaken for out-of-memory: no halving

@@ -436,3 +436,11 @@ def test_head_kernel_lane_numbers_do_not_depend_on_the_lane_count(shared):
     assert torch.equal(few[0], many[0][:2])
     for a, b in zip(few[1], many[1]):
         assert torch.equal(a, b[:2])
+
+
+def test_the_triton_head_softcaps_as_the_reference_head():
+    """kernels/head.py reads one SOFTCAP constant, the reference head's (the kernel cannot import it)."""
+    from fractal_vmap import head
+    from fractal_vmap.kernels import head as kernel_head
+
+    assert float(kernel_head.SOFTCAP.value) == head.SOFTCAP

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import fractal_vmap.tasks.nanochat.row as lanes_module
+import fractal_vmap.tasks.nanochat.optimizers as optimizers_module
 from fractal_vmap.data import lane_batches, make_stream, render_split, total_steps
 from fractal_vmap.lanes import MIN_LANES
 from fractal_vmap.model import GPTConfig, init_params, param_group
@@ -401,8 +401,8 @@ def test_short_lanes_stop_updating_and_match_their_own_runs(default_data, monkey
     steps = [total_steps(c, stream.batch(0)[1]) for c in cfgs]
     assert steps == [10, 2, 6]  # 70 supervised tokens in batch 0
     muon_snaps, adamw_snaps = [], []
-    monkeypatch.setattr(lanes_module, "BatchedMuon", recording(lanes_module.BatchedMuon, muon_snaps))
-    monkeypatch.setattr(lanes_module, "BatchedAdamW", recording(lanes_module.BatchedAdamW, adamw_snaps))
+    monkeypatch.setattr(optimizers_module, "BatchedMuon", recording(optimizers_module.BatchedMuon, muon_snaps))
+    monkeypatch.setattr(optimizers_module, "BatchedAdamW", recording(optimizers_module.BatchedAdamW, adamw_snaps))
     results = train_lanes(cfgs, config, params, stream.batch, steps, CPU)
     assert len(muon_snaps) == len(adamw_snaps) == 10  # the row runs as long as its longest lane
     for lane, n in enumerate(steps):
@@ -489,12 +489,12 @@ def test_frozen_groups_are_shared_not_stacked(nanochat, monkeypatch):
     config, params, _, batches = nanochat
     held = []
 
-    class Spy(lanes_module.BatchedAdamW):
+    class Spy(optimizers_module.BatchedAdamW):
         def __init__(self, ps, **kw):
             super().__init__(ps, **kw)
             held.append([tuple(p.shape) for p in ps])
 
-    monkeypatch.setattr(lanes_module, "BatchedAdamW", Spy)
+    monkeypatch.setattr(optimizers_module, "BatchedAdamW", Spy)
     before = {k: v.clone() for k, v in params.items()}
     cfgs = [FinetuneConfig(learning_rate=lr, num_iterations=2, device="cpu") for lr in (0.01, 0.02, 0.03)]
     train_lanes(cfgs, config, params, batches, [2, 2, 2], CPU)

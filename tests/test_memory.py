@@ -191,9 +191,9 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
     out-of-memory in a chunk of 2 still halves it (to 1, run with an idle lane), and changes no number either."""
     from dataclasses import replace
 
-    from fractal_vmap.grid import pipeline as grid
     from fractal_vmap.grid.pipeline import plan_grid
     from fractal_vmap.options import GridConfig
+    from fractal_vmap.tasks.nanochat import chunks
     from fractal_vmap.tasks.nanochat.chunks import train_row
     from fractal_vmap.tasks.nanochat.memory import HEADROOM, estimate_memory
 
@@ -227,7 +227,7 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
         return json.dumps(finite_or_none([{k: v for k, v in r.items() if k != "runtime_s"} for r in results]))
 
     assert strip(split) == strip(whole) and not whole[-1]["stable"]
-    real, seen = grid.train_lanes, []
+    real, seen = chunks.train_lanes, []
 
     def no_pairs(cfgs, *args, **kwargs):
         seen.append(len(cfgs))
@@ -235,7 +235,7 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(cfgs, *args, **kwargs)
 
-    monkeypatch.setattr(grid, "train_lanes", no_pairs)
+    monkeypatch.setattr(chunks, "train_lanes", no_pairs)
     halved, chunk = train_row(small, cells)
     assert seen == [2, 1, 1, 1, 1, 1] and chunk == 1
     assert strip(halved) == strip(whole)

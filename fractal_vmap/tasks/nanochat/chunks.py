@@ -10,6 +10,7 @@ from fractal_vmap.console import console
 from fractal_vmap.data import lane_batches, make_stream, total_steps
 from fractal_vmap.errors import UserError
 from fractal_vmap.lanes import padded_lanes
+from fractal_vmap.machine import is_out_of_memory
 from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.recipe import autocast_name
 from fractal_vmap.tasks.nanochat.levers import Levers
@@ -26,11 +27,6 @@ from fractal_vmap.tasks.nanochat.row import train_lanes
 # on CPU, chunks of 8 lanes train fastest: a 16-lane row of the default model took 23.4 s as 2 x 8, 25 s as 1 x 16,
 # 26 s as 4 x 4 (2 cores): bigger batched matmuls against activations that outgrow the cache
 CPU_LANE_CHUNK = 8
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
 def memory_budget(plan) -> int | None:
