@@ -219,7 +219,7 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
     )
     budget = int(frugal.peak(2) / HEADROOM) + 1
     small = replace(plan, cfg=replace(cfg, memory_budget=str(budget)))
-    assert grid.chunk_size(small, 5)[:2] == (2, Levers(step_in_backward=True, remat=True))
+    assert chunks.chunk_size(small, 5)[:2] == (2, Levers(step_in_backward=True, remat=True))
     split, chunk = train_row(small, cells)
     assert chunk == 2
 
@@ -241,4 +241,4 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
     assert strip(halved) == strip(whole)
     # a budget below what one chunk needs is refused with one line, before any training
     with pytest.raises(UserError, match="memory budget"):
-        grid.chunk_size(replace(plan, cfg=replace(cfg, memory_budget="1MB")), 5)
+        chunks.chunk_size(replace(plan, cfg=replace(cfg, memory_budget="1MB")), 5)
