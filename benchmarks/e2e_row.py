@@ -13,7 +13,7 @@ PYTHONDONTWRITEBYTECODE and its venv holds no .pyc files, so there every process
 every process shares one .pyc cache (PYTHONPYCACHEPREFIX in a temp dir), warmed by one untimed run of each
 command before timing; --bytecode env keeps the environment as it is.
 
-Target (DESIGN.md section 8): the row >= 3x faster than the sequential processes on 2 CPU cores.
+Target (README.md "Targets"): the row >= 3x faster than the sequential processes on 2 CPU cores.
 
     uv run python benchmarks/e2e_row.py                      # L=16 cells, 4000 tokens each (58 steps)
     uv run python benchmarks/e2e_row.py --lanes 8 --repeats 2

@@ -1,7 +1,7 @@
 """The float32 noise floor of a fine-tuning trajectory: how far two correct runs drift apart when only the summation
 order of a matmul differs, as it does between two CPUs' BLAS (or a batched and a single matmul on some of them).
 
-For each model and learning rate, `finetune`'s reference loop (single.py) runs twice on the same batches: as is, and
+For each model and learning rate, `finetune`'s reference loop (reference.py) runs twice on the same batches: as is, and
 with every linear layer's weight gradient summed over the tokens in two parts (dW = dY[:h]^T X[:h] + dY[h:]^T X[h:],
 h = N/3 + 1),
 which is what a BLAS with another blocking of the reduction does. The largest per-step |dloss| between the two is

@@ -10,7 +10,7 @@ CUDA (times with CUDA events: warm-up calls, then the median of --repeats):
          CUDA, L lanes of d20 width at batch 8 x 1024: peak memory and time of the plain vmapped computation (all
          lanes' logits at once), the torch lane-by-lane path and the Triton path.
 CPU (--device cpu): the analytic bytes each path moves per step, op by op, so the fusion gain shows before any GPU run.
-Targets (DESIGN.md section 8): AdamW >= 85% of copy bandwidth; Newton-Schulz within 1.5x of the bmm chain.
+Targets (README.md "Targets"): AdamW >= 85% of copy bandwidth; Newton-Schulz within 1.5x of the bmm chain.
 
     uv run python benchmarks/kernels.py --device cpu
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --device cuda --out $OUT/kernels.json

@@ -1,7 +1,7 @@
 """Memory of a row of lanes, and what the levers and dead-lane compaction buy.
 
 1. `d20`: bytes per lane by kind and lanes per chunk on 80 GB and 141 GB for nanochat d20 (batch 8 x 1024, bf16
-   autocast, embeddings frozen) under each lever setting: the plan's estimate (plan.py: the real step traced under
+   autocast, embeddings frozen) under each lever setting: the plan's estimate (tasks/nanochat/memory.py: the real step traced under
    FakeTensorMode with MemTracker), no GPU needed.
 2. `drift`: what the levers that change the numbers do to them: a row of lanes at tame learning rates, trained as is
    and with micro-batches, bfloat16 momentum, bfloat16 master weights; the largest per-step |dloss| against the plain

@@ -15,7 +15,7 @@ Every measurement runs in a fresh process of its own (this script with --side), 
 threads (OpenMP's, XLA's) share the cores with the other's work; the time is taken inside it, imports excluded.
 Reported per side: wall time (JAX's compile time apart), CPU time, trainable fraction (convergence measure < 0),
 box-counting dimension of the boundary; and how many cells agree in sign between the sides (near the boundary
-training is chaotic and float64 rounding differences between the engines flip cells). Target (DESIGN.md
+training is chaotic and float64 rounding differences between the engines flip cells). Target (benchmarks/README.md "Targets"
 section 8): ours no slower than JAX on the same cores.
 
     uv run --group bench python benchmarks/paper_jax.py

@@ -4,7 +4,7 @@ the checkout while benchmarks run).
 
 Modes: sequential (L single models, the `finetune` step one after another), row (the eager vmapped step) and fast
 (the compiled step, Triton kernels on CUDA); lane-steps/s, tokens/s, speed-up against sequential, MFU against a
-measured matmul ceiling, peak memory per lane, kernel launches per step. Targets (DESIGN.md section 8): CUDA (H100/H200)
+measured matmul ceiling, peak memory per lane, kernel launches per step. Targets (README.md "Targets"): CUDA (H100/H200)
 row >= 10x sequential for d4-d8, >= 2x for d20; row MFU >= 40% of the bf16 matmul ceiling for d12 and up. CPU: report.
 
     uv run python benchmarks/throughput.py                                   # CPU: the default model, L = 1 2 4 8 16

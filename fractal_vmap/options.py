@@ -150,9 +150,9 @@ class PlanConfig:
     trainable_param_groups: str = "matrix,unembedding"
     # auto (the first of: none, step_in_backward, remat, both, that fits --lanes), none, or a comma list
     levers: str = "auto"
-    micro_batches: int = 1  # changes the numbers (see lanes.Levers)
-    momentum_dtype: str = "float32"  # bfloat16 changes the numbers (see lanes.Levers)
-    master_dtype: str = "float32"  # bfloat16 changes the numbers (see lanes.Levers)
+    micro_batches: int = 1  # changes the numbers (see tasks/nanochat/levers.py)
+    momentum_dtype: str = "float32"  # bfloat16 changes the numbers (see tasks/nanochat/levers.py)
+    master_dtype: str = "float32"  # bfloat16 changes the numbers (see tasks/nanochat/levers.py)
     # h100 or h200: also project the step time, speed-up, MFU and a 64x64 grid's time (a projection)
     project: str = "none"
     launch_us: float = 10.0  # host time per kernel launch in the projection (projection.LAUNCH_US)

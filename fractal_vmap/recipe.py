@@ -1,5 +1,5 @@
 """The fine-tuning recipe one grid cell follows: its knobs, its group learning rates, the optimizer constants, the
-autocast rule, and the typed result of a cell. Both trainers read this: `single.py` (one model, torch.optim, the
+autocast rule, and the typed result of a cell. Both trainers read this: `reference.py` (one model, torch.optim, the
 reference) and `lanes.py` (a vmapped row of lanes), so they cannot drift apart.
 """
 
@@ -19,7 +19,7 @@ MUON_MOMENTUM = 0.95
 
 
 def trainable_groups(cfg: TrainConfig) -> list[str]:
-    """The trained groups, in GROUPS order; `all` (the seed project's spelling) means all three."""
+    """The trained groups, in GROUPS order; `all` (the classic fine-tuning script's spelling) means all three."""
     groups = [g.strip() for g in cfg.trainable_param_groups.split(",") if g.strip()]
     if groups == ["all"]:
         return list(GROUPS)
@@ -124,7 +124,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 @dataclass
 class CellResult:
-    """The result of one cell, with the field names of the seed project's `src.finetune` (plus the measure and the
+    """The result of one cell, with the field names of the classic one-run-per-cell fine-tuning script's result (plus the measure and the
     loss curve). Labels come from the losses actually run: the curve stops at the first non-finite loss."""
 
     run_name: str | None

@@ -27,7 +27,7 @@ from fractal_vmap.tokenizer import byte_tokenizer, load_tokenizer, save_tokenize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"
 CPU = torch.device("cpu")
-RESULT_FIELDS = (  # DESIGN section 6: the result fields of the seed project's src.finetune
+RESULT_FIELDS = (  # the result fields of the classic one-run-per-cell fine-tuning script (README "Result fields")
     "run_name",
     "learning_rate",
     "num_tokens_target",
@@ -158,7 +158,7 @@ def test_final_state_matches_nanochat(nanochat, trajectories, setting, tol):
 
 
 def expected_multiplier(step: int, total: int, warmup_frac: float, final: float) -> float:
-    """DESIGN section 4, in float64: linear warmup (step+1)/warmup, then cosine from 1 down to final."""
+    """nanochat's schedule (optim.py), in float64: linear warmup (step+1)/warmup, then cosine from 1 down to final."""
     warmup = max(1, int(total * warmup_frac))
     if step < warmup:
         return (step + 1) / warmup
@@ -196,7 +196,7 @@ def test_lr_schedule_is_applied_every_step(nanochat):
         (_, adamw_groups), (_, muon_groups) = used[2 * step], used[2 * step + 1]
         assert [g["lr"] for g in adamw_groups] == [pytest.approx(base_unembedding * w, rel=1e-12, abs=1e-15)]
         assert [g["lr"] for g in muon_groups] == [pytest.approx(base_matrix * w, rel=1e-12, abs=1e-15)]
-    # nanochat's optimizer settings (DESIGN section 4): decoupled weight decay on the AdamW groups only
+    # nanochat's optimizer settings (recipe.py): decoupled weight decay on the AdamW groups only
     (adamw,) = used[0][1]
     assert (adamw["betas"], adamw["eps"], adamw["weight_decay"]) == ((0.8, 0.95), 1e-10, 0.1)
     (muon,) = used[1][1]

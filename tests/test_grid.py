@@ -559,7 +559,7 @@ def test_out_of_memory_halves_the_lane_chunk(one_row, monkeypatch, capsys, error
     assert seen == [5, 2, 2, 1] and chunk == 2  # the row's 5 lanes fail, then chunks of 2 + 2 + 1 succeed
     out = capsys.readouterr().out
     assert "retrying the row with 2 lanes" in out
-    # chunking changes no number (engine.py: a lane never trains in a batch of one; the contract is bit for bit)
+    # chunking changes no number (lanes.py: a lane never trains in a batch of one; the contract is bit for bit)
     assert without_runtime(results) == without_runtime(reference)
     assert [r["run_name"] for r in results] == [c.run_name for c in cells]
     assert len({r["final_loss"] for r in results}) == 5  # five different lanes, in order

@@ -415,7 +415,7 @@ def test_optimizers_with_triton_kernels_match_torch_over_steps():
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-lane-w", "shared-w"])
 def test_head_kernel_lane_numbers_do_not_depend_on_the_lane_count(shared):
-    """The engine's chunk invariance (engine.py) holds for the Triton head too: lanes 0 and 1 of a 2-lane call and of a
+    """The engine's chunk invariance (lanes.py) holds for the Triton head too: lanes 0 and 1 of a 2-lane call and of a
     5-lane call are bit-identical, loss and gradients, with a shared (frozen) lm_head or one per lane."""
     gen = torch.Generator().manual_seed(31)
     L, N, C, V = 5, 70, 24, 97

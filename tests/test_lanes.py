@@ -3,7 +3,7 @@ contract of README "Fidelity", tier by tier.
 
 1. Chunk invariance, bit for bit: a lane's numbers do not depend on how many lanes train beside it (1, 2, 3, 8), at
    any learning rate, chaotic ones included. Exact on every CPU: every op is per lane or elementwise, and the batched
-   matmuls never run with a batch of one (engine.MIN_LANES).
+   matmuls never run with a batch of one (lanes.MIN_LANES).
 2. Isolation, bit for bit: a diverging lane changes no other lane.
 3. Lanes vs `finetune`, within the trajectory's float32 noise floor, at learning rates where training is tame; and
    the labels (stable, converged) agree, at any learning rate where the label is robust. Not bit for bit: a batched
@@ -268,7 +268,7 @@ def test_fixture_row_matches_finetune_lane_by_lane(nanochat, fixture_lanes):
 def test_default_model_row_matches_finetune_lane_by_lane(default_data, default_lanes):
     config, params, _, _ = default_data
     cfgs, stream, steps, results = default_lanes
-    for cfg in cfgs:  # the defaults this comparison is about (DESIGN section 4)
+    for cfg in cfgs:  # the defaults this comparison is about (recipe.py)
         assert (cfg.trainable_param_groups, cfg.weight_decay, cfg.warmup_frac, cfg.final_lr_frac) == (
             "matrix,unembedding",
             0.1,

@@ -1,4 +1,4 @@
-"""The memory levers of a row (lanes.Levers) and dead-lane compaction (lanes.run).
+"""The memory levers of a row (tasks/nanochat/levers.py) and dead-lane compaction (lanes.run).
 
 Stepping each layer's optimizer in the backward (post-accumulate-grad hooks, Newton-Schulz batched per layer instead
 of per shape across layers) and recomputing blocks in the backward (recompute.py) must change no number, bit for bit,

@@ -1,5 +1,5 @@
-"""`plan` (plan.py): the memory estimate against real CPU steps, the lanes that fit, the d20 figures traced without d20
-memory, the CLI; and the runtime projection (projection.py), traced under FakeTensorMode.
+"""`plan` (perf/plan.py, tasks/nanochat/memory.py): the memory estimate against real CPU steps, the lanes that fit, the d20 figures traced without d20
+memory, the CLI; and the runtime projection (perf/roofline.py), traced under FakeTensorMode.
 """
 
 import json

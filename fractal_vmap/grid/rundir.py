@@ -126,7 +126,7 @@ def write_row(
     path: Path, i: int, digest: str, lanes: list[dict], seconds: float, lane_chunk: int, rank: int = 0
 ) -> None:
     """The row's file, atomically; `lane_chunk` and the worker's `rank` are recorded (neither changes a number, see
-    engine.py and shard.py)."""
+    lanes.py and shard.py)."""
     record = {
         "row": i,
         "complete": True,

@@ -127,7 +127,7 @@ def lanes_head(
         n = xc.shape[1]
         z = logits_buf[: L * n * V].view(L, n, V)
         # a shared w is expanded (stride 0), not folded into one matmul over all lanes' rows: a BLAS may round a row by
-        # its position in a bigger matrix, and a lane's numbers must not depend on its neighbours (engine.py)
+        # its position in a bigger matrix, and a lane's numbers must not depend on its neighbours (lanes.py)
         w_lanes = wq.expand(L, V, C) if shared else wq
         torch.bmm(xc, w_lanes.mT, out=z)
         grid = (triton.cdiv(L * n, block_n),)

@@ -12,7 +12,7 @@ with ~30% of targets ignored, bf16 autocast on CUDA, the GPU default.
 
 Per model, L and mode: lane-steps/s and tokens/s over all lanes (CPU: the best timed window; CUDA: the median, CUDA
 events); the speed-up against sequential at the same L, in the same run; model-FLOPs utilization against the matmul
-rate measured here (FLOPs per token as DESIGN section 8); peak memory per lane (CUDA: the allocator's peak over the
+rate measured here (FLOPs per token as roofline.flops_per_token); peak memory per lane (CUDA: the allocator's peak over the
 timed steps, above what was allocated before; CPU: the profiler's peak of the allocations made while building the
 mode and running one step); kernel launches per step (one profiled step: CUDA kernels; on CPU, aten ops that do work,
 i.e. leaf ops less views and allocations, plus Inductor's fused kernels).
@@ -89,7 +89,7 @@ def padded_to_one_length(batches: list) -> list:
 
 
 def flops_per_token(config: GPTConfig, seq: int) -> int:
-    """DESIGN.md: 6 x non-embedding params + 12 x layers x heads x head_dim x seq (seq: the batch's, attention's real span)."""
+    """nanochat's estimate: 6 x non-embedding params + 12 x layers x heads x head_dim x seq (seq: the batch's, attention's real span)."""
     non_embedding = sum(math.prod(s) for name, s in param_shapes(config).items() if name != "transformer.wte.weight")
     return 6 * non_embedding + 12 * config.n_layer * config.n_head * config.head_dim * seq
 

@@ -68,8 +68,8 @@ def check_plan(cfg: PlanConfig) -> tuple[GPTConfig, int, Levers | None]:
     return config, memory, levers
 
 
-GRID_CELLS, GRID_TOKENS = 64 * 64, 250_000  # the seed project's d20 grid: 64 x 64 cells of 250K supervised tokens
-TARGETS = {"speedup_small": 10.0, "speedup_d20": 2.0, "mfu": 0.40, "grid_minutes": 30.0}  # DESIGN section 8
+GRID_CELLS, GRID_TOKENS = 64 * 64, 250_000  # the reference d20 workload: 64 x 64 cells of 250K supervised tokens
+TARGETS = {"speedup_small": 10.0, "speedup_d20": 2.0, "mfu": 0.40, "grid_minutes": 30.0}  # benchmarks/README.md "Targets"
 
 
 def run_plan(cfg: PlanConfig) -> dict:
@@ -177,6 +177,6 @@ def print_plan(out: dict, console) -> None:
             + ("" if p["fits"] else f" [yellow](but {p['lanes']} lanes do not fit)[/yellow]")
         )
         console.print(
-            f"targets (DESIGN section 8): speed-up >= {TARGETS['speedup_small']:g}x for d4-d8, >= {TARGETS['speedup_d20']:g}x for d20; "
+            f"targets (benchmarks/README.md): speed-up >= {TARGETS['speedup_small']:g}x for d4-d8, >= {TARGETS['speedup_d20']:g}x for d20; "
             f"MFU >= {TARGETS['mfu']:.0%} for d12+; the 64x64 d20 grid under {TARGETS['grid_minutes']:g} min"
         )

@@ -1,6 +1,6 @@
-"""The GPU projection as a table: for each nanochat depth, the lanes and levers the memory plan (plan.py) picks for the
-GPU's memory, one row step against the sequential loop projected on the datasheet GPU (projection.py), the speed-up,
-the MFU and, for d20, the seed project's 64x64 grid on one 8-GPU node; next to the targets of DESIGN section 8.
+"""The GPU projection as a table: for each nanochat depth, the lanes and levers the memory plan (tasks/nanochat/memory.py) picks for the
+GPU's memory, one row step against the sequential loop projected on the datasheet GPU (roofline.py), the speed-up,
+the MFU and, for d20, a 64x64 grid of 250K tokens a cell on one 8-GPU node; next to the targets of benchmarks/README.md.
 `fractal-vmap bench --project h100` prints it, `benchmarks/projection.py` also writes it as JSON. Every line says it
 is a projection."""
 

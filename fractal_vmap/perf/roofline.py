@@ -2,7 +2,7 @@
 
 One training step is traced under FakeTensorMode with torch's roofline estimator (RuntimeEstimator, its
 "operator-level-cost-model": each op takes max(FLOPs / peak, bytes moved / bandwidth) at the pinned datasheet device),
-for a vmapped row of L lanes (`engine.lanes_step`, the grid's step) and for one model's `finetune` step (torch.optim
+for a vmapped row of L lanes (`lanes.lanes_step`, the grid's step) and for one model's `finetune` step (torch.optim
 AdamW + Muon), the sequential loop being L of those. To the ops' times a host cost per kernel launch is added by
 replaying the op sequence through a launch queue: the host issues an op every LAUNCH_US, the GPU runs them in order,
 so a step of many small ops is launch-bound and one of large ops is not.
@@ -131,7 +131,7 @@ def launch_bound(times: list[float], launch_s: float) -> float:
 def row_step_times(
     config: GPTConfig, lanes: int, batch: int, seq: int, levers: Levers, gpu: Gpu, groups: str
 ) -> list[tuple[str, float]]:
-    """The op times of one grid step (engine.lanes_step) of `lanes` lanes, bf16 autocast as on CUDA."""
+    """The op times of one grid step (lanes.lanes_step) of `lanes` lanes, bf16 autocast as on CUDA."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cfg = FinetuneConfig(device="cpu", dtype="bfloat16", trainable_param_groups=groups)
@@ -157,7 +157,7 @@ def single_step_times(config: GPTConfig, batch: int, seq: int, gpu: Gpu, groups:
 
 
 def flops_per_token(config: GPTConfig, seq: int) -> float:
-    """Model FLOPs per trained token (DESIGN section 8, nanochat's estimate): 6 x the non-embedding params, plus
+    """Model FLOPs per trained token (nanochat's estimate): 6 x the non-embedding params, plus
     12 x layers x heads x head_dim x sequence for attention."""
     params = sum(math.prod(s) for k, s in param_shapes(config).items() if k != "transformer.wte.weight")
     return 6 * params + 12 * config.n_layer * config.n_head * config.head_dim * seq

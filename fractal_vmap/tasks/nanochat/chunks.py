@@ -81,7 +81,7 @@ def measured_fit(memory: MemoryPlan, budget: int, lanes: int, peak: int) -> int:
 def train_row(plan, cell_cfgs: list[FinetuneConfig], progress=None) -> tuple[list[dict], int]:
     """Train one row in lane chunks sized by memory (chunk_size; on CUDA refined by the first chunk's measured peak);
     halve the chunk on out-of-memory. Returns the lanes' results and the chunk size that ran last (a lane's numbers do
-    not depend on it: engine.py)."""
+    not depend on it: lanes.py)."""
     config, params, tokenizer = plan.model
     pad_id = tokenizer.special_id("<|assistant_end|>")
     streams = {s: make_stream(cell_cfgs[0], tokenizer, plan.examples, s) for s in sorted({c.seed for c in cell_cfgs})}

@@ -2,7 +2,7 @@
 
 What is compiled. The lanes' losses `vmap(lane loss)(params, inputs, targets)`: Inductor fuses the elementwise work
 around the matmuls (norms, rotary, relu^2, softcap, log-softmax, and their backwards) and AOTAutograd compiles the
-backward with it. The optimizer update and the loss bookkeeping stay eager (engine.lanes_step, the same code as the
+backward with it. The optimizer update and the loss bookkeeping stay eager (lanes.lanes_step, the same code as the
 eager row): on CPU a compiled update measured no faster, and on CUDA the fused Triton optimizers already run it.
 
 What it takes to trace. Dynamo does not honour an autograd.Function's own vmap rule (it inlines the Function and vmaps
@@ -18,13 +18,13 @@ a later process much cheaper), and dynamic shapes do not survive vmap (dynamo sp
 anyway). So batches are right-padded to a multiple of BUCKET tokens (inputs with token 0, targets with -1: causal
 attention and ignored targets leave every real position's loss and gradient unchanged in exact arithmetic), and each
 (lanes, padded tokens, data layout, dtype) is compiled once per process: a grid of one chunk size and batches up to
-1024 tokens compiles at most 16 times per chunk size. Dead-lane compaction (engine.run) keeps powers of two lanes
+1024 tokens compiles at most 16 times per chunk size. Dead-lane compaction (lanes.run) keeps powers of two lanes
 (`lane_counts`) for that reason: a chunk of 8 compacts to 4 and 2 lanes, not to every count.
 
-Memory levers (lanes.Levers). Stepping in the backward (hooks on the stacked leaves, which stay eager), micro-batches
+Memory levers (levers.Levers). Stepping in the backward (hooks on the stacked leaves, which stay eager), micro-batches
 (each part its own compiled shape), bf16 momentum and master weights go with the compiled forward unchanged. remat
 does not: its recomputation is an autograd.Function with a vmap rule, which dynamo does not honour; a chunk with remat
-runs the eager step (lanes.nanochat_row), and `grid --compile on --levers remat` is refused.
+runs the eager step (row.nanochat_row), and `grid --compile on --levers remat` is refused.
 
 Numerics. Fused kernels round differently from the eager ops, and padding lengthens the matmuls' token sums (another
 summation order): the compiled step equals the eager one within the trajectory noise floor of README "Fidelity"

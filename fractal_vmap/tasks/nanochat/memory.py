@@ -1,4 +1,4 @@
-"""How many lanes fit, without a GPU: the real training step (`engine.lanes_step` on a `lanes.nanochat_row`) traced
+"""How many lanes fit, without a GPU: the real training step (`lanes.lanes_step` on a `row.nanochat_row`) traced
 under FakeTensorMode (tensors with shapes and no storage) with torch's own memory tracker, MemTracker, which sees every
 allocation and free. So `fractal-vmap plan --model d20 --lanes 16 --gpu_mem 80GB` answers on a laptop.
 
