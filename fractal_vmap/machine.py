@@ -8,8 +8,10 @@ import platform
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `cli` (tune_allocator) must start without it
+    import torch
 
 
 def cpu_model() -> str:
@@ -22,14 +24,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: "torch.device") -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def device_slug(device: torch.device) -> str:
+def device_slug(device: "torch.device") -> str:
     """A file-name-safe device name: e.g. cpu-2core, nvidia-h100-80gb-hbm3."""
+    import torch
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}core"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -50,4 +56,6 @@ def tune_allocator() -> None:
 
 def is_out_of_memory(e: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+
     return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
