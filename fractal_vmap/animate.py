@@ -28,6 +28,7 @@ class Level:
     col_values: np.ndarray  # [W] axis values of the columns
     box: tuple[int, int, int, int] | None = None  # (row0, row1, col0, col1): the next level's cells here, half-open
     label: str = ""  # caption; default: the axis ranges
+    steps: np.ndarray | None = None  # [H, W] each cell's step count: the shading is per step where they differ (plot.measure_shade)
 
 
 def _caption(level: Level, index: int) -> str:
@@ -42,7 +43,7 @@ def render_frame(level: Level, index: int, size: int, with_box: bool) -> Image.I
     m = np.asarray(level.measure, dtype=np.float64)
     H, W = m.shape
     assert len(level.row_values) == H and len(level.col_values) == W, "axis values do not match the measure's shape"
-    rgb = (measure_rgb(m)[::-1] * 255).round().astype(np.uint8)  # flipped: row 0 at the bottom
+    rgb = (measure_rgb(m, level.steps)[::-1] * 255).round().astype(np.uint8)  # flipped: row 0 at the bottom
     grid = Image.fromarray(rgb).resize((size, size), Image.NEAREST)
     frame = Image.new("RGB", (size, size + CAPTION_PX), (255, 255, 255))
     frame.paste(grid, (0, 0))

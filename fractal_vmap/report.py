@@ -35,10 +35,10 @@ def cells_frame(lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] |
     return pd.DataFrame.from_records(records).reindex(columns=columns).astype({c: "float64" for c in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr")})
 
 
-def measure_grid(cells, rows: int, cols: int) -> np.ndarray:
-    """The convergence measure laid out [rows, cols]; cells not in the frame are NaN."""
+def measure_grid(cells, rows: int, cols: int, column: str = "measure") -> np.ndarray:
+    """The convergence measure (or another column: total_steps) laid out [rows, cols]; cells not in the frame are NaN."""
     measure = np.full((rows, cols), np.nan)
-    measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["measure"].to_numpy(dtype=np.float64, na_value=np.nan)
+    measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells[column].to_numpy(dtype=np.float64, na_value=np.nan)
     return measure
 
 
@@ -108,10 +108,11 @@ def draw_pictures(grid: dict, cells, fractal: dict, out_dir: Path, run_name: str
     log_rows, log_cols = row.scale == "log", col.scale == "log"
     text = caption(grid, cells, fractal, run_name, window, threshold)
     measure = measure_grid(cells, len(row.values), len(col.values))
+    steps = measure_grid(cells, len(row.values), len(col.values), "total_steps")  # shaded per step where they differ
     paths = [Path(out_dir) / name for name in PICTURES]
     with atomic_path(paths[0]) as tmp:
         paper_image(measure, row.values, col.values, row.name, col.name, tmp, log_rows, log_cols,
-                    f"trainable (blue) or not (red): {row.name} x {col.name}", text, dpi)
+                    f"trainable (blue) or not (red): {row.name} x {col.name}", text, dpi, steps)
     with atomic_path(paths[1]) as tmp:
         panels(cells, row.name, col.name, tmp, log_rows, log_cols, text, dpi)
     return paths

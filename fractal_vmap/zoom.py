@@ -172,6 +172,8 @@ def print_boxes(boxes: list[dict], cfg: BoxesConfig) -> None:
 
 def zoom_levels(runs: list[str]) -> list:
     """The animation's levels: each run's measure and axis values, with the box of the next run, which must be its zoom."""
+    import pandas as pd
+
     from fractal_vmap.animate import Level
 
     read = [read_grid(r) for r in runs]
@@ -189,7 +191,8 @@ def zoom_levels(runs: list[str]) -> list:
             box = tuple(parent["box"])
         label = f"{run_dir.name}: {axes['rows']['name']} {axes['rows']['values'][0]:.3g}..{axes['rows']['values'][-1]:.3g}, " \
                 f"{axes['cols']['name']} {axes['cols']['values'][0]:.3g}..{axes['cols']['values'][-1]:.3g}"
-        levels.append(Level(measure, np.asarray(axes["rows"]["values"]), np.asarray(axes["cols"]["values"]), box, label))
+        steps = measure_grid(pd.read_parquet(run_dir / "cells.parquet"), *measure.shape, "total_steps")  # the shading's (plot.measure_shade)
+        levels.append(Level(measure, np.asarray(axes["rows"]["values"]), np.asarray(axes["cols"]["values"]), box, label, steps))
     return levels
 
 
