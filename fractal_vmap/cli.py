@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from simple_parsing import ArgumentParser
 
-from fractal_vmap.errors import UserError
+from fractal_vmap.errors import DiskFull, UserError
 from fractal_vmap.options import AnimateConfig, BenchConfig, BoxesConfig, FinetuneConfig, GridConfig, PlanConfig, PlotConfig, ZoomConfig
 
 console = Console()
@@ -77,16 +77,16 @@ def grid_command(cfg) -> None:
         run_grid(cfg)
 
 
-def grid_worker(cfg) -> str | None:
-    """One worker of `grid --workers N` (torch's elastic agent calls it in a fresh process). Returns None, or a user
-    error's line for the launcher to print once: an error is not a crash, so the agent must not restart the workers."""
+def grid_worker(cfg) -> UserError | None:
+    """One worker of `grid --workers N` (torch's elastic agent calls it in a fresh process). Returns None, or the user
+    error for the launcher to print once: an error is not a crash, so the agent must not restart the workers."""
     from fractal_vmap.shard import run_worker
 
     tune_allocator()
     try:
         run_worker(cfg)
     except UserError as e:
-        return str(e)
+        return e  # pickled back to the launcher (a DiskFull stays one, for the resume command)
     except KeyboardInterrupt:  # Ctrl-C reaches every worker: the launcher prints the resume command, once
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent forwards a second SIGINT: it must not break the exit
         sys.exit(130)
@@ -216,6 +216,10 @@ def resume_command(argv: list[str], cfg) -> str:
     return shlex.join(words)
 
 
+def again_phrase(command: str) -> str:
+    return "resume (finished rows are kept)" if command == "grid" else "start it again"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -228,11 +232,14 @@ def main(argv: list[str] | None = None) -> None:
         tune_allocator()
         args.run(args.cfg)
     except UserError as e:
+        line = str(e)
+        if isinstance(e, DiskFull):  # the run stopped mid-way, as on Ctrl-C: say how to go on
+            line += f", then {again_phrase(args.command)}: {resume_command(argv, args.cfg)}"
         if lead:
-            console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        again = "resume (finished rows are kept)" if args.command == "grid" else "start it again"
+        again = again_phrase(args.command)
         if lead:
             console.print(f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, args.cfg)}", highlight=False, soft_wrap=True)
         sys.exit(130)  # 128 + SIGINT, the shell's convention

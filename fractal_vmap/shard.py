@@ -169,7 +169,7 @@ def cpu_cores() -> int:
 
 def launch(cfg: GridConfig, entrypoint) -> None:
     """`grid --workers N`: torch's elastic agent, in this process, starts N workers on this node, each running
-    `entrypoint(cfg)` (a function that returns None, or a user error's line for us to print once). A worker that dies
+    `entrypoint(cfg)` (a function that returns None, or a user error (or its line) for us to raise once). A worker that dies
     makes the agent stop the others and start them all once more; a second death fails the grid."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -191,4 +191,4 @@ def launch(cfg: GridConfig, entrypoint) -> None:
         raise
     errors = [said[r] for r in sorted(said) if said[r] is not None]
     if errors:
-        raise UserError(errors[0])
+        raise errors[0] if isinstance(errors[0], UserError) else UserError(errors[0])

@@ -1,0 +1,106 @@
+"""The hostile probe of issue 15: a full disk, bad data and settings that were silently ignored or misread. Each case
+ends in exit code 2 and one line naming what is wrong and what to do (before any training where the input is bad), or
+in the behaviour the issue asks for."""
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fractal_vmap.cli import main
+from tests.test_bad_input import FAST, refused
+
+# a paper-mlp grid of 2 x 3 lanes and 5 steps: a run dir with every file a grid writes, in well under a second
+PAPER = ["grid", "--task", "paper-mlp", "--rows", "2", "--cols", "3", "--num_iterations", "5", "--seed", "0"]
+
+
+def stopped(capsys, argv: list[str], expected: str) -> str:
+    """Run the CLI that fails mid-run (after what it printed on the way): exit 2, no traceback, and one last line,
+    the only one starting with error:, holding `expected`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and "Traceback" not in text
+    assert len(errors) == 1 and text.rstrip().endswith(errors[0]) and expected in errors[0], text
+    return errors[0]
+
+
+def temp_files(run_dir: Path) -> list[Path]:
+    return sorted(p for d in (run_dir, run_dir / "rows") if d.is_dir() for p in d.iterdir() if ".tmp-" in p.name)
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def fail_half_way(write, name: str):
+    """`write(self, target, ...)` that, for a target named `name` (or its temp file), writes a little and then fails as
+    a full disk does."""
+
+    def failing(self, target, *args, **kwargs):
+        target = Path(self if target is None else target)
+        if target.name.startswith(f".{name}") or target.name.endswith(f"-{name}"):
+            target.write_text("half")  # what a full disk leaves: a torn temp file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(self, *((target,) if target is not self else ()), *args, **kwargs)
+
+    return failing
+
+
+def inject_no_space(monkeypatch, which: str) -> None:
+    import matplotlib.figure
+    import pandas as pd
+
+    if which == "row file":  # write_atomic's temp file of row 1 (row 0 is written first)
+        write_bytes = Path.write_bytes
+        fail = fail_half_way(lambda self, target, data: write_bytes(target, data), "row_0001.json")
+        monkeypatch.setattr(Path, "write_bytes", lambda self, data: fail(self, None, data))
+    elif which == "cells.parquet":
+        monkeypatch.setattr(pd.DataFrame, "to_parquet", fail_half_way(pd.DataFrame.to_parquet, "cells.parquet"))
+    else:
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_half_way(matplotlib.figure.Figure.savefig, "trainability.png"))
+
+
+@pytest.mark.parametrize("which, written", [("row file", "row_0001.json"), ("cells.parquet", "cells.parquet"),
+                                            ("picture", "trainability.png")])
+def test_a_full_disk_is_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch, which, written):
+    run_dir = tmp_path / "run"
+    argv = [*PAPER, "--run_dir", str(run_dir)]
+    with monkeypatch.context() as patch:
+        inject_no_space(patch, which)
+        line = stopped(capsys, argv, f"cannot write {run_dir}")
+    assert written in line and "no space left on device" in line and " free in " in line, line
+    assert line.endswith(f"then resume (finished rows are kept): fractal-vmap {' '.join(argv)}"), line
+    assert temp_files(run_dir) == []
+    # a later run finds the temp files a killed write left (here: made by hand), removes them and finishes the grid
+    kept = (run_dir / "rows" / "row_0000.json").stat().st_mtime_ns
+    for stale in (run_dir / "rows" / ".row_0001.json.tmp-99999", run_dir / ".tmp-99999-cells.parquet"):
+        stale.write_text("torn")
+    main(argv)
+    assert "removed 2 temp files an interrupted write left" in capsys.readouterr().out
+    assert temp_files(run_dir) == [] and (run_dir / "trainability.png").stat().st_size > 0
+    assert (run_dir / "rows" / "row_0000.json").stat().st_mtime_ns == kept  # the finished row was kept
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 48 KiB tmpfs at tmp_path/disk, where this process may mount one (root, no container rule against it)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_really_full_disk_is_one_line(tiny_disk, capsys):
+    """The same on a real full file system: the grid's files outgrow 48 KiB (its pictures do, at the latest)."""
+    run_dir = tiny_disk / "run"
+    line = stopped(capsys, [*PAPER, "--run_dir", str(run_dir)], f"cannot write {run_dir}")
+    assert "no space left on device" in line and "then resume" in line, line
+    assert temp_files(run_dir) == []
