@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fractal_vmap.cli import main
-from tests.test_bad_input import FAST, refused
+from tests.test_bad_input import FAST, FIXTURE, no_training, refused  # noqa: F401 (a fixture)
 
 # a paper-mlp grid of 2 x 3 lanes and 5 steps: a run dir with every file a grid writes, in well under a second
 PAPER = ["grid", "--task", "paper-mlp", "--rows", "2", "--cols", "3", "--num_iterations", "5", "--seed", "0"]
@@ -104,3 +104,20 @@ def test_a_really_full_disk_is_one_line(tiny_disk, capsys):
     line = stopped(capsys, [*PAPER, "--run_dir", str(run_dir)], f"cannot write {run_dir}")
     assert "no space left on device" in line and "then resume" in line, line
     assert temp_files(run_dir) == []
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("command", ["finetune", "grid"])
+def test_a_dataset_that_is_not_utf8_names_the_line_and_byte(tmp_path, capsys, no_training, command):
+    import json
+
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+    bad = good.replace("hello", "h\xe9llo").encode("latin-1")  # é as one Latin-1 byte: not UTF-8
+    (tmp_path / "chats.jsonl").write_bytes(good.encode() + bad)
+    where = ["--out", str(tmp_path / "r.json")] if command == "finetune" else ["--run_dir", str(tmp_path / "run"), "--rows", "1", "--cols", "2"]
+    byte = len(good) + bad.index(b"\xe9")
+    refused(capsys, [command, *FAST, *where, "--model", str(FIXTURE), "--dataset", str(tmp_path / "chats.jsonl")],
+            f"chats.jsonl line 2 (byte {byte}): not UTF-8")
+    assert not (tmp_path / "run").exists()
