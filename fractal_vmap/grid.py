@@ -110,7 +110,10 @@ def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: t
 
 def plan_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: dict | None = None) -> GridPlan:
     """Every check and load a grid needs, each bad input one clear line, all before the run dir is created."""
+    from fractal_vmap.tracking import check_wandb
+
     validate(cfg)
+    check_wandb(cfg)
     for name, default in PAPER_FIELDS.items():
         if getattr(cfg, name) != default:
             raise UserError(f"--{name} is a setting of --task paper-mlp: leave it out of a nanochat grid, or add --task paper-mlp")

@@ -75,6 +75,9 @@ def make_spec(cfg: GridConfig, paper: PaperConfig, row: Axis, col: Axis, device:
 
 def plan_paper_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: dict | None = None) -> PaperPlan:
     """Every check before any work. `axes`: exact axis values (a zoom's), instead of --rows/--cols and their ranges."""
+    from fractal_vmap.tracking import refuse_wandb
+
+    refuse_wandb(cfg, "a paper-mlp grid")
     if cfg.axes != GridConfig.axes:
         raise UserError(f"--axes {cfg.axes} is for nanochat grids: the paper task's axes follow --phase_space ({', '.join(PHASE_SPACES)})")
     if cfg.phase_space not in SPACE_AXES:

@@ -99,7 +99,9 @@ def filled(results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], i
 def run_refined_grid(cfg: GridConfig) -> Path:
     """Level 0, then K levels of refinement near the boundary, then the tables and pictures of the filled fine grid.
     (No W&B run: the files are the record.)"""
+    from fractal_vmap.tracking import refuse_wandb
 
+    refuse_wandb(cfg, "a refined grid")
     K = cfg.refine
     if not 1 <= K <= MAX_LEVELS:
         raise UserError(f"--refine {K}: use 1 to {MAX_LEVELS} levels (each halves the spacing near the boundary)")

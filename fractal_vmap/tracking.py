@@ -41,6 +41,26 @@ def wandb_mode(requested: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if _has_credentials() else "offline")
 
 
+def check_wandb(cfg) -> None:
+    """Before any work: W&B online needs credentials (wandb would otherwise fail, or wait on a login prompt, at the end
+    of the setup)."""
+    mode = wandb_mode(cfg.wandb)
+    if mode == "online" and not _has_credentials():
+        asked = "--wandb online" if cfg.wandb == "online" else "WANDB_MODE=online"
+        raise UserError(f"{asked} but no W&B credentials here (no WANDB_API_KEY, no api.wandb.ai in ~/.netrc): run `wandb login` or set "
+                        "WANDB_API_KEY, or pass --wandb offline (to `wandb sync` later) or --wandb disabled")
+
+
+def refuse_wandb(cfg, what: str) -> None:
+    """A mode that logs nothing to W&B (`what`: a refined grid, a paper-mlp grid) refuses W&B asked for explicitly,
+    rather than ignore it."""
+    given = [f"--wandb {cfg.wandb}"] if cfg.wandb in ("online", "offline") else []
+    given += [f"--{name} {getattr(cfg, name)}" for name, default in (("wandb_project", "fractal-vmap"), ("wandb_entity", None))
+              if getattr(cfg, name) != default]
+    if given:
+        raise UserError(f"{' '.join(given)}: {what} logs nothing to W&B (its run dir is the record): leave the W&B flags out, or pass --wandb disabled")
+
+
 def kept_run_id(directory: Path) -> str:
     """The W&B run id kept in `directory` (a grid's run dir), made and written on first use."""
     path = directory / ID_FILE

@@ -121,3 +121,52 @@ def test_a_dataset_that_is_not_utf8_names_the_line_and_byte(tmp_path, capsys, no
     refused(capsys, [command, *FAST, *where, "--model", str(FIXTURE), "--dataset", str(tmp_path / "chats.jsonl")],
             f"chats.jsonl line 2 (byte {byte}): not UTF-8")
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- W&B
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+
+@pytest.mark.parametrize("command", ["finetune", "grid"])
+@pytest.mark.parametrize("how", [["--wandb", "online"], "WANDB_MODE=online"])
+def test_wandb_online_without_credentials_says_how_to_log_in(tmp_path, capsys, monkeypatch, no_credentials, no_training, command, how):
+    import fractal_vmap.grid as grid_module
+
+    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
+    if how == "WANDB_MODE=online":
+        monkeypatch.setenv("WANDB_MODE", "online")
+    flags = how if isinstance(how, list) else ["--wandb", "auto"]
+    where = ["--out", str(tmp_path / "r.json")] if command == "finetune" else ["--run_dir", str(tmp_path / "run")]
+    line = refused(capsys, [command, "--device", "cpu", *where, *flags], "but no W&B credentials here")
+    assert "`wandb login`" in line and "WANDB_API_KEY" in line and "--wandb offline" in line
+    assert line.split(": ")[1].startswith("--wandb online" if isinstance(how, list) else "WANDB_MODE=online")
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_online_with_an_api_key_passes_the_check(monkeypatch, no_credentials):
+    from fractal_vmap.options import GridConfig
+    from fractal_vmap.tracking import check_wandb
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    check_wandb(GridConfig(wandb="online"))  # no refusal
+
+
+@pytest.mark.parametrize("mode, flags", [
+    ("a refined grid", ["--refine", "1", "--wandb", "offline"]),
+    ("a refined grid", ["--task", "paper-mlp", "--refine", "1", "--wandb", "online"]),
+    ("a paper-mlp grid", ["--task", "paper-mlp", "--wandb", "offline"]),
+    ("a paper-mlp grid", ["--task", "paper-mlp", "--wandb_project", "mine"]),
+])
+def test_modes_that_log_nothing_to_wandb_say_so_when_it_is_asked_for(tmp_path, capsys, monkeypatch, mode, flags):
+    import fractal_vmap.grid as grid_module
+
+    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
+    line = refused(capsys, ["grid", "--device", "cpu", "--run_dir", str(tmp_path / "run"), *flags], f"{mode} logs nothing to W&B")
+    assert "--wandb disabled" in line
+    assert not (tmp_path / "run").exists()
