@@ -25,6 +25,7 @@ import time
 import uuid
 from contextlib import ExitStack
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -167,6 +168,41 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def rows_to_train(cfg: GridConfig) -> int:
+    """The rows without a finished file, where --run_dir names a grid already begun (its grid.json's digest); else all
+    of them. Cheap (no model is loaded): it only sizes the launch, the workers check everything again."""
+    import json
+
+    from fractal_vmap.rundir import row_path
+
+    if cfg.run_dir is None or not (Path(cfg.run_dir) / "grid.json").is_file():
+        return cfg.rows
+    try:
+        digest = json.loads((Path(cfg.run_dir) / "grid.json").read_text()).get("digest")
+    except (ValueError, AttributeError):  # unreadable: the workers refuse it in one line
+        return cfg.rows
+
+    def finished(i: int) -> bool:
+        try:
+            row = json.loads(row_path(Path(cfg.run_dir), i).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(row, dict) and row.get("complete") is True and row.get("spec_digest") == digest and len(row.get("lanes", [])) == cfg.cols
+
+    return sum(not finished(i) for i in range(cfg.rows))
+
+
+def workers_to_start(cfg: GridConfig, rows: int, capacity: int, unit: str) -> int:
+    """--workers, capped at the rows to train and at the GPUs or cores (`capacity` of `unit`), with one line when
+    capped: a worker beyond them only waits or shares a core (64 workers on 2 cores for 2 rows took 164 s, not 10 s).
+    Capping changes no number: each worker keeps the threads --workers gives it (launch)."""
+    workers = max(1, min(cfg.workers, rows, capacity))
+    if workers < cfg.workers:
+        console.print(f"--workers {cfg.workers}: starting {workers} ({rows} row{'s' if rows != 1 else ''} to train, {capacity} {unit}); "
+                      "more would only wait or share a core", highlight=False, soft_wrap=True)
+    return workers
+
+
 def launch(cfg: GridConfig, entrypoint) -> None:
     """`grid --workers N`: torch's elastic agent, in this process, starts N workers on this node, each running
     `entrypoint(cfg)` (a function that returns None, or a user error (or its line) for us to raise once). A worker that dies
@@ -177,11 +213,13 @@ def launch(cfg: GridConfig, entrypoint) -> None:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.workers > torch.cuda.device_count():
         raise UserError(f"--workers {cfg.workers} but this node has {torch.cuda.device_count()} GPUs: one worker a GPU, pass at most that many")
-    if device.type == "cpu":  # the workers share the cores (an OMP_NUM_THREADS already set wins)
+    cuda = device.type == "cuda"
+    workers = workers_to_start(cfg, rows_to_train(cfg), torch.cuda.device_count() if cuda else cpu_cores(), "GPUs" if cuda else "CPU cores")
+    if not cuda:  # the workers share the cores (an OMP_NUM_THREADS already set wins) as --workers asked, capped or not
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // cfg.workers)))
     os.environ[FRESH_STORE] = "1"  # a fresh store for each start, so a restart can form its group (module docstring)
     # as `torchrun --standalone`: a c10d rendezvous on a free local port, a fresh run id
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.workers, rdzv_backend="c10d", rdzv_endpoint="localhost:0",
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=workers, rdzv_backend="c10d", rdzv_endpoint="localhost:0",
                           run_id=uuid.uuid4().hex, max_restarts=MAX_RESTARTS, start_method="spawn")
     try:
         said = elastic_launch(config, entrypoint)(cfg)

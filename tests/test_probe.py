@@ -170,3 +170,56 @@ def test_modes_that_log_nothing_to_wandb_say_so_when_it_is_asked_for(tmp_path, c
     line = refused(capsys, ["grid", "--device", "cpu", "--run_dir", str(tmp_path / "run"), *flags], f"{mode} logs nothing to W&B")
     assert "--wandb disabled" in line
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- --workers
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """What `grid --workers N` would start: the elastic launcher replaced by a recorder (no process starts)."""
+    import torch.distributed.launcher.api as launcher
+
+    from fractal_vmap import shard
+
+    starts = []
+
+    def elastic_launch(config, entrypoint):
+        starts.append(config.nproc_per_node)
+        return lambda cfg: {rank: None for rank in range(config.nproc_per_node)}
+
+    monkeypatch.setattr(launcher, "elastic_launch", elastic_launch)
+    monkeypatch.setattr(shard, "cpu_cores", lambda: 2)
+    for name in ("OMP_NUM_THREADS", shard.FRESH_STORE):  # what launch sets for its workers, undone after the test
+        monkeypatch.delenv(name, raising=False)
+    return starts
+
+
+def test_workers_beyond_the_cores_and_rows_are_capped_in_one_line(tmp_path, capsys, launched):
+    main(["grid", *FAST, "--rows", "2", "--cols", "2", "--workers", "64", "--run_dir", str(tmp_path / "run")])
+    assert launched == [2]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["--workers 64: starting 2 (2 rows to train, 2 CPU cores); more would only wait or share a core"]
+
+
+def test_workers_beyond_the_rows_left_to_train_are_capped(tmp_path, capsys, monkeypatch, launched):
+    """A resumed grid with one row left (the others finished under this grid.json's digest) starts one worker, with the
+    threads --workers gives each (8 cores / 2), as the uncapped run would: the cap changes no number."""
+    import json
+
+    from fractal_vmap import shard
+
+    monkeypatch.setattr(shard, "cpu_cores", lambda: 8)
+
+    run_dir = tmp_path / "run"
+    (run_dir / "rows").mkdir(parents=True)
+    (run_dir / "grid.json").write_text(json.dumps({"spec": {}, "digest": "d1"}))
+    for i, digest in ((0, "d1"), (1, "d1"), (2, "another")):  # row 2: of another spec, so not finished; row 3: no file
+        (run_dir / "rows" / f"row_{i:04d}.json").write_text(json.dumps({"complete": True, "spec_digest": digest, "lanes": [{}, {}]}))
+    main(["grid", *FAST, "--rows", "4", "--cols", "2", "--workers", "2", "--run_dir", str(run_dir)])
+    assert launched == [2]  # rows 2 and 3 are left
+    (run_dir / "rows" / "row_0002.json").write_text(json.dumps({"complete": True, "spec_digest": "d1", "lanes": [{}, {}]}))
+    capsys.readouterr()
+    main(["grid", *FAST, "--rows", "4", "--cols", "2", "--workers", "2", "--run_dir", str(run_dir)])
+    assert launched == [2, 1] and os.environ["OMP_NUM_THREADS"] == "4"
+    assert "--workers 2: starting 1 (1 row to train, 8 CPU cores)" in capsys.readouterr().out
