@@ -21,6 +21,7 @@ AXES = {
     "seed": ("seed", (0.0, 7.0), "linear"),
 }
 INTEGER_AXES = ("num_tokens", "seed")
+DEFAULT_AXES = "num_tokens,lr"  # a nanochat grid's, when --axes is unset
 
 
 @dataclass
@@ -58,8 +59,8 @@ def make_axis(name: str, n: int, lo: float | None, hi: float | None, scale: str,
     return Axis(name, [float(v) for v in values], scale)
 
 
-def parse_axes(spec: str) -> tuple[str, str]:
-    names = [a.strip() for a in spec.split(",")]
+def parse_axes(spec: str | None) -> tuple[str, str]:
+    names = [a.strip() for a in (spec or DEFAULT_AXES).split(",")]
     if len(names) != 2 or names[0] == names[1]:
         raise UserError(f"--axes {spec!r}: give two different axes, rows first, e.g. --axes num_tokens,lr")
     return names[0], names[1]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from fractal_vmap.axes import Axis, cell_config, cell_lrs, check_overrides, lr_sources, make_axis, parse_axes, unused_fields
+from fractal_vmap.axes import DEFAULT_AXES, Axis, cell_config, cell_lrs, check_overrides, lr_sources, make_axis, parse_axes, unused_fields
 from fractal_vmap.compiled import resolve_compile
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
@@ -114,6 +114,7 @@ def plan_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: di
 
     validate(cfg)
     check_wandb(cfg)
+    cfg.axes = cfg.axes or DEFAULT_AXES  # as the spec has always recorded it
     for name, default in PAPER_FIELDS.items():
         if getattr(cfg, name) != default:
             raise UserError(f"--{name} is a setting of --task paper-mlp: leave it out of a nanochat grid, or add --task paper-mlp")

@@ -58,7 +58,7 @@ class GridConfig(TrainConfig):
     """A 2-D grid of fine-tuning runs: every run setting, plus the two axes swept and their ranges."""
 
     task: str = "nanochat-sft"  # what each cell trains: nanochat-sft (fine-tuning a nanochat model), or paper-mlp (the MLP of Sohl-Dickstein 2024, one lane a pixel; its axes follow --phase_space)
-    axes: str = "num_tokens,lr"  # the rows axis and the cols axis, comma-separated, from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr, weight_decay, warmup_frac, final_lr_frac, seed
+    axes: str | None = None  # the rows axis and the cols axis, comma-separated, from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr, weight_decay, warmup_frac, final_lr_frac, seed; unset: num_tokens,lr (a paper-mlp grid's follow --phase_space)
     rows: int = 6  # number of values on the rows axis
     cols: int = 16  # number of values on the cols axis (the lanes of a row)
     row_min: float | None = None  # smallest rows-axis value; unset: the axis' own range

@@ -223,3 +223,43 @@ def test_workers_beyond_the_rows_left_to_train_are_capped(tmp_path, capsys, monk
     main(["grid", *FAST, "--rows", "4", "--cols", "2", "--workers", "2", "--run_dir", str(run_dir)])
     assert launched == [2, 1] and os.environ["OMP_NUM_THREADS"] == "4"
     assert "--workers 2: starting 1 (1 row to train, 8 CPU cores)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- nanochat settings on a paper-mlp grid
+
+
+def nanochat_only_flags() -> list[list[str]]:
+    """A flag with a non-default value for every grid option the paper task does not read."""
+    import typing
+    from dataclasses import fields
+
+    from fractal_vmap.options import GridConfig
+    from fractal_vmap.paper_task import PAPER_READS
+
+    flags = []
+    hints = typing.get_type_hints(GridConfig)
+    for f in fields(GridConfig):
+        if f.name in PAPER_READS:
+            continue
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        value = "other" if kind is str else str((f.default or 0) + (1 if kind is int else 0.5))
+        flags.append([f"--{f.name}", value])
+    return flags
+
+
+@pytest.mark.parametrize("flag", nanochat_only_flags(), ids=lambda flag: flag[0])
+def test_a_paper_grid_refuses_every_nanochat_setting(tmp_path, capsys, flag):
+    line = refused(capsys, [*PAPER, "--run_dir", str(tmp_path / "run"), *flag], f"{flag[0]} {flag[1]} has no effect on a paper-mlp grid")
+    assert "leave out --task paper-mlp" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_paper_grid_refuses_axes_even_at_their_nanochat_default(tmp_path, capsys):
+    refused(capsys, [*PAPER, "--run_dir", str(tmp_path / "run"), "--axes", "num_tokens,lr"], "--axes num_tokens,lr is for nanochat grids")
+
+
+def test_the_paper_task_reads_what_it_does_not_refuse():
+    """Spot checks of the list: the model, data and optimizer flags are nanochat's; --axes keeps its own line."""
+    names = {flag[0] for flag in nanochat_only_flags()}
+    assert {"--model", "--dataset", "--learning_rate", "--num_tokens", "--lane_chunk", "--kernels", "--compile", "--run_name"} <= names
+    assert not {"--seed", "--num_iterations", "--dtype", "--device", "--trainable_window_steps", "--width"} & names
