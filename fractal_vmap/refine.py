@@ -14,6 +14,7 @@ trained, each with its fine-grid indices), so a rerun resumes level by level.
 """
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -30,7 +31,30 @@ from fractal_vmap.report import dimension_note, write_report
 from fractal_vmap.rundir import open_run_dir, read_row, row_path, write_row
 
 MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom serves better
+# host memory a fine cell takes, trained or not, measured with tracemalloc on a 129 x 129 map (CPython 3.11; the
+# process's peak RSS grew by the same per cell from 129^2 to 385^2 cells): the filled cell's dict and its cells.parquet
+# row at the peak of write_report (2287 bytes), and for a nanochat grid also its FinetuneConfig, which plan_grid makes
+# for every fine cell (1743 bytes). A trained cell's loss curve comes on top.
+MAP_CELL_BYTES, NANOCHAT_CELL_BYTES = 2300, 1750
 console = Console()
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that knows
+        return None
+
+
+def check_map_fits(cfg: GridConfig, K: int) -> None:
+    """Refuse, before anything is planned, a fine map whose per-cell tables alone outgrow this machine's memory."""
+    H, W = (cfg.rows - 1) * 2**K + 1, (cfg.cols - 1) * 2**K + 1
+    per_cell = MAP_CELL_BYTES + (NANOCHAT_CELL_BYTES if cfg.task != "paper-mlp" else 0)
+    need, have = H * W * per_cell, physical_memory()
+    if have is not None and need > have:
+        raise UserError(f"--refine {K} on --rows {cfg.rows} --cols {cfg.cols} makes a {H} x {W} map ({H * W:.3g} cells): its cell tables "
+                        f"alone would take about {need / 2**30:,.0f} GiB ({per_cell} bytes a cell), more than this machine's "
+                        f"{have / 2**30:.0f} GiB: use fewer --rows/--cols or --refine levels, or zoom into a box (fractal-vmap boxes)")
 
 
 def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
@@ -107,6 +131,7 @@ def run_refined_grid(cfg: GridConfig) -> Path:
         raise UserError(f"--refine {K}: use 1 to {MAX_LEVELS} levels (each halves the spacing near the boundary)")
     if cfg.rows < 2 or cfg.cols < 2:
         raise UserError(f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}")
+    check_map_fits(cfg, K)
     if cfg.task == "paper-mlp":
         from fractal_vmap.paper_task import plan_paper_grid, train_paper_cells
 
@@ -142,7 +167,7 @@ def run_refined_grid(cfg: GridConfig) -> Path:
             console.print(f"level {k}: {len(points)} cells trained at spacing {step} ({len(results)} of {H * W} so far)", highlight=False)
         out = write_report(plan.run_dir, filled(results, levels, H, W, K), plan.row, plan.col)
     f = out["fractal"]
-    console.print(f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); trainable {f['trainable_fraction']:.0%}; "
+    console.print(f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); trainable {f['trainable_fraction']:.0%} of the map; "
                   f"{dimension_note(f)}", highlight=False, soft_wrap=True)
     console.print(f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}", soft_wrap=True)
     return plan.run_dir

@@ -85,10 +85,14 @@ def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, thresh
     settings, axes = spec["settings"], spec["axes"]
     lrs = ", ".join(f"{g} frozen" if v is None else f"{g} = {v if isinstance(v, str) else f'{v:g}'}" for g, v in spec.get("group_lrs", {}).items())
     cells_total = len(axes["rows"]["values"]) * len(axes["cols"]["values"])
+    if "trained" in cells.columns:  # a refined map (refine.py): the cells no level trained took a coarser cell's result
+        counted = f"{int(cells['trained'].sum())}/{cells_total} cells trained (the others filled from a coarser level)"
+    else:
+        counted = f"{len(cells)}/{cells_total} cells"
     lines = [
         f"model {source_label(spec['model'])} · dataset {source_label(spec['dataset'])} · {settings['device']} {settings['dtype']}",
         f"rows {axis_label(axes['rows'])} x cols {axis_label(axes['cols'])} · learning rates: {lrs}",
-        (f"{len(cells)}/{cells_total} cells · {cells['converged'].mean():.0%} trainable (mean of the last {window} losses < {threshold:g} x "
+        (f"{counted} · {cells['converged'].mean():.0%} trainable (mean of the last {window} losses < {threshold:g} x "
          f"the first) · {cells['stable'].mean():.0%} stable"),
         dimension_note(fractal),
         f"run dir {run_name} · created {env.get('created', '?')} · fractal-vmap {(env.get('git_revision') or env.get('fractal_vmap') or '?')[:12]}",

@@ -263,3 +263,71 @@ def test_the_paper_task_reads_what_it_does_not_refuse():
     names = {flag[0] for flag in nanochat_only_flags()}
     assert {"--model", "--dataset", "--learning_rate", "--num_tokens", "--lane_chunk", "--kernels", "--compile", "--run_name"} <= names
     assert not {"--seed", "--num_iterations", "--dtype", "--device", "--trainable_window_steps", "--width"} & names
+
+
+# ----------------------------------------------------------------------------- --refine
+
+
+@pytest.mark.parametrize("task", [[], ["--task", "paper-mlp"]])
+def test_refine_refuses_a_map_it_cannot_hold(tmp_path, capsys, monkeypatch, task):
+    import fractal_vmap.grid as grid_module
+
+    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
+    line = refused(capsys, ["grid", *FAST, *task, "--rows", "2000", "--cols", "2000", "--refine", "6", "--run_dir", str(tmp_path / "run")],
+                   "--refine 6 on --rows 2000 --cols 2000 makes a 127937 x 127937 map (1.64e+10 cells)")
+    assert "GiB" in line and "more than this machine's" in line
+    assert not (tmp_path / "run").exists()
+
+
+def peak_bytes_per_cell(build, cells: int) -> float:
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        kept = build()  # noqa: F841 (held until the peak is read)
+        return tracemalloc.get_traced_memory()[1] / cells
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_refine_memory_estimate_is_what_a_map_takes():
+    """MAP_CELL_BYTES and NANOCHAT_CELL_BYTES against the peak of what refine builds per fine cell on a 65 x 65 map,
+    9 cells in 10 filled from a coarse parent (tracemalloc: the Python objects and numpy buffers)."""
+    import numpy as np
+
+    from fractal_vmap.axes import Axis, cell_config, make_axis
+    from fractal_vmap.grid import base_config
+    from fractal_vmap.options import GridConfig
+    from fractal_vmap.refine import MAP_CELL_BYTES, NANOCHAT_CELL_BYTES, filled
+    from fractal_vmap.report import cells_frame
+
+    rng = np.random.default_rng()
+    H = W = 65
+    lane = lambda i, j: {"run_name": f"grid-r{i}-c{j}", "learning_rate": float(rng.random()), "num_tokens_target": 1000, "tokens_seen": 1000,  # noqa: E731
+                         "avg_loss": 2.0, "final_loss": 2.0, "trainable_loss0": 2.0, "trainable_mean_last_k": 1.5, "trainable_ratio": 0.7,
+                         "stable": True, "converged": bool(i < j), "steps": 25, "total_steps": 25, "runtime_s": 1.0, "seed": 999, "error": None,
+                         "measure": float(rng.normal()), "losses": rng.random(25).tolist(), "grid_i": i, "grid_j": j}
+    results = {(i, j): lane(i, j) for i in range(H) for j in range(W) if i % 4 == 0 and j % 4 == 0 or abs(i - j) < 2}
+    row, col = Axis("lr1", list(np.geomspace(1, 1e3, H)), "log"), Axis("lr0", list(np.geomspace(0.1, 1e5, W)), "log")
+    cells_frame([{**lane(0, 0), "trained": True, "level": 0}], row, col)  # imports pandas outside the measurement
+    table = peak_bytes_per_cell(lambda: cells_frame(filled(results, {k: 0 for k in results}, H, W, 2), row, col), H * W)
+    assert 0.8 * MAP_CELL_BYTES < table < 1.2 * MAP_CELL_BYTES, table
+    base, rows, cols = base_config(GridConfig()), make_axis("num_tokens", H, None, None, "auto", "rows"), make_axis("lr", W, None, None, "auto", "cols")
+    configs = peak_bytes_per_cell(lambda: [[cell_config(base, rows, cols, i, j, "grid") for j in range(W)] for i in range(H)], H * W)
+    assert 0.8 * NANOCHAT_CELL_BYTES < configs < 1.2 * NANOCHAT_CELL_BYTES, configs
+
+
+def test_a_refined_map_counts_the_cells_it_trained(tmp_path, capsys):
+    from fractal_vmap.report import caption, read_run
+
+    run_dir = tmp_path / "run"
+    main(["grid", "--task", "paper-mlp", "--rows", "7", "--cols", "7", "--refine", "1", "--num_iterations", "25", "--seed", "0",
+          "--row_min", "1", "--row_max", "1e3", "--col_min", "1e-1", "--col_max", "1e5", "--run_dir", str(run_dir)])  # test_zoom's view
+    grid, cells, fractal = read_run(run_dir)
+    trained = int(cells["trained"].sum())
+    assert 49 < trained < 169  # more than the coarse grid, fewer than the 13 x 13 map
+    assert f"trained {trained} of 169 cells" in capsys.readouterr().out
+    text = caption(grid, cells, fractal, "run", 20, 1.0)
+    assert f"{trained}/169 cells trained (the others filled from a coarser level)" in text and "169/169" not in text
