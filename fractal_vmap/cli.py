@@ -5,6 +5,7 @@ import os
 import shlex
 import signal
 import sys
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -206,6 +207,47 @@ def check_config_file(path: str, command: str, options: type) -> None:
     unknown = sorted(set(data["cfg"]) - {f.name for f in fields(options)})
     if unknown:
         raise UserError(f"--config_path {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap {command} --help")
+    hints = typing.get_type_hints(options)
+    for f in fields(options):
+        if f.name in data["cfg"] and not fits(data["cfg"][f.name], hints[f.name]):
+            example = f.default if f.default is not None else {int: 1, float: 0.5, str: "text"}.get(plain_type(hints[f.name]), "...")
+            raise UserError(f"--config_path {path}: {f.name} is {data['cfg'][f.name]!r}, not {type_words(hints[f.name])}: write e.g. `{f.name}: {example}`")
+
+
+def plain_type(kind):
+    """X from `X | None`."""
+    return next((t for t in typing.get_args(kind) if t is not type(None)), kind) if type(None) in typing.get_args(kind) else kind
+
+
+def fits(value, kind) -> bool:
+    """Whether a value read from a YAML or JSON config file can be an option of type `kind` (simple_parsing converts a
+    string, as it would a flag, and passes any other value through unchecked)."""
+    if type(None) in typing.get_args(kind):
+        return value is None or fits(value, plain_type(kind))
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and all(fits(v, item) for v in value)
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            kind(value)  # a number YAML read as a string (1e-3 is one): converted like a flag's value
+        except ValueError:
+            return False
+        return True
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def type_words(kind) -> str:
+    if type(None) in typing.get_args(kind):
+        return f"{type_words(plain_type(kind))} or null"
+    if typing.get_origin(kind) is list:
+        return f"a list of {type_words(typing.get_args(kind)[0]).removeprefix('a ')}s"
+    return {int: "a whole number (int)", float: "a number (float)", str: "a string", bool: "true or false"}.get(kind, str(kind))
 
 
 def resume_command(argv: list[str], cfg) -> str:

@@ -331,3 +331,34 @@ def test_a_refined_map_counts_the_cells_it_trained(tmp_path, capsys):
     assert f"trained {trained} of 169 cells" in capsys.readouterr().out
     text = caption(grid, cells, fractal, "run", 20, 1.0)
     assert f"{trained}/169 cells trained (the others filled from a coarser level)" in text and "169/169" not in text
+
+
+# ----------------------------------------------------------------------------- --config_path
+
+
+@pytest.mark.parametrize("command", ["grid", "finetune"])
+@pytest.mark.parametrize("entry, expected", [
+    ("num_tokens: many", "num_tokens is 'many', not a whole number (int): write e.g. `num_tokens: 20000`"),
+    ("num_tokens: 2.5", "num_tokens is 2.5, not a whole number (int)"),
+    ("learning_rate: fast", "learning_rate is 'fast', not a number (float): write e.g. `learning_rate: 0.02`"),
+    ("learning_rate: [1, 2]", "learning_rate is [1, 2], not a number (float)"),
+    ("wandb: 3", "wandb is 3, not a string"),
+    ("num_iterations: lots", "num_iterations is 'lots', not a whole number (int) or null"),
+])
+def test_a_config_value_of_the_wrong_type_names_the_file_key_and_type(tmp_path, capsys, no_training, command, entry, expected):
+    path = tmp_path / "options.yaml"
+    path.write_text(f"cfg:\n  {entry}\n")
+    where = ["--out", str(tmp_path / "r.json")] if command == "finetune" else ["--run_dir", str(tmp_path / "run")]
+    refused(capsys, [command, *FAST, *where, "--config_path", str(path)], f"--config_path {path}: {expected}")
+
+
+def test_config_values_simple_parsing_converts_still_pass(tmp_path):
+    """YAML reads 1e-3 (no dot) as a string and a quoted '3' as one: both convert as a flag's value would."""
+    from fractal_vmap.cli import build_parser, check_config_file
+    from fractal_vmap.options import GridConfig
+
+    path = tmp_path / "options.yaml"
+    path.write_text("cfg:\n  learning_rate: 1e-3\n  rows: '3'\n  row_min: null\n  cols: 4\n  col_max: 10\n")
+    check_config_file(str(path), "grid", GridConfig)
+    cfg = build_parser().parse_args(["grid", "--config_path", str(path)]).cfg
+    assert (cfg.learning_rate, cfg.rows, cfg.row_min, cfg.cols, cfg.col_max) == (1e-3, 3, None, 4, 10)
