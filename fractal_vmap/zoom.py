@@ -15,7 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fractal_vmap.axes import AXES, Axis, make_axis
+from fractal_vmap.axes import AXES, INTEGER_AXES, Axis, make_axis
 from fractal_vmap.boxes import boundary_boxes
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import read_json_object
@@ -101,6 +101,9 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
         log = {"rows": rows.scale == "log", "cols": cols.scale == "log"}
         ranges = {"rows": squared(*ranges["rows"], ranges["cols"], log["rows"], log["cols"]),
                   "cols": squared(*ranges["cols"], ranges["rows"], log["cols"], log["rows"])}
+    for which, axis in (("rows", rows), ("cols", cols)):  # an integer axis takes whole bounds, rounded inwards (squared's are not)
+        if axis.name in INTEGER_AXES:
+            ranges[which] = (float(math.ceil(ranges[which][0])), float(math.floor(ranges[which][1])))
     return (make_axis(rows.name, counts["rows"], *ranges["rows"], rows.scale, "rows", table),
             make_axis(cols.name, counts["cols"], *ranges["cols"], cols.scale, "cols", table)), box
 

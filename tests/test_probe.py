@@ -3,6 +3,7 @@ ends in exit code 2 and one line naming what is wrong and what to do (before any
 in the behaviour the issue asks for."""
 
 import errno
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -362,3 +363,46 @@ def test_config_values_simple_parsing_converts_still_pass(tmp_path):
     check_config_file(str(path), "grid", GridConfig)
     cfg = build_parser().parse_args(["grid", "--config_path", str(path)]).cfg
     assert (cfg.learning_rate, cfg.rows, cfg.row_min, cfg.cols, cfg.col_max) == (1e-3, 3, None, 4, 10)
+
+
+# ----------------------------------------------------------------------------- axes
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--axes", "seed,lr", "--row_min", "0.5", "--row_max", "3.7", "--rows", "4"],
+     "--row_min 0.5: the rows axis seed takes whole numbers: pass 0 or 1"),
+    (["--axes", "lr,num_tokens", "--col_min", "1000", "--col_max", "2500.5", "--cols", "4"], "--col_max 2500.5: the cols axis num_tokens takes whole numbers"),
+    (["--axes", "seed,lr", "--row_min", "0", "--row_max", "3", "--rows", "6"],
+     "the rows axis seed 0..3 rounds to 4 distinct whole numbers for --rows 6: some rows would train the same cells"),
+    (["--col_min", "0.01", "--col_max", "0.01"], "--col_min and --col_max are both 0.01 with --cols 16: every col would train the same cells"),
+    (["--row_min", "2000", "--row_max", "2000", "--rows", "3"], "--row_min and --row_max are both 2000 with --rows 3"),
+])
+def test_axes_that_would_train_outside_their_range_or_twice_are_refused(tmp_path, capsys, monkeypatch, flags, expected):
+    import fractal_vmap.grid as grid_module
+
+    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
+    refused(capsys, ["grid", *FAST, "--run_dir", str(tmp_path / "run"), *flags], expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_row_at_equal_bounds_and_whole_bounds_pass():
+    from fractal_vmap.axes import make_axis
+
+    from fractal_vmap.errors import UserError
+
+    assert make_axis("lr", 1, 0.01, 0.01, "auto", "cols").values == [0.01]
+    assert make_axis("seed", 3, 1, 3.0, "auto", "rows").values == [1.0, 2.0, 3.0]
+    with pytest.raises(UserError, match="rounds to 3 distinct whole numbers for --rows 4"):
+        make_axis("seed", 4, 1, 3.0, "auto", "rows")  # 1, 1.67, 2.33, 3: seed 2 twice
+
+
+def test_a_square_zoom_of_an_integer_axis_keeps_whole_values_inside_its_range():
+    from fractal_vmap.options import ZoomConfig
+    from fractal_vmap.zoom import child_axes
+
+    spec = {"axes": {"rows": {"name": "num_tokens", "values": [1000.0, 2828.0, 8000.0], "scale": "log"},
+                     "cols": {"name": "lr", "values": [0.01, 1.0, 100.0], "scale": "log"}}, "settings": {}}
+    (rows, _), _ = child_axes(ZoomConfig(run="parent", range="rows=1000:8000,cols=0.01:100", square=True, rows=5, cols=5), spec)
+    assert all(v == round(v) for v in rows.values) and rows.values == sorted(set(rows.values))
+    centre = math.log10(math.sqrt(1000 * 8000))  # squared: 4 decades (the cols') about the box's centre
+    assert 10 ** (centre - 2) <= rows.values[0] < 10 ** (centre - 2) + 1 and 10 ** (centre + 2) - 1 < rows.values[-1] <= 10 ** (centre + 2)
