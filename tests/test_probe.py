@@ -406,3 +406,29 @@ def test_a_square_zoom_of_an_integer_axis_keeps_whole_values_inside_its_range():
     assert all(v == round(v) for v in rows.values) and rows.values == sorted(set(rows.values))
     centre = math.log10(math.sqrt(1000 * 8000))  # squared: 4 decades (the cols') about the box's centre
     assert 10 ** (centre - 2) <= rows.values[0] < 10 ** (centre - 2) + 1 and 10 ** (centre + 2) - 1 < rows.values[-1] <= 10 ** (centre + 2)
+
+
+# ----------------------------------------------------------------------------- smaller ones
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (16, 1)])
+def test_a_one_row_grid_in_both_phases_does_not_say_every_cell_is_in_one_phase(shape):
+    """Edge pixels are 2 x 2 blocks holding both phases (fractal.edge_pixels): a grid of one row (or col) has no such
+    block, so it has no boundary to measure, although half its cells train."""
+    import numpy as np
+    import pandas as pd
+
+    from fractal_vmap.axes import Axis
+    from fractal_vmap.report import dimension_note, measure_fractal
+
+    rng = np.random.default_rng()
+    n = max(shape)
+    measure = np.where(np.arange(n) < n // 2, -1.0, 1.0) * rng.uniform(1, 50, n)  # trained in the first half
+    idx = np.arange(n)
+    cells = pd.DataFrame({"row": idx if shape[0] > 1 else 0, "col": idx if shape[1] > 1 else 0, "measure": measure, "converged": measure < 0})
+    row, col = Axis("num_tokens", [1000.0 + i for i in range(shape[0])], "log"), Axis("lr", list(np.geomspace(0.01, 100, shape[1])), "log")
+    note = dimension_note(measure_fractal(cells, row, col))
+    assert "same phase" not in note and note.startswith("no boundary dimension: 50% of the cells train"), note
+    assert "one row or one col" in note
+    same = cells.assign(measure=-np.abs(measure), converged=True)
+    assert "every cell with a result is in the same phase" in dimension_note(measure_fractal(same, row, col))
