@@ -432,3 +432,30 @@ def test_a_one_row_grid_in_both_phases_does_not_say_every_cell_is_in_one_phase(s
     assert "one row or one col" in note
     same = cells.assign(measure=-np.abs(measure), converged=True)
     assert "every cell with a result is in the same phase" in dimension_note(measure_fractal(same, row, col))
+
+
+@pytest.fixture(scope="module")
+def paper_parent(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("parent") / "run"
+    main([*PAPER, "--run_dir", str(run_dir)])  # lr1 x lr0, both 10^-3..10^6
+    return run_dir
+
+
+@pytest.mark.parametrize("span", ["rows=1e-5:1,cols=1:10", "rows=1:10,cols=1:1e7"])
+def test_a_zoom_range_outside_the_parent_is_refused(paper_parent, tmp_path, capsys, span):
+    which = span.split("=")[0] if "1e-5" in span else "cols"
+    line = refused(capsys, ["zoom", str(paper_parent), "--range", span, "--run_dir", str(tmp_path / "zoom")],
+                   f"reaches outside the parent's {which} axis")
+    assert "a zoom looks inside its parent" in line
+    assert not (tmp_path / "zoom").exists()
+
+
+def test_a_zoom_range_at_the_parents_printed_ends_is_inside(paper_parent):
+    import json
+
+    from fractal_vmap.options import ZoomConfig
+    from fractal_vmap.zoom import child_axes
+
+    spec = json.loads((paper_parent / "grid.json").read_text())["spec"]
+    (rows, cols), _ = child_axes(ZoomConfig(run=str(paper_parent), range="rows=1e-3:1e6,cols=0.001:1.0e6"), spec)
+    assert rows.values[0] == pytest.approx(1e-3) and cols.values[-1] == pytest.approx(1e6)
