@@ -20,6 +20,13 @@ BLUE, RED = (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)  # the two phases at full depth
 PALEST = 0.3  # the palest cell of a phase still gets 30% colour: clearly blue or red, never white
 CAPTION_SIZE = 7  # points
 MAX_SHOWN_LOSS = 1e30  # the final-loss panel's colour scale ends here (larger losses get its top colour)
+PAPER_INCHES, PANELS_INCHES = (7, 5), (13, 9)  # figure sizes of trainability.png and panels.png
+MAX_PIXELS = 2**28  # the largest canvas drawn: 1 GiB of RGBA (at --dpi 100000 matplotlib ran out of memory mid-draw)
+
+
+def max_dpi() -> int:
+    """The highest dpi at which the larger picture (panels.png) stays within MAX_PIXELS."""
+    return int((MAX_PIXELS / (PANELS_INCHES[0] * PANELS_INCHES[1])) ** 0.5)
 
 
 def _rank_fraction(x: np.ndarray) -> np.ndarray:
@@ -142,7 +149,7 @@ def paper_image(measure, row_values, col_values, row_name: str, col_name: str, p
     assert m.ndim == 2, f"measure must be 2-D, got shape {m.shape}"
     assert len(row_values) == m.shape[0] and len(col_values) == m.shape[1], \
         f"axis values ({len(row_values)}, {len(col_values)}) do not match measure shape {m.shape}"
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=dpi)
+    fig, ax = plt.subplots(figsize=PAPER_INCHES, dpi=dpi)
     shade = measure_shade(m, steps)
     mesh = _mesh(ax, row_values, col_values, row_name, col_name, log_rows, log_cols, shade, cmap=PHASE_CMAP, norm=Normalize(-1, 1))
     _phase_colorbar(fig, ax, mesh, varies(steps))
@@ -183,7 +190,7 @@ def panels(cells: pd.DataFrame, row_name: str, col_name: str, path, log_rows: bo
     mesh_args = (row_values, col_values, row_name, col_name, log_rows, log_cols)
     final_loss = _grid(cells, "final_loss", H, W)
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9), dpi=dpi, layout="constrained")  # constrained: room for bars and legends
+    fig, axes = plt.subplots(2, 2, figsize=PANELS_INCHES, dpi=dpi, layout="constrained")  # constrained: room for bars and legends
     steps = _grid(cells, "total_steps", H, W) if "total_steps" in cells else None
     mesh = _mesh(axes[0, 0], *mesh_args, measure_shade(_grid(cells, "measure", H, W), steps), cmap=PHASE_CMAP, norm=Normalize(-1, 1))
     _phase_colorbar(fig, axes[0, 0], mesh, varies(steps))

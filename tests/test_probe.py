@@ -459,3 +459,12 @@ def test_a_zoom_range_at_the_parents_printed_ends_is_inside(paper_parent):
     spec = json.loads((paper_parent / "grid.json").read_text())["spec"]
     (rows, cols), _ = child_axes(ZoomConfig(run=str(paper_parent), range="rows=1e-3:1e6,cols=0.001:1.0e6"), spec)
     assert rows.values[0] == pytest.approx(1e-3) and cols.values[-1] == pytest.approx(1e6)
+
+
+def test_plot_refuses_a_dpi_whose_canvas_cannot_be_drawn(paper_parent, tmp_path, capsys):
+    from fractal_vmap.plot import max_dpi
+
+    line = refused(capsys, ["plot", str(paper_parent), "--dpi", "100000", "--out", str(tmp_path / "p")],
+                   "--dpi 100000 would draw panels.png on a 1300000 x 900000 pixel canvas")
+    assert line.endswith(f"use --dpi {max_dpi()} or less") and 1000 < max_dpi() < 2000
+    assert not (tmp_path / "p").exists()
