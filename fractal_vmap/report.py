@@ -82,6 +82,16 @@ def axis_label(axis: dict) -> str:
     return f"{axis['name']} {span} ({len(values)}, {axis['scale']})"
 
 
+def averaged(cells, window: int) -> str:
+    """What the trainable label averaged: the last `window` losses, or every loss of a cell with fewer steps."""
+    steps = cells["total_steps"].dropna() if "total_steps" in cells.columns else cells.iloc[:0, 0]
+    short = steps[steps < window]
+    if short.empty:
+        return f"mean of the last {window} losses"
+    counts = f"{int(short.min())}" if short.min() == short.max() else f"{int(short.min())}..{int(short.max())}"
+    return f"mean of the last {window} losses, or of all {counts} in the {len(short)} cells with fewer steps,"
+
+
 def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, threshold: float) -> str:
     """What a picture shows, in a few lines: model, data, axes, lrs, labels, the dimension and its basis, the run."""
     spec, env = grid["spec"], grid.get("environment", {})
@@ -95,7 +105,7 @@ def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, thresh
     lines = [
         f"model {source_label(spec['model'])} · dataset {source_label(spec['dataset'])} · {settings['device']} {settings['dtype']}",
         f"rows {axis_label(axes['rows'])} x cols {axis_label(axes['cols'])} · learning rates: {lrs}",
-        (f"{counted} · {cells['converged'].mean():.0%} trainable (mean of the last {window} losses < {threshold:g} x "
+        (f"{counted} · {cells['converged'].mean():.0%} trainable ({averaged(cells, window)} < {threshold:g} x "
          f"the first) · {cells['stable'].mean():.0%} stable"),
         dimension_note(fractal),
         f"run dir {run_name} · created {env.get('created', '?')} · fractal-vmap {(env.get('git_revision') or env.get('fractal_vmap') or '?')[:12]}",

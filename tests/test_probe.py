@@ -468,3 +468,20 @@ def test_plot_refuses_a_dpi_whose_canvas_cannot_be_drawn(paper_parent, tmp_path,
                    "--dpi 100000 would draw panels.png on a 1300000 x 900000 pixel canvas")
     assert line.endswith(f"use --dpi {max_dpi()} or less") and 1000 < max_dpi() < 2000
     assert not (tmp_path / "p").exists()
+
+
+def test_the_caption_says_what_was_averaged_in_rows_shorter_than_the_window():
+    import pandas as pd
+
+    from fractal_vmap.report import caption
+
+    axis = lambda name, values: {"name": name, "values": values, "scale": "log"}  # noqa: E731
+    grid = {"spec": {"axes": {"rows": axis("num_tokens", [300.0, 600.0, 1000.0, 2000.0]), "cols": axis("lr", [0.01])},
+                     "settings": {"device": "cpu", "dtype": "float32"}, "group_lrs": {}, "model": {"source": "default"},
+                     "dataset": {"source": "default"}}}
+    fractal = {"sizes": [], "edge_pixel_count": 0, "dimension": None, "dimension_median_local": None, "trainable_fraction": 0.5}
+    cells = pd.DataFrame({"row": [0, 1, 2, 3], "col": 0, "converged": [True, False, True, False], "stable": True,
+                          "total_steps": [9, 15, 25, 40]})
+    text = " ".join(caption(grid, cells, fractal, "run", 20, 1.0).split())  # unwrapped
+    assert "(mean of the last 20 losses, or of all 9..15 in the 2 cells with fewer steps, < 1 x the first)" in text, text
+    assert "(mean of the last 9 losses < 1 x the first)" in " ".join(caption(grid, cells, fractal, "run", 9, 1.0).split())
