@@ -485,3 +485,21 @@ def test_the_caption_says_what_was_averaged_in_rows_shorter_than_the_window():
     text = " ".join(caption(grid, cells, fractal, "run", 20, 1.0).split())  # unwrapped
     assert "(mean of the last 20 losses, or of all 9..15 in the 2 cells with fewer steps, < 1 x the first)" in text, text
     assert "(mean of the last 9 losses < 1 x the first)" in " ".join(caption(grid, cells, fractal, "run", 9, 1.0).split())
+
+
+def test_the_bench_profile_prints_nothing_of_the_profilers_own(tmp_path):
+    """measure.profile_mode, as `bench` runs it, in a fresh process (Kineto reads its log level when a profile starts):
+    no 'USDT ... profiler_start' line and nothing else on stderr."""
+    import sys
+
+    code = ("import torch\n"
+            "from fractal_vmap.measure import profile_mode\n"
+            "w = torch.randn(64, 64, requires_grad=True)\n"
+            "def make_step():\n"
+            "    return lambda i, batch: (batch @ w).square().sum().backward()\n"
+            "out = profile_mode(make_step, torch.randn(8, 64), torch.device('cpu'))\n"
+            "assert out['launches'] > 0, out\n")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "USDT" not in result.stderr + result.stdout and result.stderr.strip() == "", result.stderr
