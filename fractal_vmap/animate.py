@@ -28,7 +28,7 @@ class Level:
     col_values: np.ndarray  # [W] axis values of the columns
     box: tuple[int, int, int, int] | None = None  # (row0, row1, col0, col1): the next level's cells here, half-open
     label: str = ""  # caption; default: the axis ranges
-    steps: np.ndarray | None = None  # [H, W] each cell's step count: the shading is per step where they differ (plot.measure_shade)
+    steps: np.ndarray | None = None  # [H, W] the cells' step counts: shaded per step where they differ (plot.py)
 
 
 def _caption(level: Level, index: int) -> str:

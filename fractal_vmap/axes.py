@@ -53,10 +53,11 @@ def make_axis(name: str, n: int, lo: float | None, hi: float | None, scale: str,
         raise UserError(f"{which} axis {name}: min {lo:g} > max {hi:g}: swap them")
     if scale == "log" and lo <= 0:
         raise UserError(f"{which} axis {name} is log-spaced but its min is {lo:g}: give a positive min or --{which[:-1]}_scale linear")
-    if name in INTEGER_AXES:  # rounding a non-integer bound's value would leave the range (seed 0.5..3.7 trained 0 and 4)
+    if name in INTEGER_AXES:  # a non-integer bound, rounded, leaves the range (seed 0.5..3.7 trained 0 and 4)
         for flag, value in ((f"--{which[:-1]}_min", lo), (f"--{which[:-1]}_max", hi)):
             if value != round(value):
-                raise UserError(f"{flag} {value:g}: the {which} axis {name} takes whole numbers: pass {math.floor(value)} or {math.ceil(value)}")
+                raise UserError(f"{flag} {value:g}: the {which} axis {name} takes whole numbers: "
+                                f"pass {math.floor(value)} or {math.ceil(value)}")
     values = np.geomspace(lo, hi, n) if scale == "log" else np.linspace(lo, hi, n)
     if name in INTEGER_AXES:
         values = np.round(values)
@@ -68,11 +69,13 @@ def check_distinct(name: str, values: np.ndarray, lo: float, hi: float, which: s
     """Refuse an axis whose values repeat: those rows (or cols) would train the same cells."""
     if len(values) < 2 or (np.diff(values) > 0).all():
         return
+    one, n = which[:-1], len(values)
     if lo == hi:
-        raise UserError(f"--{which[:-1]}_min and --{which[:-1]}_max are both {lo:g} with --{which} {len(values)}: every {which[:-1]} would train "
+        raise UserError(f"--{one}_min and --{one}_max are both {lo:g} with --{which} {n}: every {one} would train "
                         f"the same cells: pass --{which} 1, or two different bounds")
-    raise UserError(f"the {which} axis {name} {lo:g}..{hi:g} rounds to {len(np.unique(values))} distinct whole numbers for --{which} "
-                    f"{len(values)}: some {which} would train the same cells: pass fewer --{which} or a wider range")
+    raise UserError(f"the {which} axis {name} {lo:g}..{hi:g} rounds to {len(np.unique(values))} distinct whole numbers "
+                    f"for --{which} {n}: some {which} would train the same cells: pass fewer --{which} or a wider "
+                    "range")
 
 
 def parse_axes(spec: str | None) -> tuple[str, str]:

@@ -209,14 +209,17 @@ def check_config_file(path: str, command: str, options: type) -> None:
         raise UserError(f"--config_path {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap {command} --help")
     hints = typing.get_type_hints(options)
     for f in fields(options):
-        if f.name in data["cfg"] and not fits(data["cfg"][f.name], hints[f.name]):
-            example = f.default if f.default is not None else {int: 1, float: 0.5, str: "text"}.get(plain_type(hints[f.name]), "...")
-            raise UserError(f"--config_path {path}: {f.name} is {data['cfg'][f.name]!r}, not {type_words(hints[f.name])}: write e.g. `{f.name}: {example}`")
+        value, kind = data["cfg"].get(f.name), hints[f.name]
+        if f.name in data["cfg"] and not fits(value, kind):
+            example = {int: 1, float: 0.5, str: "text"}.get(plain_type(kind), "...") if f.default is None else f.default
+            raise UserError(f"--config_path {path}: {f.name} is {value!r}, not {type_words(kind)}: "
+                            f"write e.g. `{f.name}: {example}`")
 
 
 def plain_type(kind):
     """X from `X | None`."""
-    return next((t for t in typing.get_args(kind) if t is not type(None)), kind) if type(None) in typing.get_args(kind) else kind
+    args = typing.get_args(kind)
+    return next(t for t in args if t is not type(None)) if type(None) in args else kind
 
 
 def fits(value, kind) -> bool:
@@ -247,7 +250,8 @@ def type_words(kind) -> str:
         return f"{type_words(plain_type(kind))} or null"
     if typing.get_origin(kind) is list:
         return f"a list of {type_words(typing.get_args(kind)[0]).removeprefix('a ')}s"
-    return {int: "a whole number (int)", float: "a number (float)", str: "a string", bool: "true or false"}.get(kind, str(kind))
+    words = {int: "a whole number (int)", float: "a number (float)", str: "a string", bool: "true or false"}
+    return words.get(kind, str(kind))
 
 
 def resume_command(argv: list[str], cfg) -> str:

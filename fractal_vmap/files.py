@@ -37,7 +37,8 @@ def space_for(path: Path):
         if e.errno not in NO_SPACE:
             raise
         free = human_bytes(shutil.disk_usage(path.parent).free)
-        raise DiskFull(f"cannot write {path}: {os.strerror(e.errno).lower()} ({free} free in {path.parent}): free some space") from None
+        why = os.strerror(e.errno).lower()
+        raise DiskFull(f"cannot write {path}: {why} ({free} free in {path.parent}): free some space") from None
 
 
 STALE_TEMPS = (".*.tmp-[0-9]*", ".tmp-[0-9]*-*")  # write_atomic's and atomic_path's temp names

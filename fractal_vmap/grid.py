@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from fractal_vmap.axes import DEFAULT_AXES, Axis, cell_config, cell_lrs, check_overrides, lr_sources, make_axis, parse_axes, unused_fields
+from fractal_vmap.axes import (DEFAULT_AXES, Axis, cell_config, cell_lrs, check_overrides, lr_sources, make_axis, parse_axes,
+                               unused_fields)
 from fractal_vmap.compiled import resolve_compile
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none

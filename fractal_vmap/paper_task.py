@@ -35,11 +35,12 @@ VIEW = (10 ** DEFAULT_VIEW[0], 10 ** DEFAULT_VIEW[1])
 # axis name -> (what it sets, default (min, max), default scale); the offset's range is ours (the notebook's is not stated)
 PAPER_AXES = {"lr0": ("lr0", VIEW, "log"), "lr1": ("lr1", VIEW, "log"), "lr": ("lr", VIEW, "log"), "offset": ("offset", (-2.0, 2.0), "linear")}
 SPACE_AXES = {"lr_vs_lr": ("lr1", "lr0"), "offset_vs_lr": ("lr", "offset")}  # phase space -> (rows axis, cols axis)
-# the grid options a paper-mlp grid reads (the last four are checked where they are used: cli.py, tracking.refuse_wandb);
-# every other one is nanochat's, refused when given (check_paper_fields)
-PAPER_READS = ("task", "axes", "rows", "cols", "row_min", "row_max", "col_min", "col_max", "row_scale", "col_scale", "run_dir", "device",
-               "dtype", "seed", "num_iterations", "trainable_window_steps", "trainable_loss_ratio_threshold", "refine", "phase_space", "width",
-               "activation", "data_multiple", "workers", "wandb", "wandb_project", "wandb_entity")
+# the grid options a paper-mlp grid reads (axes must be unset; the last four are checked where they are used: cli.py,
+# tracking.refuse_wandb); every other one is nanochat's, refused when given (check_paper_fields)
+PAPER_READS = ("task", "axes", "rows", "cols", "row_min", "row_max", "col_min", "col_max", "row_scale", "col_scale",
+               "run_dir", "device", "dtype", "seed", "num_iterations", "trainable_window_steps",
+               "trainable_loss_ratio_threshold", "refine", "phase_space", "width", "activation", "data_multiple",
+               "workers", "wandb", "wandb_project", "wandb_entity")
 console = Console()
 
 
@@ -51,11 +52,13 @@ def check_paper_fields(cfg: GridConfig) -> None:
     from fractal_vmap.axes import is_given
 
     if cfg.axes is not None:
-        raise UserError(f"--axes {cfg.axes} is for nanochat grids: the paper task's axes follow --phase_space ({', '.join(PHASE_SPACES)})")
+        raise UserError(f"--axes {cfg.axes} is for nanochat grids: the paper task's axes follow --phase_space "
+                        f"({', '.join(PHASE_SPACES)})")
     for f in fields(GridConfig):
         if f.name not in PAPER_READS and is_given(cfg, f.name):
-            raise UserError(f"--{f.name} {getattr(cfg, f.name)} has no effect on a paper-mlp grid (the paper's MLP brings its own model, data "
-                            "and gradient descent; its learning rates are the axes, see --phase_space): drop it, or leave out --task paper-mlp")
+            raise UserError(f"--{f.name} {getattr(cfg, f.name)} has no effect on a paper-mlp grid (the paper's MLP "
+                            "brings its own model, data and gradient descent; its learning rates are the axes, see "
+                            "--phase_space): drop it, or leave out --task paper-mlp")
 
 
 @dataclass

@@ -190,9 +190,10 @@ def panels(cells: pd.DataFrame, row_name: str, col_name: str, path, log_rows: bo
     mesh_args = (row_values, col_values, row_name, col_name, log_rows, log_cols)
     final_loss = _grid(cells, "final_loss", H, W)
 
-    fig, axes = plt.subplots(2, 2, figsize=PANELS_INCHES, dpi=dpi, layout="constrained")  # constrained: room for bars and legends
+    fig, axes = plt.subplots(2, 2, figsize=PANELS_INCHES, dpi=dpi, layout="constrained")  # room for bars, legends
     steps = _grid(cells, "total_steps", H, W) if "total_steps" in cells else None
-    mesh = _mesh(axes[0, 0], *mesh_args, measure_shade(_grid(cells, "measure", H, W), steps), cmap=PHASE_CMAP, norm=Normalize(-1, 1))
+    shade = measure_shade(_grid(cells, "measure", H, W), steps)
+    mesh = _mesh(axes[0, 0], *mesh_args, shade, cmap=PHASE_CMAP, norm=Normalize(-1, 1))
     _phase_colorbar(fig, axes[0, 0], mesh, varies(steps))
     axes[0, 0].set_title("trainable (blue) or not (red), as trainability.png")
     _binary(fig, axes[0, 1], mesh_args, _grid(cells, "stable", H, W), "stable: every loss finite", "diverged: a loss went NaN/inf",

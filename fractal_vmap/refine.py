@@ -52,9 +52,10 @@ def check_map_fits(cfg: GridConfig, K: int) -> None:
     per_cell = MAP_CELL_BYTES + (NANOCHAT_CELL_BYTES if cfg.task != "paper-mlp" else 0)
     need, have = H * W * per_cell, physical_memory()
     if have is not None and need > have:
-        raise UserError(f"--refine {K} on --rows {cfg.rows} --cols {cfg.cols} makes a {H} x {W} map ({H * W:.3g} cells): its cell tables "
-                        f"alone would take about {need / 2**30:,.0f} GiB ({per_cell} bytes a cell), more than this machine's "
-                        f"{have / 2**30:.0f} GiB: use fewer --rows/--cols or --refine levels, or zoom into a box (fractal-vmap boxes)")
+        raise UserError(f"--refine {K} on --rows {cfg.rows} --cols {cfg.cols} makes a {H} x {W} map "
+                        f"({H * W:.3g} cells): its cell tables alone would take about {need / 2**30:,.0f} GiB "
+                        f"({per_cell} bytes a cell), more than this machine's {have / 2**30:.0f} GiB: use fewer "
+                        "--rows/--cols or --refine levels, or zoom into a box (fractal-vmap boxes)")
 
 
 def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
@@ -167,7 +168,8 @@ def run_refined_grid(cfg: GridConfig) -> Path:
             console.print(f"level {k}: {len(points)} cells trained at spacing {step} ({len(results)} of {H * W} so far)", highlight=False)
         out = write_report(plan.run_dir, filled(results, levels, H, W, K), plan.row, plan.col)
     f = out["fractal"]
-    console.print(f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); trainable {f['trainable_fraction']:.0%} of the map; "
+    console.print(f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); "
+                  f"trainable {f['trainable_fraction']:.0%} of the map; "
                   f"{dimension_note(f)}", highlight=False, soft_wrap=True)
     console.print(f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}", soft_wrap=True)
     return plan.run_dir

@@ -36,9 +36,10 @@ def cells_frame(lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] |
 
 
 def measure_grid(cells, rows: int, cols: int, column: str = "measure") -> np.ndarray:
-    """The convergence measure (or another column: total_steps) laid out [rows, cols]; cells not in the frame are NaN."""
+    """The convergence measure (or another column: total_steps) laid out [rows, cols]; cells not in the frame: NaN."""
     measure = np.full((rows, cols), np.nan)
-    measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells[column].to_numpy(dtype=np.float64, na_value=np.nan)
+    values = cells[column].to_numpy(dtype=np.float64, na_value=np.nan)
+    measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = values
     return measure
 
 
@@ -58,9 +59,10 @@ def measure_fractal(cells, row: Axis, col: Axis) -> dict:
 def dimension_note(f: dict) -> str:
     """The dimension in words, with what it rests on (fractal.json's fields; null where NaN)."""
     sizes = ", ".join(str(s) for s in f["sizes"]) or "none (the grid is too small for one)"
-    if not f["edge_pixel_count"] and 0 < (f.get("trainable_fraction") or 0) < 1:  # both phases, but no 2 x 2 block holds both
-        return (f"no boundary dimension: {f['trainable_fraction']:.0%} of the cells train, but an edge pixel is a 2 x 2 block of cells in both "
-                "phases and this grid has none (one row or one col, or the phases meet only beside cells without a result)")
+    if not f["edge_pixel_count"] and 0 < (f.get("trainable_fraction") or 0) < 1:  # both phases, no 2 x 2 block of both
+        return (f"no boundary dimension: {f['trainable_fraction']:.0%} of the cells train, but an edge pixel is a "
+                "2 x 2 block of cells in both phases and this grid has none (one row or one col, or the phases meet "
+                "only beside cells without a result)")
     if not f["edge_pixel_count"]:
         return "no boundary: every cell with a result is in the same phase, so there is no dimension"
     value = "no boundary dimension" if f["dimension"] is None else f"boundary dimension {f['dimension']:.2f}"

@@ -113,7 +113,8 @@ def open_run_dir(run_dir: Path, spec: dict, device: torch.device, data: dict) ->
     (run_dir / "rows").mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "rows")  # the lock is held: no other writer's
     if stale:
-        console.print(f"removed {stale} temp file{'s' if stale > 1 else ''} an interrupted write left in {run_dir}", highlight=False, soft_wrap=True)
+        console.print(f"removed {stale} temp file{'s' if stale > 1 else ''} an interrupted write left in {run_dir}",
+                      highlight=False, soft_wrap=True)
     if not (run_dir / "grid.json").exists():
         write_atomic(run_dir / "grid.json", strict_json({"spec": spec, "digest": digest, "environment": environment(device), "data": data}))
     return digest

@@ -187,7 +187,8 @@ def rows_to_train(cfg: GridConfig) -> int:
             row = json.loads(row_path(Path(cfg.run_dir), i).read_text())
         except (OSError, ValueError):
             return False
-        return isinstance(row, dict) and row.get("complete") is True and row.get("spec_digest") == digest and len(row.get("lanes", [])) == cfg.cols
+        return (isinstance(row, dict) and row.get("complete") is True and row.get("spec_digest") == digest
+                and len(row.get("lanes", [])) == cfg.cols)
 
     return sum(not finished(i) for i in range(cfg.rows))
 
@@ -198,15 +199,15 @@ def workers_to_start(cfg: GridConfig, rows: int, capacity: int, unit: str) -> in
     Capping changes no number: each worker keeps the threads --workers gives it (launch)."""
     workers = max(1, min(cfg.workers, rows, capacity))
     if workers < cfg.workers:
-        console.print(f"--workers {cfg.workers}: starting {workers} ({rows} row{'s' if rows != 1 else ''} to train, {capacity} {unit}); "
-                      "more would only wait or share a core", highlight=False, soft_wrap=True)
+        console.print(f"--workers {cfg.workers}: starting {workers} ({rows} row{'s' if rows != 1 else ''} to train, "
+                      f"{capacity} {unit}); more would only wait or share a core", highlight=False, soft_wrap=True)
     return workers
 
 
 def launch(cfg: GridConfig, entrypoint) -> None:
     """`grid --workers N`: torch's elastic agent, in this process, starts N workers on this node, each running
-    `entrypoint(cfg)` (a function that returns None, or a user error (or its line) for us to raise once). A worker that dies
-    makes the agent stop the others and start them all once more; a second death fails the grid."""
+    `entrypoint(cfg)` (a function that returns None, or a user error, or its line, for us to raise once). A worker
+    that dies makes the agent stop the others and start them all once more; a second death fails the grid."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -214,7 +215,8 @@ def launch(cfg: GridConfig, entrypoint) -> None:
     if device.type == "cuda" and cfg.workers > torch.cuda.device_count():
         raise UserError(f"--workers {cfg.workers} but this node has {torch.cuda.device_count()} GPUs: one worker a GPU, pass at most that many")
     cuda = device.type == "cuda"
-    workers = workers_to_start(cfg, rows_to_train(cfg), torch.cuda.device_count() if cuda else cpu_cores(), "GPUs" if cuda else "CPU cores")
+    capacity, unit = (torch.cuda.device_count(), "GPUs") if cuda else (cpu_cores(), "CPU cores")
+    workers = workers_to_start(cfg, rows_to_train(cfg), capacity, unit)
     if not cuda:  # the workers share the cores (an OMP_NUM_THREADS already set wins) as --workers asked, capped or not
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // cfg.workers)))
     os.environ[FRESH_STORE] = "1"  # a fresh store for each start, so a restart can form its group (module docstring)

@@ -47,18 +47,20 @@ def check_wandb(cfg) -> None:
     mode = wandb_mode(cfg.wandb)
     if mode == "online" and not _has_credentials():
         asked = "--wandb online" if cfg.wandb == "online" else "WANDB_MODE=online"
-        raise UserError(f"{asked} but no W&B credentials here (no WANDB_API_KEY, no api.wandb.ai in ~/.netrc): run `wandb login` or set "
-                        "WANDB_API_KEY, or pass --wandb offline (to `wandb sync` later) or --wandb disabled")
+        raise UserError(f"{asked} but no W&B credentials here (no WANDB_API_KEY, no api.wandb.ai in ~/.netrc): "
+                        "run `wandb login` or set WANDB_API_KEY, or pass --wandb offline (to `wandb sync` later) "
+                        "or --wandb disabled")
 
 
 def refuse_wandb(cfg, what: str) -> None:
     """A mode that logs nothing to W&B (`what`: a refined grid, a paper-mlp grid) refuses W&B asked for explicitly,
     rather than ignore it."""
     given = [f"--wandb {cfg.wandb}"] if cfg.wandb in ("online", "offline") else []
-    given += [f"--{name} {getattr(cfg, name)}" for name, default in (("wandb_project", "fractal-vmap"), ("wandb_entity", None))
-              if getattr(cfg, name) != default]
+    defaults = {"wandb_project": "fractal-vmap", "wandb_entity": None}
+    given += [f"--{name} {getattr(cfg, name)}" for name, default in defaults.items() if getattr(cfg, name) != default]
     if given:
-        raise UserError(f"{' '.join(given)}: {what} logs nothing to W&B (its run dir is the record): leave the W&B flags out, or pass --wandb disabled")
+        raise UserError(f"{' '.join(given)}: {what} logs nothing to W&B (its run dir is the record): "
+                        "leave the W&B flags out, or pass --wandb disabled")
 
 
 def kept_run_id(directory: Path) -> str:

@@ -76,8 +76,9 @@ def check_inside(span: tuple[float, float], axis: Axis, which: str) -> None:
         pad = 1e-3 * ((hi - lo) or abs(hi) or 1.0)
         low, high = lo - pad, hi + pad
     if span[0] < low or span[1] > high:
-        raise UserError(f"--range {which}={span[0]:g}:{span[1]:g} reaches outside the parent's {which} axis ({axis.name} {lo:.4g}..{hi:.4g}): "
-                        "a zoom looks inside its parent; pass a range within it, or run a new grid for the rest")
+        raise UserError(f"--range {which}={span[0]:g}:{span[1]:g} reaches outside the parent's {which} axis "
+                        f"({axis.name} {lo:.4g}..{hi:.4g}): a zoom looks inside its parent; pass a range within it, "
+                        "or run a new grid for the rest")
 
 
 def squared(lo: float, hi: float, other: tuple[float, float], log: bool, other_log: bool) -> tuple[float, float]:
@@ -117,7 +118,7 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
         log = {"rows": rows.scale == "log", "cols": cols.scale == "log"}
         ranges = {"rows": squared(*ranges["rows"], ranges["cols"], log["rows"], log["cols"]),
                   "cols": squared(*ranges["cols"], ranges["rows"], log["cols"], log["rows"])}
-    for which, axis in (("rows", rows), ("cols", cols)):  # an integer axis takes whole bounds, rounded inwards (squared's are not)
+    for which, axis in (("rows", rows), ("cols", cols)):  # an integer axis takes whole bounds: rounded inwards
         if axis.name in INTEGER_AXES:
             ranges[which] = (float(math.ceil(ranges[which][0])), float(math.floor(ranges[which][1])))
     return (make_axis(rows.name, counts["rows"], *ranges["rows"], rows.scale, "rows", table),
@@ -210,8 +211,10 @@ def zoom_levels(runs: list[str]) -> list:
             box = tuple(parent["box"])
         label = f"{run_dir.name}: {axes['rows']['name']} {axes['rows']['values'][0]:.3g}..{axes['rows']['values'][-1]:.3g}, " \
                 f"{axes['cols']['name']} {axes['cols']['values'][0]:.3g}..{axes['cols']['values'][-1]:.3g}"
-        steps = measure_grid(pd.read_parquet(run_dir / "cells.parquet"), *measure.shape, "total_steps")  # the shading's (plot.measure_shade)
-        levels.append(Level(measure, np.asarray(axes["rows"]["values"]), np.asarray(axes["cols"]["values"]), box, label, steps))
+        cells = pd.read_parquet(run_dir / "cells.parquet")
+        steps = measure_grid(cells, *measure.shape, "total_steps")  # for the shading (plot.measure_shade)
+        row_values, col_values = np.asarray(axes["rows"]["values"]), np.asarray(axes["cols"]["values"])
+        levels.append(Level(measure, row_values, col_values, box, label, steps))
     return levels
 
 

@@ -193,7 +193,7 @@ def issue_cells() -> pd.DataFrame:
         (0, 0): 1 - 0.48 * t25 / 24,  # 1000 tokens, lr 0.01: slowly down, ratio 0.71
         (1, 0): 0.33 + 0.67 * np.exp(-t200 / 40),  # 8000 tokens, lr 0.01: well down, ratio 0.34
         (0, 1): 1 + 0.5 * t25,  # 1000 tokens, lr 100: up, finite throughout
-        (1, 1): np.concatenate([1 + 0.2 * t200[:58], [np.nan], np.full(141, np.nan)]),  # 8000 tokens, lr 100: NaN at step 58
+        (1, 1): np.concatenate([1 + 0.2 * t200[:58], np.full(142, np.nan)]),  # 8000 tokens, lr 100: NaN at step 58
     }
     records = []
     for (i, j), v in curves.items():
@@ -233,9 +233,10 @@ def test_pictures_shade_per_step_and_say_so(tmp_path, figures):
     cells = issue_cells()
     axis = lambda name, values: {"name": name, "values": values, "scale": "log"}  # noqa: E731
     grid = {"spec": {"axes": {"rows": axis("num_tokens", [1000.0, 8000.0]), "cols": axis("lr", [0.01, 100.0])},
-                     "settings": {"device": "cpu", "dtype": "float32", "trainable_window_steps": 20, "trainable_loss_ratio_threshold": 1.0},
+                     "settings": {"device": "cpu", "dtype": "float32", "trainable_window_steps": 20,
+                                  "trainable_loss_ratio_threshold": 1.0},
                      "group_lrs": {}, "model": {"source": "default"}, "dataset": {"source": "default"}}}
-    fractal = {"sizes": [], "edge_pixel_count": 1, "dimension": None, "dimension_median_local": None, "caveat": "too few"}
+    fractal = {"sizes": [], "edge_pixel_count": 1, "dimension": None, "dimension_median_local": None, "caveat": "few"}
     draw_pictures(grid, cells, fractal, tmp_path, "run")
     paper, grid_fig = figures
     colours = paper.axes[0].collections[0].get_facecolors()[:, :3].reshape(2, 2, 3)  # row-major over [rows, cols]

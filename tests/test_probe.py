@@ -17,6 +17,11 @@ from tests.test_bad_input import FAST, FIXTURE, no_training, refused  # noqa: F4
 PAPER = ["grid", "--task", "paper-mlp", "--rows", "2", "--cols", "3", "--num_iterations", "5", "--seed", "0"]
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a grid looks its model up (the refusal must come first)."""
+
+
 def stopped(capsys, argv: list[str], expected: str) -> str:
     """Run the CLI that fails mid-run (after what it printed on the way): exit 2, no traceback, and one last line,
     the only one starting with error:, holding `expected`."""
@@ -63,7 +68,8 @@ def inject_no_space(monkeypatch, which: str) -> None:
     elif which == "cells.parquet":
         monkeypatch.setattr(pd.DataFrame, "to_parquet", fail_half_way(pd.DataFrame.to_parquet, "cells.parquet"))
     else:
-        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_half_way(matplotlib.figure.Figure.savefig, "trainability.png"))
+        savefig = matplotlib.figure.Figure.savefig
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_half_way(savefig, "trainability.png"))
 
 
 @pytest.mark.parametrize("which, written", [("row file", "row_0001.json"), ("cells.parquet", "cells.parquet"),
@@ -92,7 +98,8 @@ def tiny_disk(tmp_path):
     """A 48 KiB tmpfs at tmp_path/disk, where this process may mount one (root, no container rule against it)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], capture_output=True, check=False)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)]
+    mounted = subprocess.run(mount, capture_output=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
     yield disk
@@ -114,10 +121,12 @@ def test_a_really_full_disk_is_one_line(tiny_disk, capsys):
 def test_a_dataset_that_is_not_utf8_names_the_line_and_byte(tmp_path, capsys, no_training, command):
     import json
 
-    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    good = json.dumps({"messages": chat}) + "\n"
     bad = good.replace("hello", "h\xe9llo").encode("latin-1")  # é as one Latin-1 byte: not UTF-8
     (tmp_path / "chats.jsonl").write_bytes(good.encode() + bad)
-    where = ["--out", str(tmp_path / "r.json")] if command == "finetune" else ["--run_dir", str(tmp_path / "run"), "--rows", "1", "--cols", "2"]
+    grid = ["--run_dir", str(tmp_path / "run"), "--rows", "1", "--cols", "2"]
+    where = ["--out", str(tmp_path / "r.json")] if command == "finetune" else grid
     byte = len(good) + bad.index(b"\xe9")
     refused(capsys, [command, *FAST, *where, "--model", str(FIXTURE), "--dataset", str(tmp_path / "chats.jsonl")],
             f"chats.jsonl line 2 (byte {byte}): not UTF-8")
@@ -136,10 +145,8 @@ def no_credentials(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("command", ["finetune", "grid"])
 @pytest.mark.parametrize("how", [["--wandb", "online"], "WANDB_MODE=online"])
-def test_wandb_online_without_credentials_says_how_to_log_in(tmp_path, capsys, monkeypatch, no_credentials, no_training, command, how):
-    import fractal_vmap.grid as grid_module
-
-    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
+def test_wandb_online_without_credentials_says_how_to_log_in(tmp_path, capsys, monkeypatch, no_credentials, no_model,
+                                                             no_training, command, how):
     if how == "WANDB_MODE=online":
         monkeypatch.setenv("WANDB_MODE", "online")
     flags = how if isinstance(how, list) else ["--wandb", "auto"]
@@ -164,11 +171,9 @@ def test_wandb_online_with_an_api_key_passes_the_check(monkeypatch, no_credentia
     ("a paper-mlp grid", ["--task", "paper-mlp", "--wandb", "offline"]),
     ("a paper-mlp grid", ["--task", "paper-mlp", "--wandb_project", "mine"]),
 ])
-def test_modes_that_log_nothing_to_wandb_say_so_when_it_is_asked_for(tmp_path, capsys, monkeypatch, mode, flags):
-    import fractal_vmap.grid as grid_module
-
-    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
-    line = refused(capsys, ["grid", "--device", "cpu", "--run_dir", str(tmp_path / "run"), *flags], f"{mode} logs nothing to W&B")
+def test_modes_that_log_nothing_to_wandb_say_so_when_it_is_asked_for(tmp_path, capsys, no_model, mode, flags):
+    argv = ["grid", "--device", "cpu", "--run_dir", str(tmp_path / "run"), *flags]
+    line = refused(capsys, argv, f"{mode} logs nothing to W&B")
     assert "--wandb disabled" in line
     assert not (tmp_path / "run").exists()
 
@@ -216,10 +221,11 @@ def test_workers_beyond_the_rows_left_to_train_are_capped(tmp_path, capsys, monk
     (run_dir / "rows").mkdir(parents=True)
     (run_dir / "grid.json").write_text(json.dumps({"spec": {}, "digest": "d1"}))
     for i, digest in ((0, "d1"), (1, "d1"), (2, "another")):  # row 2: of another spec, so not finished; row 3: no file
-        (run_dir / "rows" / f"row_{i:04d}.json").write_text(json.dumps({"complete": True, "spec_digest": digest, "lanes": [{}, {}]}))
+        row = {"complete": True, "spec_digest": digest, "lanes": [{}, {}]}
+        (run_dir / "rows" / f"row_{i:04d}.json").write_text(json.dumps(row))
     main(["grid", *FAST, "--rows", "4", "--cols", "2", "--workers", "2", "--run_dir", str(run_dir)])
     assert launched == [2]  # rows 2 and 3 are left
-    (run_dir / "rows" / "row_0002.json").write_text(json.dumps({"complete": True, "spec_digest": "d1", "lanes": [{}, {}]}))
+    (run_dir / "rows" / "row_0002.json").write_text(json.dumps({**row, "spec_digest": "d1"}))
     capsys.readouterr()
     main(["grid", *FAST, "--rows", "4", "--cols", "2", "--workers", "2", "--run_dir", str(run_dir)])
     assert launched == [2, 1] and os.environ["OMP_NUM_THREADS"] == "4"
@@ -250,19 +256,23 @@ def nanochat_only_flags() -> list[list[str]]:
 
 @pytest.mark.parametrize("flag", nanochat_only_flags(), ids=lambda flag: flag[0])
 def test_a_paper_grid_refuses_every_nanochat_setting(tmp_path, capsys, flag):
-    line = refused(capsys, [*PAPER, "--run_dir", str(tmp_path / "run"), *flag], f"{flag[0]} {flag[1]} has no effect on a paper-mlp grid")
+    argv = [*PAPER, "--run_dir", str(tmp_path / "run"), *flag]
+    line = refused(capsys, argv, f"{flag[0]} {flag[1]} has no effect on a paper-mlp grid")
     assert "leave out --task paper-mlp" in line
     assert not (tmp_path / "run").exists()
 
 
 def test_a_paper_grid_refuses_axes_even_at_their_nanochat_default(tmp_path, capsys):
-    refused(capsys, [*PAPER, "--run_dir", str(tmp_path / "run"), "--axes", "num_tokens,lr"], "--axes num_tokens,lr is for nanochat grids")
+    argv = [*PAPER, "--run_dir", str(tmp_path / "run"), "--axes", "num_tokens,lr"]
+    refused(capsys, argv, "--axes num_tokens,lr is for nanochat grids")
 
 
 def test_the_paper_task_reads_what_it_does_not_refuse():
     """Spot checks of the list: the model, data and optimizer flags are nanochat's; --axes keeps its own line."""
     names = {flag[0] for flag in nanochat_only_flags()}
-    assert {"--model", "--dataset", "--learning_rate", "--num_tokens", "--lane_chunk", "--kernels", "--compile", "--run_name"} <= names
+    nanochat = {"--model", "--dataset", "--learning_rate", "--num_tokens", "--lane_chunk", "--kernels", "--compile",
+                "--run_name"}
+    assert nanochat <= names
     assert not {"--seed", "--num_iterations", "--dtype", "--device", "--trainable_window_steps", "--width"} & names
 
 
@@ -270,12 +280,9 @@ def test_the_paper_task_reads_what_it_does_not_refuse():
 
 
 @pytest.mark.parametrize("task", [[], ["--task", "paper-mlp"]])
-def test_refine_refuses_a_map_it_cannot_hold(tmp_path, capsys, monkeypatch, task):
-    import fractal_vmap.grid as grid_module
-
-    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
-    line = refused(capsys, ["grid", *FAST, *task, "--rows", "2000", "--cols", "2000", "--refine", "6", "--run_dir", str(tmp_path / "run")],
-                   "--refine 6 on --rows 2000 --cols 2000 makes a 127937 x 127937 map (1.64e+10 cells)")
+def test_refine_refuses_a_map_it_cannot_hold(tmp_path, capsys, no_model, task):
+    argv = ["grid", *FAST, *task, "--rows", "2000", "--cols", "2000", "--refine", "6", "--run_dir", str(tmp_path / "r")]
+    line = refused(capsys, argv, "--refine 6 on --rows 2000 --cols 2000 makes a 127937 x 127937 map (1.64e+10 cells)")
     assert "GiB" in line and "more than this machine's" in line
     assert not (tmp_path / "run").exists()
 
@@ -306,17 +313,22 @@ def test_the_refine_memory_estimate_is_what_a_map_takes():
 
     rng = np.random.default_rng()
     H = W = 65
-    lane = lambda i, j: {"run_name": f"grid-r{i}-c{j}", "learning_rate": float(rng.random()), "num_tokens_target": 1000, "tokens_seen": 1000,  # noqa: E731
-                         "avg_loss": 2.0, "final_loss": 2.0, "trainable_loss0": 2.0, "trainable_mean_last_k": 1.5, "trainable_ratio": 0.7,
-                         "stable": True, "converged": bool(i < j), "steps": 25, "total_steps": 25, "runtime_s": 1.0, "seed": 999, "error": None,
-                         "measure": float(rng.normal()), "losses": rng.random(25).tolist(), "grid_i": i, "grid_j": j}
+    def lane(i: int, j: int) -> dict:  # a nanochat cell's result (recipe.CellResult) of 25 steps
+        return {"run_name": f"grid-r{i}-c{j}", "learning_rate": float(rng.random()), "num_tokens_target": 1000,
+                "tokens_seen": 1000, "avg_loss": 2.0, "final_loss": 2.0, "trainable_loss0": 2.0,
+                "trainable_mean_last_k": 1.5, "trainable_ratio": 0.7, "stable": True, "converged": bool(i < j),
+                "steps": 25, "total_steps": 25, "runtime_s": 1.0, "seed": 999, "error": None,
+                "measure": float(rng.normal()), "losses": rng.random(25).tolist(), "grid_i": i, "grid_j": j}
+
     results = {(i, j): lane(i, j) for i in range(H) for j in range(W) if i % 4 == 0 and j % 4 == 0 or abs(i - j) < 2}
     row, col = Axis("lr1", list(np.geomspace(1, 1e3, H)), "log"), Axis("lr0", list(np.geomspace(0.1, 1e5, W)), "log")
     cells_frame([{**lane(0, 0), "trained": True, "level": 0}], row, col)  # imports pandas outside the measurement
     table = peak_bytes_per_cell(lambda: cells_frame(filled(results, {k: 0 for k in results}, H, W, 2), row, col), H * W)
     assert 0.8 * MAP_CELL_BYTES < table < 1.2 * MAP_CELL_BYTES, table
-    base, rows, cols = base_config(GridConfig()), make_axis("num_tokens", H, None, None, "auto", "rows"), make_axis("lr", W, None, None, "auto", "cols")
-    configs = peak_bytes_per_cell(lambda: [[cell_config(base, rows, cols, i, j, "grid") for j in range(W)] for i in range(H)], H * W)
+    base = base_config(GridConfig())
+    rows, cols = make_axis("num_tokens", H, None, None, "auto", "rows"), make_axis("lr", W, None, None, "auto", "cols")
+    grid = lambda: [[cell_config(base, rows, cols, i, j, "g") for j in range(W)] for i in range(H)]  # noqa: E731
+    configs = peak_bytes_per_cell(grid, H * W)
     assert 0.8 * NANOCHAT_CELL_BYTES < configs < 1.2 * NANOCHAT_CELL_BYTES, configs
 
 
@@ -324,8 +336,9 @@ def test_a_refined_map_counts_the_cells_it_trained(tmp_path, capsys):
     from fractal_vmap.report import caption, read_run
 
     run_dir = tmp_path / "run"
-    main(["grid", "--task", "paper-mlp", "--rows", "7", "--cols", "7", "--refine", "1", "--num_iterations", "25", "--seed", "0",
-          "--row_min", "1", "--row_max", "1e3", "--col_min", "1e-1", "--col_max", "1e5", "--run_dir", str(run_dir)])  # test_zoom's view
+    view = ["--row_min", "1", "--row_max", "1e3", "--col_min", "1e-1", "--col_max", "1e5"]  # test_zoom's: both phases
+    main(["grid", "--task", "paper-mlp", "--rows", "7", "--cols", "7", "--refine", "1", "--num_iterations", "25",
+          "--seed", "0", *view, "--run_dir", str(run_dir)])
     grid, cells, fractal = read_run(run_dir)
     trained = int(cells["trained"].sum())
     assert 49 < trained < 169  # more than the coarse grid, fewer than the 13 x 13 map
@@ -346,7 +359,8 @@ def test_a_refined_map_counts_the_cells_it_trained(tmp_path, capsys):
     ("wandb: 3", "wandb is 3, not a string"),
     ("num_iterations: lots", "num_iterations is 'lots', not a whole number (int) or null"),
 ])
-def test_a_config_value_of_the_wrong_type_names_the_file_key_and_type(tmp_path, capsys, no_training, command, entry, expected):
+def test_a_config_value_of_the_wrong_type_names_the_file_key_and_type(tmp_path, capsys, no_training, command, entry,
+                                                                     expected):
     path = tmp_path / "options.yaml"
     path.write_text(f"cfg:\n  {entry}\n")
     where = ["--out", str(tmp_path / "r.json")] if command == "finetune" else ["--run_dir", str(tmp_path / "run")]
@@ -371,16 +385,15 @@ def test_config_values_simple_parsing_converts_still_pass(tmp_path):
 @pytest.mark.parametrize("flags, expected", [
     (["--axes", "seed,lr", "--row_min", "0.5", "--row_max", "3.7", "--rows", "4"],
      "--row_min 0.5: the rows axis seed takes whole numbers: pass 0 or 1"),
-    (["--axes", "lr,num_tokens", "--col_min", "1000", "--col_max", "2500.5", "--cols", "4"], "--col_max 2500.5: the cols axis num_tokens takes whole numbers"),
+    (["--axes", "lr,num_tokens", "--col_min", "1000", "--col_max", "2500.5", "--cols", "4"],
+     "--col_max 2500.5: the cols axis num_tokens takes whole numbers"),
     (["--axes", "seed,lr", "--row_min", "0", "--row_max", "3", "--rows", "6"],
      "the rows axis seed 0..3 rounds to 4 distinct whole numbers for --rows 6: some rows would train the same cells"),
-    (["--col_min", "0.01", "--col_max", "0.01"], "--col_min and --col_max are both 0.01 with --cols 16: every col would train the same cells"),
+    (["--col_min", "0.01", "--col_max", "0.01"],
+     "--col_min and --col_max are both 0.01 with --cols 16: every col would train the same cells"),
     (["--row_min", "2000", "--row_max", "2000", "--rows", "3"], "--row_min and --row_max are both 2000 with --rows 3"),
 ])
-def test_axes_that_would_train_outside_their_range_or_twice_are_refused(tmp_path, capsys, monkeypatch, flags, expected):
-    import fractal_vmap.grid as grid_module
-
-    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
+def test_axes_that_would_train_outside_their_range_or_twice_are_refused(tmp_path, capsys, no_model, flags, expected):
     refused(capsys, ["grid", *FAST, "--run_dir", str(tmp_path / "run"), *flags], expected)
     assert not (tmp_path / "run").exists()
 
@@ -402,10 +415,12 @@ def test_a_square_zoom_of_an_integer_axis_keeps_whole_values_inside_its_range():
 
     spec = {"axes": {"rows": {"name": "num_tokens", "values": [1000.0, 2828.0, 8000.0], "scale": "log"},
                      "cols": {"name": "lr", "values": [0.01, 1.0, 100.0], "scale": "log"}}, "settings": {}}
-    (rows, _), _ = child_axes(ZoomConfig(run="parent", range="rows=1000:8000,cols=0.01:100", square=True, rows=5, cols=5), spec)
+    zoom = ZoomConfig(run="parent", range="rows=1000:8000,cols=0.01:100", square=True, rows=5, cols=5)
+    (rows, _), _ = child_axes(zoom, spec)
     assert all(v == round(v) for v in rows.values) and rows.values == sorted(set(rows.values))
     centre = math.log10(math.sqrt(1000 * 8000))  # squared: 4 decades (the cols') about the box's centre
-    assert 10 ** (centre - 2) <= rows.values[0] < 10 ** (centre - 2) + 1 and 10 ** (centre + 2) - 1 < rows.values[-1] <= 10 ** (centre + 2)
+    lo, hi = 10 ** (centre - 2), 10 ** (centre + 2)
+    assert lo <= rows.values[0] < lo + 1 and hi - 1 < rows.values[-1] <= hi
 
 
 # ----------------------------------------------------------------------------- smaller ones
@@ -425,8 +440,10 @@ def test_a_one_row_grid_in_both_phases_does_not_say_every_cell_is_in_one_phase(s
     n = max(shape)
     measure = np.where(np.arange(n) < n // 2, -1.0, 1.0) * rng.uniform(1, 50, n)  # trained in the first half
     idx = np.arange(n)
-    cells = pd.DataFrame({"row": idx if shape[0] > 1 else 0, "col": idx if shape[1] > 1 else 0, "measure": measure, "converged": measure < 0})
-    row, col = Axis("num_tokens", [1000.0 + i for i in range(shape[0])], "log"), Axis("lr", list(np.geomspace(0.01, 100, shape[1])), "log")
+    cells = pd.DataFrame({"row": idx if shape[0] > 1 else 0, "col": idx if shape[1] > 1 else 0, "measure": measure,
+                          "converged": measure < 0})
+    row = Axis("num_tokens", [1000.0 + i for i in range(shape[0])], "log")
+    col = Axis("lr", list(np.geomspace(0.01, 100, shape[1])), "log")
     note = dimension_note(measure_fractal(cells, row, col))
     assert "same phase" not in note and note.startswith("no boundary dimension: 50% of the cells train"), note
     assert "one row or one col" in note
@@ -479,12 +496,14 @@ def test_the_caption_says_what_was_averaged_in_rows_shorter_than_the_window():
     grid = {"spec": {"axes": {"rows": axis("num_tokens", [300.0, 600.0, 1000.0, 2000.0]), "cols": axis("lr", [0.01])},
                      "settings": {"device": "cpu", "dtype": "float32"}, "group_lrs": {}, "model": {"source": "default"},
                      "dataset": {"source": "default"}}}
-    fractal = {"sizes": [], "edge_pixel_count": 0, "dimension": None, "dimension_median_local": None, "trainable_fraction": 0.5}
+    fractal = {"sizes": [], "edge_pixel_count": 0, "dimension": None, "dimension_median_local": None,
+               "trainable_fraction": 0.5}
     cells = pd.DataFrame({"row": [0, 1, 2, 3], "col": 0, "converged": [True, False, True, False], "stable": True,
                           "total_steps": [9, 15, 25, 40]})
-    text = " ".join(caption(grid, cells, fractal, "run", 20, 1.0).split())  # unwrapped
-    assert "(mean of the last 20 losses, or of all 9..15 in the 2 cells with fewer steps, < 1 x the first)" in text, text
-    assert "(mean of the last 9 losses < 1 x the first)" in " ".join(caption(grid, cells, fractal, "run", 9, 1.0).split())
+    unwrapped = lambda window: " ".join(caption(grid, cells, fractal, "run", window, 1.0).split())  # noqa: E731
+    text = unwrapped(20)
+    assert "(mean of the last 20 losses, or of all 9..15 in the 2 cells with fewer steps, < 1 x the first)" in text
+    assert "(mean of the last 9 losses < 1 x the first)" in unwrapped(9)
 
 
 def test_the_bench_profile_prints_nothing_of_the_profilers_own(tmp_path):
