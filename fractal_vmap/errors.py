@@ -1,4 +1,4 @@
-"""The one exception type for bad user input: the CLI prints its message as a single line, no traceback."""
+"""The exception types the CLI prints as a single line, no traceback: bad user input, and a disk too full to go on."""
 
 
 class UserError(Exception):
