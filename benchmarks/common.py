@@ -11,15 +11,23 @@ from pathlib import Path
 
 import torch
 
-from fractal_vmap.machine import CpuWatch, cpu_model, device_name, device_slug, wait_for_quiet  # noqa: F401 (re-exported for the scripts)
+# noqa: F401 (re-exported for the scripts)
+from fractal_vmap.machine import CpuWatch, cpu_model, device_name, device_slug, wait_for_quiet
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def git_revision() -> str | None:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        )
     except OSError:
         return None
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
@@ -36,9 +44,16 @@ def source_digest() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    return {"source_digest": source_digest(),
-        "device": device_name(device), "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "git": git_revision(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return {
+        "source_digest": source_digest(),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "git": git_revision(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -55,6 +70,8 @@ def check_unchanged(env: dict, say=print) -> bool:
     now = source_digest()
     if now == env["source_digest"]:
         return True
-    say(f"[bold red]fractal_vmap's sources changed during this run ({env['source_digest']} -> {now}): its numbers mix two versions; run it again[/bold red]")
+    say(
+        f"[bold red]fractal_vmap's sources changed during this run ({env['source_digest']} -> {now}): its numbers mix two versions; run it again[/bold red]"
+    )
     env["source_digest_at_end"] = now
     return False

@@ -35,7 +35,8 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, however the script is started
-from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
+# noqa: E402
+from common import RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json
 
 from fractal_vmap.default import default_model_dir, storage_dir  # noqa: E402
 from fractal_vmap.axes import make_axis  # noqa: E402
@@ -52,7 +53,8 @@ class Options:
     lr_max: float = 1e2
     repeats: int = 1  # timed runs of each side; the fastest is reported
     device: str = "cpu"  # passed to both commands (the target is for CPU)
-    bytecode: str = "cached"  # cached: every process shares one warmed .pyc cache, as on a usual machine; env: as this environment has it
+    # cached: every process shares one warmed .pyc cache, as on a usual machine; env: as this environment has it
+    bytecode: str = "cached"
     max_load: float = 1.2  # wait until the 1-minute load average is below this before timing
     out: str = ""  # result JSON (default benchmarks/results/e2e_row-<device>.json)
 
@@ -81,7 +83,9 @@ def run(cmd: list[str], env: dict, log: Path, stats: dict, fresh: Path | None = 
         if not watch.contended:
             return watch.wall_s
         stats["redone"] = stats.get("redone", 0) + 1
-        console.print(f"[yellow]another process used {watch.foreign:.0%} of the cores during {cmd[1]}: redoing it when the machine is quiet[/yellow]")
+        console.print(
+            f"[yellow]another process used {watch.foreign:.0%} of the cores during {cmd[1]}: redoing it when the machine is quiet[/yellow]"
+        )
         wait_for_quiet(check_load=False, say=console.print)
     stats["contended"] = True  # never got a quiet run: flagged in the output
     return watch.wall_s
@@ -90,12 +94,37 @@ def run(cmd: list[str], env: dict, log: Path, stats: dict, fresh: Path | None = 
 def run_row(exe: list[str], opts: Options, env: dict, work: Path) -> dict:
     """Side (a): one `grid` process, one row of L lanes. Returns wall seconds, training seconds and per-cell results."""
     run_dir = work / "grid"
-    cmd = exe + ["grid", "--rows", "1", "--cols", str(opts.lanes), "--row_min", str(opts.num_tokens), "--row_max", str(opts.num_tokens),
-                 "--col_min", repr(opts.lr_min), "--col_max", repr(opts.lr_max), "--device", opts.device, "--wandb", "disabled", "--run_dir", str(run_dir)]
+    cmd = exe + [
+        "grid",
+        "--rows",
+        "1",
+        "--cols",
+        str(opts.lanes),
+        "--row_min",
+        str(opts.num_tokens),
+        "--row_max",
+        str(opts.num_tokens),
+        "--col_min",
+        repr(opts.lr_min),
+        "--col_max",
+        repr(opts.lr_max),
+        "--device",
+        opts.device,
+        "--wandb",
+        "disabled",
+        "--run_dir",
+        str(run_dir),
+    ]
     stats: dict = {}
     wall = run(cmd, env, work / "grid.log", stats, fresh=run_dir)
     row = json.loads((run_dir / "rows" / "row_0000.json").read_text())
-    return {"command": " ".join(cmd), "wall_s": wall, "train_s": row["seconds"], "cells": [cell_summary(lane) for lane in row["lanes"]], **stats}
+    return {
+        "command": " ".join(cmd),
+        "wall_s": wall,
+        "train_s": row["seconds"],
+        "cells": [cell_summary(lane) for lane in row["lanes"]],
+        **stats,
+    }
 
 
 def run_sequential(exe: list[str], opts: Options, lrs: list[float], env: dict, work: Path) -> dict:
@@ -103,8 +132,19 @@ def run_sequential(exe: list[str], opts: Options, lrs: list[float], env: dict, w
     wall, train, cells, cmd, stats = 0.0, 0.0, [], [], {}
     for j, lr in enumerate(lrs):
         out = work / f"cell_{j}.json"
-        cmd = exe + ["finetune", "--num_tokens", str(opts.num_tokens), "--learning_rate", repr(lr), "--device", opts.device,
-                     "--wandb", "disabled", "--out", str(out)]
+        cmd = exe + [
+            "finetune",
+            "--num_tokens",
+            str(opts.num_tokens),
+            "--learning_rate",
+            repr(lr),
+            "--device",
+            opts.device,
+            "--wandb",
+            "disabled",
+            "--out",
+            str(out),
+        ]
         wall += run(cmd, env, work / f"cell_{j}.log", stats)
         result = json.loads(out.read_text())
         train += result["runtime_s"]
@@ -134,19 +174,23 @@ def main(opts: Options) -> None:
     device = torch.device(opts.device)
     env_info = environment(device)
     exe = entry_point()
-    lrs = make_axis("lr", opts.lanes, opts.lr_min, opts.lr_max, "log", "cols").values  # exactly the grid's column values
+    # exactly the grid's column values
+    lrs = make_axis("lr", opts.lanes, opts.lr_min, opts.lr_max, "log", "cols").values
     # one storage dir for every process; the default model is built (and cached there) before any timing
     env = {**os.environ, "FRACTAL_STORAGE_DIR": str(storage_dir()), "WANDB_MODE": "disabled"}
     os.environ["FRACTAL_STORAGE_DIR"] = env["FRACTAL_STORAGE_DIR"]
     console.print(f"default model: {default_model_dir()}")
-    console.print(f"e2e_row on [bold]{env_info['device']}[/bold]: {opts.lanes} cells x {opts.num_tokens} tokens, lr {opts.lr_min:g}..{opts.lr_max:g}, "
-                  f"entry point {' '.join(exe)}, bytecode {opts.bytecode}")
+    console.print(
+        f"e2e_row on [bold]{env_info['device']}[/bold]: {opts.lanes} cells x {opts.num_tokens} tokens, lr {opts.lr_min:g}..{opts.lr_max:g}, "
+        f"entry point {' '.join(exe)}, bytecode {opts.bytecode}"
+    )
     with tempfile.TemporaryDirectory(prefix="e2e_row-") as tmp:
         if opts.bytecode == "cached":
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
             console.print("warming the shared bytecode cache: one short untimed run of each command")
-            warm = replace(opts, lanes=2, num_tokens=100)  # a few steps of each command: every module imported, every .pyc written
+            # a few steps of each command: every module imported, every .pyc written
+            warm = replace(opts, lanes=2, num_tokens=100)
             run_row(exe, warm, env, Path(tmp))
             run_sequential(exe, warm, lrs[:2], env, Path(tmp))
         elif opts.bytecode != "env":
@@ -162,7 +206,11 @@ def time_sides(exe: list[str], opts: Options, lrs: list[float], env: dict) -> di
         for side in ("row", "sequential"):
             wait_for_quiet(opts.max_load, say=console.print)  # the load average too: a minute of quiet before each side
             with tempfile.TemporaryDirectory(prefix=f"e2e_row-{side}-") as tmp:
-                out = run_row(exe, opts, env, Path(tmp)) if side == "row" else run_sequential(exe, opts, lrs, env, Path(tmp))
+                out = (
+                    run_row(exe, opts, env, Path(tmp))
+                    if side == "row"
+                    else run_sequential(exe, opts, lrs, env, Path(tmp))
+                )
             out.update(contended=out.get("contended", False), repeat=repeat)
             flag = " [red](contended: another process used the CPU)[/red]" if out["contended"] else ""
             console.print(f"  repeat {repeat}: {side} {out['wall_s']:.1f} s (training {out['train_s']:.1f} s){flag}")
@@ -177,24 +225,46 @@ def report(opts: Options, env_info: dict, exe: list[str], lrs: list[float], best
     check = compare(row["cells"], seq["cells"])
     check["sources_unchanged"] = check_unchanged(env_info, console.print)
     ratio = seq["wall_s"] / row["wall_s"]
-    table = Table(title=f"e2e_row: {opts.lanes} cells x {opts.num_tokens} tokens on {env_info['device']} (best of {opts.repeats})")
+    table = Table(
+        title=f"e2e_row: {opts.lanes} cells x {opts.num_tokens} tokens on {env_info['device']} (best of {opts.repeats})"
+    )
     for col in ("side", "wall s", "s per cell", "training s", "start-up + rest s", "ratio"):
         table.add_column(col, justify="left" if col == "side" else "right")
-    for name, side, r in ((f"grid row ({opts.lanes} lanes, 1 process)", row, f"{ratio:.2f}x"), (f"{opts.lanes} finetune processes", seq, "1.00x")):
+    for name, side, r in (
+        (f"grid row ({opts.lanes} lanes, 1 process)", row, f"{ratio:.2f}x"),
+        (f"{opts.lanes} finetune processes", seq, "1.00x"),
+    ):
         wall, train = side["wall_s"], side["train_s"]
         table.add_row(name, f"{wall:.1f}", f"{wall / opts.lanes:.2f}", f"{train:.1f}", f"{wall - train:.1f}", r)
     console.print(table)
     stable = sum(c["stable"] for c in row["cells"])
     equal = f"{check['equal']}/{check['cells']} cells have equal final losses (max |diff| {check['max_abs_diff']:.2g}, tolerance {LOSS_TOL:g}); {stable} stable"
-    console.print(("[green]" if not check["mismatches"] else "[bold red]NOT EQUAL WORK: ") + equal + ("[/green]" if not check["mismatches"] else "[/bold red]"))
+    console.print(
+        ("[green]" if not check["mismatches"] else "[bold red]NOT EQUAL WORK: ")
+        + equal
+        + ("[/green]" if not check["mismatches"] else "[/bold red]")
+    )
     for m in check["mismatches"]:
         console.print(f"  cell {m['cell']} lr {m['lr']:.4g}: row {m['row']}, finetune {m['finetune']}")
     target = "met" if ratio >= 3 else "NOT met"
     console.print(f"row speed-up {ratio:.2f}x (target >= 3x on 2 CPU cores: {target})")
 
     path = Path(opts.out) if opts.out else RESULTS_DIR / f"e2e_row-{device_slug(torch.device(opts.device))}.json"
-    write_json({"benchmark": "e2e_row", "environment": env_info, "options": asdict(opts), "entry_point": exe, "learning_rates": lrs,
-                "row": row, "sequential": seq, "ratio": ratio, "target": 3.0, "check": check}, path)
+    write_json(
+        {
+            "benchmark": "e2e_row",
+            "environment": env_info,
+            "options": asdict(opts),
+            "entry_point": exe,
+            "learning_rates": lrs,
+            "row": row,
+            "sequential": seq,
+            "ratio": ratio,
+            "target": 3.0,
+            "check": check,
+        },
+        path,
+    )
     console.print(f"results: [bold]{path}[/bold]")
 
 

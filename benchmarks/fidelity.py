@@ -87,8 +87,16 @@ class SplitSumMatmuls(TorchFunctionMode):
 
 def fixture_cfg(lr: float, **kw) -> FinetuneConfig:
     """The fixture's recipe (its README): every group trained, constant lr, no weight decay; lr sets every group."""
-    return FinetuneConfig(learning_rate=lr, trainable_param_groups="all", weight_decay=0.0, warmup_frac=0.0, final_lr_frac=1.0,
-                          device="cpu", num_iterations=30, **kw)
+    return FinetuneConfig(
+        learning_rate=lr,
+        trainable_param_groups="all",
+        weight_decay=0.0,
+        warmup_frac=0.0,
+        final_lr_frac=1.0,
+        device="cpu",
+        num_iterations=30,
+        **kw,
+    )
 
 
 def setups():
@@ -102,7 +110,13 @@ def setups():
     fixture_batches = lambda s: (inputs[s % 30], targets[s % 30])  # noqa: E731
     fixture_config, fixture_params, _ = load_model(str(FIXTURE))
     return {
-        "default model (SFT recipe)": (config, params, stream.batch, steps, lambda lr: FinetuneConfig(device="cpu", num_tokens=2400, learning_rate=lr)),
+        "default model (SFT recipe)": (
+            config,
+            params,
+            stream.batch,
+            steps,
+            lambda lr: FinetuneConfig(device="cpu", num_tokens=2400, learning_rate=lr),
+        ),
         "nanochat-d2 fixture": (fixture_config, fixture_params, fixture_batches, 30, fixture_cfg),
         "GQA 4q/2kv random init": (GQA_CONFIG, init_params(GQA_CONFIG, seed=1), fixture_batches, 30, fixture_cfg),
     }
@@ -132,19 +146,40 @@ def main() -> None:
             single, _ = train_single(cfg, config, params, batches, steps, CPU)
             with SplitSumMatmuls():
                 reordered, _ = train_single(cfg, config, params, batches, steps, CPU)
-            rows.append({"model": name, "lr": cfg.learning_rate, "steps": steps, "final_loss": single.final_loss,
-                         "converged": single.converged, "ratio": single.trainable_ratio,
-                         "noise_floor": max_gap(single.losses, reordered.losses), "labels_agree": single.converged == reordered.converged,
-                         "lane_vs_finetune": max_gap(lane.losses, single.losses)})
+            rows.append(
+                {
+                    "model": name,
+                    "lr": cfg.learning_rate,
+                    "steps": steps,
+                    "final_loss": single.final_loss,
+                    "converged": single.converged,
+                    "ratio": single.trainable_ratio,
+                    "noise_floor": max_gap(single.losses, reordered.losses),
+                    "labels_agree": single.converged == reordered.converged,
+                    "lane_vs_finetune": max_gap(lane.losses, single.losses),
+                }
+            )
             console.print(rows[-1])
-    table = Table(title="float32 noise floor: max per-step |dloss| between finetune and finetune with reordered matmul sums")
+    table = Table(
+        title="float32 noise floor: max per-step |dloss| between finetune and finetune with reordered matmul sums"
+    )
     for col in ("model", "lr", "steps", "final loss", "converged (ratio)", "noise floor", "lanes vs finetune here"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], f"{r['lr']:g}", str(r["steps"]), f"{r['final_loss']:.4f}", f"{r['converged']} ({r['ratio']:.3f})",
-                      f"{r['noise_floor']:.2e}", f"{r['lane_vs_finetune']:.2e}")
+        table.add_row(
+            r["model"],
+            f"{r['lr']:g}",
+            str(r["steps"]),
+            f"{r['final_loss']:.4f}",
+            f"{r['converged']} ({r['ratio']:.3f})",
+            f"{r['noise_floor']:.2e}",
+            f"{r['lane_vs_finetune']:.2e}",
+        )
     console.print(table)
-    write_json({"environment": environment(CPU), "options": asdict(opts), "rows": rows}, Path(opts.out or RESULTS_DIR / f"fidelity-cpu-{opts.dtype}.json"))
+    write_json(
+        {"environment": environment(CPU), "options": asdict(opts), "rows": rows},
+        Path(opts.out or RESULTS_DIR / f"fidelity-cpu-{opts.dtype}.json"),
+    )
 
 
 if __name__ == "__main__":

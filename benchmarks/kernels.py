@@ -55,33 +55,60 @@ class Options:
 # (read, written) bytes per element of a float32 parameter; per-lane scalars [L] and masks are negligible.
 
 ADAMW_TORCH = [  # optim.BatchedAdamW, kernels="torch"
-    ("new_p = p * decay", 4, 4), ("new_m = m.lerp(g, 1 - beta1)", 8, 4), ("new_v = v * beta2", 4, 4),
-    ("new_v.addcmul_(g, g)", 12, 4), ("new_v.sqrt()", 4, 4), ("/ bias_correction2", 4, 4), (".add_(eps)", 4, 4),
-    ("new_m * -step_size", 4, 4), ("new_p.addcdiv_(., denom)", 12, 4),
-    ("p.copy_(where(active, new_p, p))", 12, 8), ("m.copy_(where(active, new_m, m))", 12, 8), ("v.copy_(where(active, new_v, v))", 12, 8),
+    ("new_p = p * decay", 4, 4),
+    ("new_m = m.lerp(g, 1 - beta1)", 8, 4),
+    ("new_v = v * beta2", 4, 4),
+    ("new_v.addcmul_(g, g)", 12, 4),
+    ("new_v.sqrt()", 4, 4),
+    ("/ bias_correction2", 4, 4),
+    (".add_(eps)", 4, 4),
+    ("new_m * -step_size", 4, 4),
+    ("new_p.addcdiv_(., denom)", 12, 4),
+    ("p.copy_(where(active, new_p, p))", 12, 8),
+    ("m.copy_(where(active, new_m, m))", 12, 8),
+    ("v.copy_(where(active, new_v, v))", 12, 8),
 ]
 ADAMW_FUSED = [("adamw_kernel: read p, g, m, v; write p, m, v", 16, 12)]  # torch.optim.AdamW(fused=True) moves the same
 
 MUON_TORCH = [  # optim.BatchedMuon, kernels="torch" (fp32 params, the update in bf16)
-    ("new_buf = buf.lerp(g, 1 - momentum)", 8, 4), ("update = g.lerp(new_buf, momentum)", 8, 4),
-    ("buf.copy_(where(active, new_buf, buf))", 12, 8), ("torch.cat(updates)", 4, 4), (".to(bfloat16)", 4, 2),
-    ("vector_norm", 2, 0), ("div_(norm)", 2, 2), ("[Newton-Schulz]", 0, 0), ("addcmul(p, O, -lr)", 6, 4),
+    ("new_buf = buf.lerp(g, 1 - momentum)", 8, 4),
+    ("update = g.lerp(new_buf, momentum)", 8, 4),
+    ("buf.copy_(where(active, new_buf, buf))", 12, 8),
+    ("torch.cat(updates)", 4, 4),
+    (".to(bfloat16)", 4, 2),
+    ("vector_norm", 2, 0),
+    ("div_(norm)", 2, 2),
+    ("[Newton-Schulz]", 0, 0),
+    ("addcmul(p, O, -lr)", 6, 4),
     ("p.copy_(where(active, new_p, p))", 12, 8),
 ]
 MUON_FUSED = [
-    ("momentum_kernel: read g, buf; write buf, bf16 X", 8, 6), ("normalize_kernel: X /= norm", 2, 2),
-    ("[Newton-Schulz]", 0, 0), ("update_kernel: p += -lr * O", 6, 4),
+    ("momentum_kernel: read g, buf; write buf, bf16 X", 8, 6),
+    ("normalize_kernel: X /= norm", 2, 2),
+    ("[Newton-Schulz]", 0, 0),
+    ("update_kernel: p += -lr * O", 6, 4),
 ]
 
 # per logit of the [tokens, vocab] lm_head output, bf16 autocast (the matmuls themselves are the same on both sides)
 HEAD_TORCH = [  # head.head_loss and its autograd backward, one lane at a time
-    ("linear -> bf16 logits", 0, 2), (".float()", 2, 4), ("/ 15", 4, 4), ("tanh", 4, 4), ("* 15", 4, 4),
-    ("log_softmax (max, sum, out)", 12, 4), ("nll backward (grad)", 0, 4), ("log_softmax backward", 12, 4),
-    ("* 15 backward", 4, 4), ("tanh backward", 8, 4), ("/ 15 backward", 4, 4), ("to bf16 backward", 4, 2),
+    ("linear -> bf16 logits", 0, 2),
+    (".float()", 2, 4),
+    ("/ 15", 4, 4),
+    ("tanh", 4, 4),
+    ("* 15", 4, 4),
+    ("log_softmax (max, sum, out)", 12, 4),
+    ("nll backward (grad)", 0, 4),
+    ("log_softmax backward", 12, 4),
+    ("* 15 backward", 4, 4),
+    ("tanh backward", 8, 4),
+    ("/ 15 backward", 4, 4),
+    ("to bf16 backward", 4, 2),
     ("dz read by the dx and dw matmuls", 4, 0),
 ]
 HEAD_FUSED = [  # kernels/head.py, per chunk of tokens
-    ("bmm -> bf16 logits chunk", 0, 2), ("ce_kernel sweep 1: logsumexp", 2, 0), ("ce_kernel sweep 2: dz over z", 2, 2),
+    ("bmm -> bf16 logits chunk", 0, 2),
+    ("ce_kernel sweep 1: logsumexp", 2, 0),
+    ("ce_kernel sweep 2: dz over z", 2, 2),
     ("dz read by the dx and dw matmuls", 4, 0),
 ]
 
@@ -103,15 +130,23 @@ def analytic(opts: Options) -> dict:
     out = {}
     for name, (numel, torch_ops, fused_ops) in cases.items():
         per = {side: sum(r + w for _, r, w in ops) for side, ops in (("torch", torch_ops), ("fused", fused_ops))}
-        out[name] = {"elements": numel, "bytes_per_element": per, "gb_per_step": {k: v * numel / 1e9 for k, v in per.items()},
-                     "ops": {"torch": torch_ops, "fused": fused_ops}}
+        out[name] = {
+            "elements": numel,
+            "bytes_per_element": per,
+            "gb_per_step": {k: v * numel / 1e9 for k, v in per.items()},
+            "ops": {"torch": torch_ops, "fused": fused_ops},
+        }
     # peak temporaries of the head (estimates): the torch path holds one lane's bf16 logits and ~5 float32 copies
     # (saved for its backward, and the gradient), the plain vmap all lanes' at once; the Triton path one [L, chunk, V]
     # bf16 buffer
     from fractal_vmap.kernels.head import chunk_tokens
 
     chunk = min(N, chunk_tokens(V, torch.bfloat16))
-    out["head (logits)"]["peak_temporaries_gb"] = {"plain vmap": L * N * V * 22 / 1e9, "torch": N * V * 22 / 1e9, "fused": L * chunk * V * 2 / 1e9}
+    out["head (logits)"]["peak_temporaries_gb"] = {
+        "plain vmap": L * N * V * 22 / 1e9,
+        "torch": N * V * 22 / 1e9,
+        "fused": L * chunk * V * 2 / 1e9,
+    }
     return out
 
 
@@ -121,7 +156,15 @@ def print_analytic(a: dict) -> None:
         table.add_column(col, justify="left" if col == "step" else "right")
     for name, r in a.items():
         b, g = r["bytes_per_element"], r["gb_per_step"]
-        table.add_row(name, f"{r['elements']:,}", str(b["torch"]), str(b["fused"]), f"{g['torch']:.1f}", f"{g['fused']:.1f}", f"{b['torch'] / b['fused']:.1f}x")
+        table.add_row(
+            name,
+            f"{r['elements']:,}",
+            str(b["torch"]),
+            str(b["fused"]),
+            f"{g['torch']:.1f}",
+            f"{g['fused']:.1f}",
+            f"{b['torch'] / b['fused']:.1f}x",
+        )
     console.print(table)
     for name, r in a.items():
         ops = Table(title=f"{name}: op by op (read + written bytes per element)")
@@ -229,7 +272,9 @@ def bench_head(opts: Options, device: torch.device) -> list[dict]:
     L, V, C, N = opts.lanes, opts.vocab, opts.n_embd, opts.tokens
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(L, N, C, device=device, generator=gen).requires_grad_()
-    w = (0.02 * torch.randn(L, V, C, device=device, generator=gen)).requires_grad_()  # the trained unembedding: per lane
+    w = (
+        0.02 * torch.randn(L, V, C, device=device, generator=gen)
+    ).requires_grad_()  # the trained unembedding: per lane
     targets = torch.randint(0, V, (L, N), device=device, generator=gen)
     targets[torch.rand(L, N, device=device, generator=gen) < 0.3] = -1
     paths = {
@@ -239,6 +284,7 @@ def bench_head(opts: Options, device: torch.device) -> list[dict]:
     }
     rows = []
     for name, fn in paths.items():
+
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 losses = fn(x, w, targets)
@@ -260,32 +306,49 @@ def main(opts: Options) -> None:
     device = torch.device(opts.device)
     env = environment(device)
     a = analytic(opts)
-    console.print(f"kernels on [bold]{env['device']}[/bold] (torch {env['torch']}): {opts.lanes} lanes, n_embd {opts.n_embd}, "
-                  f"{opts.n_layer} layers, vocab {opts.vocab}, {opts.tokens} tokens")
+    console.print(
+        f"kernels on [bold]{env['device']}[/bold] (torch {env['torch']}): {opts.lanes} lanes, n_embd {opts.n_embd}, "
+        f"{opts.n_layer} layers, vocab {opts.vocab}, {opts.tokens} tokens"
+    )
     print_analytic(a)
     report = {"benchmark": "kernels", "environment": env, "options": asdict(opts), "analytic": a}
     if device.type == "cuda":
         if "adamw" in opts.parts:
             r = report["adamw"] = bench_adamw(opts, device)
-            console.print(f"adamw: copy {r['copy_gbps']:,.0f} GB/s; triton {r['triton_ms']:.2f} ms = {r['triton_gbps']:,.0f} GB/s "
-                          f"({r['triton_of_copy']:.0%} of copy, target >= 85%); torch.optim fused {r['torch_fused_ms']:.2f} ms = "
-                          f"{r['torch_fused_gbps']:,.0f} GB/s; torch path {r['torch_ms'] or float('nan'):.2f} ms")
+            console.print(
+                f"adamw: copy {r['copy_gbps']:,.0f} GB/s; triton {r['triton_ms']:.2f} ms = {r['triton_gbps']:,.0f} GB/s "
+                f"({r['triton_of_copy']:.0%} of copy, target >= 85%); torch.optim fused {r['torch_fused_ms']:.2f} ms = "
+                f"{r['torch_fused_gbps']:,.0f} GB/s; torch path {r['torch_ms'] or float('nan'):.2f} ms"
+            )
         if "ns" in opts.parts:
             rows = report["ns"] = bench_ns(opts, device)
             table = Table(title="Newton-Schulz (5 steps) against the plain bmm chain; target <= 1.5x")
             for col in ("shape", "matrices", "bmm chain ms", "torch ms", "ratio", "gram=triton ms", "ratio"):
                 table.add_column(col, justify="right")
             for r in rows:
-                table.add_row(str(tuple(r["shape"])), str(r["matrices"]), f"{r['bmm_chain_ms']:.2f}", f"{r['torch_ms']:.2f}",
-                              f"{r['torch_of_chain']:.2f}x", f"{r['gram_triton_ms']:.2f}", f"{r['gram_triton_of_chain']:.2f}x")
+                table.add_row(
+                    str(tuple(r["shape"])),
+                    str(r["matrices"]),
+                    f"{r['bmm_chain_ms']:.2f}",
+                    f"{r['torch_ms']:.2f}",
+                    f"{r['torch_of_chain']:.2f}x",
+                    f"{r['gram_triton_ms']:.2f}",
+                    f"{r['gram_triton_of_chain']:.2f}x",
+                )
             console.print(table)
         if "head" in opts.parts:
             rows = report["head"] = bench_head(opts, device)
-            table = Table(title=f"lm_head + softcap + cross-entropy, forward + backward, {opts.lanes} lanes x {opts.tokens} tokens")
+            table = Table(
+                title=f"lm_head + softcap + cross-entropy, forward + backward, {opts.lanes} lanes x {opts.tokens} tokens"
+            )
             for col in ("path", "ms", "peak GB"):
                 table.add_column(col, justify="right")
             for r in rows:
-                table.add_row(r["path"], "OOM" if r["ms"] is None else f"{r['ms']:.1f}", "OOM" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}")
+                table.add_row(
+                    r["path"],
+                    "OOM" if r["ms"] is None else f"{r['ms']:.1f}",
+                    "OOM" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}",
+                )
             console.print(table)
     path = Path(opts.out) if opts.out else RESULTS_DIR / f"kernels-{device_slug(device)}.json"
     console.print(f"wrote {write_json(report, path)}")

@@ -43,10 +43,16 @@ D20_LEVERS = {
     "remat": Levers(remat=True),
     "step_in_backward + remat": Levers(step_in_backward=True, remat=True),
     "+ bf16 momentum": Levers(step_in_backward=True, remat=True, momentum_dtype="bfloat16"),
-    "+ bf16 momentum and master weights": Levers(step_in_backward=True, remat=True, momentum_dtype="bfloat16", master_dtype="bfloat16"),
+    "+ bf16 momentum and master weights": Levers(
+        step_in_backward=True, remat=True, momentum_dtype="bfloat16", master_dtype="bfloat16"
+    ),
 }
-DRIFT_LEVERS = {"micro_batches=2": Levers(micro_batches=2), "bf16 momentum": Levers(momentum_dtype="bfloat16"),
-                "bf16 master weights": Levers(master_dtype="bfloat16"), "bf16 momentum and master": Levers(momentum_dtype="bfloat16", master_dtype="bfloat16")}
+DRIFT_LEVERS = {
+    "micro_batches=2": Levers(micro_batches=2),
+    "bf16 momentum": Levers(momentum_dtype="bfloat16"),
+    "bf16 master weights": Levers(master_dtype="bfloat16"),
+    "bf16 momentum and master": Levers(momentum_dtype="bfloat16", master_dtype="bfloat16"),
+}
 
 
 @dataclass
@@ -59,17 +65,32 @@ class Options:
 
 def d20_table(console: Console) -> list[dict]:
     rows = []
-    table = Table(title="nanochat d20, batch 8 x 1024, bf16 autocast, embeddings frozen: GiB per lane (estimate, no GPU)")
+    table = Table(
+        title="nanochat d20, batch 8 x 1024, bf16 autocast, embeddings frozen: GiB per lane (estimate, no GPU)"
+    )
     for name in ("levers", *KINDS, "one lane", "fixed", "lanes on 80 GB", "lanes on 141 GB"):
         table.add_column(name, justify="right")
     for name, levers in D20_LEVERS.items():
         t0 = time.perf_counter()
         plan = estimate_memory(nanochat_depth(20), 8, 1024, "bfloat16", levers=levers)
-        row = {"levers": name, "per_lane": plan.per_lane, "lane_bytes": plan.lane_bytes, "fixed": plan.fixed,
-               "lanes_80GB": plan.lanes_that_fit(80 * 10**9), "lanes_141GB": plan.lanes_that_fit(141 * 10**9), "trace_s": time.perf_counter() - t0}
+        row = {
+            "levers": name,
+            "per_lane": plan.per_lane,
+            "lane_bytes": plan.lane_bytes,
+            "fixed": plan.fixed,
+            "lanes_80GB": plan.lanes_that_fit(80 * 10**9),
+            "lanes_141GB": plan.lanes_that_fit(141 * 10**9),
+            "trace_s": time.perf_counter() - t0,
+        }
         rows.append(row)
-        table.add_row(name, *(f"{plan.per_lane[k] / GiB:.2f}" for k in KINDS), f"{plan.lane_bytes / GiB:.2f}", f"{plan.fixed / GiB:.2f}",
-                      str(row["lanes_80GB"]), str(row["lanes_141GB"]))
+        table.add_row(
+            name,
+            *(f"{plan.per_lane[k] / GiB:.2f}" for k in KINDS),
+            f"{plan.lane_bytes / GiB:.2f}",
+            f"{plan.fixed / GiB:.2f}",
+            str(row["lanes_80GB"]),
+            str(row["lanes_141GB"]),
+        )
     console.print(table)
     console.print("kinds: " + "; ".join(f"{k} = {KIND_NAMES[k]}" for k in KINDS))
     return rows
@@ -83,12 +104,24 @@ def drift(console: Console, opts: Options) -> list[dict]:
         return traj["batch_inputs"][step % 30], traj["batch_targets"][step % 30]
 
     rows = []
-    table = Table(title=f"drift against the plain row: max per-step |dloss| over {opts.steps} steps (nanochat fixture, bf16 autocast)")
+    table = Table(
+        title=f"drift against the plain row: max per-step |dloss| over {opts.steps} steps (nanochat fixture, bf16 autocast)"
+    )
     table.add_column("lever")
     for lr in opts.lrs:
         table.add_column(f"lr {lr:g}", justify="right")
-    cfgs = [FinetuneConfig(learning_rate=lr, dtype="bfloat16", device="cpu", trainable_param_groups="all", weight_decay=0.0, warmup_frac=0.0,
-                           final_lr_frac=1.0) for lr in opts.lrs]
+    cfgs = [
+        FinetuneConfig(
+            learning_rate=lr,
+            dtype="bfloat16",
+            device="cpu",
+            trainable_param_groups="all",
+            weight_decay=0.0,
+            warmup_frac=0.0,
+            final_lr_frac=1.0,
+        )
+        for lr in opts.lrs
+    ]
     plain = train_lanes(cfgs, config, params, batches, [opts.steps] * len(cfgs), CPU)
     for name, levers in DRIFT_LEVERS.items():
         other = train_lanes(cfgs, config, params, batches, [opts.steps] * len(cfgs), CPU, levers=levers)
@@ -96,7 +129,9 @@ def drift(console: Console, opts: Options) -> list[dict]:
         rows.append({"lever": name, "lrs": opts.lrs, "max_abs_dloss": gaps})
         table.add_row(name, *(f"{g:.2e}" for g in gaps))
     console.print(table)
-    console.print("noise floor under bf16 autocast (tests/test_lanes.py, BF16_TOL): 1.9e-3 to 4.6e-3 over 12 steps at lr 3e-4..1e-2")
+    console.print(
+        "noise floor under bf16 autocast (tests/test_lanes.py, BF16_TOL): 1.9e-3 to 4.6e-3 over 12 steps at lr 3e-4..1e-2"
+    )
     return rows
 
 
@@ -124,16 +159,23 @@ def dead_lanes(console: Console) -> dict:
             cpu0 = own_seconds()
             with CpuWatch() as watch:
                 results = train_lanes(cfgs, config, params, stream.batch, steps, CPU, compact=compact)
-            out["compacted" if compact else "uncompacted"] = {"lane_steps": sum(widths), "cpu_s": own_seconds() - cpu0, "wall_s": watch.wall_s,
-                                                              "foreign": watch.foreign, "losses": [r.losses for r in results]}
+            out["compacted" if compact else "uncompacted"] = {
+                "lane_steps": sum(widths),
+                "cpu_s": own_seconds() - cpu0,
+                "wall_s": watch.wall_s,
+                "foreign": watch.foreign,
+                "losses": [r.losses for r in results],
+            }
     finally:
         engine.lanes_step = step
     a, b = out["uncompacted"], out["compacted"]
     same = all(x == y or (x != x and y != y) for p, q in zip(a["losses"], b["losses"]) for x, y in zip(p, q))
     diverged = sum(1 for r in a["losses"] if len(r) < 40)
-    console.print(f"dead lanes: 16 lanes x 40 steps, {diverged} diverged early: lane-steps {a['lane_steps']} -> {b['lane_steps']} with compaction; "
-                  f"CPU {a['cpu_s']:.1f} s -> {b['cpu_s']:.1f} s, wall {a['wall_s']:.1f} s -> {b['wall_s']:.1f} s "
-                  f"(others used {a['foreign']:.0%} / {b['foreign']:.0%} of the cores meanwhile); results identical: {same}")
+    console.print(
+        f"dead lanes: 16 lanes x 40 steps, {diverged} diverged early: lane-steps {a['lane_steps']} -> {b['lane_steps']} with compaction; "
+        f"CPU {a['cpu_s']:.1f} s -> {b['cpu_s']:.1f} s, wall {a['wall_s']:.1f} s -> {b['wall_s']:.1f} s "
+        f"(others used {a['foreign']:.0%} / {b['foreign']:.0%} of the cores meanwhile); results identical: {same}"
+    )
     for side in out.values():
         side.pop("losses")
     return {**out, "diverged": diverged, "identical": same}

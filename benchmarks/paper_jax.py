@@ -38,13 +38,29 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common` beside this file, however the script is started
-from common import FOREIGN_MAX, RESULTS_DIR, CpuWatch, check_unchanged, device_slug, environment, wait_for_quiet, write_json  # noqa: E402
+from common import (
+    FOREIGN_MAX,
+    RESULTS_DIR,
+    CpuWatch,
+    check_unchanged,
+    device_slug,
+    environment,
+    wait_for_quiet,
+    write_json,
+)  # noqa: E402
 
 from fractal_vmap import paper  # noqa: E402
 from fractal_vmap.cli import tune_allocator  # noqa: E402
 from fractal_vmap.fractal import convergence_measure, edge_pixels, fractal_dimension  # noqa: E402
 from fractal_vmap.paper import (  # noqa: E402
-    DEFAULT_VIEW, PaperConfig, init_params, lane_loss_and_grads, make_data, phase_lanes, train_paper_lanes, vmap_loss_and_grads,
+    DEFAULT_VIEW,
+    PaperConfig,
+    init_params,
+    lane_loss_and_grads,
+    make_data,
+    phase_lanes,
+    train_paper_lanes,
+    vmap_loss_and_grads,
 )
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -61,14 +77,16 @@ class Options:
     seed: int = 0
     view: list[float] = field(default_factory=lambda: list(DEFAULT_VIEW))  # log10 lr range of both axes
     torch_chunks: list[int] = field(default_factory=lambda: [256, 1024])  # lanes per chunk of our hand-derived trainer
-    full_chunks: list[int] = field(default_factory=lambda: [256])  # ours again, computing stopped lanes to the end as JAX does
+    # ours again, computing stopped lanes to the end as JAX does
+    full_chunks: list[int] = field(default_factory=lambda: [256])
     vmap_chunks: list[int] = field(default_factory=lambda: [256])  # lanes per chunk of our vmap(grad) trainer
     jax_chunks: list[int] = field(default_factory=lambda: [1024, 4096, 65536])  # lanes per jit call on the JAX side
     max_load: float = 1.2  # wait until the 1-minute load average is below this before starting
     wait: bool = True  # wait for a quiet machine before each measurement; false: measure at once, contention recorded
     repeats: int = 1  # rounds over all sides, interleaved (each side's best round is reported)
     out: str = ""  # default benchmarks/results/paper_jax-<device>.json
-    side: str = ""  # internal: run one side (torch, torch_full, torch_vmap or jax) with --chunk, write --side_out and exit
+    # internal: run one side (torch, torch_full, torch_vmap or jax) with --chunk, write --side_out and exit
+    side: str = ""
     chunk: int = 0  # internal, with --side
     side_out: str = ""  # internal, with --side: a .npz with the measure and the timings
 
@@ -82,7 +100,11 @@ def jax_trainer(opts: Options, x: np.ndarray, y: np.ndarray, W0: np.ndarray, W1:
     dtype = {"float64": jnp.float64, "float32": jnp.float32}[opts.dtype]
     x, y, W0, W1 = (jnp.asarray(a, dtype=dtype) for a in (x, y, W0, W1))
     n = W0.shape[0]
-    act = {"tanh": lambda z: jnp.tanh(math.sqrt(2) * z), "relu": lambda z: math.sqrt(2) * jax.nn.relu(z), "identity": lambda z: z}[opts.activation]
+    act = {
+        "tanh": lambda z: jnp.tanh(math.sqrt(2) * z),
+        "relu": lambda z: math.sqrt(2) * jax.nn.relu(z),
+        "identity": lambda z: z,
+    }[opts.activation]
 
     def loss(p):
         h = act(x @ p[0] / math.sqrt(n))
@@ -110,7 +132,7 @@ def run_jax(fn, lr0: np.ndarray, lr1: np.ndarray, chunk: int) -> np.ndarray:
     L = len(lr0)
     pad = -L % chunk
     lr0, lr1 = np.concatenate([lr0, np.repeat(lr0[-1:], pad)]), np.concatenate([lr1, np.repeat(lr1[-1:], pad)])
-    parts = [np.asarray(fn(lr0[i: i + chunk], lr1[i: i + chunk])) for i in range(0, L + pad, chunk)]
+    parts = [np.asarray(fn(lr0[i : i + chunk], lr1[i : i + chunk])) for i in range(0, L + pad, chunk)]
     return np.concatenate(parts, axis=0)[:L].T.astype(np.float64)
 
 
@@ -131,7 +153,9 @@ def run_side(opts: Options) -> None:
     else:
         if opts.side == "torch_full":
             paper.COMPACT_EVERY = opts.steps + 1  # never drop the lanes that stopped: the same work as the JAX side
-        grads = {"torch": lane_loss_and_grads, "torch_full": lane_loss_and_grads, "torch_vmap": vmap_loss_and_grads}[opts.side]
+        grads = {"torch": lane_loss_and_grads, "torch_full": lane_loss_and_grads, "torch_vmap": vmap_loss_and_grads}[
+            opts.side
+        ]
         train_paper_lanes(cfg, lr0[warm], lr1[warm], chunk=opts.chunk, loss_and_grads=grads)  # first-call set-up
         run = lambda: train_paper_lanes(cfg, lr0, lr1, chunk=opts.chunk, loss_and_grads=grads).numpy()  # noqa: E731
     warm_s = time.perf_counter() - t0
@@ -151,7 +175,10 @@ def measured(label: str, side: str, chunk: int, opts: Options, argv: list[str]) 
             wait_for_quiet(opts.max_load, check_load=attempt == 0, say=console.print)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "side.npz"
-            subprocess.run([sys.executable, __file__, *argv, "--side", side, "--chunk", str(chunk), "--side_out", str(out)], check=True)
+            subprocess.run(
+                [sys.executable, __file__, *argv, "--side", side, "--chunk", str(chunk), "--side_out", str(out)],
+                check=True,
+            )
             res = dict(np.load(out))
         foreign = float(res["foreign"])
         if foreign <= FOREIGN_MAX or not opts.wait or attempt == MAX_TRIES - 1:
@@ -159,12 +186,22 @@ def measured(label: str, side: str, chunk: int, opts: Options, argv: list[str]) 
         console.print(f"[yellow]{label}: other processes used {foreign:.0%} of the cores: measuring again[/yellow]")
     m = res["measure"]
     dim = fractal_dimension(m)
-    row = {"side": label, "wall_s": float(res["wall_s"]), "cpu_s": float(res["cpu_s"]), "foreign_cpu": foreign,
-           "contended": foreign > FOREIGN_MAX, "warm_up_s": float(res["warm_s"]),
-           "trainable_fraction": float((m < 0).mean()), "dimension": dim["dimension"],
-           "dimension_median_local": dim["dimension_median_local"], "edge_pixels": dim["edge_pixel_count"]}
-    console.print(f"{label}: {row['wall_s']:.1f} s wall, {row['cpu_s']:.1f} s CPU (others used {foreign:.0%} of the cores), "
-                  f"trainable {row['trainable_fraction']:.3f}, dimension {dim['dimension']:.3f}")
+    row = {
+        "side": label,
+        "wall_s": float(res["wall_s"]),
+        "cpu_s": float(res["cpu_s"]),
+        "foreign_cpu": foreign,
+        "contended": foreign > FOREIGN_MAX,
+        "warm_up_s": float(res["warm_s"]),
+        "trainable_fraction": float((m < 0).mean()),
+        "dimension": dim["dimension"],
+        "dimension_median_local": dim["dimension_median_local"],
+        "edge_pixels": dim["edge_pixel_count"],
+    }
+    console.print(
+        f"{label}: {row['wall_s']:.1f} s wall, {row['cpu_s']:.1f} s CPU (others used {foreign:.0%} of the cores), "
+        f"trainable {row['trainable_fraction']:.3f}, dimension {dim['dimension']:.3f}"
+    )
     return row, m
 
 
@@ -180,20 +217,40 @@ def main() -> None:
     import jax
 
     env.update(jax=jax.__version__, jax_devices=str(jax.devices()), xla_flags=os.environ.get("XLA_FLAGS", ""))
-    console.print(f"paper MLP: {opts.size}x{opts.size} lanes, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype}; {env['device']}")
-    sides = [(f"torch chunk {c}", "torch", c, {"engine": "torch (hand-derived grads)", "chunk": c}) for c in opts.torch_chunks]
-    sides += [(f"torch full chunk {c}", "torch_full", c, {"engine": "torch (hand-derived grads, stopped lanes computed on)", "chunk": c}) for c in opts.full_chunks]
-    sides += [(f"torch vmap chunk {c}", "torch_vmap", c, {"engine": "torch (vmap(grad))", "chunk": c}) for c in opts.vmap_chunks]
+    console.print(
+        f"paper MLP: {opts.size}x{opts.size} lanes, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype}; {env['device']}"
+    )
+    sides = [
+        (f"torch chunk {c}", "torch", c, {"engine": "torch (hand-derived grads)", "chunk": c})
+        for c in opts.torch_chunks
+    ]
+    sides += [
+        (
+            f"torch full chunk {c}",
+            "torch_full",
+            c,
+            {"engine": "torch (hand-derived grads, stopped lanes computed on)", "chunk": c},
+        )
+        for c in opts.full_chunks
+    ]
+    sides += [
+        (f"torch vmap chunk {c}", "torch_vmap", c, {"engine": "torch (vmap(grad))", "chunk": c})
+        for c in opts.vmap_chunks
+    ]
     sides += [(f"jax chunk {c}", "jax", c, {"engine": "jax jit(vmap)", "chunk": c}) for c in opts.jax_chunks]
     rounds, measures = [], {}
-    for rep in range(opts.repeats):  # rounds interleave the sides, so on a noisy machine all of them meet the same noise
+    # rounds interleave the sides, so on a noisy machine all of them meet the same noise
+    for rep in range(opts.repeats):
         for label, side, chunk, info in sides:
             row, m = measured(label, side, chunk, opts, argv)
             if label in measures and not np.array_equal(np.sign(m), np.sign(measures[label])):
-                console.print(f"[bold red]{label}: another round gave other signs: the engine is not deterministic[/bold red]")
+                console.print(
+                    f"[bold red]{label}: another round gave other signs: the engine is not deterministic[/bold red]"
+                )
             measures[label] = m
             rounds.append(row | info | {"round": rep})
-    rows = [min((r for r in rounds if r["side"] == label), key=lambda r: r["wall_s"]) for label, *_ in sides]  # best round per side
+    # best round per side
+    rows = [min((r for r in rounds if r["side"] == label), key=lambda r: r["wall_s"]) for label, *_ in sides]
 
     # sign agreement of every side with our first one, and where the disagreeing cells lie
     ref_name = next(iter(measures))
@@ -206,28 +263,70 @@ def main() -> None:
     near[1:, 1:] |= e
     for row, (name, m) in zip(rows, measures.items()):
         differ = (m > 0) != (ref > 0)
-        row.update(sign_agree_cells=int((~differ).sum()), sign_agree_fraction=float((~differ).mean()),
-                   disagree_on_boundary=int((differ & near).sum()), agree_with=ref_name)
+        row.update(
+            sign_agree_cells=int((~differ).sum()),
+            sign_agree_fraction=float((~differ).mean()),
+            disagree_on_boundary=int((differ & near).sum()),
+            agree_with=ref_name,
+        )
 
-    best = {engine: min(r["wall_s"] for r in rows if r["engine"] == engine) for engine in dict.fromkeys(r["engine"] for r in rows)}
+    best = {
+        engine: min(r["wall_s"] for r in rows if r["engine"] == engine)
+        for engine in dict.fromkeys(r["engine"] for r in rows)
+    }
     best_cpu = {engine: min(r["cpu_s"] for r in rows if r["engine"] == engine) for engine in best}
     ours, theirs = best["torch (hand-derived grads)"], best["jax jit(vmap)"]
-    table = Table(title=f"paper MLP {opts.size}x{opts.size}, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype} ({env['device']}; shared machine)")
-    for col in ("engine", "chunk", "wall s", "CPU s", "warm-up s", "trainable", "dimension (median local)", f"sign agrees with {ref_name}", "flips on boundary"):
+    table = Table(
+        title=f"paper MLP {opts.size}x{opts.size}, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype} ({env['device']}; shared machine)"
+    )
+    for col in (
+        "engine",
+        "chunk",
+        "wall s",
+        "CPU s",
+        "warm-up s",
+        "trainable",
+        "dimension (median local)",
+        f"sign agrees with {ref_name}",
+        "flips on boundary",
+    ):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["engine"], str(r["chunk"]), f"{r['wall_s']:.1f}" + (f" (others {r['foreign_cpu']:.0%})" if r["contended"] else ""), f"{r['cpu_s']:.1f}",
-                      f"{r['warm_up_s']:.1f}", f"{r['trainable_fraction']:.4f}", f"{r['dimension']:.3f} ({r['dimension_median_local']:.3f})",
-                      f"{r['sign_agree_cells']} / {opts.size ** 2}", f"{r['disagree_on_boundary']} of {opts.size ** 2 - r['sign_agree_cells']}")
+        table.add_row(
+            r["engine"],
+            str(r["chunk"]),
+            f"{r['wall_s']:.1f}" + (f" (others {r['foreign_cpu']:.0%})" if r["contended"] else ""),
+            f"{r['cpu_s']:.1f}",
+            f"{r['warm_up_s']:.1f}",
+            f"{r['trainable_fraction']:.4f}",
+            f"{r['dimension']:.3f} ({r['dimension_median_local']:.3f})",
+            f"{r['sign_agree_cells']} / {opts.size**2}",
+            f"{r['disagree_on_boundary']} of {opts.size**2 - r['sign_agree_cells']}",
+        )
     console.print(table)
     verdict = "met" if ours <= theirs else "NOT met"
-    console.print(f"best wall: ours {ours:.1f} s, JAX {theirs:.1f} s: ours / JAX = {ours / theirs:.2f} (target <= 1: {verdict})")
+    console.print(
+        f"best wall: ours {ours:.1f} s, JAX {theirs:.1f} s: ours / JAX = {ours / theirs:.2f} (target <= 1: {verdict})"
+    )
     for engine in best:
-        console.print(f"  {engine}: best wall {best[engine]:.1f} s ({best[engine] / theirs:.2f} x JAX), best CPU {best_cpu[engine]:.1f} s "
-                      f"({best_cpu[engine] / best_cpu['jax jit(vmap)']:.2f} x JAX)")
+        console.print(
+            f"  {engine}: best wall {best[engine]:.1f} s ({best[engine] / theirs:.2f} x JAX), best CPU {best_cpu[engine]:.1f} s "
+            f"({best_cpu[engine] / best_cpu['jax jit(vmap)']:.2f} x JAX)"
+        )
     check_unchanged(env, say=console.print)
     out = Path(opts.out) if opts.out else RESULTS_DIR / f"paper_jax-{device_slug(device)}.json"
-    write_json({"options": asdict(opts), "environment": env, "rows": rows, "rounds": rounds, "best_wall_s": best, "best_cpu_s": best_cpu, "ours_over_jax": ours / theirs}, out)
+    write_json(
+        {
+            "options": asdict(opts),
+            "environment": env,
+            "rows": rows,
+            "rounds": rounds,
+            "best_wall_s": best,
+            "best_cpu_s": best_cpu,
+            "ours_over_jax": ours / theirs,
+        },
+        out,
+    )
     console.print(f"wrote {out}")
 
 

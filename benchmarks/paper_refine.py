@@ -42,11 +42,21 @@ def main() -> None:
     console, fine = Console(), (opts.coarse - 1) * 2**opts.levels + 1
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        full = run_paper_grid(GridConfig(task="paper-mlp", rows=fine, cols=fine, num_iterations=opts.steps, run_dir=f"{tmp}/full"))
+        full = run_paper_grid(
+            GridConfig(task="paper-mlp", rows=fine, cols=fine, num_iterations=opts.steps, run_dir=f"{tmp}/full")
+        )
         t_full = time.perf_counter() - t0
         t0 = time.perf_counter()
-        refined = run_refined_grid(GridConfig(task="paper-mlp", rows=opts.coarse, cols=opts.coarse, refine=opts.levels,
-                                              num_iterations=opts.steps, run_dir=f"{tmp}/refined"))
+        refined = run_refined_grid(
+            GridConfig(
+                task="paper-mlp",
+                rows=opts.coarse,
+                cols=opts.coarse,
+                refine=opts.levels,
+                num_iterations=opts.steps,
+                run_dir=f"{tmp}/refined",
+            )
+        )
         t_refined = time.perf_counter() - t0
         a = pd.read_parquet(full / "cells.parquet").sort_values(["row", "col"]).reset_index(drop=True)
         b = pd.read_parquet(refined / "cells.parquet").sort_values(["row", "col"]).reset_index(drop=True)
@@ -55,16 +65,29 @@ def main() -> None:
     differ = int((a["converged"] != b["converged"]).sum())
     trained = b["trained"].to_numpy()
     same_trained = bool((a["measure"][trained].to_numpy() == b["measure"][trained].to_numpy()).all())
-    result = {"fine": fine, "coarse": opts.coarse, "levels": opts.levels, "steps": opts.steps, "cells": fine * fine,
-              "trained": int(trained.sum()), "trained_fraction": float(trained.mean()), "differ": differ, "differ_fraction": differ / fine**2,
-              "trained_cells_bit_equal": same_trained, "seconds": {"full": t_full, "refined": t_refined},
-              "trainable_fraction": {"full": fa["trainable_fraction"], "refined": fb["trainable_fraction"]},
-              "dimension": {"full": fa["dimension"], "refined": fb["dimension"]}, "options": asdict(opts),
-              "environment": environment(torch.device("cpu"))}
-    console.print(f"{fine} x {fine}: refined trained {result['trained']} of {fine * fine} cells ({result['trained_fraction']:.1%}); "
-                  f"{differ} cells ({result['differ_fraction']:.2%}) differ from the full grid; trained cells bit-equal: {same_trained}; "
-                  f"wall {t_full:.1f} s full vs {t_refined:.1f} s refined; dimension {fa['dimension']:.3f} vs {fb['dimension']:.3f}; "
-                  f"trainable {fa['trainable_fraction']:.3f} vs {fb['trainable_fraction']:.3f}")
+    result = {
+        "fine": fine,
+        "coarse": opts.coarse,
+        "levels": opts.levels,
+        "steps": opts.steps,
+        "cells": fine * fine,
+        "trained": int(trained.sum()),
+        "trained_fraction": float(trained.mean()),
+        "differ": differ,
+        "differ_fraction": differ / fine**2,
+        "trained_cells_bit_equal": same_trained,
+        "seconds": {"full": t_full, "refined": t_refined},
+        "trainable_fraction": {"full": fa["trainable_fraction"], "refined": fb["trainable_fraction"]},
+        "dimension": {"full": fa["dimension"], "refined": fb["dimension"]},
+        "options": asdict(opts),
+        "environment": environment(torch.device("cpu")),
+    }
+    console.print(
+        f"{fine} x {fine}: refined trained {result['trained']} of {fine * fine} cells ({result['trained_fraction']:.1%}); "
+        f"{differ} cells ({result['differ_fraction']:.2%}) differ from the full grid; trained cells bit-equal: {same_trained}; "
+        f"wall {t_full:.1f} s full vs {t_refined:.1f} s refined; dimension {fa['dimension']:.3f} vs {fb['dimension']:.3f}; "
+        f"trainable {fa['trainable_fraction']:.3f} vs {fb['trainable_fraction']:.3f}"
+    )
     path = write_json(result, Path(opts.out) if opts.out else RESULTS_DIR / "paper_refine-cpu.json")
     console.print(f"results: {path}")
 

@@ -52,13 +52,23 @@ def run_view(cfg: PaperConfig, name: str, rows: np.ndarray, cols: np.ndarray, ou
     dim = fractal_dimension(m)
     title = f"{name}: log10 lr1 {np.log10(rows[0]):.5g}..{np.log10(rows[-1]):.5g}, lr0 {np.log10(cols[0]):.5g}..{np.log10(cols[-1]):.5g}"
     png = paper_image(m, rows, cols, "lr1 (output layer)", "lr0 (input layer)", out_dir / f"{name}.png", title=title)
-    row = {"name": name, "log10_rows": [float(np.log10(rows[0])), float(np.log10(rows[-1]))],
-           "log10_cols": [float(np.log10(cols[0])), float(np.log10(cols[-1]))], "seconds": seconds,
-           "trainable_fraction": float((m < 0).mean()), "dimension": dim["dimension"],
-           "dimension_median_local": dim["dimension_median_local"], "edge_pixels": dim["edge_pixel_count"],
-           "box_sizes": dim["sizes"], "box_counts": dim["counts"], "png": str(png)}
-    console.print(f"{name}: {seconds:.1f} s, trainable {row['trainable_fraction']:.3f}, dimension {dim['dimension']:.3f} "
-                  f"(median local {dim['dimension_median_local']:.3f}), {dim['edge_pixel_count']} edge pixels")
+    row = {
+        "name": name,
+        "log10_rows": [float(np.log10(rows[0])), float(np.log10(rows[-1]))],
+        "log10_cols": [float(np.log10(cols[0])), float(np.log10(cols[-1]))],
+        "seconds": seconds,
+        "trainable_fraction": float((m < 0).mean()),
+        "dimension": dim["dimension"],
+        "dimension_median_local": dim["dimension_median_local"],
+        "edge_pixels": dim["edge_pixel_count"],
+        "box_sizes": dim["sizes"],
+        "box_counts": dim["counts"],
+        "png": str(png),
+    }
+    console.print(
+        f"{name}: {seconds:.1f} s, trainable {row['trainable_fraction']:.3f}, dimension {dim['dimension']:.3f} "
+        f"(median local {dim['dimension_median_local']:.3f}), {dim['edge_pixel_count']} edge pixels"
+    )
     return row, m
 
 
@@ -83,7 +93,9 @@ def main() -> None:
     for i, box in enumerate(boundary_boxes(m, box_side, opts.boxes)):
         zr, zc = zoom_axes(box, rows, cols, size)
         row, zm = run_view(cfg, f"zoom{i}", zr, zc, out_dir)
-        results.append(row | {"box": [box.row0, box.row1, box.col0, box.col1], "box_edges": box.edges, "parent": "full"})
+        results.append(
+            row | {"box": [box.row0, box.row1, box.col0, box.col1], "box_edges": box.edges, "parent": "full"}
+        )
         if i == 0:  # the chain for the GIF: full -> zoom0 -> the densest box inside zoom0
             chain[0].box = (box.row0, box.row1, box.col0, box.col1)
             chain.append(Level(zm, zr, zc))
@@ -96,14 +108,36 @@ def main() -> None:
                 chain.append(Level(zzm, zzr, zzc))
     animation = write_animation(chain, out_dir / "zoom.gif", size=512)
 
-    table = Table(title=f"paper MLP {size}x{size}, width {opts.width}, {opts.activation}, {opts.steps} steps, float64 (shared CPU: seconds are noisy)")
-    for col in ("view", "log10 lr1 (rows)", "log10 lr0 (cols)", "trainable", "dimension", "median local", "edge px", "s"):
+    table = Table(
+        title=f"paper MLP {size}x{size}, width {opts.width}, {opts.activation}, {opts.steps} steps, float64 (shared CPU: seconds are noisy)"
+    )
+    for col in (
+        "view",
+        "log10 lr1 (rows)",
+        "log10 lr0 (cols)",
+        "trainable",
+        "dimension",
+        "median local",
+        "edge px",
+        "s",
+    ):
         table.add_column(col)
     for r in results:
-        table.add_row(r["name"], "{:.4g} .. {:.4g}".format(*r["log10_rows"]), "{:.4g} .. {:.4g}".format(*r["log10_cols"]),
-                      f"{r['trainable_fraction']:.3f}", f"{r['dimension']:.3f}", f"{r['dimension_median_local']:.3f}", str(r["edge_pixels"]), f"{r['seconds']:.1f}")
+        table.add_row(
+            r["name"],
+            "{:.4g} .. {:.4g}".format(*r["log10_rows"]),
+            "{:.4g} .. {:.4g}".format(*r["log10_cols"]),
+            f"{r['trainable_fraction']:.3f}",
+            f"{r['dimension']:.3f}",
+            f"{r['dimension_median_local']:.3f}",
+            str(r["edge_pixels"]),
+            f"{r['seconds']:.1f}",
+        )
     console.print(table)
-    out = write_json({"options": asdict(opts), "views": results, "gif": str(animation["gif"]), "mp4": str(animation["mp4"])}, out_dir / "paper_zoom.json")
+    out = write_json(
+        {"options": asdict(opts), "views": results, "gif": str(animation["gif"]), "mp4": str(animation["mp4"])},
+        out_dir / "paper_zoom.json",
+    )
     console.print(f"wrote {out} and the pictures beside it")
 
 

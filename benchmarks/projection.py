@@ -44,11 +44,20 @@ def main() -> None:
     opts = parser.parse_args().opts
     console, gpu = Console(), GPUS[opts.gpu]
     base = Levers(momentum_dtype=opts.momentum_dtype, master_dtype=opts.master_dtype)
-    rows = projection_rows(opts.gpu, opts.depths, opts.lanes, opts.batch, opts.seq, opts.launch_us, opts.supervised_frac, base)
+    rows = projection_rows(
+        opts.gpu, opts.depths, opts.lanes, opts.batch, opts.seq, opts.launch_us, opts.supervised_frac, base
+    )
     print_projection(rows, opts.gpu, opts.batch, opts.seq, opts.launch_us, console)
-    results = {"projection": True, "gpu": asdict(gpu), "options": asdict(opts), "rows": rows, "environment": environment(torch.device("cpu"))}
+    results = {
+        "projection": True,
+        "gpu": asdict(gpu),
+        "options": asdict(opts),
+        "rows": rows,
+        "environment": environment(torch.device("cpu")),
+    }
     path = write_json(results, Path(opts.out) if opts.out else RESULTS_DIR / f"projection-{opts.gpu}.json")
     console.print(f"results: {path}")
+
 
 if __name__ == "__main__":
     main()

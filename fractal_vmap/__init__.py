@@ -43,4 +43,14 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
-__all__ = ["CellResult", "FinetuneConfig", "GPTConfig", "forward", "load_model", "loss", "run_finetune", "save_checkpoint", "train_single"]
+__all__ = [
+    "CellResult",
+    "FinetuneConfig",
+    "GPTConfig",
+    "forward",
+    "load_model",
+    "loss",
+    "run_finetune",
+    "save_checkpoint",
+    "train_single",
+]

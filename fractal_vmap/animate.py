@@ -88,6 +88,24 @@ def write_animation(levels: list[Level], path, size: int = 512, frame_ms: int = 
         with tempfile.TemporaryDirectory() as tmp:
             for i, frame in enumerate(frames):
                 frame.save(Path(tmp) / f"frame_{i:04d}.png")
-            subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-framerate", f"{1000 / frame_ms:g}", "-i", str(Path(tmp) / "frame_%04d.png"),
-                            "-r", "25", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(mp4)], check=True)
+            subprocess.run(
+                [
+                    ffmpeg,
+                    "-y",
+                    "-loglevel",
+                    "error",
+                    "-framerate",
+                    f"{1000 / frame_ms:g}",
+                    "-i",
+                    str(Path(tmp) / "frame_%04d.png"),
+                    "-r",
+                    "25",
+                    "-c:v",
+                    "libx264",
+                    "-pix_fmt",
+                    "yuv420p",
+                    str(mp4),
+                ],
+                check=True,
+            )
     return {"gif": gif, "mp4": mp4}

@@ -35,7 +35,9 @@ class Axis:
         return AXES[self.name][0]
 
 
-def make_axis(name: str, n: int, lo: float | None, hi: float | None, scale: str, which: str, table: dict = AXES) -> Axis:
+def make_axis(
+    name: str, n: int, lo: float | None, hi: float | None, scale: str, which: str, table: dict = AXES
+) -> Axis:
     """n values of axis `name` (defaults from `table`: AXES for nanochat grids, paper_task.PAPER_AXES for the paper's)."""
     if name not in table:
         raise UserError(f"unknown {which} axis {name!r}: choose from {', '.join(table)}")
@@ -52,12 +54,16 @@ def make_axis(name: str, n: int, lo: float | None, hi: float | None, scale: str,
     if lo > hi:
         raise UserError(f"{which} axis {name}: min {lo:g} > max {hi:g}: swap them")
     if scale == "log" and lo <= 0:
-        raise UserError(f"{which} axis {name} is log-spaced but its min is {lo:g}: give a positive min or --{which[:-1]}_scale linear")
+        raise UserError(
+            f"{which} axis {name} is log-spaced but its min is {lo:g}: give a positive min or --{which[:-1]}_scale linear"
+        )
     if name in INTEGER_AXES:  # a non-integer bound, rounded, leaves the range (seed 0.5..3.7 trained 0 and 4)
         for flag, value in ((f"--{which[:-1]}_min", lo), (f"--{which[:-1]}_max", hi)):
             if value != round(value):
-                raise UserError(f"{flag} {value:g}: the {which} axis {name} takes whole numbers: "
-                                f"pass {math.floor(value)} or {math.ceil(value)}")
+                raise UserError(
+                    f"{flag} {value:g}: the {which} axis {name} takes whole numbers: "
+                    f"pass {math.floor(value)} or {math.ceil(value)}"
+                )
     values = np.geomspace(lo, hi, n) if scale == "log" else np.linspace(lo, hi, n)
     if name in INTEGER_AXES:
         values = np.round(values)
@@ -71,11 +77,15 @@ def check_distinct(name: str, values: np.ndarray, lo: float, hi: float, which: s
         return
     one, n = which[:-1], len(values)
     if lo == hi:
-        raise UserError(f"--{one}_min and --{one}_max are both {lo:g} with --{which} {n}: every {one} would train "
-                        f"the same cells: pass --{which} 1, or two different bounds")
-    raise UserError(f"the {which} axis {name} {lo:g}..{hi:g} rounds to {len(np.unique(values))} distinct whole numbers "
-                    f"for --{which} {n}: some {which} would train the same cells: pass fewer --{which} or a wider "
-                    "range")
+        raise UserError(
+            f"--{one}_min and --{one}_max are both {lo:g} with --{which} {n}: every {one} would train "
+            f"the same cells: pass --{which} 1, or two different bounds"
+        )
+    raise UserError(
+        f"the {which} axis {name} {lo:g}..{hi:g} rounds to {len(np.unique(values))} distinct whole numbers "
+        f"for --{which} {n}: some {which} would train the same cells: pass fewer --{which} or a wider "
+        "range"
+    )
 
 
 def parse_axes(spec: str | None) -> tuple[str, str]:
@@ -95,8 +105,15 @@ def cell_config(base: FinetuneConfig, row: Axis, col: Axis, i: int, j: int, run_
 
 # ----------------------------------------------------------------------------- what the axes override
 
-LR_FIELDS = {"matrix": "matrix_lr", "embedding": "embedding_lr", "unembedding": "unembedding_lr"}  # group -> its own lr flag
-MULT_FIELDS = {"embedding": "embedding_lr_mult", "unembedding": "unembedding_lr_mult"}  # group -> its multiple of learning_rate
+LR_FIELDS = {
+    "matrix": "matrix_lr",
+    "embedding": "embedding_lr",
+    "unembedding": "unembedding_lr",
+}  # group -> its own lr flag
+MULT_FIELDS = {
+    "embedding": "embedding_lr_mult",
+    "unembedding": "unembedding_lr_mult",
+}  # group -> its multiple of learning_rate
 ADAMW_GROUPS = ("embedding", "unembedding")  # the groups weight_decay acts on
 
 
@@ -123,7 +140,10 @@ def per_cell_fields(row: Axis, col: Axis) -> dict[str, str]:
 def lr_sources(cfg: TrainConfig, row: Axis, col: Axis) -> dict[str, float | str | None]:
     """Where each group's lr comes from in a grid: a number (the same for every cell), the axis that sets it, or
     None (frozen). For grid.json: a reader sees which lr each cell used without the overridden base."""
-    axis_of = {field: f"{which} axis ({axis.name})" for field, which, axis in ((row.field, "rows", row), (col.field, "cols", col))}
+    axis_of = {
+        field: f"{which} axis ({axis.name})"
+        for field, which, axis in ((row.field, "rows", row), (col.field, "cols", col))
+    }
     groups = trainable_groups(cfg)
     sources: dict[str, float | str | None] = {}
     for group, name in LR_FIELDS.items():
@@ -155,7 +175,9 @@ def unused_fields(cfg: TrainConfig, row: Axis, col: Axis) -> dict[str, str]:
                 unused[MULT_FIELDS[group]] = unused[name]
         elif name in per_cell or getattr(cfg, name) is not None:
             if group in MULT_FIELDS:
-                unused[MULT_FIELDS[group]] = f"the {group} lr is set by {'an axis' if name in per_cell else '--' + name}"
+                unused[MULT_FIELDS[group]] = (
+                    f"the {group} lr is set by {'an axis' if name in per_cell else '--' + name}"
+                )
         else:
             reads_base = True
     if not reads_base:
@@ -184,11 +206,15 @@ def check_overrides(cfg: TrainConfig, row: Axis, col: Axis) -> list[str]:
     for field, which in per_cell.items():
         axis = row if which == "rows" else col
         if field in unused and not unused[field].startswith(f"the {which} axis"):
-            raise UserError(f"the {which} axis {axis.name} would change nothing: {unused[field]}; choose another --axes")
+            raise UserError(
+                f"the {which} axis {axis.name} would change nothing: {unused[field]}; choose another --axes"
+            )
         if is_given(cfg, field):
             span = f"{axis.values[0]:g}..{axis.values[-1]:g}" if len(axis.values) > 1 else f"{axis.values[0]:g}"
-            raise UserError(f"--{field} {getattr(cfg, field)} has no effect: {field} is the {which} axis ({axis.name} {span} over "
-                            f"{len(axis.values)} {which}); sweep another range with --{which[:-1]}_min/--{which[:-1]}_max, or fix it by choosing other --axes")
+            raise UserError(
+                f"--{field} {getattr(cfg, field)} has no effect: {field} is the {which} axis ({axis.name} {span} over "
+                f"{len(axis.values)} {which}); sweep another range with --{which[:-1]}_min/--{which[:-1]}_max, or fix it by choosing other --axes"
+            )
     for field, reason in unused.items():
         if field not in per_cell and is_given(cfg, field):
             raise UserError(f"--{field} {getattr(cfg, field)} has no effect: {reason}; drop it")
@@ -199,5 +225,7 @@ def check_overrides(cfg: TrainConfig, row: Axis, col: Axis) -> list[str]:
         pinned = [g for g in groups if getattr(cfg, LR_FIELDS[g]) is not None and LR_FIELDS[g] not in per_cell]
         moved = [g for g in groups if g not in pinned]
         for g in pinned:
-            warnings.append(f"--{LR_FIELDS[g]} {getattr(cfg, LR_FIELDS[g])} pins the {g} lr: the {which} axis (lr) moves only the {' and '.join(moved)} lr")
+            warnings.append(
+                f"--{LR_FIELDS[g]} {getattr(cfg, LR_FIELDS[g])} pins the {g} lr: the {which} axis (lr) moves only the {' and '.join(moved)} lr"
+            )
     return warnings

@@ -37,7 +37,16 @@ from fractal_vmap.measure import free_memory, matmul_ceiling, profile_mode, time
 from fractal_vmap.model import GPTConfig, forward, init_params, param_group, param_shapes, rotary_cos_sin
 from fractal_vmap.optim import lr_multiplier_scalar
 from fractal_vmap.options import BenchConfig
-from fractal_vmap.recipe import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, FinetuneConfig, autocast_dtype, group_lrs, resolve_device, trainable_groups
+from fractal_vmap.recipe import (
+    ADAMW_BETAS,
+    ADAMW_EPS,
+    MUON_MOMENTUM,
+    FinetuneConfig,
+    autocast_dtype,
+    group_lrs,
+    resolve_device,
+    trainable_groups,
+)
 
 MODES = ("sequential", "row", "fast")  # options.BenchConfig.modes
 
@@ -62,7 +71,14 @@ def nanochat_config(depth: int, cfg: BenchConfig) -> GPTConfig:
     """nanochat's convention: width 64 per layer, heads of 128 dims (at least one head), no GQA."""
     n_embd = depth * 64
     n_head = max(1, (n_embd + 127) // 128)
-    return GPTConfig(sequence_len=cfg.context, vocab_size=cfg.vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+    return GPTConfig(
+        sequence_len=cfg.context,
+        vocab_size=cfg.vocab_size,
+        n_layer=depth,
+        n_head=n_head,
+        n_kv_head=n_head,
+        n_embd=n_embd,
+    )
 
 
 def random_batches(config: GPTConfig, n: int, cfg: BenchConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -110,20 +126,37 @@ def single_model(cfg: FinetuneConfig, config: GPTConfig, params: dict, device: t
     params = {k: v.detach().clone().to(device) for k, v in params.items()}
     by_group = {g: [p.requires_grad_(True) for k, p in params.items() if param_group(k) == g] for g in groups}
     optimizers = []
-    adamw_groups = [{"params": by_group[g], "lr": lrs[g], "initial_lr": lrs[g]} for g in ("embedding", "unembedding") if g in groups]
+    adamw_groups = [
+        {"params": by_group[g], "lr": lrs[g], "initial_lr": lrs[g]} for g in ("embedding", "unembedding") if g in groups
+    ]
     if adamw_groups:
-        optimizers.append(torch.optim.AdamW(adamw_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay))
+        optimizers.append(
+            torch.optim.AdamW(adamw_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay)
+        )
     if "matrix" in groups:
         muon_group = {"params": by_group["matrix"], "lr": lrs["matrix"], "initial_lr": lrs["matrix"]}
         optimizers.append(torch.optim.Muon([muon_group], momentum=MUON_MOMENTUM, nesterov=True, weight_decay=0.0))
     return params, optimizers
 
 
-def build(mode: str, cfg: FinetuneConfig, config: GPTConfig, params: dict, lanes: int, device: torch.device, total: int, shared: bool = False):
+def build(
+    mode: str,
+    cfg: FinetuneConfig,
+    config: GPTConfig,
+    params: dict,
+    lanes: int,
+    device: torch.device,
+    total: int,
+    shared: bool = False,
+):
     """The mode's state for `lanes` lanes of `total` steps, and its step(i, batch). sequential with `shared`: one model
     takes all L models' steps (the same work and kernels), for when L full models do not fit in GPU memory."""
     if mode == "sequential":
-        models = [single_model(cfg, config, params, device)] * lanes if shared else [single_model(cfg, config, params, device) for _ in range(lanes)]
+        models = (
+            [single_model(cfg, config, params, device)] * lanes
+            if shared
+            else [single_model(cfg, config, params, device) for _ in range(lanes)]
+        )
         cos_sin, amp = rotary_cos_sin(config, device), autocast_dtype(cfg, device)
 
         def sequential_step(i: int, batch) -> None:  # train_single's step, minus its logging
@@ -144,7 +177,15 @@ def build(mode: str, cfg: FinetuneConfig, config: GPTConfig, params: dict, lanes
         return sequential_step
     fast = mode == "fast"
     cfgs = [replace(cfg, run_name=f"lane{i}") for i in range(lanes)]
-    row = nanochat_row(cfgs, config, params, [total] * lanes, device, kernels=resolve_kernels("auto", device) if fast else "torch", compile=fast)
+    row = nanochat_row(
+        cfgs,
+        config,
+        params,
+        [total] * lanes,
+        device,
+        kernels=resolve_kernels("auto", device) if fast else "torch",
+        compile=fast,
+    )
 
     def row_step(i: int, batch) -> None:
         engine.lanes_step(row, i, *(engine.to_device(t, device) for t in batch))
@@ -152,7 +193,9 @@ def build(mode: str, cfg: FinetuneConfig, config: GPTConfig, params: dict, lanes
     return row_step
 
 
-def summarize(result: dict, lanes: int, plan: Plan, tokens_per_window: list[int], cuda: bool, fpt: int, ceiling: dict) -> dict:
+def summarize(
+    result: dict, lanes: int, plan: Plan, tokens_per_window: list[int], cuda: bool, fpt: int, ceiling: dict
+) -> dict:
     """lane-steps/s and tokens/s (the median window on CUDA, the best on CPU), MFU, peak MiB per lane."""
     if result["oom"]:
         return result
@@ -175,12 +218,22 @@ def resolve(cfg: BenchConfig, device: torch.device) -> tuple[str, list[int], Pla
         raise UserError(f"--modes {' '.join(cfg.modes)}: use one or more of {', '.join(MODES)}")
     if cfg.model not in ("auto", "default", "depth"):
         raise UserError(f"--model {cfg.model!r} is not one of auto, default, depth")
-    if any(n < 1 for n in cfg.lanes + cfg.depths) or min(cfg.warmup, cfg.steps, cfg.batch_size - 1, cfg.seq_len - 2) < 0 or cfg.repeats < 1:
-        raise UserError("--lanes, --depths, --repeats, --batch_size must be >= 1, --seq_len >= 2, --warmup and --steps >= 0")
+    if (
+        any(n < 1 for n in cfg.lanes + cfg.depths)
+        or min(cfg.warmup, cfg.steps, cfg.batch_size - 1, cfg.seq_len - 2) < 0
+        or cfg.repeats < 1
+    ):
+        raise UserError(
+            "--lanes, --depths, --repeats, --batch_size must be >= 1, --seq_len >= 2, --warmup and --steps >= 0"
+        )
     if cfg.quick:
         return "default", cfg.lanes or [1, 8], Plan(0, cfg.warmup or 1, cfg.steps or 3, 1)
     model = cfg.model if cfg.model != "auto" else ("depth" if cuda else "default")
-    return model, cfg.lanes or ([1, 4, 16, 64] if cuda else [1, 2, 4, 8, 16]), Plan(0, cfg.warmup or (3 if cuda else 2), cfg.steps or (4 if cuda else 8), cfg.repeats)
+    return (
+        model,
+        cfg.lanes or ([1, 4, 16, 64] if cuda else [1, 2, 4, 8, 16]),
+        Plan(0, cfg.warmup or (3 if cuda else 2), cfg.steps or (4 if cuda else 8), cfg.repeats),
+    )
 
 
 def with_primers(batches: list, plan: Plan, limit: int) -> tuple[list, Plan]:
@@ -205,11 +258,25 @@ def run_bench(cfg: BenchConfig, environment: dict | None = None, say=print) -> d
     out = Path(cfg.out or f"runs/bench/bench-{device_slug(device)}.json")
     if cfg.max_load > 0 and not cuda and not cfg.quick:
         wait_for_quiet(cfg.max_load, say=say)
-    env = environment or {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    env = environment or {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     say(f"bench on [bold]{env['device']}[/bold]: model {model}, lanes {lanes_list}, modes {' '.join(cfg.modes)}")
     ceiling = matmul_ceiling(device)
-    report = {"benchmark": "bench", "device_type": device.type, "environment": env, "config": asdict(cfg), "model": model, "matmul_ceiling": ceiling, "results": []}
-    finetune = FinetuneConfig(device=str(device))  # finetune's defaults: lr 0.02, matrix + unembedding, bf16 autocast on CUDA
+    report = {
+        "benchmark": "bench",
+        "device_type": device.type,
+        "environment": env,
+        "config": asdict(cfg),
+        "model": model,
+        "matmul_ceiling": ceiling,
+        "results": [],
+    }
+    # finetune's defaults: lr 0.02, matrix + unembedding, bf16 autocast on CUDA
+    finetune = FinetuneConfig(device=str(device))
     for name, depth in [("default", None)] if model == "default" else [(f"d{d}", d) for d in cfg.depths]:
         n = plan.warmup + plan.steps * plan.repeats
         if depth is None:
@@ -220,13 +287,34 @@ def run_bench(cfg: BenchConfig, environment: dict | None = None, say=print) -> d
         batches = padded_to_one_length(batches) if cfg.quick else batches
         tokens_per_window = [sum(batches[s][0].numel() for s in range(i, j)) for i, j in plan.windows()]
         steps, run_plan = with_primers(batches, plan, config.sequence_len * 10)
-        seq = round(sum(x.numel() * x.shape[-1] for x, _ in batches) / sum(x.numel() for x, _ in batches))  # a token's mean context
+        # a token's mean context
+        seq = round(sum(x.numel() * x.shape[-1] for x, _ in batches) / sum(x.numel() for x, _ in batches))
         fpt = flops_per_token(config, seq)
-        say(f"[bold]{name}[/bold]: {config}, batch {tuple(batches[0][0].shape)}, {fpt / 1e6:,.1f} MFLOP/token, {run_plan.primers} padded shapes")
+        say(
+            f"[bold]{name}[/bold]: {config}, batch {tuple(batches[0][0].shape)}, {fpt / 1e6:,.1f} MFLOP/token, {run_plan.primers} padded shapes"
+        )
         for lanes in lanes_list:
-            entry = {"model": name, "config": config.to_dict(), "batch": list(batches[0][0].shape), "lanes": lanes, "flops_per_token": fpt, "modes": {}}
+            entry = {
+                "model": name,
+                "config": config.to_dict(),
+                "batch": list(batches[0][0].shape),
+                "lanes": lanes,
+                "flops_per_token": fpt,
+                "modes": {},
+            }
             for mode in cfg.modes:
-                result = measure_mode(mode, finetune, config, params, lanes, device, steps, run_plan, not cfg.quick and cfg.max_load > 0, say)
+                result = measure_mode(
+                    mode,
+                    finetune,
+                    config,
+                    params,
+                    lanes,
+                    device,
+                    steps,
+                    run_plan,
+                    not cfg.quick and cfg.max_load > 0,
+                    say,
+                )
                 entry["modes"][mode] = summarize(result, lanes, run_plan, tokens_per_window, cuda, fpt, ceiling)
             base = entry["modes"].get("sequential", {})
             for result in entry["modes"].values():
@@ -241,8 +329,18 @@ def run_bench(cfg: BenchConfig, environment: dict | None = None, say=print) -> d
     return report
 
 
-def measure_mode(mode: str, finetune: FinetuneConfig, config: GPTConfig, params: dict, lanes: int, device: torch.device, batches: list,
-                 plan: Plan, redo: bool, say) -> dict:
+def measure_mode(
+    mode: str,
+    finetune: FinetuneConfig,
+    config: GPTConfig,
+    params: dict,
+    lanes: int,
+    device: torch.device,
+    batches: list,
+    plan: Plan,
+    redo: bool,
+    say,
+) -> dict:
     """Time the mode, then profile one step of a fresh state. Sequential models that do not fit: one model, L steps."""
     args = (mode, finetune, config, params, lanes, device, len(batches))
     result = time_mode(lambda: build(*args), batches, plan, device, redo, say)
@@ -274,12 +372,22 @@ def rows(report: dict) -> list[list[str]]:
     table = []
     for e in report["results"]:
         for mode, r in e["modes"].items():
-            cells = [e["model"], str(e["lanes"]), mode + (" (1 model x L)" if r.get("models", e["lanes"]) != e["lanes"] else "")]
+            cells = [
+                e["model"],
+                str(e["lanes"]),
+                mode + (" (1 model x L)" if r.get("models", e["lanes"]) != e["lanes"] else ""),
+            ]
             if r["oom"]:
                 cells += ["OOM"] + ["-"] * 5
             else:
-                cells += [f"{r['lane_steps_per_s']:,.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x" if "speedup" in r else "-",
-                          f"{r['mfu']:.1%}", f"{r['peak_mib_per_lane']:,.1f}", str(r["launches_per_step"])]
+                cells += [
+                    f"{r['lane_steps_per_s']:,.2f}",
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{r['speedup']:.2f}x" if "speedup" in r else "-",
+                    f"{r['mfu']:.1%}",
+                    f"{r['peak_mib_per_lane']:,.1f}",
+                    str(r["launches_per_step"]),
+                ]
             if r.get("contended"):
                 cells[2] += " (contended!)"
             table.append(cells)
@@ -303,7 +411,9 @@ def print_report(report: dict, console) -> None:
     from rich.table import Table
 
     pick = "median" if report["device_type"] == "cuda" else "best"
-    table = Table(title=f"bench on {report['environment']['device']} ({pick} timed window); matmul ceiling {report['matmul_ceiling']['tflops']:.2f} TFLOP/s")
+    table = Table(
+        title=f"bench on {report['environment']['device']} ({pick} timed window); matmul ceiling {report['matmul_ceiling']['tflops']:.2f} TFLOP/s"
+    )
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("model", "mode") else "right")
     for r in rows(report):

@@ -56,7 +56,7 @@ def boundary_boxes(measure: np.ndarray, size: int, k: int = 1) -> list[Box]:
             break
         boxes.append(Box(int(r), int(r) + size, int(c), int(c) + size, int(counts[r, c])))
         # a box starting at (r', c') overlaps this one when |r' - r| < size and |c' - c| < size
-        free[max(0, r - size + 1): r + size, max(0, c - size + 1): c + size] = False
+        free[max(0, r - size + 1) : r + size, max(0, c - size + 1) : c + size] = False
     return boxes
 
 

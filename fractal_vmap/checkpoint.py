@@ -22,7 +22,9 @@ def model_files_dir(directory: Path) -> Path:
     for d in (directory, directory / "checkpoints"):
         if d.is_dir() and any(MODEL_FILE.fullmatch(p.name) for p in d.iterdir()):
             return d
-    raise UserError(f"no model_XXXXXX.pt in {directory} (nor in {directory / 'checkpoints'}): pass a nanochat checkpoint dir")
+    raise UserError(
+        f"no model_XXXXXX.pt in {directory} (nor in {directory / 'checkpoints'}): pass a nanochat checkpoint dir"
+    )
 
 
 def last_step(directory: str | Path) -> int:
@@ -36,49 +38,72 @@ def load_checkpoint(
     """Load (config, float32 params) from a nanochat checkpoint dir; the latest step unless one is given."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"model dir {directory} does not exist: pass a nanochat checkpoint dir, hf:<repo> or wandb:<artifact>")
+        raise UserError(
+            f"model dir {directory} does not exist: pass a nanochat checkpoint dir, hf:<repo> or wandb:<artifact>"
+        )
     d = model_files_dir(directory)
     step = last_step(directory) if step is None else step
     model_path, meta_path = d / f"model_{step:06d}.pt", d / f"meta_{step:06d}.json"
     if not meta_path.exists():
-        raise UserError(f"{meta_path} is missing: a nanochat checkpoint needs meta_{step:06d}.json beside model_{step:06d}.pt")
+        raise UserError(
+            f"{meta_path} is missing: a nanochat checkpoint needs meta_{step:06d}.json beside model_{step:06d}.pt"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         state = torch.load(model_path, map_location=device, weights_only=True)
     except (json.JSONDecodeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
-        raise UserError(f"corrupt checkpoint {model_path} or {meta_path.name} ({type(e).__name__}): re-download or re-save it") from None
+        raise UserError(
+            f"corrupt checkpoint {model_path} or {meta_path.name} ({type(e).__name__}): re-download or re-save it"
+        ) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise UserError(f"{meta_path} is not a JSON object with a model_config object: it is not a nanochat meta file")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise UserError(f"{model_path} holds a {type(state).__name__}, not a state dict of named tensors: save the model's state_dict()")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(
+            f"{model_path} holds a {type(state).__name__}, not a state dict of named tensors: save the model's state_dict()"
+        )
     config = GPTConfig.from_dict(meta["model_config"])
     # torch.compile saves keys as `_orig_mod.<name>`; GPU runs store bf16 tensors: train in float32
     params = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
     expected = param_shapes(config)
     if set(params) != set(expected):
         diff = sorted(set(params) ^ set(expected))[:4]
-        raise UserError(f"{model_path} does not match its model_config (differing keys, e.g. {diff}): is it a nanochat GPT?")
+        raise UserError(
+            f"{model_path} does not match its model_config (differing keys, e.g. {diff}): is it a nanochat GPT?"
+        )
     for name, shape in expected.items():
         if tuple(params[name].shape) != shape:
             raise UserError(f"{model_path}: {name} has shape {tuple(params[name].shape)}, model_config says {shape}")
     return config, params
 
 
-def save_checkpoint(directory: str | Path, step: int, config: GPTConfig, params: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path, step: int, config: GPTConfig, params: dict[str, torch.Tensor], meta: dict | None = None
+) -> Path:
     """Write model_{step:06d}.pt + meta_{step:06d}.json the way nanochat does (loadable by nanochat)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in params.items()}, directory / f"model_{step:06d}.pt")
-    (directory / f"meta_{step:06d}.json").write_text(json.dumps({"model_config": config.to_dict(), "step": step, **(meta or {})}, indent=2))
+    (directory / f"meta_{step:06d}.json").write_text(
+        json.dumps({"model_config": config.to_dict(), "step": step, **(meta or {})}, indent=2)
+    )
     return directory
 
 
 def find_tokenizer_dir(directory: Path) -> Path:
     """tokenizer.pkl in the source dir, its `tokenizer/` subdir, or a sibling `tokenizer/` dir (nanochat's cache layout)."""
-    for d in (directory, directory / "tokenizer", directory.parent / "tokenizer", directory.parent.parent / "tokenizer"):
+    for d in (
+        directory,
+        directory / "tokenizer",
+        directory.parent / "tokenizer",
+        directory.parent.parent / "tokenizer",
+    ):
         if (d / "tokenizer.pkl").exists():
             return d
-    raise UserError(f"no tokenizer.pkl in or beside {directory}: put nanochat's tokenizer dir there or pass --tokenizer")
+    raise UserError(
+        f"no tokenizer.pkl in or beside {directory}: put nanochat's tokenizer dir there or pass --tokenizer"
+    )
 
 
 def resolve_source(source: str) -> Path:
@@ -99,7 +124,9 @@ def _hf_snapshot(repo: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision or None))
     except LocalEntryNotFoundError:
-        raise UserError(f"hf:{repo} is neither reachable nor in the local HF cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}): download it first") from None
+        raise UserError(
+            f"hf:{repo} is neither reachable nor in the local HF cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}): download it first"
+        ) from None
 
 
 def wandb_artifact_dir(artifact: str) -> Path:
@@ -119,11 +146,15 @@ def _wandb_artifact(artifact: str) -> Path:
     return Path(wandb.Api().artifact(artifact).download(root=str(local)))
 
 
-def load_model(source: str, tokenizer_dir: str | None = None, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
+def load_model(
+    source: str, tokenizer_dir: str | None = None, device: str | torch.device = "cpu", step: int | None = None
+) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     """Load a model source into (config, float32 params, tokenizer), checking the tokenizer fits the model."""
     directory = resolve_source(source)
     config, params = load_checkpoint(directory, step, device)
     tokenizer = load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(directory))
     if tokenizer.vocab_size != config.vocab_size:
-        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}: pass the model's own tokenizer")
+        raise UserError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}: pass the model's own tokenizer"
+        )
     return config, params, tokenizer

@@ -14,7 +14,16 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 from fractal_vmap.errors import DiskFull, UserError
-from fractal_vmap.options import AnimateConfig, BenchConfig, BoxesConfig, FinetuneConfig, GridConfig, PlanConfig, PlotConfig, ZoomConfig
+from fractal_vmap.options import (
+    AnimateConfig,
+    BenchConfig,
+    BoxesConfig,
+    FinetuneConfig,
+    GridConfig,
+    PlanConfig,
+    PlotConfig,
+    ZoomConfig,
+)
 
 console = Console()
 
@@ -38,7 +47,17 @@ def finetune_command(cfg) -> None:
 
     result = run_finetune(cfg)
     table = Table(title=f"finetune {result['run_name']}", show_header=False)
-    for key in ("steps", "tokens_seen", "avg_loss", "final_loss", "trainable_ratio", "stable", "converged", "runtime_s", "error"):
+    for key in (
+        "steps",
+        "tokens_seen",
+        "avg_loss",
+        "final_loss",
+        "trainable_ratio",
+        "stable",
+        "converged",
+        "runtime_s",
+        "error",
+    ):
         value = result[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     if "val_loss" in result:
@@ -63,7 +82,9 @@ def grid_command(cfg) -> None:
         from fractal_vmap.paper_task import run_paper_grid
 
         if cfg.workers > 1:
-            raise UserError("--workers is for nanochat grids: a paper-mlp grid of 256 x 256 runs in minutes in one process (its chunks use every core)")
+            raise UserError(
+                "--workers is for nanochat grids: a paper-mlp grid of 256 x 256 runs in minutes in one process (its chunks use every core)"
+            )
         run_paper_grid(cfg)
         return
     from fractal_vmap import shard
@@ -155,7 +176,11 @@ def compare_options() -> type:
     return CompareConfig
 
 
-OPTIONS = {"finetune": FinetuneConfig, "grid": GridConfig, "plan": PlanConfig}  # commands that take a --config_path file -> their options
+OPTIONS = {
+    "finetune": FinetuneConfig,
+    "grid": GridConfig,
+    "plan": PlanConfig,
+}  # commands that take a --config_path file -> their options
 
 
 def build_parser() -> ArgumentParser:
@@ -164,17 +189,53 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands_and_help = (
         ("finetune", FinetuneConfig, finetune_command, "train one model (one grid cell) with torch.optim AdamW + Muon"),
-        ("grid", GridConfig, grid_command, "train a 2-D grid of fine-tuning runs, a whole row of lanes at once (or --task paper-mlp)"),
-        ("plot", PlotConfig, plot_command, "redraw a grid's pictures from its run dir (restyled or re-thresholded), without training"),
-        ("compare", compare_options(), compare_command, "count the cells of two grids over the same axes that change phase, and where"),
-        ("zoom", ZoomConfig, zoom_command, "a new grid inside a box of a finished grid (same settings, the parent recorded)"),
+        (
+            "grid",
+            GridConfig,
+            grid_command,
+            "train a 2-D grid of fine-tuning runs, a whole row of lanes at once (or --task paper-mlp)",
+        ),
+        (
+            "plot",
+            PlotConfig,
+            plot_command,
+            "redraw a grid's pictures from its run dir (restyled or re-thresholded), without training",
+        ),
+        (
+            "compare",
+            compare_options(),
+            compare_command,
+            "count the cells of two grids over the same axes that change phase, and where",
+        ),
+        (
+            "zoom",
+            ZoomConfig,
+            zoom_command,
+            "a new grid inside a box of a finished grid (same settings, the parent recorded)",
+        ),
         ("boxes", BoxesConfig, boxes_command, "suggest where to zoom: the boxes of a grid with the most boundary"),
-        ("animate", AnimateConfig, animate_command, "a zoom animation (GIF, MP4 with ffmpeg) through a chain of zoomed runs"),
-        ("plan", PlanConfig, plan_command, "how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast"),
-        ("bench", BenchConfig, bench_command, "training throughput of a row: sequential models vs the eager row vs the compiled row"),
+        (
+            "animate",
+            AnimateConfig,
+            animate_command,
+            "a zoom animation (GIF, MP4 with ffmpeg) through a chain of zoomed runs",
+        ),
+        (
+            "plan",
+            PlanConfig,
+            plan_command,
+            "how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast",
+        ),
+        (
+            "bench",
+            BenchConfig,
+            bench_command,
+            "training throughput of a row: sequential models vs the eager row vs the compiled row",
+        ),
     )
     for name, options, run, text in commands_and_help:
-        # --config_path file.yaml (or .json) sets a training command's options; flags given on the command line override it
+        # --config_path file.yaml (or .json) sets a training command's options; flags given on the command line override
+        # it
         command = commands.add_parser(name, help=text, add_config_path_arg=name in OPTIONS)
         command.add_arguments(options, dest="cfg")
         command.set_defaults(run=run)
@@ -201,19 +262,26 @@ def check_config_file(path: str, command: str, options: type) -> None:
     try:
         data = yaml.safe_load(file.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"--config_path {path} is not valid YAML or JSON ({str(e).splitlines()[0]}): fix the file") from None
+        raise UserError(
+            f"--config_path {path} is not valid YAML or JSON ({str(e).splitlines()[0]}): fix the file"
+        ) from None
     if not isinstance(data, dict) or set(data) != {"cfg"} or not isinstance(data["cfg"], dict):
-        raise UserError(f"--config_path {path}: put the options in a mapping under one top-level `cfg:` key, e.g. `cfg: {{learning_rate: 0.05}}`")
+        raise UserError(
+            f"--config_path {path}: put the options in a mapping under one top-level `cfg:` key, e.g. `cfg: {{learning_rate: 0.05}}`"
+        )
     unknown = sorted(set(data["cfg"]) - {f.name for f in fields(options)})
     if unknown:
-        raise UserError(f"--config_path {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap {command} --help")
+        raise UserError(
+            f"--config_path {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap {command} --help"
+        )
     hints = typing.get_type_hints(options)
     for f in fields(options):
         value, kind = data["cfg"].get(f.name), hints[f.name]
         if f.name in data["cfg"] and not fits(value, kind):
             example = {int: 1, float: 0.5, str: "text"}.get(plain_type(kind), "...") if f.default is None else f.default
-            raise UserError(f"--config_path {path}: {f.name} is {value!r}, not {type_words(kind)}: "
-                            f"write e.g. `{f.name}: {example}`")
+            raise UserError(
+                f"--config_path {path}: {f.name} is {value!r}, not {type_words(kind)}: write e.g. `{f.name}: {example}`"
+            )
 
 
 def plain_type(kind):
@@ -287,5 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         again = again_phrase(args.command)
         if lead:
-            console.print(f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, args.cfg)}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, args.cfg)}",
+                highlight=False,
+                soft_wrap=True,
+            )
         sys.exit(130)  # 128 + SIGINT, the shell's convention

@@ -25,7 +25,9 @@ class CompareConfig:
     """Compare two finished grids over the same axes (e.g. a grid and its --perturb_ulp twin)."""
 
     run_a: str = field(positional=True, metavar="RUN_A", help="a finished grid's run dir")
-    run_b: str = field(positional=True, metavar="RUN_B", help="another finished grid's run dir, over the same axis values")
+    run_b: str = field(
+        positional=True, metavar="RUN_B", help="another finished grid's run dir, over the same axis values"
+    )
     out: str | None = None  # also write the comparison as JSON here
 
 
@@ -34,7 +36,9 @@ def load_phase(run_dir: Path) -> tuple[dict, np.ndarray]:
     import pandas as pd
 
     if not (run_dir / "grid.json").is_file() or not (run_dir / "cells.parquet").is_file():
-        raise UserError(f"{run_dir} is not a finished grid (no grid.json or cells.parquet): pass a run dir that `grid` completed")
+        raise UserError(
+            f"{run_dir} is not a finished grid (no grid.json or cells.parquet): pass a run dir that `grid` completed"
+        )
     grid = read_json_object(run_dir / "grid.json", "the grid's spec", "pass a run dir that `grid` wrote")
     axes = grid["spec"]["axes"]
     cells = pd.read_parquet(run_dir / "cells.parquet")
@@ -48,7 +52,9 @@ def king_neighbours(grid: np.ndarray, fill) -> list[np.ndarray]:
     """The 8 neighbours of every cell, as 8 arrays of the grid's shape (`fill` beyond the border)."""
     H, W = grid.shape
     padded = np.pad(grid, 1, constant_values=fill)
-    return [padded[1 + di : 1 + di + H, 1 + dj : 1 + dj + W] for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
+    return [
+        padded[1 + di : 1 + di + H, 1 + dj : 1 + dj + W] for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)
+    ]
 
 
 def boundary_distance(phase: np.ndarray, limit: int) -> np.ndarray:
@@ -71,13 +77,18 @@ def compare_runs(cfg: CompareConfig) -> dict:
     b_grid, b = load_phase(b_dir)
     a_axes, b_axes = a_grid["spec"]["axes"], b_grid["spec"]["axes"]
     if a_axes != b_axes:
-        raise UserError(f"{a_dir} and {b_dir} are grids over different axes or values: compare grids of the same axes, ranges and sizes")
+        raise UserError(
+            f"{a_dir} and {b_dir} are grids over different axes or values: compare grids of the same axes, ranges and sizes"
+        )
     both = ~np.isnan(a) & ~np.isnan(b)
     flipped = both & (a != b)
     distance = boundary_distance(a, NEAR)
     fa, fb = json.loads((a_dir / "fractal.json").read_text()), json.loads((b_dir / "fractal.json").read_text())
     report = {
-        "run_a": str(a_dir), "run_b": str(b_dir), "cells": int(both.sum()), "flipped": int(flipped.sum()),
+        "run_a": str(a_dir),
+        "run_b": str(b_dir),
+        "cells": int(both.sum()),
+        "flipped": int(flipped.sum()),
         "flipped_fraction": float(flipped.sum() / max(both.sum(), 1)),
         "flipped_on_boundary": int((flipped & (distance == 0)).sum()),
         "flipped_near_boundary": int((flipped & (distance > 0) & (distance <= NEAR)).sum()),
@@ -86,7 +97,9 @@ def compare_runs(cfg: CompareConfig) -> dict:
         "trainable_fraction": [float(np.nanmean(a)), float(np.nanmean(b))],
         "dimension": [fa.get("dimension"), fb.get("dimension")],
         "edge_pixel_count": [fa.get("edge_pixel_count"), fb.get("edge_pixel_count")],
-        "dimension_of_flips": fractal_dimension(np.where(both, np.where(flipped, 1.0, -1.0), np.nan))["dimension"] if flipped.any() else None,
+        "dimension_of_flips": fractal_dimension(np.where(both, np.where(flipped, 1.0, -1.0), np.nan))["dimension"]
+        if flipped.any()
+        else None,
     }
     if cfg.out:
         Path(cfg.out).write_text(strict_json(report))
@@ -104,5 +117,9 @@ def print_report(report: dict, console: Console | None = None) -> None:
     table.add_row("  farther", str(report["flipped_far"]))
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     table.add_row("trainable fraction A / B", " / ".join(f"{x:.1%}" for x in report["trainable_fraction"]))
-    table.add_row("boundary dimension A / B", " / ".join(fmt(x) for x in report["dimension"]) + f"  ({' / '.join(str(x) for x in report['edge_pixel_count'])} edge pixels)")
+    table.add_row(
+        "boundary dimension A / B",
+        " / ".join(fmt(x) for x in report["dimension"])
+        + f"  ({' / '.join(str(x) for x in report['edge_pixel_count'])} edge pixels)",
+    )
     console.print(table)

@@ -41,9 +41,11 @@ from fractal_vmap.engine import MIN_LANES
 from fractal_vmap.errors import UserError
 from fractal_vmap.head import head_loss
 
-BUCKET = 64  # tokens: batches are padded to a multiple of this (at most 64 - 1 padded columns, ~14% at the default data's ~230)
+# tokens: batches are padded to a multiple of this (at most 64 - 1 padded columns, ~14% at the default data's ~230)
+BUCKET = 64
 CHOICES = ("auto", "on", "off")
-MAX_COMPILES = 64  # distinct shapes one process may compile (dynamo's default of 8 is too few for 16 buckets x chunk sizes)
+# distinct shapes one process may compile (dynamo's default of 8 is too few for 16 buckets x chunk sizes)
+MAX_COMPILES = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,21 +57,29 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tenso
     """model.fused_attention: (out, logsumexp, philox_seed, philox_offset)."""
     backend = model.attention_backend(q, k, v)
     if backend not in model.FUSED:
-        raise RuntimeError(f"the compiled step needs a fused attention kernel (SDPA picks backend {backend} here): use --compile off")
+        raise RuntimeError(
+            f"the compiled step needs a fused attention kernel (SDPA picks backend {backend} here): use --compile off"
+        )
     return model.fused_attention(q, k, v, backend)
 
 
 @attention_op.register_fake
 def _(q, k, v):
     backend = model.attention_backend(q, k, v)
-    return model.fused_attention(q, k, v, backend if backend in model.FUSED else model.FLASH)  # the kernels' meta functions
+    # the kernels' meta functions
+    return model.fused_attention(q, k, v, backend if backend in model.FUSED else model.FLASH)
 
 
 @torch.library.custom_op("fractal_vmap::attention_backward", mutates_args=())
-def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, logsumexp: Tensor, seed: Tensor,
-                          offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, logsumexp: Tensor, seed: Tensor, offset: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """model.fused_attention_backward: (dq, dk, dv) from the saved output and logsumexp."""
-    return tuple(model.fused_attention_backward(grad_out, q, k, v, out, logsumexp, seed, offset, model.attention_backend(q, k, v)))
+    return tuple(
+        model.fused_attention_backward(
+            grad_out, q, k, v, out, logsumexp, seed, offset, model.attention_backend(q, k, v)
+        )
+    )
 
 
 @attention_backward_op.register_fake
@@ -107,7 +117,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("fractal_vmap::triton_head", mutates_args=())
-def triton_head_op(x: Tensor, w: Tensor, targets: Tensor, need_dx: bool, need_dw: bool, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+def triton_head_op(
+    x: Tensor, w: Tensor, targets: Tensor, need_dx: bool, need_dw: bool, dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """kernels/head.py's lanes_head: (mean loss per lane [L], dx, dw), an empty tensor for a gradient not needed."""
     from fractal_vmap.kernels.head import lanes_head
 
@@ -119,8 +131,11 @@ def triton_head_op(x: Tensor, w: Tensor, targets: Tensor, need_dx: bool, need_dw
 @triton_head_op.register_fake
 def _(x, w, targets, need_dx, need_dw, dtype):
     L = x.shape[0]
-    return (x.new_empty(L, dtype=torch.float32), torch.empty_like(x) if need_dx else x.new_empty(0),
-            torch.empty_like(w) if need_dw else w.new_empty(0))
+    return (
+        x.new_empty(L, dtype=torch.float32),
+        torch.empty_like(x) if need_dx else x.new_empty(0),
+        torch.empty_like(w) if need_dw else w.new_empty(0),
+    )
 
 
 def _head_setup(ctx, inputs, output):
@@ -131,15 +146,27 @@ def _head_setup(ctx, inputs, output):
 def _head_backward(ctx, grad_losses, *_):
     dx, dw = ctx.saved_tensors
     scale = grad_losses[:, None, None]  # a lane's gradients times its incoming gradient (1 for a summed loss)
-    return (dx * scale.to(dx.dtype) if ctx.need[0] else None, dw * scale.to(dw.dtype) if ctx.need[1] else None, None, None, None, None)
+    return (
+        dx * scale.to(dx.dtype) if ctx.need[0] else None,
+        dw * scale.to(dw.dtype) if ctx.need[1] else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _head_vmap(info, in_dims, x, w, targets, need_dx, need_dw, dtype):
     L = info.batch_size
-    x, targets = (t.expand(L, *t.shape) if d is None else t.movedim(d, 0) for t, d in zip((x, targets), (in_dims[0], in_dims[2])))
+    x, targets = (
+        t.expand(L, *t.shape) if d is None else t.movedim(d, 0) for t, d in zip((x, targets), (in_dims[0], in_dims[2]))
+    )
     if in_dims[1] is not None:  # a frozen lm_head shared by the lanes stays [V, C]: one matmul for all lanes' rows
         w = w.movedim(in_dims[1], 0)
-    need_dx, need_dw = x.requires_grad, w.requires_grad  # seen here, on the lanes' own tensors (a vmapped view says False)
+    need_dx, need_dw = (
+        x.requires_grad,
+        w.requires_grad,
+    )  # seen here, on the lanes' own tensors (a vmapped view says False)
     losses, dx, dw = triton_head_op(x, w, targets, need_dx, need_dw, dtype)
     return (losses, dx, dw), (0, 0 if need_dx else None, 0 if need_dw else None)
 
@@ -152,15 +179,24 @@ def triton_head(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
     """head.lanes_head_loss(kernels="triton") for the compiled step: one lane's mean loss, all lanes in one call."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # the logits' matmul dtype
-    return triton_head_op(x, w, targets, x.requires_grad, w.requires_grad, dtype)[0]  # (under vmap the rule sets the flags)
+    # (under vmap the rule sets the flags)
+    return triton_head_op(x, w, targets, x.requires_grad, w.requires_grad, dtype)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the compiled forward
 
 
-def _lanes_losses(params: dict, frozen: dict, inputs: Tensor, targets: Tensor, cos_sin: tuple, config: model.GPTConfig,
-                  data_dim: int | None, head) -> Tensor:
+def _lanes_losses(
+    params: dict,
+    frozen: dict,
+    inputs: Tensor,
+    targets: Tensor,
+    cos_sin: tuple,
+    config: model.GPTConfig,
+    data_dim: int | None,
+    head,
+) -> Tensor:
     """The lanes' losses [L]. Everything is an argument, nothing a closure: dynamo guards on the values' shapes (not
     on which row built them), so every row of a grid reuses one compiled graph per shape."""
 
@@ -170,8 +206,10 @@ def _lanes_losses(params: dict, frozen: dict, inputs: Tensor, targets: Tensor, c
     return vmap(lane_loss, in_dims=(0, data_dim, data_dim))(params, inputs, targets)
 
 
-_compiled_losses = None  # torch.compile(_lanes_losses), made on first use (importing torch.compile's stack costs seconds)
-shapes_compiled: set[tuple] = set()  # the (lanes, padded tokens, data layout, dtype) this process compiled: one graph each
+# torch.compile(_lanes_losses), made on first use (importing torch.compile's stack costs seconds)
+_compiled_losses = None
+# the (lanes, padded tokens, data layout, dtype) this process compiled: one graph each
+shapes_compiled: set[tuple] = set()
 
 
 def bucket(tokens: int, limit: int) -> int:
@@ -185,7 +223,9 @@ def lane_counts(alive: int) -> int:
     return max(MIN_LANES, 1 << (alive - 1).bit_length())
 
 
-def compiled_forward(config: model.GPTConfig, frozen: dict, cos_sin: tuple, data_dim: int | None, kernels: str = "torch"):
+def compiled_forward(
+    config: model.GPTConfig, frozen: dict, cos_sin: tuple, data_dim: int | None, kernels: str = "torch"
+):
     """A Row.forward for the engine: (params, inputs, targets) -> losses [L], padded to a bucket and compiled.
     kernels: the row's, resolved ("triton" on CUDA: the lanes' Triton head)."""
     global _compiled_losses

@@ -61,8 +61,10 @@ def _load_jsonl(path: Path) -> list[dict]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path} line {lineno} (byte {offset + e.start}): not UTF-8 ({e.reason}, "
-                                f"byte 0x{raw[e.start]:02x}): save the file as UTF-8") from None
+                raise UserError(
+                    f"{path} line {lineno} (byte {offset + e.start}): not UTF-8 ({e.reason}, "
+                    f"byte 0x{raw[e.start]:02x}): save the file as UTF-8"
+                ) from None
             offset += len(raw)
             if not line.strip():
                 continue

@@ -17,7 +17,8 @@ from fractal_vmap.synth import documents
 from fractal_vmap.tokenizer import byte_tokenizer, save_tokenizer
 
 VERSION = 1  # bump when the recipe below changes, so old caches are not reused
-CONFIG = GPTConfig(sequence_len=256, vocab_size=265, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)  # 256 bytes + 9 specials
+# 256 bytes + 9 specials
+CONFIG = GPTConfig(sequence_len=256, vocab_size=265, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 PRETRAIN_STEPS = 300
 PRETRAIN_BATCH = 16  # sequences of 256 tokens: 4096 tokens a step, 1.2M tokens in all (~7k documents, ~1 pass)
 SEED = 0
@@ -33,8 +34,11 @@ def default_model_dir() -> Path:
     if not (directory / "checkpoints").is_dir():
         from rich.console import Console
 
-        Console().print(f"building the default base model, once ({PRETRAIN_STEPS} pretraining steps, ~30 s on 2 CPU cores); cached in {directory}",
-                        highlight=False, soft_wrap=True)
+        Console().print(
+            f"building the default base model, once ({PRETRAIN_STEPS} pretraining steps, ~30 s on 2 CPU cores); cached in {directory}",
+            highlight=False,
+            soft_wrap=True,
+        )
         build_default_model(directory)
     return directory
 
@@ -64,15 +68,23 @@ def build_default_model(directory: Path, steps: int = PRETRAIN_STEPS) -> Path:
         return stream[step, :, :-1], stream[step, :, 1:]
 
     cfg = FinetuneConfig(
-        learning_rate=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,  # nanochat's base-training lrs
-        trainable_param_groups="matrix,embedding,unembedding", num_iterations=steps, warmup_frac=0.05, final_lr_frac=0.1,
-        device="cpu", dtype="float32",
+        learning_rate=0.02,
+        embedding_lr=0.2,
+        unembedding_lr=0.004,
+        weight_decay=0.0,  # nanochat's base-training lrs
+        trainable_param_groups="matrix,embedding,unembedding",
+        num_iterations=steps,
+        warmup_frac=0.05,
+        final_lr_frac=0.1,
+        device="cpu",
+        dtype="float32",
     )
     from rich.console import Console
 
     from fractal_vmap.progress import StepProgress
 
     with StepProgress(Console(), "pretraining the default model", steps) as progress:
+
         def log(step: int, metrics: dict) -> None:
             progress.step(step + 1, metrics["train/loss"], (step + 1) * PRETRAIN_BATCH * T)
 

@@ -62,13 +62,20 @@ class Row:
     real: int  # lanes that are real cells (the rest are padding)
     data_dim: int | None = None  # 0: batches carry one stream per lane [L, ...]; None: one batch shared by all lanes
     amp: torch.dtype | None = None  # autocast dtype of the forward
-    supervised: Callable[[torch.Tensor], torch.Tensor] | None = None  # targets -> supervised-token count (per lane or shared)
-    max_steps: int | None = None  # the longest lane's steps, when the task knows it (else read from total_steps: a host sync)
-    prepare: Callable[[int, torch.Tensor], None] | None = None  # (step, active) before the backward: for a task whose update runs in backward hooks
-    select: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # lanes to keep -> the task's state narrowed to them, its new params
-    micro_batches: int = 1  # >1: each step's batch in this many parts, gradients accumulated (changes the sum order: see micro_batched_step)
-    forward: Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (params, inputs, targets) -> losses [L]: a compiled vmap(loss) (compiled.py); None = vmap(loss)
-    lane_counts: Callable[[int], int] = padded_lanes  # living lanes -> the lanes a compacted row keeps (a compiled row: a few fixed counts)
+    # targets -> supervised-token count (per lane or shared)
+    supervised: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # the longest lane's steps, when the task knows it (else read from total_steps: a host sync)
+    max_steps: int | None = None
+    # (step, active) before the backward: for a task whose update runs in backward hooks
+    prepare: Callable[[int, torch.Tensor], None] | None = None
+    # lanes to keep -> the task's state narrowed to them, its new params
+    select: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
+    # >1: each step's batch in this many parts, gradients accumulated (changes the sum order: see micro_batched_step)
+    micro_batches: int = 1
+    # (params, inputs, targets) -> losses [L]: a compiled vmap(loss) (compiled.py); None = vmap(loss)
+    forward: Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # living lanes -> the lanes a compacted row keeps (a compiled row: a few fixed counts)
+    lane_counts: Callable[[int], int] = padded_lanes
 
     def __post_init__(self):
         device = self.total_steps.device
@@ -86,7 +93,9 @@ class Row:
         """Keep only these lanes (indices into the current lanes, in this order): the task's state, then the engine's."""
         index = torch.tensor(keep, device=self.device)
         self.params = self.select(index)
-        self.total_steps, self.active, self.tokens_seen = (t[index] for t in (self.total_steps, self.active, self.tokens_seen))
+        self.total_steps, self.active, self.tokens_seen = (
+            t[index] for t in (self.total_steps, self.active, self.tokens_seen)
+        )
         self.loss_log = self.loss_log[:, index]
 
 
@@ -135,7 +144,9 @@ def micro_batched_step(row: Row, step: int, inputs: torch.Tensor, targets: torch
     row.active &= row.total_steps > step + 1
 
 
-def run(row: Row, batches: Batches, progress: Progress | None = None, sync_every: int = 10, compact: bool = True) -> float:
+def run(
+    row: Row, batches: Batches, progress: Progress | None = None, sync_every: int = 10, compact: bool = True
+) -> float:
     """Train the row to its longest lane's end (or until no lane is active). Returns the wall seconds.
 
     `progress(steps_done, max_steps, tokens_processed)` is called after every step with host values only (a step

@@ -103,7 +103,9 @@ def check_writable_dir(path: Path, flag: str) -> None:
     try:  # the real test (os.access says yes to root even on a read-only mount)
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {existing} ({e.strerror}): pass a path you can write to") from None
+        raise UserError(
+            f"{flag} {path}: cannot write in {existing} ({e.strerror}): pass a path you can write to"
+        ) from None
 
 
 def check_writable_file(path: Path, flag: str) -> None:

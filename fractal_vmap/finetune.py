@@ -28,9 +28,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     examples, dropped = render_split(cfg, tokenizer, config, "train")
     stream = make_stream(cfg, tokenizer, examples, cfg.seed)
     has_val = cfg.dataset == "default" or cfg.val_dataset is not None
-    val = make_stream(cfg, tokenizer, render_split(cfg, tokenizer, config, "validation")[0], cfg.seed) if has_val else None
+    val = (
+        make_stream(cfg, tokenizer, render_split(cfg, tokenizer, config, "validation")[0], cfg.seed)
+        if has_val
+        else None
+    )
     steps = total_steps(cfg, stream.batch(0)[1])
-    wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.run_name, asdict(cfg), out.parent, "finetune")
+    wandb_run = start_run(
+        cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.run_name, asdict(cfg), out.parent, "finetune"
+    )
     processed = [0]  # tokens pushed through the model (all positions, padding included), as the grid counts them
 
     def batches(step: int):
@@ -39,6 +45,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         return inputs, targets
 
     with StepProgress(console, f"finetune {cfg.run_name}", steps) as progress:
+
         def log(step: int, metrics: dict) -> None:
             progress.step(step + 1, metrics["train/loss"], processed[0])
             if wandb_run is not None:
@@ -47,7 +54,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         cell, final_params = train_single(cfg, config, params, batches, steps, device, log, val.batch if val else None)
     result = cell.to_dict()
     if val is not None and cell.stable:
-        result["val_loss"] = evaluate(final_params, config, val.batch, cfg.eval_batches, device, autocast_dtype(cfg, device))
+        result["val_loss"] = evaluate(
+            final_params, config, val.batch, cfg.eval_batches, device, autocast_dtype(cfg, device)
+        )
     result["dropped_examples"] = dropped
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, strict_json(result))

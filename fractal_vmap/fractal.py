@@ -34,11 +34,16 @@ def trainability(losses, window: int = 20, threshold: float = 1.0) -> dict:
     stable = bool(np.isfinite(run).all())
     loss0 = float(run[0])
     with np.errstate(all="ignore"):  # inf - inf or x / 0 give nan / inf, which is what we want to report
-        mean_last_k = float(np.mean(run[-min(window, len(run)):]))
+        mean_last_k = float(np.mean(run[-min(window, len(run)) :]))
         ratio = float(np.float64(mean_last_k) / np.float64(loss0))
     converged = bool(stable and ratio < threshold)
-    return dict(stable=stable, converged=converged, trainable_loss0=loss0,
-                trainable_mean_last_k=mean_last_k, trainable_ratio=ratio)
+    return dict(
+        stable=stable,
+        converged=converged,
+        trainable_loss0=loss0,
+        trainable_mean_last_k=mean_last_k,
+        trainable_ratio=ratio,
+    )
 
 
 def convergence_measure(losses, window: int = 20, threshold: float = 1.0) -> np.ndarray:

@@ -14,8 +14,17 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from fractal_vmap.axes import (DEFAULT_AXES, Axis, cell_config, cell_lrs, check_overrides, lr_sources, make_axis, parse_axes,
-                               unused_fields)
+from fractal_vmap.axes import (
+    DEFAULT_AXES,
+    Axis,
+    cell_config,
+    cell_lrs,
+    check_overrides,
+    lr_sources,
+    make_axis,
+    parse_axes,
+    unused_fields,
+)
 from fractal_vmap.compiled import resolve_compile
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import file_sha256, finite_or_none
@@ -32,10 +41,31 @@ from fractal_vmap.rundir import check_run_dir, default_run_dir, open_run_dir, re
 from fractal_vmap.sft import lane_batches, make_stream, model_dir, render_split, total_steps
 
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
-RUN_ONLY_FIELDS = ("run_dir", "lane_chunk", "workers", "memory_budget", "levers", "run_name", "wandb", "wandb_project", "wandb_entity")
+RUN_ONLY_FIELDS = (
+    "run_dir",
+    "lane_chunk",
+    "workers",
+    "memory_budget",
+    "levers",
+    "run_name",
+    "wandb",
+    "wandb_project",
+    "wandb_entity",
+)
 # settings that change the numbers but joined the spec later: left out at these defaults, so older run dirs resume
-LATER_FIELDS = {"micro_batches": 1, "momentum_dtype": "float32", "master_dtype": "float32", "task": "nanochat-sft", "refine": 0}
-PAPER_FIELDS = {"width": 8, "activation": "tanh", "phase_space": "lr_vs_lr", "data_multiple": 1.0}  # paper-mlp only (paper_task.py)
+LATER_FIELDS = {
+    "micro_batches": 1,
+    "momentum_dtype": "float32",
+    "master_dtype": "float32",
+    "task": "nanochat-sft",
+    "refine": 0,
+}
+PAPER_FIELDS = {
+    "width": 8,
+    "activation": "tanh",
+    "phase_space": "lr_vs_lr",
+    "data_multiple": 1.0,
+}  # paper-mlp only (paper_task.py)
 CPU_LANE_CHUNK = 8
 console = Console()
 
@@ -60,8 +90,10 @@ class GridPlan:
 
 def grid_axes(cfg: GridConfig) -> tuple[Axis, Axis]:
     rows_axis, cols_axis = parse_axes(cfg.axes)
-    return (make_axis(rows_axis, cfg.rows, cfg.row_min, cfg.row_max, cfg.row_scale, "rows"),
-            make_axis(cols_axis, cfg.cols, cfg.col_min, cfg.col_max, cfg.col_scale, "cols"))
+    return (
+        make_axis(rows_axis, cfg.rows, cfg.row_min, cfg.row_max, cfg.row_scale, "rows"),
+        make_axis(cols_axis, cfg.cols, cfg.col_min, cfg.col_max, cfg.col_scale, "cols"),
+    )
 
 
 def base_config(cfg: GridConfig) -> FinetuneConfig:
@@ -86,14 +118,19 @@ def autocast_name(cfg: TrainConfig, device: torch.device) -> str:
     return str(autocast_dtype(cfg, device) or torch.float32).removeprefix("torch.")
 
 
-def make_spec(cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device, kernels: str, compile: bool = False) -> dict:
+def make_spec(
+    cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device, kernels: str, compile: bool = False
+) -> dict:
     """What the numbers depend on. Device, dtype, kernels and compile as resolved (auto on a CPU machine is cpu, float32,
     torch, off).
     Settings no cell reads (an axis sets them, or another setting wins) are null; group_lrs says where each group's lr
     comes from."""
     unused = unused_fields(cfg, row, col)
-    settings = {k: None if k in unused else v for k, v in asdict(cfg).items()
-                if k not in RUN_ONLY_FIELDS and k not in PAPER_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+    settings = {
+        k: None if k in unused else v
+        for k, v in asdict(cfg).items()
+        if k not in RUN_ONLY_FIELDS and k not in PAPER_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+    }
     settings["device"] = device.type
     settings["dtype"] = autocast_name(cfg, device)
     settings["kernels"] = kernels
@@ -118,35 +155,49 @@ def plan_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: di
     cfg.axes = cfg.axes or DEFAULT_AXES  # as the spec has always recorded it
     for name, default in PAPER_FIELDS.items():
         if getattr(cfg, name) != default:
-            raise UserError(f"--{name} is a setting of --task paper-mlp: leave it out of a nanochat grid, or add --task paper-mlp")
+            raise UserError(
+                f"--{name} is a setting of --task paper-mlp: leave it out of a nanochat grid, or add --task paper-mlp"
+            )
     if cfg.lane_chunk < 0:
         raise UserError(f"--lane_chunk is {cfg.lane_chunk}: use 0 (auto) or a positive number of lanes")
     if cfg.perturb_ulp < 0:
         raise UserError(f"--perturb_ulp is {cfg.perturb_ulp}: use 0 (no nudge) or a positive number of ulps")
     row, col = axes or grid_axes(cfg)  # a zoom (zoom.py) brings exact axis values
-    for line in check_overrides(cfg, row, col):  # refuses a flag an axis overrides; warns of one that pins part of an axis
+    # refuses a flag an axis overrides; warns of one that pins part of an axis
+    for line in check_overrides(cfg, row, col):
         console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
     device = resolve_device(cfg.device)
     kernels = resolve_kernels(cfg.kernels, device)
     if kernels == "triton" and device.type == "cpu":
-        console.print("[yellow]--kernels triton on CPU: Triton's interpreter runs the kernels, very slowly (for tests and debugging)[/yellow]")
+        console.print(
+            "[yellow]--kernels triton on CPU: Triton's interpreter runs the kernels, very slowly (for tests and debugging)[/yellow]"
+        )
     if kernels == "triton" and "bfloat16" in (cfg.momentum_dtype, cfg.master_dtype):
-        raise UserError("--momentum_dtype/--master_dtype bfloat16 run on the torch optimizer steps only: add --kernels torch")
+        raise UserError(
+            "--momentum_dtype/--master_dtype bfloat16 run on the torch optimizer steps only: add --kernels torch"
+        )
     parse_levers(cfg.levers, cfg.micro_batches, cfg.momentum_dtype, cfg.master_dtype, autocast_name(cfg, device))
     if cfg.memory_budget is not None:
         parse_bytes(cfg.memory_budget)
     if cfg.device_batch_size % cfg.micro_batches:
-        raise UserError(f"--device_batch_size {cfg.device_batch_size} does not split into {cfg.micro_batches} micro-batches: pick a divisor")
+        raise UserError(
+            f"--device_batch_size {cfg.device_batch_size} does not split into {cfg.micro_batches} micro-batches: pick a divisor"
+        )
     compile = resolve_compile(cfg.compile, device)
     if cfg.compile == "on" and "remat" in cfg.levers.split(","):
-        raise UserError("--compile on does not take the remat lever (its recomputation does not trace): drop remat from --levers, or use --compile off")
+        raise UserError(
+            "--compile on does not take the remat lever (its recomputation does not trace): drop remat from --levers, or use --compile off"
+        )
     directory = model_dir(cfg.model)  # resolved once: an hf:/wandb: source is looked up a single time
     from fractal_vmap.checkpoint import load_model
 
     config, params, tokenizer = load_model(str(directory), cfg.tokenizer, device)
     params = {k: nudged(v, cfg.perturb_ulp) for k, v in params.items()}
     base = base_config(cfg)
-    cells = [[cell_config(base, row, col, i, j, cfg.run_name or "grid") for j in range(len(col.values))] for i in range(len(row.values))]
+    cells = [
+        [cell_config(base, row, col, i, j, cfg.run_name or "grid") for j in range(len(col.values))]
+        for i in range(len(row.values))
+    ]
     for c in (c for r in cells for c in r):
         validate(c)  # e.g. an lr axis reaching a non-positive value on a linear scale
         group_lrs(c, config)  # e.g. a matrix_lr axis doing the same
@@ -156,7 +207,9 @@ def plan_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: di
         spec["parent"] = parent  # the run this grid zooms into, and the box
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(spec, row.name, col.name)
     check_run_dir(run_dir, spec)
-    return GridPlan(cfg, row, col, device, kernels, (config, params, tokenizer), examples, dropped, cells, spec, run_dir, compile)
+    return GridPlan(
+        cfg, row, col, device, kernels, (config, params, tokenizer), examples, dropped, cells, spec, run_dir, compile
+    )
 
 
 def nudged(t: torch.Tensor, ulps: int) -> torch.Tensor:
@@ -206,8 +259,10 @@ def chunk_size(plan: GridPlan, lanes: int) -> tuple[int, Levers, MemoryPlan | No
         memory = estimate_memory(config, *shape, dtype, cfg.trainable_param_groups, levers)
     fit = memory.lanes_that_fit(budget)
     if fit == 0:
-        raise UserError(f"a lane chunk needs about {memory.peak(1) / HEADROOM / 2**30:.2f} GiB (estimated) but the memory budget is "
-                        f"{budget / 2**30:.2f} GiB: raise --memory_budget, or use --levers auto or --micro_batches")
+        raise UserError(
+            f"a lane chunk needs about {memory.peak(1) / HEADROOM / 2**30:.2f} GiB (estimated) but the memory budget is "
+            f"{budget / 2**30:.2f} GiB: raise --memory_budget, or use --levers auto or --micro_batches"
+        )
     return min(cap, fit), Levers(**memory.levers), memory
 
 
@@ -237,11 +292,24 @@ def train_row(plan: GridPlan, cell_cfgs: list[FinetuneConfig], progress=None) ->
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(plan.device)
                 callback = progress.chunk(lanes, [steps[i] for i in lanes]) if progress is not None else None
-                cells = train_lanes([cell_cfgs[i] for i in lanes], config, params, batches, [steps[i] for i in lanes], plan.device, callback,
-                                    kernels=plan.kernels, levers=levers, compile=plan.compile)
+                cells = train_lanes(
+                    [cell_cfgs[i] for i in lanes],
+                    config,
+                    params,
+                    batches,
+                    [steps[i] for i in lanes],
+                    plan.device,
+                    callback,
+                    kernels=plan.kernels,
+                    levers=levers,
+                    compile=plan.compile,
+                )
                 results += [c.to_dict() for c in cells]
-                if cuda and memory is not None and len(lanes) == chunk:  # a full chunk's measured peak sizes the next ones
-                    fit = measured_fit(memory, memory_budget(plan), len(lanes), torch.cuda.max_memory_allocated(plan.device))
+                # a full chunk's measured peak sizes the next ones
+                if cuda and memory is not None and len(lanes) == chunk:
+                    fit = measured_fit(
+                        memory, memory_budget(plan), len(lanes), torch.cuda.max_memory_allocated(plan.device)
+                    )
                     chunk = min(fit, chunk_cap(plan, len(cell_cfgs)))
             return results, chunk
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -261,7 +329,9 @@ def cell_steps(plan: GridPlan) -> list[list[int]]:
     return [[total_steps(c, first[c.seed]) for c in row] for row in plan.cells]
 
 
-def run_rows(plan: GridPlan, digest: str, wandb_run=None, rows: Iterable[int] | None = None, progress=None, rank: int = 0) -> list[dict]:
+def run_rows(
+    plan: GridPlan, digest: str, wandb_run=None, rows: Iterable[int] | None = None, progress=None, rank: int = 0
+) -> list[dict]:
     """Train every row (or the rows `rows` yields: a worker's claims, shard.py) without a finished file of this spec;
     returns the lanes of those rows, in the order gone through. `rank` (the worker's) is recorded in each row file."""
     row, col = plan.row, plan.col
@@ -281,8 +351,15 @@ def run_rows(plan: GridPlan, digest: str, wandb_run=None, rows: Iterable[int] | 
                 done[i] = json.loads(json.dumps(finite_or_none(results)))  # as a resumed run reads it back: NaN is null
                 progress.row_finished(i)
                 if wandb_run is not None:  # step = the row: monotone across resumes, which continue the same W&B run
-                    wandb_run.log({"row": i, "row/converged_frac": float(np.mean([r["converged"] for r in done[i]])),
-                                   "row/stable_frac": float(np.mean([r["stable"] for r in done[i]])), "row/seconds": time.perf_counter() - t0}, step=i)
+                    wandb_run.log(
+                        {
+                            "row": i,
+                            "row/converged_frac": float(np.mean([r["converged"] for r in done[i]])),
+                            "row/stable_frac": float(np.mean([r["stable"] for r in done[i]])),
+                            "row/seconds": time.perf_counter() - t0,
+                        },
+                        step=i,
+                    )
             lanes += done[i]
     return lanes
 
@@ -295,15 +372,35 @@ def finish_grid(plan: GridPlan, lanes: list[dict], wandb_run=None) -> dict:
         import wandb
 
         run_dir, cells = plan.run_dir, out["cells"]
-        table = wandb.Table(dataframe=cells.astype(object).where(cells.notna(), None))  # NaN -> None: the table's JSON stays strict
-        wandb_run.log({"trainability": wandb.Image(str(run_dir / "trainability.png")), "panels": wandb.Image(str(run_dir / "panels.png")),
-                       "cells": table}, step=len(plan.cells))
-        wandb_run.summary.update(finite_or_none({"fractal_dimension": out["fractal"]["dimension"], "trainable_fraction": out["fractal"]["trainable_fraction"]}))
+        # NaN -> None: the table's JSON stays strict
+        table = wandb.Table(dataframe=cells.astype(object).where(cells.notna(), None))
+        wandb_run.log(
+            {
+                "trainability": wandb.Image(str(run_dir / "trainability.png")),
+                "panels": wandb.Image(str(run_dir / "panels.png")),
+                "cells": table,
+            },
+            step=len(plan.cells),
+        )
+        wandb_run.summary.update(
+            finite_or_none(
+                {
+                    "fractal_dimension": out["fractal"]["dimension"],
+                    "trainable_fraction": out["fractal"]["trainable_fraction"],
+                }
+            )
+        )
     f = out["fractal"]
-    console.print(f"trainable {f['trainable_fraction']:.0%} of {len(lanes)} cells; {dimension_note(f)}", highlight=False, soft_wrap=True,
-                  style="yellow" if f["caveat"] else None)
-    console.print(f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold] and [bold]{plan.run_dir / 'panels.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}",
-                  soft_wrap=True)
+    console.print(
+        f"trainable {f['trainable_fraction']:.0%} of {len(lanes)} cells; {dimension_note(f)}",
+        highlight=False,
+        soft_wrap=True,
+        style="yellow" if f["caveat"] else None,
+    )
+    console.print(
+        f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold] and [bold]{plan.run_dir / 'panels.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}",
+        soft_wrap=True,
+    )
     return out
 
 
@@ -313,13 +410,28 @@ def open_grid(plan: GridPlan) -> tuple[str, object]:
     from fractal_vmap.tracking import start_run
 
     cfg = plan.cfg
-    check_run_dir(plan.run_dir, plan.spec)  # again, under the lock: another grid may have created it since plan_grid looked
-    digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"train_examples": len(plan.examples), "dropped_examples": plan.dropped})
+    # again, under the lock: another grid may have created it since plan_grid looked
+    check_run_dir(plan.run_dir, plan.spec)
+    digest = open_run_dir(
+        plan.run_dir, plan.spec, plan.device, {"train_examples": len(plan.examples), "dropped_examples": plan.dropped}
+    )
     # one W&B run per grid: its id is kept in the run dir, and every resume continues it
-    wandb_run = start_run(cfg.wandb, cfg.wandb_project, cfg.wandb_entity, cfg.run_name or plan.run_dir.name, {"spec": plan.spec},
-                          plan.run_dir, "grid", keep_id=True)
-    console.print(f"grid {plan.row.name} ({len(plan.row.values)} rows) x {plan.col.name} ({len(plan.col.values)} lanes a row) on {plan.device}, run dir [bold]{plan.run_dir}[/bold]")
-    console.print(f"{len(plan.examples)} training examples ({plan.dropped} dropped: no supervised token within max_seq_len)")
+    wandb_run = start_run(
+        cfg.wandb,
+        cfg.wandb_project,
+        cfg.wandb_entity,
+        cfg.run_name or plan.run_dir.name,
+        {"spec": plan.spec},
+        plan.run_dir,
+        "grid",
+        keep_id=True,
+    )
+    console.print(
+        f"grid {plan.row.name} ({len(plan.row.values)} rows) x {plan.col.name} ({len(plan.col.values)} lanes a row) on {plan.device}, run dir [bold]{plan.run_dir}[/bold]"
+    )
+    console.print(
+        f"{len(plan.examples)} training examples ({plan.dropped} dropped: no supervised token within max_seq_len)"
+    )
     return digest, wandb_run
 
 

@@ -87,7 +87,10 @@ class _LanesHeadLoss(torch.autograd.Function):
         L = info.batch_size
         # the Triton path takes a frozen w shared by the lanes as it is, [V, C]: one matmul for all lanes' rows
         keep_w = kernels == "triton" and in_dims[1] is None and not w.requires_grad
-        x, targets = (t.expand(L, *t.shape) if d is None else t.movedim(d, 0) for t, d in zip((x, targets), (in_dims[0], in_dims[2])))
+        x, targets = (
+            t.expand(L, *t.shape) if d is None else t.movedim(d, 0)
+            for t, d in zip((x, targets), (in_dims[0], in_dims[2]))
+        )
         w = w if keep_w else w.expand(L, *w.shape) if in_dims[1] is None else w.movedim(in_dims[1], 0)
         losses, dx, dw = _LanesHeadLoss.apply(x, w, targets, kernels)
         return (losses, dx, dw), (0, None if dx is None else 0, None if dw is None else 0)

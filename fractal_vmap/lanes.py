@@ -13,7 +13,17 @@ from fractal_vmap.engine import Batches, Progress, Row, padded_lanes
 from fractal_vmap.head import lanes_head_loss
 from fractal_vmap.model import GPTConfig, Head, forward, lanes_attention, param_group, rotary_cos_sin
 from fractal_vmap.optim import BatchedAdamW, BatchedMuon, lr_multiplier
-from fractal_vmap.recipe import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, CellResult, FinetuneConfig, autocast_dtype, cell_result, group_lrs, trainable_groups
+from fractal_vmap.recipe import (
+    ADAMW_BETAS,
+    ADAMW_EPS,
+    MUON_MOMENTUM,
+    CellResult,
+    FinetuneConfig,
+    autocast_dtype,
+    cell_result,
+    group_lrs,
+    trainable_groups,
+)
 
 
 @dataclass
@@ -27,7 +37,9 @@ class LaneSettings:
     total_steps: torch.Tensor
 
     @classmethod
-    def from_configs(cls, cfgs: list[FinetuneConfig], config: GPTConfig, steps: list[int], device: torch.device) -> "LaneSettings":
+    def from_configs(
+        cls, cfgs: list[FinetuneConfig], config: GPTConfig, steps: list[int], device: torch.device
+    ) -> "LaneSettings":
         def vec(values) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float64, device=device)
 
@@ -42,7 +54,10 @@ class LaneSettings:
 
     def select(self, index: torch.Tensor) -> "LaneSettings":
         """The settings of the lanes at `index`."""
-        return LaneSettings({g: lr[index] for g, lr in self.lrs.items()}, *(getattr(self, f)[index] for f in ("weight_decay", "warmup_frac", "final_lr_frac", "total_steps")))
+        return LaneSettings(
+            {g: lr[index] for g, lr in self.lrs.items()},
+            *(getattr(self, f)[index] for f in ("weight_decay", "warmup_frac", "final_lr_frac", "total_steps")),
+        )
 
 
 def check_row(cfgs: list[FinetuneConfig]) -> list[str]:
@@ -64,15 +79,20 @@ class Levers:
     """How a row trades time for memory. The first two change no number (bit for bit: tests/test_memory.py); the
     last two do, and are used only when asked for (their drift: benchmarks/README.md)."""
 
-    step_in_backward: bool = False  # each layer's optimizer step as soon as its gradients are in: full gradients never all alive
+    # each layer's optimizer step as soon as its gradients are in: full gradients never all alive
+    step_in_backward: bool = False
     remat: bool = False  # recompute each block's activations in the backward, keeping only its input (model.py)
-    micro_batches: int = 1  # each step's batch in this many parts, gradients accumulated (the sums run in another order)
+    # each step's batch in this many parts, gradients accumulated (the sums run in another order)
+    micro_batches: int = 1
     momentum_dtype: str = "float32"  # "bfloat16": Muon's momentum buffers in half the memory, rounded every step
-    master_dtype: str = "float32"  # "bfloat16": the trained weights (so their gradients, AdamW moments) in half; needs bf16 autocast
+    # "bfloat16": the trained weights (so their gradients, AdamW moments) in half; needs bf16 autocast
+    master_dtype: str = "float32"
 
     def __post_init__(self):
         if self.micro_batches > 1 and self.step_in_backward:
-            raise ValueError("micro-batches keep the gradients between parts: they do not combine with stepping in the backward")
+            raise ValueError(
+                "micro-batches keep the gradients between parts: they do not combine with stepping in the backward"
+            )
 
 
 class RowOptimizers:
@@ -80,18 +100,44 @@ class RowOptimizers:
     over the matrices: one for all, or with `step_in_backward` one per layer, stepped from a post-accumulate-grad hook
     when the layer's last gradient is in (Newton-Schulz then batches the lanes of one layer), its gradients freed."""
 
-    def __init__(self, stacked: dict[str, torch.Tensor], groups: list[str], settings: LaneSettings, levers: Levers, kernels: str = "torch"):
+    def __init__(
+        self,
+        stacked: dict[str, torch.Tensor],
+        groups: list[str],
+        settings: LaneSettings,
+        levers: Levers,
+        kernels: str = "torch",
+    ):
         self.stacked, self.settings, self.levers = stacked, settings, levers
         names = {g: [k for k in stacked if param_group(k) == g] for g in groups}
         # (optimizer, its group, the names of its params): one AdamW per AdamW group (their lrs differ)
-        self.owners = [(BatchedAdamW([stacked[k] for k in names[g]], betas=ADAMW_BETAS, eps=ADAMW_EPS, kernels=kernels), g, names[g]) for g in groups if g != "matrix"]
+        self.owners = [
+            (
+                BatchedAdamW([stacked[k] for k in names[g]], betas=ADAMW_BETAS, eps=ADAMW_EPS, kernels=kernels),
+                g,
+                names[g],
+            )
+            for g in groups
+            if g != "matrix"
+        ]
         layers: dict[str, list[str]] = {}
         for k in names.get("matrix", []):
             layers.setdefault(k.split(".")[2] if levers.step_in_backward else "all", []).append(k)  # transformer.h.{i}.
         momentum_dtype = getattr(torch, levers.momentum_dtype)
-        self.owners += [(BatchedMuon([stacked[k] for k in ks], momentum=MUON_MOMENTUM, nesterov=True, kernels=kernels,
-                                       momentum_dtype=momentum_dtype), "matrix", ks)
-                        for ks in layers.values()]
+        self.owners += [
+            (
+                BatchedMuon(
+                    [stacked[k] for k in ks],
+                    momentum=MUON_MOMENTUM,
+                    nesterov=True,
+                    kernels=kernels,
+                    momentum_dtype=momentum_dtype,
+                ),
+                "matrix",
+                ks,
+            )
+            for ks in layers.values()
+        ]
         self.handles = []
         if levers.step_in_backward:
             self.hook()
@@ -177,17 +223,42 @@ def nanochat_row(
     head = head or partial(lanes_head_loss, kernels=kernels)
 
     def lane_loss(lane_params, inputs, targets):
-        return forward({**frozen, **lane_params}, inputs, config, cos_sin, targets, attend=lanes_attention, head=head, remat=levers.remat)
+        return forward(
+            {**frozen, **lane_params},
+            inputs,
+            config,
+            cos_sin,
+            targets,
+            attend=lanes_attention,
+            head=head,
+            remat=levers.remat,
+        )
 
     compiled, lane_counts = None, padded_lanes
     if compile and not levers.remat:
-        from fractal_vmap.compiled import compiled_forward, lane_counts  # imports torch.compile's stack on first use: only when asked
+        from fractal_vmap.compiled import (
+            compiled_forward,
+            lane_counts,
+        )  # imports torch.compile's stack on first use: only when asked
 
         compiled = compiled_forward(config, frozen, cos_sin, data_dim, kernels)
     total = torch.tensor(steps + [0] * (L - n), dtype=torch.int64, device=device)
-    return Row(lane_loss, stacked, optimizers.update, total, real=n, data_dim=data_dim, amp=autocast_dtype(cfgs[0], device), supervised=supervised_tokens,
-               max_steps=max(steps), prepare=optimizers.prepare if levers.step_in_backward else None, select=optimizers.select,
-               micro_batches=levers.micro_batches, forward=compiled, lane_counts=lane_counts)
+    return Row(
+        lane_loss,
+        stacked,
+        optimizers.update,
+        total,
+        real=n,
+        data_dim=data_dim,
+        amp=autocast_dtype(cfgs[0], device),
+        supervised=supervised_tokens,
+        max_steps=max(steps),
+        prepare=optimizers.prepare if levers.step_in_backward else None,
+        select=optimizers.select,
+        micro_batches=levers.micro_batches,
+        forward=compiled,
+        lane_counts=lane_counts,
+    )
 
 
 def train_lanes(
@@ -217,7 +288,13 @@ def train_lanes(
     data_dim = 0 if first[0].dim() == 3 else None
     row = nanochat_row(cfgs, config, params, steps, device, data_dim, kernels, levers=levers, compile=compile)
     L = row.total_steps.shape[0]
-    runtime = engine.run(row, fetched if data_dim is None or row.real == L else pad_lane_batches(fetched, L), progress, sync_every, compact)
+    runtime = engine.run(
+        row,
+        fetched if data_dim is None or row.real == L else pad_lane_batches(fetched, L),
+        progress,
+        sync_every,
+        compact,
+    )
     log = row.loss_log.cpu().double()
     seen = row.tokens_seen.cpu().tolist()
     return [cell_result(cfg, log[: steps[i], i].tolist(), steps[i], seen[i], runtime) for i, cfg in enumerate(cfgs)]

@@ -41,13 +41,17 @@ def run_dir_lock(run_dir: Path):
     try:
         lock.acquire()
     except Timeout:
-        raise UserError(f"{run_dir} is being written by another grid ({holder(path)}): wait for it to end or stop it, "
-                        "then rerun; or pass another --run_dir") from None
+        raise UserError(
+            f"{run_dir} is being written by another grid ({holder(path)}): wait for it to end or stop it, "
+            "then rerun; or pass another --run_dir"
+        ) from None
     except OSError as e:
         if e.errno != errno.ENOSYS:
             raise
-        raise UserError(f"{run_dir}: its filesystem has no file locks (flock): pass a --run_dir on one that has "
-                        "(a local disk; NFS; Lustre mounted with -o flock)") from None
+        raise UserError(
+            f"{run_dir}: its filesystem has no file locks (flock): pass a --run_dir on one that has "
+            "(a local disk; NFS; Lustre mounted with -o flock)"
+        ) from None
     try:
         yield
     finally:

@@ -26,7 +26,14 @@ def cpu_model() -> str:
     name = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if not name and cpuinfo.exists():
-        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), "")
+        name = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
     return name or platform.machine() or "cpu"
 
 
@@ -86,7 +93,9 @@ def wait_for_quiet(max_load: float = 1.2, poll_s: float = 30.0, check_load: bool
     while True:
         load = os.getloadavg()[0]
         if check_load and load >= max_load:
-            say(f"[yellow]load average {load:.2f} >= {max_load}: someone else is using the CPU, waiting {poll_s:.0f}s[/yellow]")
+            say(
+                f"[yellow]load average {load:.2f} >= {max_load}: someone else is using the CPU, waiting {poll_s:.0f}s[/yellow]"
+            )
             time.sleep(poll_s)
             continue
         with CpuWatch() as probe:

@@ -11,10 +11,44 @@ import torch
 from fractal_vmap.machine import CpuWatch, wait_for_quiet
 
 # ops that launch no work: views, metadata, allocations (a leaf `to`/`contiguous` is a no-op: the copy is its child)
-NO_WORK = {f"aten::{n}" for n in ("view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "transpose", "t", "permute", "expand",
-                                  "unsqueeze", "squeeze", "slice", "select", "detach", "alias", "unbind", "split", "split_with_sizes",
-                                  "chunk", "narrow", "movedim", "view_as", "lift_fresh", "empty", "empty_strided", "empty_like",
-                                  "new_empty", "resolve_conj", "resolve_neg", "to", "contiguous", "_local_scalar_dense", "item")}
+NO_WORK = {
+    f"aten::{n}"
+    for n in (
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "_reshape_alias",
+        "as_strided",
+        "transpose",
+        "t",
+        "permute",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "slice",
+        "select",
+        "detach",
+        "alias",
+        "unbind",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "narrow",
+        "movedim",
+        "view_as",
+        "lift_fresh",
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "new_empty",
+        "resolve_conj",
+        "resolve_neg",
+        "to",
+        "contiguous",
+        "_local_scalar_dense",
+        "item",
+    )
+}
 
 
 class Marks:
@@ -78,8 +112,13 @@ def time_mode(make_step, batches: list, plan, device: torch.device, redo: bool, 
             step = marks = None
             free_memory()
             return {"oom": True}
-        result = {"oom": False, "window_s": windows, "foreign_cpu": round(watch.foreign, 3), "contended": watch.contended,
-                  "first_steps_s": marks.seconds(0, plan.primers + plan.warmup)}  # primers + warm-up: includes compiling, for fast
+        result = {
+            "oom": False,
+            "window_s": windows,
+            "foreign_cpu": round(watch.foreign, 3),
+            "contended": watch.contended,
+            "first_steps_s": marks.seconds(0, plan.primers + plan.warmup),
+        }  # primers + warm-up: includes compiling, for fast
         if device.type == "cuda":
             result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
         if not (redo and device.type == "cpu" and watch.contended) or attempt == 2:
@@ -102,7 +141,9 @@ def profile_mode(make_step, batch, device: torch.device) -> dict:
         step = make_step()
         step(0, batch)
         torch.cuda.synchronize(device)  # none of its kernels in the profile
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), profile_memory=not cuda) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), profile_memory=not cuda
+    ) as prof:
         if not cuda:
             step = make_step()
             step(0, batch)
@@ -112,7 +153,9 @@ def profile_mode(make_step, batch, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
     out = {"launches": count_launches(prof, cuda), "launches_by_name": launches(prof, cuda)}
     if not cuda:
-        memory = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        memory = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
         total = peak = 0
         for _, nbytes in memory:
             total += nbytes
@@ -139,7 +182,11 @@ def launches(prof, cuda: bool) -> Counter:
         children = list(e.cpu_children)
         if e.name.startswith("graph_") and "cpp_" in e.name:
             counts[e.name] += 1
-        elif e.name.startswith("aten::") and e.name not in NO_WORK and not any(c.name.startswith("aten::") for c in children):
+        elif (
+            e.name.startswith("aten::")
+            and e.name not in NO_WORK
+            and not any(c.name.startswith("aten::") for c in children)
+        ):
             counts[e.name] += 1
         stack += children
     return counts

@@ -156,7 +156,8 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
         out, logsumexp, _, _, _, _, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)
         return out, logsumexp, seed, offset
     assert backend == EFFICIENT and k.shape[-3] == q.shape[-3], f"not a fused kernel for these heads: {backend}"
-    return tuple(aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True))  # out, logsumexp, seed, offset
+    # out, logsumexp, seed, offset
+    return tuple(aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True))
 
 
 def fused_attention_backward(grad_out, q, k, v, out, logsumexp, seed, offset, backend: int) -> tuple[torch.Tensor, ...]:
@@ -164,10 +165,12 @@ def fused_attention_backward(grad_out, q, k, v, out, logsumexp, seed, offset, ba
     if q.device.type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, logsumexp, 0.0, True)
     if backend == FLASH:  # cum_seq_q/k: None for dense batches; max_q/max_k: the sequence lengths
-        return aten._scaled_dot_product_flash_attention_backward(grad_out, q, k, v, out, logsumexp, None, None, q.shape[-2], k.shape[-2],
-                                                                 0.0, True, seed, offset)
-    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(grad_out, q, k, v, None, out, logsumexp, seed, offset, 0.0,
-                                                                          [True, True, True, False], True)
+        return aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, logsumexp, None, None, q.shape[-2], k.shape[-2], 0.0, True, seed, offset
+        )
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        grad_out, q, k, v, None, out, logsumexp, seed, offset, 0.0, [True, True, True, False], True
+    )
     return dq, dk, dv
 
 
@@ -215,7 +218,12 @@ class _LanesAttention(torch.autograd.Function):
     def vmap(info, in_dims, q, k, v):
         out, logsumexp, seed, offset = _LanesAttention.apply(*_fold_lanes(info, in_dims, q, k, v))
         fused = logsumexp.numel() > 0
-        return (_unfold_lanes(info, out), _unfold_lanes(info, logsumexp) if fused else logsumexp, seed, offset), (0, 0 if fused else None, None, None)
+        return (_unfold_lanes(info, out), _unfold_lanes(info, logsumexp) if fused else logsumexp, seed, offset), (
+            0,
+            0 if fused else None,
+            None,
+            None,
+        )
 
 
 def lanes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -231,7 +239,14 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-BLOCK_WEIGHTS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's weights, in block()'s order
+BLOCK_WEIGHTS = (
+    "attn.c_q",
+    "attn.c_k",
+    "attn.c_v",
+    "attn.c_proj",
+    "mlp.c_fc",
+    "mlp.c_proj",
+)  # a block's weights, in block()'s order
 
 
 def block(x, wq, wk, wv, wo, wfc, wproj, cos, sin, config: GPTConfig, attend: Attention) -> torch.Tensor:
@@ -279,7 +294,9 @@ def forward(
 
 
 @torch.no_grad()
-def generate_greedy(params: dict[str, torch.Tensor], config: GPTConfig, prompt: list[int], max_tokens: int) -> list[int]:
+def generate_greedy(
+    params: dict[str, torch.Tensor], config: GPTConfig, prompt: list[int], max_tokens: int
+) -> list[int]:
     """Greedy decoding (temperature 0), recomputing the whole prefix each step: for checks and notebooks."""
     device = params["lm_head.weight"].device
     cos_sin = rotary_cos_sin(config, device)

@@ -55,7 +55,9 @@ def zero_grad(params: list[Tensor]) -> None:
 class BatchedAdamW:
     """AdamW with decoupled weight decay, one independent state per lane. kernels: "torch", "triton" or "auto"."""
 
-    def __init__(self, params: list[Tensor], betas: tuple[float, float] = (0.8, 0.95), eps: float = 1e-10, kernels: str = "torch"):
+    def __init__(
+        self, params: list[Tensor], betas: tuple[float, float] = (0.8, 0.95), eps: float = 1e-10, kernels: str = "torch"
+    ):
         self.params = list(params)
         self.kernels = resolve(kernels, self.params[0].device)
         self.beta1, self.beta2 = betas
@@ -92,7 +94,9 @@ class BatchedAdamW:
             scalars = torch.where(self.steps > 0, scalars, 1.0)
             for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
                 if p.grad is not None:
-                    adamw_step(p.detach(), p.grad, exp_avg, exp_avg_sq, scalars, active, self.beta1, self.beta2, self.eps)
+                    adamw_step(
+                        p.detach(), p.grad, exp_avg, exp_avg_sq, scalars, active, self.beta1, self.beta2, self.eps
+                    )
             return
         for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
@@ -148,8 +152,15 @@ class BatchedMuon:
     kernels: "torch", "triton" or "auto"; gram: "torch" (batched matmuls) or "triton" (kernels/gram.py: half of each
     symmetric product; off by default, "auto" included, until a GPU measurement shows it wins)."""
 
-    def __init__(self, params: list[Tensor], momentum: float = 0.95, nesterov: bool = True, kernels: str = "torch", gram: str = "torch",
-                 momentum_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        params: list[Tensor],
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        kernels: str = "torch",
+        gram: str = "torch",
+        momentum_dtype: torch.dtype | None = None,
+    ):
         self.params = list(params)
         assert all(p.ndim == 3 for p in self.params), "BatchedMuon takes stacked matrices [L, r, c]"
         self.kernels = resolve(kernels, self.params[0].device)
@@ -157,7 +168,9 @@ class BatchedMuon:
         self.momentum = momentum
         self.nesterov = nesterov
         # momentum_dtype bfloat16 halves the buffers' memory; they are then rounded every step (the numbers change)
-        assert momentum_dtype in (None, torch.float32) or self.kernels == "torch", "the fused Muon kernels keep float32 momentum"
+        assert momentum_dtype in (None, torch.float32) or self.kernels == "torch", (
+            "the fused Muon kernels keep float32 momentum"
+        )
         self.momentum_buffer = [torch.zeros_like(p, dtype=momentum_dtype) for p in self.params]
 
     def select(self, index: Tensor) -> None:

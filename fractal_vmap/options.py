@@ -14,31 +14,44 @@ from simple_parsing import field
 class TrainConfig:
     """The knobs of one fine-tuning run (one grid cell)."""
 
-    model: str = "default"  # base model: a nanochat checkpoint dir, hf:<owner>/<repo>[@rev], wandb:<entity>/<project>/<name>:<version>, or "default" (a tiny model built on first use)
+    # base model: a nanochat checkpoint dir, hf:<owner>/<repo>[@rev], wandb:<entity>/<project>/<name>:<version>, or
+    # "default" (a tiny model built on first use)
+    model: str = "default"
     tokenizer: str | None = None  # tokenizer dir, if it is neither in the model dir nor beside it
-    dataset: str = "default"  # training conversations: a JSONL file of {"messages": [...]}, a Hugging Face dataset id, or "default" (synthetic document Q&A)
-    learning_rate: float = 0.02  # base learning rate: the matrices get it, the embedding 10x, the lm_head 0.2x (unless set below)
+    # training conversations: a JSONL file of {"messages": [...]}, a Hugging Face dataset id, or "default" (synthetic
+    # document Q&A)
+    dataset: str = "default"
+    # base learning rate: the matrices get it, the embedding 10x, the lm_head 0.2x (unless set below)
+    learning_rate: float = 0.02
     matrix_lr: float | None = None  # learning rate of the transformer's matrices (Muon); unset: --learning_rate
-    embedding_lr: float | None = None  # learning rate of the token embedding (AdamW, scaled by (n_embd/768)^-0.5 as nanochat does); unset: --learning_rate x --embedding_lr_mult
-    unembedding_lr: float | None = None  # learning rate of the lm_head (AdamW, scaled by (n_embd/768)^-0.5); unset: --learning_rate x --unembedding_lr_mult
+    # learning rate of the token embedding (AdamW, scaled by (n_embd/768)^-0.5 as nanochat does); unset: --learning_rate
+    # x --embedding_lr_mult
+    embedding_lr: float | None = None
+    # learning rate of the lm_head (AdamW, scaled by (n_embd/768)^-0.5); unset: --learning_rate x --unembedding_lr_mult
+    unembedding_lr: float | None = None
     embedding_lr_mult: float = 10.0  # embedding lr = learning_rate x this, when --embedding_lr is unset
     unembedding_lr_mult: float = 0.2  # lm_head lr = learning_rate x this, when --unembedding_lr is unset
-    trainable_param_groups: str = "matrix,unembedding"  # which weights train: a comma list of matrix, embedding, unembedding, or "all"; the others stay frozen
+    # which weights train: a comma list of matrix, embedding, unembedding, or "all"; the others stay frozen
+    trainable_param_groups: str = "matrix,unembedding"
     weight_decay: float = 0.1  # decoupled weight decay of the AdamW groups (embedding, lm_head); Muon has none
     init_lr_frac: float = 1.0  # every learning rate is multiplied by this
     warmup_frac: float = 0.06  # fraction of the steps spent warming the learning rate up linearly
     final_lr_frac: float = 0.0  # the cosine schedule ends at this fraction of the learning rate
-    num_tokens: int = 20_000  # supervised tokens to train on: steps = ceil(num_tokens / supervised tokens in the first batch)
+    # supervised tokens to train on: steps = ceil(num_tokens / supervised tokens in the first batch)
+    num_tokens: int = 20_000
     num_iterations: int | None = None  # a fixed number of steps instead of --num_tokens
     device_batch_size: int = 8  # conversations per step
     max_seq_len: int = 1024  # longest conversation in tokens; longer ones are cut
     dtype: str = "auto"  # float32, bfloat16 (autocast), or auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # cpu, cuda, cuda:N, or auto: CUDA if available
     seed: int = 999  # seed of the data order
-    trainable_window_steps: int = 20  # a run is trainable when the mean of its last this-many losses is below the threshold times its first loss
+    # a run is trainable when the mean of its last this-many losses is below the threshold times its first loss
+    trainable_window_steps: int = 20
     trainable_loss_ratio_threshold: float = 1.0  # that threshold (mean of the last losses / first loss)
     run_name: str | None = None  # a name for the run (W&B, result file); unset: one made from the settings
-    wandb: str = "auto"  # Weights & Biases logging: online, offline (files to sync later), disabled, or auto: online with credentials, else offline
+    # Weights & Biases logging: online, offline (files to sync later), disabled, or auto: online with credentials, else
+    # offline
+    wandb: str = "auto"
     wandb_project: str = "fractal-vmap"  # W&B project
     wandb_entity: str | None = None  # W&B entity (user or team); unset: your default entity
 
@@ -47,7 +60,8 @@ class TrainConfig:
 class FinetuneConfig(TrainConfig):
     """One fine-tuning run (one grid cell) with torch.optim AdamW + Muon: every setting a cell trains with."""
 
-    val_dataset: str | None = None  # validation conversations (JSONL file or dataset id); the default dataset brings its own
+    # validation conversations (JSONL file or dataset id); the default dataset brings its own
+    val_dataset: str | None = None
     eval_every: int = 0  # evaluate on the validation set every this-many steps; 0: only at the end
     eval_batches: int = 4  # validation batches per evaluation
     out: str | None = None  # where to write the result JSON; unset: runs/finetune/<run_name>.json
@@ -57,8 +71,12 @@ class FinetuneConfig(TrainConfig):
 class GridConfig(TrainConfig):
     """A 2-D grid of fine-tuning runs: every run setting, plus the two axes swept and their ranges."""
 
-    task: str = "nanochat-sft"  # what each cell trains: nanochat-sft (fine-tuning a nanochat model), or paper-mlp (the MLP of Sohl-Dickstein 2024, one lane a pixel; its axes follow --phase_space)
-    axes: str | None = None  # the rows axis and the cols axis, comma-separated, from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr, weight_decay, warmup_frac, final_lr_frac, seed; unset: num_tokens,lr (a paper-mlp grid's follow --phase_space)
+    # what each cell trains: nanochat-sft (fine-tuning a nanochat model), or paper-mlp (the MLP of Sohl-Dickstein 2024,
+    # one lane a pixel; its axes follow --phase_space)
+    task: str = "nanochat-sft"
+    # the rows axis and the cols axis, comma-separated, from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr,
+    # weight_decay, warmup_frac, final_lr_frac, seed; unset: num_tokens,lr (a paper-mlp grid's follow --phase_space)
+    axes: str | None = None
     rows: int = 6  # number of values on the rows axis
     cols: int = 16  # number of values on the cols axis (the lanes of a row)
     row_min: float | None = None  # smallest rows-axis value; unset: the axis' own range
@@ -67,22 +85,42 @@ class GridConfig(TrainConfig):
     col_max: float | None = None  # largest cols-axis value; unset: the axis' own range
     row_scale: str = "auto"  # spacing of the rows-axis values: log, linear, or auto (the axis' usual one)
     col_scale: str = "auto"  # spacing of the cols-axis values: log, linear, or auto
-    run_dir: str | None = None  # where the grid's files go; rerunning with the same dir resumes it; unset: runs/grid-<axes>-<hash of the settings>
+    # where the grid's files go; rerunning with the same dir resumes it; unset: runs/grid-<axes>-<hash of the settings>
+    run_dir: str | None = None
     lane_chunk: int = 0  # most lanes trained at once; 0: a whole row on CUDA, 8 on CPU; halves itself on out-of-memory
-    perturb_ulp: int = 0  # nudge every base weight up by this many float32 ulps: the twin of a grid, to `compare` against (the map's noise floor)
-    kernels: str = "auto"  # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under TRITON_INTERPRET=1: slow, for debugging)
-    compile: str = "auto"  # the row's forward and backward under torch.compile: on, off, or auto (on for CUDA, off for CPU, where it measured no faster: benchmarks/README.md); on moves the numbers within the noise floor, so it is part of the grid's settings
+    # nudge every base weight up by this many float32 ulps: the twin of a grid, to `compare` against (the map's noise
+    # floor)
+    perturb_ulp: int = 0
+    # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under
+    # TRITON_INTERPRET=1: slow, for debugging)
+    kernels: str = "auto"
+    # the row's forward and backward under torch.compile: on, off, or auto (on for CUDA, off for CPU, where it measured
+    # no faster: benchmarks/README.md); on moves the numbers within the noise floor, so it is part of the grid's
+    # settings
+    compile: str = "auto"
     width: int = 8  # paper-mlp: input dim and hidden width of the MLP (the paper used 16)
     activation: str = "tanh"  # paper-mlp: tanh, relu or identity
-    phase_space: str = "lr_vs_lr"  # paper-mlp: lr_vs_lr (rows lr1 of the output layer, cols lr0 of the input layer; log10 lr in [-3, 6]) or offset_vs_lr (rows one lr, cols an offset added to every initial input-layer weight)
+    # paper-mlp: lr_vs_lr (rows lr1 of the output layer, cols lr0 of the input layer; log10 lr in [-3, 6]) or
+    # offset_vs_lr (rows one lr, cols an offset added to every initial input-layer weight)
+    phase_space: str = "lr_vs_lr"
     data_multiple: float = 1.0  # paper-mlp: training points = parameters x this (the identity network: width x this)
-    refine: int = 0  # refine K levels near the boundary: the --rows x --cols grid, then K times half the spacing where neighbours disagree in phase (a (rows-1) x 2^K + 1 map at a fraction of its cells); 0: off
-    workers: int = 1  # processes sharing the rows on this node (one per GPU; on CPU each gets cores / N threads), started by torch's elastic launcher; under torchrun leave it out
-    memory_budget: str | None = None  # most memory a lane chunk may use, e.g. 2GB; unset: the GPU's on CUDA, no limit on CPU
-    levers: str = "auto"  # memory levers that change no number: auto (what the memory budget needs), none, or a comma list of step_in_backward, remat
-    micro_batches: int = 1  # split each step's batch in this many parts, gradients accumulated: less memory, numbers drift (another sum order)
-    momentum_dtype: str = "float32"  # bfloat16: Muon's momentum in half the memory, rounded each step (changes the numbers)
-    master_dtype: str = "float32"  # bfloat16: the trained weights in half the memory, updates rounded (changes the numbers; needs --dtype bfloat16)
+    # refine K levels near the boundary: the --rows x --cols grid, then K times half the spacing where neighbours
+    # disagree in phase (a (rows-1) x 2^K + 1 map at a fraction of its cells); 0: off
+    refine: int = 0
+    # processes sharing the rows on this node (one per GPU; on CPU each gets cores / N threads), started by torch's
+    # elastic launcher; under torchrun leave it out
+    workers: int = 1
+    # most memory a lane chunk may use, e.g. 2GB; unset: the GPU's on CUDA, no limit on CPU
+    memory_budget: str | None = None
+    # memory levers that change no number: auto (what the memory budget needs), none, or a comma list of
+    # step_in_backward, remat
+    levers: str = "auto"
+    # split each step's batch in this many parts, gradients accumulated: less memory, numbers drift (another sum order)
+    micro_batches: int = 1
+    # bfloat16: Muon's momentum in half the memory, rounded each step (changes the numbers)
+    momentum_dtype: str = "float32"
+    # bfloat16: the trained weights in half the memory, updates rounded (changes the numbers; needs --dtype bfloat16)
+    master_dtype: str = "float32"
 
 
 @dataclass
@@ -91,7 +129,8 @@ class PlotConfig:
 
     run: str = field(positional=True, metavar="RUN", help="a grid's run dir")
     out: str | None = None  # where to write the pictures (and, when re-thresholded, fractal.json); unset: the run dir
-    trainable_loss_ratio_threshold: float | None = None  # relabel the cells with this threshold (from the loss curves in the row files); unset: the grid's
+    # relabel the cells with this threshold (from the loss curves in the row files); unset: the grid's
+    trainable_loss_ratio_threshold: float | None = None
     trainable_window_steps: int | None = None  # relabel the cells with this window; unset: the grid's
     dpi: int = 150  # resolution of the PNGs
     style: str | None = None  # a matplotlib style sheet (name or file) to draw with, e.g. ggplot
@@ -101,18 +140,21 @@ class PlotConfig:
 class PlanConfig:
     """Options of `fractal-vmap plan`: how many lanes of a model fit on a GPU, and (--project) how fast they would run."""
 
-    model: str = "d20"  # dN (nanochat's depth-N shapes, e.g. d20: 20 layers, width 1280, vocab 65536), default, or a checkpoint dir
+    # dN (nanochat's depth-N shapes, e.g. d20: 20 layers, width 1280, vocab 65536), default, or a checkpoint dir
+    model: str = "d20"
     lanes: int = 16  # the lanes wanted in one chunk
     gpu_mem: str = "80GB"  # the memory of one GPU (e.g. 80GB for an H100, 141GB for an H200)
     batch: int = 8  # device_batch_size
     seq: int = 1024  # max_seq_len
     dtype: str = "bfloat16"  # the forward's autocast: bfloat16 (as on CUDA) or float32 (as on CPU)
     trainable_param_groups: str = "matrix,unembedding"
-    levers: str = "auto"  # auto (the first of: none, step_in_backward, remat, both, that fits --lanes), none, or a comma list
+    # auto (the first of: none, step_in_backward, remat, both, that fits --lanes), none, or a comma list
+    levers: str = "auto"
     micro_batches: int = 1  # changes the numbers (see lanes.Levers)
     momentum_dtype: str = "float32"  # bfloat16 changes the numbers (see lanes.Levers)
     master_dtype: str = "float32"  # bfloat16 changes the numbers (see lanes.Levers)
-    project: str = "none"  # h100 or h200: also project the step time, speed-up, MFU and a 64x64 grid's time (a projection)
+    # h100 or h200: also project the step time, speed-up, MFU and a 64x64 grid's time (a projection)
+    project: str = "none"
     launch_us: float = 10.0  # host time per kernel launch in the projection (projection.LAUNCH_US)
     supervised_frac: float = 0.7  # supervised share of a batch's tokens, for the grid's step count in the projection
     json: str | None = None  # also write the plan as JSON to this path
@@ -123,7 +165,9 @@ class BenchConfig:
     """Options of `fractal-vmap bench`: the training throughput of a row, sequential models vs the eager row vs the compiled row."""
 
     device: str = "auto"  # auto = cuda if available, else cpu
-    model: str = "auto"  # default (the embedded model on its data) or depth (random-init nanochat by --depths); auto: default on CPU, depth on CUDA
+    # default (the embedded model on its data) or depth (random-init nanochat by --depths); auto: default on CPU, depth
+    # on CUDA
+    model: str = "auto"
     depths: list[int] = field(default_factory=lambda: [4, 8, 12, 20])  # nanochat depths, with --model depth
     lanes: list[int] = field(default_factory=list)  # L values; empty = 1 2 4 8 16 on CPU, 1 4 16 64 on CUDA
     modes: list[str] = field(default_factory=lambda: ["sequential", "row", "fast"])  # from sequential, row, fast
@@ -134,9 +178,13 @@ class BenchConfig:
     warmup: int = 0  # untimed steps after the primers (0 = 2 on CPU, 3 on CUDA)
     steps: int = 0  # steps per timed window (0 = 8 on CPU, 4 on CUDA)
     repeats: int = 3  # timed windows per mode: the best on CPU, the median on CUDA
-    quick: bool = False  # the default model, L = 1 and 8, one window of 3 steps, batches padded to one length: < 2 min on 2 CPU cores
-    max_load: float = 1.2  # CPU: wait for a 1-minute load average below this first, and redo a measurement others disturbed (0: neither)
-    project: str = "none"  # h100 or h200: instead of measuring, PROJECT one step of the --depths rows and the sequential loop on that datasheet GPU (no GPU needed: traced under FakeTensorMode, torch's roofline estimator + a launch cost)
+    # the default model, L = 1 and 8, one window of 3 steps, batches padded to one length: < 2 min on 2 CPU cores
+    quick: bool = False
+    # CPU: wait for a 1-minute load average below this first, and redo a measurement others disturbed (0: neither)
+    max_load: float = 1.2
+    # h100 or h200: instead of measuring, PROJECT one step of the --depths rows and the sequential loop on that
+    # datasheet GPU (no GPU needed: traced under FakeTensorMode, torch's roofline estimator + a launch cost)
+    project: str = "none"
     out: str = ""  # result JSON (default runs/bench/bench-<device>.json); the markdown table goes beside it (.md)
 
 
@@ -145,9 +193,13 @@ class ZoomConfig:
     """A new grid inside a box of a finished grid, with the same settings; its grid.json records the parent and the box."""
 
     run: str = field(positional=True, metavar="RUN", help="a finished grid's run dir")
-    box: str | None = None  # the box in the parent's cells, half-open: r0:r1,c0:c1 (rows r0..r1-1, cols c0..c1-1), e.g. from `fractal-vmap boxes RUN`
+    # the box in the parent's cells, half-open: r0:r1,c0:c1 (rows r0..r1-1, cols c0..c1-1), e.g. from `fractal-vmap
+    # boxes RUN`
+    box: str | None = None
     range: str | None = None  # the box in axis values instead: rows=LO:HI,cols=LO:HI (e.g. rows=1e-2:1e1,cols=1e3:1e4)
-    rows: int = 0  # rows of the new grid; 0: the box's rows at the parent's spacing (the parent's exact values, so its cells are reproduced)
+    # rows of the new grid; 0: the box's rows at the parent's spacing (the parent's exact values, so its cells are
+    # reproduced)
+    rows: int = 0
     cols: int = 0  # cols of the new grid; 0: the box's cols at the parent's spacing
     square: bool = False  # widen the shorter side of the box (in log10 on a log axis) so the new grid covers a square
     run_dir: str | None = None  # where the new grid goes; unset: runs/grid-<axes>-<hash of the settings>

@@ -45,7 +45,9 @@ COMPACT_EVERY = 10  # steps between dropping the lanes that stopped (17% of a de
 LANE_CHUNK = 256  # lanes trained together on CPU: their [lanes, width, points] activations (1.2 MB) stay in cache
 
 # (params, x, y, cfg) -> (loss [L], grads {name: [L, ...]}) for stacked params {name: [L, ...]}
-LossAndGrads = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, "PaperConfig"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossAndGrads = Callable[
+    [dict[str, torch.Tensor], torch.Tensor, torch.Tensor, "PaperConfig"], tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
 
 
 @dataclass
@@ -188,8 +190,9 @@ def lane_loss_and_grads(params: dict[str, torch.Tensor], x: torch.Tensor, y: tor
     return losses, {"W0": gW0, "W1": gW1.view(L, n, 1)}
 
 
-def gd_update(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lrs: dict[str, torch.Tensor],
-              active: torch.Tensor) -> dict[str, torch.Tensor]:
+def gd_update(
+    params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lrs: dict[str, torch.Tensor], active: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """One gradient descent step of stacked params, each lane with its own lr per layer (lrs[name]: [L]).
     Lanes where active [L] is False keep their params exactly (even if their gradients are NaN)."""
     out = {}
@@ -200,8 +203,16 @@ def gd_update(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], l
     return out
 
 
-def _train_chunk(cfg: PaperConfig, base: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                 lr0: torch.Tensor, lr1: torch.Tensor, offset: torch.Tensor, loss_and_grads: LossAndGrads) -> torch.Tensor:
+def _train_chunk(
+    cfg: PaperConfig,
+    base: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr0: torch.Tensor,
+    lr1: torch.Tensor,
+    offset: torch.Tensor,
+    loss_and_grads: LossAndGrads,
+) -> torch.Tensor:
     """Losses [steps, L] of one chunk. Every COMPACT_EVERY steps the lanes that stopped are dropped from the
     computation (their remaining losses are NaN anyway); at least two lanes stay, as in train_paper_lanes."""
     L, device = lr0.shape[0], x.device
@@ -229,9 +240,16 @@ def _train_chunk(cfg: PaperConfig, base: dict[str, torch.Tensor], x: torch.Tenso
     return log.cpu()
 
 
-def train_paper_lanes(cfg: PaperConfig, lr0: torch.Tensor, lr1: torch.Tensor, offset: torch.Tensor | None = None,
-                      chunk: int = LANE_CHUNK, loss_and_grads: LossAndGrads = lane_loss_and_grads,
-                      device: torch.device | str = "cpu", workers: int = 0) -> torch.Tensor:
+def train_paper_lanes(
+    cfg: PaperConfig,
+    lr0: torch.Tensor,
+    lr1: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    chunk: int = LANE_CHUNK,
+    loss_and_grads: LossAndGrads = lane_loss_and_grads,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+) -> torch.Tensor:
     """Train L networks from the same initial weights and data, lane i with lr0[i] on W0 and lr1[i] on W1 and
     offset[i] (default 0) added to its initial W0. Returns the losses [steps, L] (float64, on the CPU), each
     recorded before its update; after a lane's first non-finite loss, its entries are NaN. No host sync inside
@@ -245,16 +263,21 @@ def train_paper_lanes(cfg: PaperConfig, lr0: torch.Tensor, lr1: torch.Tensor, of
     team waits for its descheduled member at every op (on 2 busy shared cores: 2 OpenMP threads ran 17x slower
     than one thread, 2 chunk threads 2x faster than one)."""
     check_config(cfg)
-    lr0, lr1 = torch.as_tensor(lr0, dtype=torch.float64).reshape(-1), torch.as_tensor(lr1, dtype=torch.float64).reshape(-1)
+    lr0, lr1 = (
+        torch.as_tensor(lr0, dtype=torch.float64).reshape(-1),
+        torch.as_tensor(lr1, dtype=torch.float64).reshape(-1),
+    )
     offset = torch.zeros_like(lr0) if offset is None else torch.as_tensor(offset, dtype=torch.float64).reshape(-1)
     if not (lr0.shape == lr1.shape == offset.shape):
-        raise ValueError(f"lr0, lr1 and offset must have one entry per lane, got {lr0.shape}, {lr1.shape}, {offset.shape}")
+        raise ValueError(
+            f"lr0, lr1 and offset must have one entry per lane, got {lr0.shape}, {lr1.shape}, {offset.shape}"
+        )
     assert chunk >= 1, chunk
     base = {k: v.to(device) for k, v in init_params(cfg).items()}
     x, y = (t.to(device) for t in make_data(cfg))
 
     def run(i: int) -> torch.Tensor:
-        part = [t[i: i + chunk].to(device) for t in (lr0, lr1, offset)]
+        part = [t[i : i + chunk].to(device) for t in (lr0, lr1, offset)]
         single = part[0].shape[0] == 1
         if single:
             part = [t.repeat(2) for t in part]

@@ -33,8 +33,13 @@ from fractal_vmap.recipe import FinetuneConfig, trainable_groups
 HEADROOM = 0.9  # plan chunks to use at most 90% of the memory: CUDA context, cuBLAS workspaces, fragmentation
 TRACE_LANES = (MIN_LANES, 2 * MIN_LANES)  # the two traced widths: the smallest a chunk runs with, and twice that
 KINDS = ("params", "optimizer", "activations", "head", "backward")  # per-lane bytes, in the order they are printed
-KIND_NAMES = {"params": "trained weights (float32)", "optimizer": "optimizer state", "activations": "activations kept for the backward",
-              "head": "head (lm_head and input gradients)", "backward": "gradients and temporaries at the peak"}
+KIND_NAMES = {
+    "params": "trained weights (float32)",
+    "optimizer": "optimizer state",
+    "activations": "activations kept for the backward",
+    "head": "head (lm_head and input gradients)",
+    "backward": "gradients and temporaries at the peak",
+}
 # lever settings tried in turn until the lanes fit: the default path first, then the levers that change no number
 LEVER_LADDER = (Levers(), Levers(step_in_backward=True), Levers(remat=True), Levers(step_in_backward=True, remat=True))
 
@@ -65,8 +70,19 @@ def model_config(model: str) -> GPTConfig:
 
 
 def parse_bytes(text: str) -> int:
-    """"80GB" -> 80e9, "74.5GiB" -> 74.5 * 2^30, "500MB", or a plain number of bytes."""
-    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    """ "80GB" -> 80e9, "74.5GiB" -> 74.5 * 2^30, "500MB", or a plain number of bytes."""
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 1e3,
+        "MB": 1e6,
+        "GB": 1e9,
+        "TB": 1e12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     if match is None or match.group(2).upper() not in units:
         raise UserError(f"memory size {text!r} is not a size: write e.g. 80GB, 74.5GiB or 500MB")
@@ -85,8 +101,16 @@ class Trace:
     peak: int  # the step's peak
 
 
-def trace_step(config: GPTConfig, lanes: int, batch: int, seq: int, dtype: str = "float32", groups: str = "matrix,unembedding",
-               levers: Levers = Levers(), fake: bool = True) -> Trace:
+def trace_step(
+    config: GPTConfig,
+    lanes: int,
+    batch: int,
+    seq: int,
+    dtype: str = "float32",
+    groups: str = "matrix,unembedding",
+    levers: Levers = Levers(),
+    fake: bool = True,
+) -> Trace:
     """Trace one training step of `lanes` lanes with MemTracker, under FakeTensorMode (no memory used, nothing computed);
     fake=False runs the step for real on CPU, random weights (to check the estimate against)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -96,7 +120,9 @@ def trace_step(config: GPTConfig, lanes: int, batch: int, seq: int, dtype: str =
     cfg = FinetuneConfig(device="cpu", dtype=dtype, trainable_param_groups=groups)
     marks: dict[str, int] = {}
     with FakeTensorMode() if fake else contextlib.nullcontext():
-        params = {k: torch.randn(s) * 0.02 for k, s in param_shapes(config).items()}  # the base model, as a grid holds it
+        params = {
+            k: torch.randn(s) * 0.02 for k, s in param_shapes(config).items()
+        }  # the base model, as a grid holds it
         idx = torch.randint(0, config.vocab_size, (batch, seq))
         tracker = MemTracker()
         tracker.track_external(*params.values(), idx)
@@ -155,8 +181,14 @@ class MemoryPlan:
 
 
 @functools.lru_cache(maxsize=64)
-def estimate_memory(config: GPTConfig, batch: int, seq: int, dtype: str = "float32", groups: str = "matrix,unembedding",
-                    levers: Levers = Levers()) -> MemoryPlan:
+def estimate_memory(
+    config: GPTConfig,
+    batch: int,
+    seq: int,
+    dtype: str = "float32",
+    groups: str = "matrix,unembedding",
+    levers: Levers = Levers(),
+) -> MemoryPlan:
     """The linear memory model from two traced steps (TRACE_LANES lanes). Cached: a grid's rows ask it again."""
     a, b = (trace_step(config, n, batch, seq, dtype, groups, levers) for n in TRACE_LANES)
 
@@ -174,12 +206,22 @@ def estimate_memory(config: GPTConfig, batch: int, seq: int, dtype: str = "float
     return MemoryPlan(asdict(config), batch, seq, dtype, asdict(levers), fixed, per_lane)
 
 
-def plan_levers(config: GPTConfig, lanes: int, memory: int, batch: int, seq: int, dtype: str, groups: str = "matrix,unembedding",
-                base: Levers = Levers()) -> MemoryPlan:
+def plan_levers(
+    config: GPTConfig,
+    lanes: int,
+    memory: int,
+    batch: int,
+    seq: int,
+    dtype: str,
+    groups: str = "matrix,unembedding",
+    base: Levers = Levers(),
+) -> MemoryPlan:
     """The first of LEVER_LADDER (with `base`'s number-changing settings) under which `lanes` lanes fit in `memory`;
     if none does, the most frugal one (then fewer lanes than asked fit)."""
     for rung in LEVER_LADDER:
-        levers = replace(base, step_in_backward=rung.step_in_backward or base.step_in_backward, remat=rung.remat or base.remat)
+        levers = replace(
+            base, step_in_backward=rung.step_in_backward or base.step_in_backward, remat=rung.remat or base.remat
+        )
         if levers.micro_batches > 1 and levers.step_in_backward:
             continue
         plan = estimate_memory(config, batch, seq, dtype, groups, levers)
@@ -188,12 +230,16 @@ def plan_levers(config: GPTConfig, lanes: int, memory: int, batch: int, seq: int
     return plan
 
 
-
-
 # ----------------------------------------------------------------------------- the `plan` command
 
 
-def parse_levers(text: str, micro_batches: int = 1, momentum_dtype: str = "float32", master_dtype: str = "float32", dtype: str = "bfloat16") -> Levers | None:
+def parse_levers(
+    text: str,
+    micro_batches: int = 1,
+    momentum_dtype: str = "float32",
+    master_dtype: str = "float32",
+    dtype: str = "bfloat16",
+) -> Levers | None:
     """--levers as Levers with the number-changing settings (None for auto); one UserError line for a bad value."""
     for name, value in (("momentum_dtype", momentum_dtype), ("master_dtype", master_dtype)):
         if value not in ("float32", "bfloat16"):
@@ -209,9 +255,16 @@ def parse_levers(text: str, micro_batches: int = 1, momentum_dtype: str = "float
     if unknown or (text != "none" and not names):
         raise UserError(f"--levers {text!r}: use auto, none, or a comma list of step_in_backward, remat")
     if "step_in_backward" in names and micro_batches > 1:
-        raise UserError("--micro_batches > 1 keeps every gradient between micro-batches: it does not combine with step_in_backward")
-    return Levers(step_in_backward="step_in_backward" in names, remat="remat" in names, micro_batches=micro_batches, momentum_dtype=momentum_dtype,
-                  master_dtype=master_dtype)
+        raise UserError(
+            "--micro_batches > 1 keeps every gradient between micro-batches: it does not combine with step_in_backward"
+        )
+    return Levers(
+        step_in_backward="step_in_backward" in names,
+        remat="remat" in names,
+        micro_batches=micro_batches,
+        momentum_dtype=momentum_dtype,
+        master_dtype=master_dtype,
+    )
 
 
 def check_plan(cfg: PlanConfig) -> tuple[GPTConfig, int, Levers | None]:
@@ -220,7 +273,9 @@ def check_plan(cfg: PlanConfig) -> tuple[GPTConfig, int, Levers | None]:
     memory = parse_bytes(cfg.gpu_mem)
     levers = parse_levers(cfg.levers, cfg.micro_batches, cfg.momentum_dtype, cfg.master_dtype, cfg.dtype)
     if cfg.lanes < 1 or cfg.batch < 1 or cfg.seq < 2:
-        raise UserError(f"--lanes {cfg.lanes}, --batch {cfg.batch}, --seq {cfg.seq}: lanes and batch must be at least 1, seq at least 2")
+        raise UserError(
+            f"--lanes {cfg.lanes}, --batch {cfg.batch}, --seq {cfg.seq}: lanes and batch must be at least 1, seq at least 2"
+        )
     if cfg.seq > config.sequence_len * 10:
         raise UserError(f"--seq {cfg.seq} exceeds the model's rotary table ({config.sequence_len * 10}): lower it")
     if cfg.batch % cfg.micro_batches:
@@ -249,19 +304,40 @@ def run_plan(cfg: PlanConfig) -> dict:
     else:
         plan = estimate_memory(config, cfg.batch, cfg.seq, cfg.dtype, groups, levers)
     sizes = {cfg.gpu_mem: memory, "80GB": 80 * 10**9, "141GB": 141 * 10**9}
-    out = {"model": cfg.model, "lanes": cfg.lanes, "headroom": HEADROOM, "memory": asdict(plan), "lane_bytes": plan.lane_bytes,
-           "peak_bytes": plan.peak(cfg.lanes), "lanes_that_fit": {name: plan.lanes_that_fit(size) for name, size in sizes.items()}}
+    out = {
+        "model": cfg.model,
+        "lanes": cfg.lanes,
+        "headroom": HEADROOM,
+        "memory": asdict(plan),
+        "lane_bytes": plan.lane_bytes,
+        "peak_bytes": plan.peak(cfg.lanes),
+        "lanes_that_fit": {name: plan.lanes_that_fit(size) for name, size in sizes.items()},
+    }
     if cfg.project != "none":
         from fractal_vmap.projection import GPUS, grid_seconds, project_runtime
 
         gpu = GPUS[cfg.project]
         fit = plan.lanes_that_fit(int(gpu.memory_gb * 1e9))
-        lanes = min(cfg.lanes, fit) if fit else cfg.lanes  # the lanes that fit; if none, the lanes asked (they would not fit)
-        projection = project_runtime(config, lanes, cfg.project, cfg.batch, cfg.seq, Levers(**plan.levers), groups, cfg.launch_us)
+        # the lanes that fit; if none, the lanes asked (they would not fit)
+        lanes = min(cfg.lanes, fit) if fit else cfg.lanes
+        projection = project_runtime(
+            config, lanes, cfg.project, cfg.batch, cfg.seq, Levers(**plan.levers), groups, cfg.launch_us
+        )
         steps = math.ceil(GRID_TOKENS / (cfg.batch * cfg.seq * cfg.supervised_frac))
-        out["projection"] = {**asdict(projection), "fits": fit >= lanes, "speedup": projection.speedup, "mfu": projection.mfu(gpu),
-                             "grid": {"cells": GRID_CELLS, "tokens_per_cell": GRID_TOKENS, "steps_per_cell": steps, "gpus": 8,
-                                      "supervised_frac": cfg.supervised_frac, "seconds": grid_seconds(projection, steps, GRID_CELLS)}}
+        out["projection"] = {
+            **asdict(projection),
+            "fits": fit >= lanes,
+            "speedup": projection.speedup,
+            "mfu": projection.mfu(gpu),
+            "grid": {
+                "cells": GRID_CELLS,
+                "tokens_per_cell": GRID_TOKENS,
+                "steps_per_cell": steps,
+                "gpus": 8,
+                "supervised_frac": cfg.supervised_frac,
+                "seconds": grid_seconds(projection, steps, GRID_CELLS),
+            },
+        }
     if cfg.json:
         from fractal_vmap.files import write_atomic
 
@@ -279,7 +355,9 @@ def print_plan(out: dict, console) -> None:
 
     memory = out["memory"]
     levers = ", ".join(f"{k}={v}" for k, v in memory["levers"].items())
-    table = Table(title=f"{out['model']}: memory of one training step (FakeTensorMode + MemTracker estimate), levers: {levers}")
+    table = Table(
+        title=f"{out['model']}: memory of one training step (FakeTensorMode + MemTracker estimate), levers: {levers}"
+    )
     table.add_column("per lane")
     table.add_column("GiB", justify="right")
     for kind in KINDS:
@@ -292,17 +370,35 @@ def print_plan(out: dict, console) -> None:
     console.print(f"lanes per chunk (peak within {out['headroom']:.0%} of the memory): {fits}")
     if "projection" in out:
         p = out["projection"]
-        table = Table(title=f"PROJECTION (not a measurement): one step on {p['gpu']}, roofline + {p['launch_us']:g} us per launch")
+        table = Table(
+            title=f"PROJECTION (not a measurement): one step on {p['gpu']}, roofline + {p['launch_us']:g} us per launch"
+        )
         for name in ("", "step ms", "GPU-only ms", "launches", "speed-up", "MFU"):
             table.add_column(name, justify="right")
-        table.add_row(f"row of {p['lanes']} lanes", f"{p['row_s'] * 1e3:.1f}", f"{p['row_gpu_s'] * 1e3:.1f}", str(p["row_launches"]),
-                      f"{p['speedup']:.2f}x", f"{p['mfu']:.1%}")
-        table.add_row(f"{p['lanes']} x one model (finetune)", f"{p['lanes'] * p['single_s'] * 1e3:.1f}", f"{p['lanes'] * p['single_gpu_s'] * 1e3:.1f}",
-                      str(p["lanes"] * p["single_launches"]), "1x", "")
+        table.add_row(
+            f"row of {p['lanes']} lanes",
+            f"{p['row_s'] * 1e3:.1f}",
+            f"{p['row_gpu_s'] * 1e3:.1f}",
+            str(p["row_launches"]),
+            f"{p['speedup']:.2f}x",
+            f"{p['mfu']:.1%}",
+        )
+        table.add_row(
+            f"{p['lanes']} x one model (finetune)",
+            f"{p['lanes'] * p['single_s'] * 1e3:.1f}",
+            f"{p['lanes'] * p['single_gpu_s'] * 1e3:.1f}",
+            str(p["lanes"] * p["single_launches"]),
+            "1x",
+            "",
+        )
         console.print(table)
         g = p["grid"]
-        console.print(f"projected: a {int(math.sqrt(g['cells']))}x{int(math.sqrt(g['cells']))} grid of {g['tokens_per_cell']:,} supervised tokens a cell "
-                      f"({g['steps_per_cell']} steps at {g['supervised_frac']:.0%} supervised) on {g['gpus']} GPUs: {g['seconds'] / 60:.1f} min"
-                      + ("" if p["fits"] else f" [yellow](but {p['lanes']} lanes do not fit)[/yellow]"))
-        console.print(f"targets (DESIGN section 8): speed-up >= {TARGETS['speedup_small']:g}x for d4-d8, >= {TARGETS['speedup_d20']:g}x for d20; "
-                      f"MFU >= {TARGETS['mfu']:.0%} for d12+; the 64x64 d20 grid under {TARGETS['grid_minutes']:g} min")
+        console.print(
+            f"projected: a {int(math.sqrt(g['cells']))}x{int(math.sqrt(g['cells']))} grid of {g['tokens_per_cell']:,} supervised tokens a cell "
+            f"({g['steps_per_cell']} steps at {g['supervised_frac']:.0%} supervised) on {g['gpus']} GPUs: {g['seconds'] / 60:.1f} min"
+            + ("" if p["fits"] else f" [yellow](but {p['lanes']} lanes do not fit)[/yellow]")
+        )
+        console.print(
+            f"targets (DESIGN section 8): speed-up >= {TARGETS['speedup_small']:g}x for d4-d8, >= {TARGETS['speedup_d20']:g}x for d20; "
+            f"MFU >= {TARGETS['mfu']:.0%} for d12+; the 64x64 d20 grid under {TARGETS['grid_minutes']:g} min"
+        )

@@ -76,10 +76,16 @@ def _edges(values, log: bool) -> np.ndarray | None:
 def _mesh(ax, row_values, col_values, row_name: str, col_name: str, log_rows: bool, log_cols: bool, shade, **kwargs):
     """pcolormesh of an [H, W] grid over the axis values, labelled; returns the mesh (for a colour bar)."""
     x, y = _edges(col_values, log_cols), _edges(row_values, log_rows)
-    mesh = ax.pcolormesh(np.arange(len(col_values) + 1) - 0.5 if x is None else x,
-                         np.arange(len(row_values) + 1) - 0.5 if y is None else y, shade, **kwargs)
-    for edges, values, log, set_scale, axis in ((x, col_values, log_cols, ax.set_xscale, ax.xaxis),
-                                                (y, row_values, log_rows, ax.set_yscale, ax.yaxis)):
+    mesh = ax.pcolormesh(
+        np.arange(len(col_values) + 1) - 0.5 if x is None else x,
+        np.arange(len(row_values) + 1) - 0.5 if y is None else y,
+        shade,
+        **kwargs,
+    )
+    for edges, values, log, set_scale, axis in (
+        (x, col_values, log_cols, ax.set_xscale, ax.xaxis),
+        (y, row_values, log_rows, ax.set_yscale, ax.yaxis),
+    ):
         if edges is not None and log:
             set_scale("log")
         elif edges is None:  # by index: label a few cells with their values
@@ -100,12 +106,20 @@ def _phase_colorbar(fig, ax, mesh, per_step: bool = False) -> None:
 def _grey_note(fig, shade: np.ma.MaskedArray, label: str) -> None:
     """Name the grey cells, where there are any (below the figure, right)."""
     if np.ma.getmaskarray(shade).any():
-        fig.legend(handles=[Patch(color=GREY, label=label)], loc="upper right", bbox_to_anchor=(1.0, 0.0), fontsize=CAPTION_SIZE, frameon=False)
+        fig.legend(
+            handles=[Patch(color=GREY, label=label)],
+            loc="upper right",
+            bbox_to_anchor=(1.0, 0.0),
+            fontsize=CAPTION_SIZE,
+            frameon=False,
+        )
 
 
 def _caption(fig, caption: str | None) -> None:
     if caption:
-        fig.text(0.0, 0.0, caption, ha="left", va="top", fontsize=CAPTION_SIZE, family="monospace", transform=fig.transFigure)
+        fig.text(
+            0.0, 0.0, caption, ha="left", va="top", fontsize=CAPTION_SIZE, family="monospace", transform=fig.transFigure
+        )
 
 
 def _save(fig, path) -> Path:
@@ -140,18 +154,41 @@ def measure_rgb(measure, steps=None) -> np.ndarray:
     return PHASE_CMAP((measure_shade(measure, steps) + 1) / 2)[..., :3]
 
 
-def paper_image(measure, row_values, col_values, row_name: str, col_name: str, path,
-                log_rows: bool = True, log_cols: bool = True, title: str | None = None, caption: str | None = None,
-                dpi: int = 150, steps=None) -> Path:
+def paper_image(
+    measure,
+    row_values,
+    col_values,
+    row_name: str,
+    col_name: str,
+    path,
+    log_rows: bool = True,
+    log_cols: bool = True,
+    title: str | None = None,
+    caption: str | None = None,
+    dpi: int = 150,
+    steps=None,
+) -> Path:
     """The paper-style picture of a [H, W] convergence measure: blue trained, red not, grey no result. `steps` [H, W]:
     each cell's step count, for the shading (measure_shade)."""
     m = np.asarray(measure, dtype=np.float64)
     assert m.ndim == 2, f"measure must be 2-D, got shape {m.shape}"
-    assert len(row_values) == m.shape[0] and len(col_values) == m.shape[1], \
+    assert len(row_values) == m.shape[0] and len(col_values) == m.shape[1], (
         f"axis values ({len(row_values)}, {len(col_values)}) do not match measure shape {m.shape}"
+    )
     fig, ax = plt.subplots(figsize=PAPER_INCHES, dpi=dpi)
     shade = measure_shade(m, steps)
-    mesh = _mesh(ax, row_values, col_values, row_name, col_name, log_rows, log_cols, shade, cmap=PHASE_CMAP, norm=Normalize(-1, 1))
+    mesh = _mesh(
+        ax,
+        row_values,
+        col_values,
+        row_name,
+        col_name,
+        log_rows,
+        log_cols,
+        shade,
+        cmap=PHASE_CMAP,
+        norm=Normalize(-1, 1),
+    )
     _phase_colorbar(fig, ax, mesh, varies(steps))
     _grey_note(fig, shade, "grey: no result (cell not trained yet)")
     ax.set_title(title if title is not None else "blue: trains, red: does not")
@@ -162,7 +199,9 @@ def paper_image(measure, row_values, col_values, row_name: str, col_name: str, p
 def _grid(cells: pd.DataFrame, column: str, H: int, W: int) -> np.ndarray:
     """One DataFrame column laid out as a float [H, W] grid; cells absent from the frame are NaN."""
     out = np.full((H, W), np.nan)
-    out[cells["row"].to_numpy(int), cells["col"].to_numpy(int)] = cells[column].to_numpy(dtype=np.float64, na_value=np.nan)
+    out[cells["row"].to_numpy(int), cells["col"].to_numpy(int)] = cells[column].to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
     return out
 
 
@@ -175,8 +214,16 @@ def _binary(fig, ax, mesh_args, values: np.ndarray, yes: str, no: str, title: st
     ax.set_title(title)
 
 
-def panels(cells: pd.DataFrame, row_name: str, col_name: str, path, log_rows: bool = True, log_cols: bool = True,
-           caption: str | None = None, dpi: int = 150) -> Path:
+def panels(
+    cells: pd.DataFrame,
+    row_name: str,
+    col_name: str,
+    path,
+    log_rows: bool = True,
+    log_cols: bool = True,
+    caption: str | None = None,
+    dpi: int = 150,
+) -> Path:
     """
     Four panels in one PNG: trainability shaded exactly as the paper image, stability, final loss (log colour scale),
     and the binary trainable label. One DataFrame row per cell, with columns row, col, stable, converged, final_loss,
@@ -196,15 +243,40 @@ def panels(cells: pd.DataFrame, row_name: str, col_name: str, path, log_rows: bo
     mesh = _mesh(axes[0, 0], *mesh_args, shade, cmap=PHASE_CMAP, norm=Normalize(-1, 1))
     _phase_colorbar(fig, axes[0, 0], mesh, varies(steps))
     axes[0, 0].set_title("trainable (blue) or not (red), as trainability.png")
-    _binary(fig, axes[0, 1], mesh_args, _grid(cells, "stable", H, W), "stable: every loss finite", "diverged: a loss went NaN/inf",
-            "stable or diverged")
+    _binary(
+        fig,
+        axes[0, 1],
+        mesh_args,
+        _grid(cells, "stable", H, W),
+        "stable: every loss finite",
+        "diverged: a loss went NaN/inf",
+        "stable or diverged",
+    )
     ok = np.isfinite(final_loss) & (final_loss > 0)
-    # float64 losses of a diverging run reach ~1e300, where the colour bar's log ticks overflow: losses above 1e30 saturate
-    norm = LogNorm(min(final_loss[ok].min(), MAX_SHOWN_LOSS), min(final_loss[ok].max(), MAX_SHOWN_LOSS), clip=True) if ok.any() else Normalize(0, 1)
-    mesh = _mesh(axes[1, 0], *mesh_args, np.ma.masked_where(~ok, final_loss), cmap=plt.get_cmap("viridis").with_extremes(bad=GREY), norm=norm)
+    # float64 losses of a diverging run reach ~1e300, where the colour bar's log ticks overflow: losses above 1e30
+    # saturate
+    norm = (
+        LogNorm(min(final_loss[ok].min(), MAX_SHOWN_LOSS), min(final_loss[ok].max(), MAX_SHOWN_LOSS), clip=True)
+        if ok.any()
+        else Normalize(0, 1)
+    )
+    mesh = _mesh(
+        axes[1, 0],
+        *mesh_args,
+        np.ma.masked_where(~ok, final_loss),
+        cmap=plt.get_cmap("viridis").with_extremes(bad=GREY),
+        norm=norm,
+    )
     fig.colorbar(mesh, ax=axes[1, 0], label="final loss (log scale)")
     axes[1, 0].set_title("final loss (grey: not finite, or no result)")
-    _binary(fig, axes[1, 1], mesh_args, _grid(cells, "converged", H, W), "trainable", "not trainable",
-            "trainable label (last losses / first < threshold)")
+    _binary(
+        fig,
+        axes[1, 1],
+        mesh_args,
+        _grid(cells, "converged", H, W),
+        "trainable",
+        "not trainable",
+        "trainable label (last losses / first < threshold)",
+    )
     _caption(fig, caption)
     return _save(fig, path)

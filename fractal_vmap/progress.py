@@ -38,7 +38,9 @@ class _Info(ProgressColumn):
 
 
 def _bar(console: Console, info) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(bar_width=30), _Info(info), console=console, refresh_per_second=10)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(bar_width=30), _Info(info), console=console, refresh_per_second=10
+    )
 
 
 class GridProgress:
@@ -90,8 +92,13 @@ class GridProgress:
         self._open_chunk(list(range(lanes)), self.cell_steps[i])
         self.t_line = now
         if self.bar is not None:
-            self.bar.update(self.row_task, description=f"row {i + 1}/{len(self.cell_steps)} {description}", total=sum(self.cell_steps[i]),
-                            completed=0, visible=True)
+            self.bar.update(
+                self.row_task,
+                description=f"row {i + 1}/{len(self.cell_steps)} {description}",
+                total=sum(self.cell_steps[i]),
+                completed=0,
+                visible=True,
+            )
 
     def chunk(self, lanes: list[int], steps: list[int]):
         """A lane chunk of the current row begins (`lanes`: its cells' indices in the row, `steps`: their step counts);
@@ -117,8 +124,12 @@ class GridProgress:
         elif self.t_update - self.t_line >= HEARTBEAT_S:
             self.t_line = self.t_update
             lanes = self.chunk_lanes
-            self.console.print(f"  row {self.row + 1}/{len(self.cell_steps)}: lanes {lanes[0]}-{lanes[-1]} at step {step}/{max_steps} · "
-                               f"{self._rate():,.0f} tok/s · ETA {clock(self._eta())}", highlight=False, soft_wrap=True)
+            self.console.print(
+                f"  row {self.row + 1}/{len(self.cell_steps)}: lanes {lanes[0]}-{lanes[-1]} at step {step}/{max_steps} · "
+                f"{self._rate():,.0f} tok/s · ETA {clock(self._eta())}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def row_finished(self, i: int) -> None:
         self._close_chunk(credit=False)
@@ -131,9 +142,13 @@ class GridProgress:
         if self.bar is not None:
             self.bar.update(self.grid_task, completed=self.cells_done)
             self.bar.update(self.row_task, visible=False)
-        self.console.print(f"row {i + 1}/{len(self.cell_steps)} {self.description}: {len(self.cell_steps[i])} cells in {clock(seconds)} "
-                           f"({row_rate:,.0f} tok/s) · grid {self.cells_done}/{self.cells_total} cells, {self._rate():,.0f} tok/s, "
-                           f"{clock(now - self.t_start)} elapsed, ETA {clock(self._eta())}", highlight=False, soft_wrap=True)
+        self.console.print(
+            f"row {i + 1}/{len(self.cell_steps)} {self.description}: {len(self.cell_steps[i])} cells in {clock(seconds)} "
+            f"({row_rate:,.0f} tok/s) · grid {self.cells_done}/{self.cells_total} cells, {self._rate():,.0f} tok/s, "
+            f"{clock(now - self.t_start)} elapsed, ETA {clock(self._eta())}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -141,8 +156,12 @@ class GridProgress:
         self.said_resume = True
         rows = len(self.cell_steps)
         todo = rows - self.rows_skipped
-        self.console.print(f"resuming: {self.rows_skipped}/{rows} rows already done ({self.cells_done}/{self.cells_total} cells); "
-                           + (f"{todo} to train" if todo else "nothing to train"), highlight=False, soft_wrap=True)
+        self.console.print(
+            f"resuming: {self.rows_skipped}/{rows} rows already done ({self.cells_done}/{self.cells_total} cells); "
+            + (f"{todo} to train" if todo else "nothing to train"),
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def _open_chunk(self, lanes: list[int], steps: list[int]) -> None:
         self.chunk_lanes, self.chunk_lane_steps = list(lanes), list(steps)
@@ -189,8 +208,10 @@ class GridProgress:
             lanes = f"{len(self.chunk_lanes)} lanes in flight · " if self.row is not None else ""
             elapsed = time.perf_counter() - self.t_start if self.t_start is not None else 0.0
             rate = f"{self._rate():,.0f}" if self._rate() else "?"  # nothing trained yet
-            return (f"{self.cells_done + (self.row_cells if self.row is not None else 0)}/{self.cells_total} cells · {lanes}"
-                    f"{rate} tok/s · {clock(elapsed)} elapsed · ETA {clock(self._eta())}")
+            return (
+                f"{self.cells_done + (self.row_cells if self.row is not None else 0)}/{self.cells_total} cells · {lanes}"
+                f"{rate} tok/s · {clock(elapsed)} elapsed · ETA {clock(self._eta())}"
+            )
         if self.row is None:
             return ""
         lanes, total = self.chunk_lanes, len(self.cell_steps[self.row])
@@ -233,5 +254,7 @@ class StepProgress:
             return f"step 0/{self.total}"
         seconds = self.t_update - self.t0
         eta = (self.total - self.done) * seconds / self.done - (time.perf_counter() - self.t_update)
-        return (f"step {self.done}/{self.total} · loss {self.loss:.4g} · {self.tokens / seconds:,.0f} tok/s · "
-                f"{clock(time.perf_counter() - self.t0)} elapsed · ETA {clock(max(eta, 0.0))}")
+        return (
+            f"step {self.done}/{self.total} · loss {self.loss:.4g} · {self.tokens / seconds:,.0f} tok/s · "
+            f"{clock(time.perf_counter() - self.t0)} elapsed · ETA {clock(max(eta, 0.0))}"
+        )

@@ -46,7 +46,10 @@ class Gpu:
 
 # NVIDIA datasheets, SXM parts. The H100's are torch's own (torch/_inductor/analysis/device_info.py: 1979 sparse =
 # 989.5 dense bf16 TFLOP/s, 67 fp32, 3350 GB/s, 80 GB); the H200 has the H100's tensor cores and 4.8 TB/s of 141 GB.
-GPUS = {"h100": Gpu("NVIDIA H100 SXM", 989.5, 67.0, 3350.0, 80.0), "h200": Gpu("NVIDIA H200 SXM", 989.5, 67.0, 4800.0, 141.0)}
+GPUS = {
+    "h100": Gpu("NVIDIA H100 SXM", 989.5, 67.0, 3350.0, 80.0),
+    "h200": Gpu("NVIDIA H200 SXM", 989.5, 67.0, 4800.0, 141.0),
+}
 # Host time per kernel launch in eager PyTorch: NVIDIA's floor for launching an empty kernel is ~3 us on recent GPUs
 # and drivers (NVIDIA developer forums, "Too much time for kernel launch latency", 2022), and Python and torch's
 # dispatcher add several us per op before it (more under vmap, whose batching rules run per op). 10 us is assumed.
@@ -60,8 +63,14 @@ def register(gpu: Gpu) -> str:
 
     name = f"fractal-vmap {gpu.name}"
     bf16, fp32 = gpu.bf16_tflops / 2, gpu.fp32_tflops / 2
-    register_device_info(name, DeviceInfo(tops={torch.bfloat16: bf16, torch.float16: bf16, torch.float32: fp32, torch.float64: fp32},
-                                          dram_bw_gbs=gpu.hbm_gbs, dram_gb=gpu.memory_gb))
+    register_device_info(
+        name,
+        DeviceInfo(
+            tops={torch.bfloat16: bf16, torch.float16: bf16, torch.float32: fp32, torch.float64: fp32},
+            dram_bw_gbs=gpu.hbm_gbs,
+            dram_gb=gpu.memory_gb,
+        ),
+    )
     return name
 
 
@@ -80,7 +89,12 @@ def op_times(step: Callable[[], None], gpu: Gpu) -> list[tuple[str, float]]:
             if func._overloadpacket in MIXED_OUTPUT_OPS:
                 out = func(*args, **kwargs)
                 moved = get_transfer_time(pytree.tree_leaves((args, kwargs)), pytree.tree_leaves(out), gpu_type=name)
-                ms = max(moved, get_compute_time(func._overloadpacket, args, kwargs, out, {args[0].dtype}, gpu_type=name)) / 1e6
+                ms = (
+                    max(
+                        moved, get_compute_time(func._overloadpacket, args, kwargs, out, {args[0].dtype}, gpu_type=name)
+                    )
+                    / 1e6
+                )
             else:
                 out, ms = self._estimate(func, args, kwargs)
             if func._overloadpacket not in _VIEW_OPS:  # torch's list of ops that make views: no kernel
@@ -94,9 +108,14 @@ def op_times(step: Callable[[], None], gpu: Gpu) -> list[tuple[str, float]]:
 
 
 aten = torch.ops.aten
-MIXED_OUTPUT_OPS = {aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward,
-                    aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention_backward,
-                    aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_efficient_attention_backward}
+MIXED_OUTPUT_OPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_flash_attention_backward,
+    aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_efficient_attention_backward,
+}
 
 
 def launch_bound(times: list[float], launch_s: float) -> float:
@@ -107,7 +126,9 @@ def launch_bound(times: list[float], launch_s: float) -> float:
     return end
 
 
-def row_step_times(config: GPTConfig, lanes: int, batch: int, seq: int, levers: Levers, gpu: Gpu, groups: str) -> list[tuple[str, float]]:
+def row_step_times(
+    config: GPTConfig, lanes: int, batch: int, seq: int, levers: Levers, gpu: Gpu, groups: str
+) -> list[tuple[str, float]]:
     """The op times of one grid step (engine.lanes_step) of `lanes` lanes, bf16 autocast as on CUDA."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -130,8 +151,14 @@ def single_step_times(config: GPTConfig, batch: int, seq: int, gpu: Gpu, groups:
         idx = torch.randint(0, config.vocab_size, (batch, seq))
         adamw = [p for k, p in params.items() if param_group(k) in trained and param_group(k) != "matrix"]
         matrices = [p for k, p in params.items() if param_group(k) in trained and param_group(k) == "matrix"]
-        optimizers = ([torch.optim.AdamW(adamw, lr=1e-3, betas=ADAMW_BETAS, eps=ADAMW_EPS, foreach=True)] if adamw else [])
-        optimizers += [torch.optim.Muon(matrices, lr=1e-3, momentum=MUON_MOMENTUM, nesterov=True, weight_decay=0.0)] if matrices else []
+        optimizers = (
+            [torch.optim.AdamW(adamw, lr=1e-3, betas=ADAMW_BETAS, eps=ADAMW_EPS, foreach=True)] if adamw else []
+        )
+        optimizers += (
+            [torch.optim.Muon(matrices, lr=1e-3, momentum=MUON_MOMENTUM, nesterov=True, weight_decay=0.0)]
+            if matrices
+            else []
+        )
         cos_sin = rotary_cos_sin(config)
 
         def step():
@@ -179,8 +206,16 @@ class Projection:
         return self.model_flops / self.row_s / (gpu.bf16_tflops * 1e12)
 
 
-def project_runtime(config: GPTConfig, lanes: int, gpu: str = "h100", batch: int = 8, seq: int = 1024, levers: Levers = Levers(),
-                    groups: str = "matrix,unembedding", launch_us: float = LAUNCH_US) -> Projection:
+def project_runtime(
+    config: GPTConfig,
+    lanes: int,
+    gpu: str = "h100",
+    batch: int = 8,
+    seq: int = 1024,
+    levers: Levers = Levers(),
+    groups: str = "matrix,unembedding",
+    launch_us: float = LAUNCH_US,
+) -> Projection:
     """Project one grid step of `lanes` lanes and the sequential loop's `lanes` finetune steps on a datasheet GPU."""
     device = GPUS[gpu]
     row_ops = row_step_times(config, lanes, batch, seq, levers, device, groups)
@@ -189,9 +224,20 @@ def project_runtime(config: GPTConfig, lanes: int, gpu: str = "h100", batch: int
     for name, t in row_ops:
         by_op[name] = by_op.get(name, 0.0) + t
     launch = launch_us * 1e-6
-    return Projection(device.name, lanes, levers.__dict__, launch_us, launch_bound(row, launch), sum(row), len(row),
-                      launch_bound(single, launch), sum(single), len(single), flops_per_token(config, seq) * batch * seq * lanes,
-                      dict(sorted(by_op.items(), key=lambda kv: -kv[1])))
+    return Projection(
+        device.name,
+        lanes,
+        levers.__dict__,
+        launch_us,
+        launch_bound(row, launch),
+        sum(row),
+        len(row),
+        launch_bound(single, launch),
+        sum(single),
+        len(single),
+        flops_per_token(config, seq) * batch * seq * lanes,
+        dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+    )
 
 
 def grid_seconds(projection: Projection, steps: int, cells: int = 64 * 64, gpus: int = GPUS_PER_NODE) -> float:

@@ -26,7 +26,9 @@ def trainable_groups(cfg: TrainConfig) -> list[str]:
         return list(GROUPS)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
-        raise UserError(f"unknown trainable_param_groups {unknown or cfg.trainable_param_groups!r}: use all or a comma list of {', '.join(GROUPS)}")
+        raise UserError(
+            f"unknown trainable_param_groups {unknown or cfg.trainable_param_groups!r}: use all or a comma list of {', '.join(GROUPS)}"
+        )
     return [g for g in GROUPS if g in groups]
 
 
@@ -35,8 +37,12 @@ def group_lrs(cfg: TrainConfig, config: GPTConfig) -> dict[str, float]:
     adamw_scale = (config.n_embd / 768) ** -0.5
     lrs = {
         "matrix": cfg.matrix_lr if cfg.matrix_lr is not None else cfg.learning_rate,
-        "embedding": (cfg.embedding_lr if cfg.embedding_lr is not None else cfg.learning_rate * cfg.embedding_lr_mult) * adamw_scale,
-        "unembedding": (cfg.unembedding_lr if cfg.unembedding_lr is not None else cfg.learning_rate * cfg.unembedding_lr_mult) * adamw_scale,
+        "embedding": (cfg.embedding_lr if cfg.embedding_lr is not None else cfg.learning_rate * cfg.embedding_lr_mult)
+        * adamw_scale,
+        "unembedding": (
+            cfg.unembedding_lr if cfg.unembedding_lr is not None else cfg.learning_rate * cfg.unembedding_lr_mult
+        )
+        * adamw_scale,
     }
     for group in trainable_groups(cfg):
         if not 0 < lrs[group] < math.inf:
@@ -70,7 +76,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.trainable_window_steps < 1:
         raise UserError(f"--trainable_window_steps is {cfg.trainable_window_steps}: it must be at least 1")
     if not 0 < cfg.trainable_loss_ratio_threshold < math.inf:
-        raise UserError(f"--trainable_loss_ratio_threshold is {cfg.trainable_loss_ratio_threshold}: it must be positive and finite")
+        raise UserError(
+            f"--trainable_loss_ratio_threshold is {cfg.trainable_loss_ratio_threshold}: it must be positive and finite"
+        )
     if isinstance(cfg, FinetuneConfig) and cfg.eval_every < 0:
         raise UserError(f"--eval_every is {cfg.eval_every}: use 0 (evaluate at the end only) or a positive step count")
     if isinstance(cfg, FinetuneConfig) and cfg.eval_batches < 1:

@@ -31,11 +31,14 @@ def relabel(run_dir: Path, grid: dict, cells, window: int, threshold: float):
     for i in sorted(set(int(r) for r in cells["row"])):
         lanes = read_row(row_path(run_dir, i), cols, grid["digest"])
         if lanes is None:
-            raise UserError(f"{row_path(run_dir, i)} is missing or not of this grid: rerun the grid command to finish it, then plot")
+            raise UserError(
+                f"{row_path(run_dir, i)} is missing or not of this grid: rerun the grid command to finish it, then plot"
+            )
         for j, lane in enumerate(lanes):
             run = [math.nan if x is None else x for x in lane["losses"]]  # strict JSON wrote NaN as null
             labels = trainability(run, window, threshold)
-            padded = np.array(run + [math.nan] * (lane["total_steps"] - len(run)))  # stopped early: diverged for the measure
+            # stopped early: diverged for the measure
+            padded = np.array(run + [math.nan] * (lane["total_steps"] - len(run)))
             k = index[(i, j)]
             for key in ("converged", "trainable_mean_last_k", "trainable_ratio"):
                 cells.at[k, key] = labels[key]
@@ -50,12 +53,19 @@ def plot_run(cfg: PlotConfig) -> list[Path]:
     run_dir = Path(cfg.run)
     missing = [name for name in ("grid.json", "cells.parquet", "fractal.json") if not (run_dir / name).is_file()]
     if missing:
-        raise UserError(f"{run_dir} is not a finished grid (no {', '.join(missing)}): pass a run dir that `grid` completed, or rerun the grid to finish it")
-    read_json_object(run_dir / "grid.json", "the grid's spec", "pass a run dir that `grid` wrote")  # one clear line if unreadable
+        raise UserError(
+            f"{run_dir} is not a finished grid (no {', '.join(missing)}): pass a run dir that `grid` completed, or rerun the grid to finish it"
+        )
+    # one clear line if unreadable
+    read_json_object(run_dir / "grid.json", "the grid's spec", "pass a run dir that `grid` wrote")
     grid, cells, fractal = read_run(run_dir)
     settings = grid["spec"]["settings"]
     window = settings["trainable_window_steps"] if cfg.trainable_window_steps is None else cfg.trainable_window_steps
-    threshold = settings["trainable_loss_ratio_threshold"] if cfg.trainable_loss_ratio_threshold is None else cfg.trainable_loss_ratio_threshold
+    threshold = (
+        settings["trainable_loss_ratio_threshold"]
+        if cfg.trainable_loss_ratio_threshold is None
+        else cfg.trainable_loss_ratio_threshold
+    )
     if window < 1:
         raise UserError(f"--trainable_window_steps is {window}: it must be at least 1")
     if not 0 < threshold < math.inf:
@@ -66,18 +76,24 @@ def plot_run(cfg: PlotConfig) -> list[Path]:
 
     if cfg.dpi > max_dpi():
         w, h = (inches * cfg.dpi for inches in PANELS_INCHES)
-        raise UserError(f"--dpi {cfg.dpi} would draw panels.png on a {w} x {h} pixel canvas "
-                        f"({w * h * 4 / 2**30:,.0f} GiB; at most {MAX_PIXELS * 4 / 2**30:.0f} GiB is drawn): "
-                        f"use --dpi {max_dpi()} or less")
+        raise UserError(
+            f"--dpi {cfg.dpi} would draw panels.png on a {w} x {h} pixel canvas "
+            f"({w * h * 4 / 2**30:,.0f} GiB; at most {MAX_PIXELS * 4 / 2**30:.0f} GiB is drawn): "
+            f"use --dpi {max_dpi()} or less"
+        )
     relabelled = (window, threshold) != (settings["trainable_window_steps"], settings["trainable_loss_ratio_threshold"])
     out = Path(cfg.out) if cfg.out else run_dir
     if relabelled and out.resolve() == run_dir.resolve():
-        raise UserError(f"relabelled pictures in {run_dir} would disagree with its cells.parquet and fractal.json: pass --out DIR")
+        raise UserError(
+            f"relabelled pictures in {run_dir} would disagree with its cells.parquet and fractal.json: pass --out DIR"
+        )
     check_writable_dir(out, "--out")
     import matplotlib.pyplot as plt
 
     if cfg.style is not None and cfg.style not in plt.style.available and not Path(cfg.style).is_file():
-        raise UserError(f"--style {cfg.style!r} is neither a matplotlib style ({', '.join(sorted(plt.style.available)[:4])}, ...) nor a file")
+        raise UserError(
+            f"--style {cfg.style!r} is neither a matplotlib style ({', '.join(sorted(plt.style.available)[:4])}, ...) nor a file"
+        )
     if relabelled:
         row, col = Axis(**grid["spec"]["axes"]["rows"]), Axis(**grid["spec"]["axes"]["cols"])
         cells = relabel(run_dir, grid, cells, window, threshold)
@@ -89,5 +105,8 @@ def plot_run(cfg: PlotConfig) -> list[Path]:
         write_atomic(out / "fractal.json", strict_json(fractal))
     with plt.style.context(cfg.style) if cfg.style else nullcontext():  # no style: the rc settings the grid drew with
         paths = draw_pictures(grid, cells, fractal, out, run_dir.name, window, threshold, cfg.dpi)
-    console.print(f"pictures: [bold]{paths[0]}[/bold] and [bold]{paths[1]}[/bold]" + (f" (relabelled: window {window}, threshold {threshold:g})" if relabelled else ""))
+    console.print(
+        f"pictures: [bold]{paths[0]}[/bold] and [bold]{paths[1]}[/bold]"
+        + (f" (relabelled: window {window}, threshold {threshold:g})" if relabelled else "")
+    )
     return paths

@@ -52,10 +52,12 @@ def check_map_fits(cfg: GridConfig, K: int) -> None:
     per_cell = MAP_CELL_BYTES + (NANOCHAT_CELL_BYTES if cfg.task != "paper-mlp" else 0)
     need, have = H * W * per_cell, physical_memory()
     if have is not None and need > have:
-        raise UserError(f"--refine {K} on --rows {cfg.rows} --cols {cfg.cols} makes a {H} x {W} map "
-                        f"({H * W:.3g} cells): its cell tables alone would take about {need / 2**30:,.0f} GiB "
-                        f"({per_cell} bytes a cell), more than this machine's {have / 2**30:.0f} GiB: use fewer "
-                        "--rows/--cols or --refine levels, or zoom into a box (fractal-vmap boxes)")
+        raise UserError(
+            f"--refine {K} on --rows {cfg.rows} --cols {cfg.cols} makes a {H} x {W} map "
+            f"({H * W:.3g} cells): its cell tables alone would take about {need / 2**30:,.0f} GiB "
+            f"({per_cell} bytes a cell), more than this machine's {have / 2**30:.0f} GiB: use fewer "
+            "--rows/--cols or --refine levels, or zoom into a box (fractal-vmap boxes)"
+        )
 
 
 def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
@@ -67,8 +69,10 @@ def fine_axes(cfg: GridConfig, K: int) -> tuple[Axis, Axis]:
         (rows_axis, cols_axis), table = SPACE_AXES[cfg.phase_space], PAPER_AXES
     else:
         (rows_axis, cols_axis), table = parse_axes(cfg.axes), AXES
-    return (make_axis(rows_axis, (cfg.rows - 1) * 2**K + 1, cfg.row_min, cfg.row_max, cfg.row_scale, "rows", table),
-            make_axis(cols_axis, (cfg.cols - 1) * 2**K + 1, cfg.col_min, cfg.col_max, cfg.col_scale, "cols", table))
+    return (
+        make_axis(rows_axis, (cfg.rows - 1) * 2**K + 1, cfg.row_min, cfg.row_max, cfg.row_scale, "rows", table),
+        make_axis(cols_axis, (cfg.cols - 1) * 2**K + 1, cfg.col_min, cfg.col_max, cfg.col_scale, "cols", table),
+    )
 
 
 def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int, int]]:
@@ -103,7 +107,9 @@ def train_nanochat_points(plan, points: list[tuple[int, int]]) -> list[dict]:
     return results
 
 
-def filled(results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], int], H: int, W: int, K: int) -> list[dict]:
+def filled(
+    results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], int], H: int, W: int, K: int
+) -> list[dict]:
     """Every fine cell: a trained one as it is (trained = true, its level), another from its coarse parent: the corner
     of its square at the finest level whose corner was trained (trained = false, the parent's level)."""
     out = []
@@ -117,7 +123,9 @@ def filled(results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], i
                 parent = (i - i % step, j - j % step)
                 if parent in results:
                     break
-            out.append({**results[parent], "grid_i": i, "grid_j": j, "trained": False, "level": levels[parent], "losses": []})
+            out.append(
+                {**results[parent], "grid_i": i, "grid_j": j, "trained": False, "level": levels[parent], "losses": []}
+            )
     return out
 
 
@@ -131,7 +139,9 @@ def run_refined_grid(cfg: GridConfig) -> Path:
     if not 1 <= K <= MAX_LEVELS:
         raise UserError(f"--refine {K}: use 1 to {MAX_LEVELS} levels (each halves the spacing near the boundary)")
     if cfg.rows < 2 or cfg.cols < 2:
-        raise UserError(f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}")
+        raise UserError(
+            f"--refine needs a coarse grid of at least 2 x 2 cells, got --rows {cfg.rows} --cols {cfg.cols}"
+        )
     check_map_fits(cfg, K)
     if cfg.task == "paper-mlp":
         from fractal_vmap.paper_task import plan_paper_grid, train_paper_cells
@@ -147,15 +157,21 @@ def run_refined_grid(cfg: GridConfig) -> Path:
     levels: dict[tuple[int, int], int] = {}
     with run_dir_lock(plan.run_dir):
         digest = open_run_dir(plan.run_dir, plan.spec, plan.device, {"fine_cells": H * W})
-        console.print(f"{cfg.task} grid refined {K} levels: {cfg.rows} x {cfg.cols} coarse cells to {H} x {W}, run dir [bold]{plan.run_dir}[/bold]",
-                      soft_wrap=True)
+        console.print(
+            f"{cfg.task} grid refined {K} levels: {cfg.rows} x {cfg.cols} coarse cells to {H} x {W}, run dir [bold]{plan.run_dir}[/bold]",
+            soft_wrap=True,
+        )
         for k in range(K + 1):
             step = 2 ** (K - k)
             known = np.zeros((H, W), dtype=bool)
             phase = np.zeros((H, W), dtype=bool)
             for (i, j), r in results.items():
                 known[i, j], phase[i, j] = True, r["converged"]
-            points = [(i, j) for i in range(0, H, step) for j in range(0, W, step)] if k == 0 else to_refine(phase, known, step)
+            points = (
+                [(i, j) for i in range(0, H, step) for j in range(0, W, step)]
+                if k == 0
+                else to_refine(phase, known, step)
+            )
             path = row_path(plan.run_dir, k)
             done = read_row(path, len(points), digest) if points else []
             if done is None:
@@ -165,11 +181,21 @@ def run_refined_grid(cfg: GridConfig) -> Path:
                 done = json.loads(json.dumps(finite_or_none(trained)))  # as a resumed run reads it back: NaN is null
             for r in done:
                 results[(r["grid_i"], r["grid_j"])], levels[(r["grid_i"], r["grid_j"])] = r, k
-            console.print(f"level {k}: {len(points)} cells trained at spacing {step} ({len(results)} of {H * W} so far)", highlight=False)
+            console.print(
+                f"level {k}: {len(points)} cells trained at spacing {step} ({len(results)} of {H * W} so far)",
+                highlight=False,
+            )
         out = write_report(plan.run_dir, filled(results, levels, H, W, K), plan.row, plan.col)
     f = out["fractal"]
-    console.print(f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); "
-                  f"trainable {f['trainable_fraction']:.0%} of the map; "
-                  f"{dimension_note(f)}", highlight=False, soft_wrap=True)
-    console.print(f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}", soft_wrap=True)
+    console.print(
+        f"trained {len(results)} of {H * W} cells ({len(results) / (H * W):.1%}); "
+        f"trainable {f['trainable_fraction']:.0%} of the map; "
+        f"{dimension_note(f)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold]; cells: {plan.run_dir / 'cells.parquet'}",
+        soft_wrap=True,
+    )
     return plan.run_dir

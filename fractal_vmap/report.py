@@ -12,9 +12,28 @@ import numpy as np
 from fractal_vmap.axes import Axis
 from fractal_vmap.files import atomic_path, finite_or_none, strict_json, write_atomic
 
-CELL_COLUMNS = ["row", "col", "stable", "converged", "trainable_ratio", "final_loss", "avg_loss", "measure", "trainable_loss0",
-                "trainable_mean_last_k", "tokens_seen", "steps", "total_steps", "learning_rate", "matrix_lr", "embedding_lr",
-                "unembedding_lr", "num_tokens_target", "seed", "error"]
+CELL_COLUMNS = [
+    "row",
+    "col",
+    "stable",
+    "converged",
+    "trainable_ratio",
+    "final_loss",
+    "avg_loss",
+    "measure",
+    "trainable_loss0",
+    "trainable_mean_last_k",
+    "tokens_seen",
+    "steps",
+    "total_steps",
+    "learning_rate",
+    "matrix_lr",
+    "embedding_lr",
+    "unembedding_lr",
+    "num_tokens_target",
+    "seed",
+    "error",
+]
 PICTURES = ("trainability.png", "panels.png")
 # A box-counting dimension needs a slope over >= 3 box sizes (2 points always fit a line) and >= 50 edge pixels.
 # Measured on 3,000 straight and circular boundaries (dimension 1) on 8-128 cell grids, 1st-99th percentile of the
@@ -29,10 +48,24 @@ def cells_frame(lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] |
     import pandas as pd
 
     refined = [c for c in ("trained", "level") if lanes and c in lanes[0]]  # a refined grid's (refine.py)
-    columns = list(dict.fromkeys(["row", "col", row.name, col.name, *CELL_COLUMNS, *refined]))  # an axis named like a field (seed) once
-    records = [{**lane, **(lrs[lane["grid_i"]][lane["grid_j"]] if lrs else {}), "row": lane["grid_i"], "col": lane["grid_j"],
-                row.name: row.values[lane["grid_i"]], col.name: col.values[lane["grid_j"]]} for lane in lanes]
-    return pd.DataFrame.from_records(records).reindex(columns=columns).astype({c: "float64" for c in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr")})
+    # an axis named like a field (seed) once
+    columns = list(dict.fromkeys(["row", "col", row.name, col.name, *CELL_COLUMNS, *refined]))
+    records = [
+        {
+            **lane,
+            **(lrs[lane["grid_i"]][lane["grid_j"]] if lrs else {}),
+            "row": lane["grid_i"],
+            "col": lane["grid_j"],
+            row.name: row.values[lane["grid_i"]],
+            col.name: col.values[lane["grid_j"]],
+        }
+        for lane in lanes
+    ]
+    return (
+        pd.DataFrame.from_records(records)
+        .reindex(columns=columns)
+        .astype({c: "float64" for c in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr")})
+    )
 
 
 def measure_grid(cells, rows: int, cols: int, column: str = "measure") -> np.ndarray:
@@ -50,19 +83,34 @@ def measure_fractal(cells, row: Axis, col: Axis) -> dict:
 
     f = fractal_dimension(measure_grid(cells, len(row.values), len(col.values)))
     too_few = len(f["sizes"]) < MIN_BOX_SIZES or f["edge_pixel_count"] < MIN_EDGE_PIXELS
-    caveat = (f"too few to mean anything (a dimension needs >= {MIN_EDGE_PIXELS} edge pixels and >= {MIN_BOX_SIZES} box sizes: "
-              "a grid of about 32 x 32 cells or more)") if too_few and f["edge_pixel_count"] else None
-    return finite_or_none({**f, "rows_axis": row.name, "cols_axis": col.name, "trainable_fraction": float(cells["converged"].mean()),
-                           "caveat": caveat})
+    caveat = (
+        (
+            f"too few to mean anything (a dimension needs >= {MIN_EDGE_PIXELS} edge pixels and >= {MIN_BOX_SIZES} box sizes: "
+            "a grid of about 32 x 32 cells or more)"
+        )
+        if too_few and f["edge_pixel_count"]
+        else None
+    )
+    return finite_or_none(
+        {
+            **f,
+            "rows_axis": row.name,
+            "cols_axis": col.name,
+            "trainable_fraction": float(cells["converged"].mean()),
+            "caveat": caveat,
+        }
+    )
 
 
 def dimension_note(f: dict) -> str:
     """The dimension in words, with what it rests on (fractal.json's fields; null where NaN)."""
     sizes = ", ".join(str(s) for s in f["sizes"]) or "none (the grid is too small for one)"
     if not f["edge_pixel_count"] and 0 < (f.get("trainable_fraction") or 0) < 1:  # both phases, no 2 x 2 block of both
-        return (f"no boundary dimension: {f['trainable_fraction']:.0%} of the cells train, but an edge pixel is a "
-                "2 x 2 block of cells in both phases and this grid has none (one row or one col, or the phases meet "
-                "only beside cells without a result)")
+        return (
+            f"no boundary dimension: {f['trainable_fraction']:.0%} of the cells train, but an edge pixel is a "
+            "2 x 2 block of cells in both phases and this grid has none (one row or one col, or the phases meet "
+            "only beside cells without a result)"
+        )
     if not f["edge_pixel_count"]:
         return "no boundary: every cell with a result is in the same phase, so there is no dimension"
     value = "no boundary dimension" if f["dimension"] is None else f"boundary dimension {f['dimension']:.2f}"
@@ -73,8 +121,10 @@ def dimension_note(f: dict) -> str:
 
 
 def source_label(source: dict) -> str:
-    """"default (step 300, sha256 1a2b3c4d)" from a spec's model or dataset id."""
-    extra = ([f"step {source['step']}"] if "step" in source else []) + ([f"sha256 {source['sha256'][:8]}"] if "sha256" in source else [])
+    """ "default (step 300, sha256 1a2b3c4d)" from a spec's model or dataset id."""
+    extra = ([f"step {source['step']}"] if "step" in source else []) + (
+        [f"sha256 {source['sha256'][:8]}"] if "sha256" in source else []
+    )
     return source["source"] + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -98,7 +148,10 @@ def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, thresh
     """What a picture shows, in a few lines: model, data, axes, lrs, labels, the dimension and its basis, the run."""
     spec, env = grid["spec"], grid.get("environment", {})
     settings, axes = spec["settings"], spec["axes"]
-    lrs = ", ".join(f"{g} frozen" if v is None else f"{g} = {v if isinstance(v, str) else f'{v:g}'}" for g, v in spec.get("group_lrs", {}).items())
+    lrs = ", ".join(
+        f"{g} frozen" if v is None else f"{g} = {v if isinstance(v, str) else f'{v:g}'}"
+        for g, v in spec.get("group_lrs", {}).items()
+    )
     cells_total = len(axes["rows"]["values"]) * len(axes["cols"]["values"])
     if "trained" in cells.columns:  # a refined map (refine.py): the cells no level trained took a coarser cell's result
         counted = f"{int(cells['trained'].sum())}/{cells_total} cells trained (the others filled from a coarser level)"
@@ -107,16 +160,26 @@ def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, thresh
     lines = [
         f"model {source_label(spec['model'])} · dataset {source_label(spec['dataset'])} · {settings['device']} {settings['dtype']}",
         f"rows {axis_label(axes['rows'])} x cols {axis_label(axes['cols'])} · learning rates: {lrs}",
-        (f"{counted} · {cells['converged'].mean():.0%} trainable ({averaged(cells, window)} < {threshold:g} x "
-         f"the first) · {cells['stable'].mean():.0%} stable"),
+        (
+            f"{counted} · {cells['converged'].mean():.0%} trainable ({averaged(cells, window)} < {threshold:g} x "
+            f"the first) · {cells['stable'].mean():.0%} stable"
+        ),
         dimension_note(fractal),
         f"run dir {run_name} · created {env.get('created', '?')} · fractal-vmap {(env.get('git_revision') or env.get('fractal_vmap') or '?')[:12]}",
     ]
     return "\n".join(textwrap.fill(line, CAPTION_WIDTH, subsequent_indent="  ") for line in lines)
 
 
-def draw_pictures(grid: dict, cells, fractal: dict, out_dir: Path, run_name: str, window: int | None = None,
-                  threshold: float | None = None, dpi: int = 150) -> list[Path]:
+def draw_pictures(
+    grid: dict,
+    cells,
+    fractal: dict,
+    out_dir: Path,
+    run_name: str,
+    window: int | None = None,
+    threshold: float | None = None,
+    dpi: int = 150,
+) -> list[Path]:
     """trainability.png and panels.png in out_dir, from a grid.json, its cells and fractal.json (as read from files)."""
     from fractal_vmap.plot import panels, paper_image
 
@@ -130,8 +193,20 @@ def draw_pictures(grid: dict, cells, fractal: dict, out_dir: Path, run_name: str
     steps = measure_grid(cells, len(row.values), len(col.values), "total_steps")  # shaded per step where they differ
     paths = [Path(out_dir) / name for name in PICTURES]
     with atomic_path(paths[0]) as tmp:
-        paper_image(measure, row.values, col.values, row.name, col.name, tmp, log_rows, log_cols,
-                    f"trainable (blue) or not (red): {row.name} x {col.name}", text, dpi, steps)
+        paper_image(
+            measure,
+            row.values,
+            col.values,
+            row.name,
+            col.name,
+            tmp,
+            log_rows,
+            log_cols,
+            f"trainable (blue) or not (red): {row.name} x {col.name}",
+            text,
+            dpi,
+            steps,
+        )
     with atomic_path(paths[1]) as tmp:
         panels(cells, row.name, col.name, tmp, log_rows, log_cols, text, dpi)
     return paths
@@ -141,8 +216,11 @@ def read_run(run_dir: Path) -> tuple[dict, object, dict]:
     """grid.json, cells.parquet and fractal.json of a finished run."""
     import pandas as pd
 
-    return (json.loads((run_dir / "grid.json").read_text()), pd.read_parquet(run_dir / "cells.parquet"),
-            json.loads((run_dir / "fractal.json").read_text()))
+    return (
+        json.loads((run_dir / "grid.json").read_text()),
+        pd.read_parquet(run_dir / "cells.parquet"),
+        json.loads((run_dir / "fractal.json").read_text()),
+    )
 
 
 def write_report(run_dir: Path, lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] | None = None) -> dict:

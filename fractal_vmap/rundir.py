@@ -40,14 +40,20 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def describe(value) -> str:
     if isinstance(value, list):
-        return f"[{len(value)} values {value[0]:g}..{value[-1]:g}]" if value and all(isinstance(v, float | int) for v in value) else f"{len(value)} values"
+        return (
+            f"[{len(value)} values {value[0]:g}..{value[-1]:g}]"
+            if value and all(isinstance(v, float | int) for v in value)
+            else f"{len(value)} values"
+        )
     return repr(value)
 
 
 def spec_diff(old: dict, new: dict) -> list[str]:
     """'field: old -> new' for every field that differs, dotted names, sorted."""
     a, b = flatten(old), flatten(new)
-    return [f"{k}: {describe(a.get(k))} -> {describe(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {describe(a.get(k))} -> {describe(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    ]
 
 
 def cpu_model() -> str:
@@ -65,7 +71,8 @@ def git_revision() -> str | None:
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
-    run = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)  # noqa: E731
+    # noqa: E731
+    run = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
     head = run("rev-parse", "HEAD")
     if head.returncode != 0:
         return None
@@ -81,9 +88,14 @@ def environment(device: torch.device) -> dict:
     except PackageNotFoundError:  # run from a checkout on PYTHONPATH (the GPU machines)
         ours = "checkout"
     return {
-        "fractal_vmap": ours, "git_revision": git_revision(), "torch": torch.__version__, "python": platform.python_version(),
+        "fractal_vmap": ours,
+        "git_revision": git_revision(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cpu_model": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
@@ -104,7 +116,9 @@ def check_run_dir(run_dir: Path, spec: dict) -> None:
     diffs = spec_diff(old["spec"], json.loads(json.dumps(spec)))
     if diffs:
         more = f" and {len(diffs) - MAX_DIFFS} more" if len(diffs) > MAX_DIFFS else ""
-        raise UserError(f"{run_dir} holds a grid with another spec ({'; '.join(diffs[:MAX_DIFFS])}{more}): pass a new --run_dir or rerun the same command")
+        raise UserError(
+            f"{run_dir} holds a grid with another spec ({'; '.join(diffs[:MAX_DIFFS])}{more}): pass a new --run_dir or rerun the same command"
+        )
 
 
 def open_run_dir(run_dir: Path, spec: dict, device: torch.device, data: dict) -> str:
@@ -113,10 +127,16 @@ def open_run_dir(run_dir: Path, spec: dict, device: torch.device, data: dict) ->
     (run_dir / "rows").mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "rows")  # the lock is held: no other writer's
     if stale:
-        console.print(f"removed {stale} temp file{'s' if stale > 1 else ''} an interrupted write left in {run_dir}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"removed {stale} temp file{'s' if stale > 1 else ''} an interrupted write left in {run_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if not (run_dir / "grid.json").exists():
-        write_atomic(run_dir / "grid.json", strict_json({"spec": spec, "digest": digest, "environment": environment(device), "data": data}))
+        write_atomic(
+            run_dir / "grid.json",
+            strict_json({"spec": spec, "digest": digest, "environment": environment(device), "data": data}),
+        )
     return digest
 
 
@@ -145,9 +165,20 @@ def read_row(path: Path, cols: int, digest: str) -> list[dict] | None:
     return data["lanes"]
 
 
-def write_row(path: Path, i: int, digest: str, lanes: list[dict], seconds: float, lane_chunk: int, rank: int = 0) -> None:
+def write_row(
+    path: Path, i: int, digest: str, lanes: list[dict], seconds: float, lane_chunk: int, rank: int = 0
+) -> None:
     """The row's file, atomically; `lane_chunk` and the worker's `rank` are recorded (neither changes a number, see
     engine.py and shard.py)."""
-    record = {"row": i, "complete": True, "spec_digest": digest, "seconds": seconds, "lane_chunk": lane_chunk,
-              "host": platform.node(), "pid": os.getpid(), "rank": rank, "lanes": lanes}
+    record = {
+        "row": i,
+        "complete": True,
+        "spec_digest": digest,
+        "seconds": seconds,
+        "lane_chunk": lane_chunk,
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "rank": rank,
+        "lanes": lanes,
+    }
     write_atomic(path, strict_json(record, indent=None))

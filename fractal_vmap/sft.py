@@ -30,14 +30,18 @@ def conversations(source: str, split: str) -> list[dict]:
     if source == "default":
         from fractal_vmap.synth import doc_qa_conversations
 
-        return doc_qa_conversations(DEFAULT_TRAIN_EXAMPLES if split == "train" else DEFAULT_VAL_EXAMPLES, seed=0, split=split)
+        return doc_qa_conversations(
+            DEFAULT_TRAIN_EXAMPLES if split == "train" else DEFAULT_VAL_EXAMPLES, seed=0, split=split
+        )
     return load_conversations(source, split)
 
 
 def render_split(cfg: FinetuneConfig, tokenizer: Tokenizer, config: GPTConfig, split: str) -> tuple[list, int]:
     """The rendered examples of a dataset split and how many were dropped for having no supervised token."""
     if cfg.max_seq_len > config.sequence_len * 10:  # nanochat precomputes rotary for 10x its sequence_len
-        raise UserError(f"--max_seq_len {cfg.max_seq_len} exceeds the model's rotary table ({config.sequence_len * 10}): lower it")
+        raise UserError(
+            f"--max_seq_len {cfg.max_seq_len} exceeds the model's rotary table ({config.sequence_len * 10}): lower it"
+        )
     source = cfg.dataset if split == "train" else (cfg.val_dataset or cfg.dataset)
     return render_examples(conversations(source, split), tokenizer, cfg.max_seq_len)
 

@@ -56,7 +56,9 @@ def check_workers(cfg: GridConfig) -> None:
     if cfg.workers < 1:
         raise UserError(f"--workers is {cfg.workers}: use 1 (this process) or more (one per GPU, or CPU processes)")
     if cfg.workers > 1 and world_size() > 1:
-        raise UserError("--workers starts its own workers: under torchrun leave it out (torchrun's --nproc_per_node says how many)")
+        raise UserError(
+            "--workers starts its own workers: under torchrun leave it out (torchrun's --nproc_per_node says how many)"
+        )
 
 
 def claims(store, rows: int):
@@ -106,11 +108,18 @@ def join(cfg: GridConfig):
     Returns (rank, size, store)."""
     import torch.distributed as dist
 
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-        raise UserError(f"torchrun would restart these workers over the store it keeps, where they cannot meet again: export {FRESH_STORE}=1 "
-                        "and use a c10d rendezvous (--rdzv-backend c10d, or --standalone), as scripts/slurm_grid.sh does, or pass --max-restarts 0")
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    ):
+        raise UserError(
+            f"torchrun would restart these workers over the store it keeps, where they cannot meet again: export {FRESH_STORE}=1 "
+            "and use a c10d rendezvous (--rdzv-backend c10d, or --standalone), as scripts/slurm_grid.sh does, or pass --max-restarts 0"
+        )
     if cfg.device.startswith("cuda:"):
-        raise UserError(f"--device {cfg.device} names one GPU, but each worker takes the GPU of its LOCAL_RANK: pass --device cuda (or auto)")
+        raise UserError(
+            f"--device {cfg.device} names one GPU, but each worker takes the GPU of its LOCAL_RANK: pass --device cuda (or auto)"
+        )
     if resolve_device(cfg.device).type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this worker's GPU
     store, rank, size = next(dist.rendezvous("env://", timeout=WAIT))
@@ -138,7 +147,8 @@ def run_worker(cfg: GridConfig) -> None:
         dist.broadcast_object_list(word, src=0)
         if word[0] is not None:
             raise UserError(word[0])
-        log = RowLog()  # every worker keeps its rows' metrics; rank 0 logs them all in row order (W&B steps only increase)
+        # every worker keeps its rows' metrics; rank 0 logs them all in row order (W&B steps only increase)
+        log = RowLog()
         progress = None if rank == 0 else RankLines(rank)
         with closing_run(wandb_run, plan.run_dir / "wandb"):
             lanes = run_rows(plan, digest, log, claims(store, rows), progress, rank)
@@ -151,7 +161,9 @@ def run_worker(cfg: GridConfig) -> None:
 
 def merge(plan, gathered: list[tuple], wandb_run) -> None:
     """Rank 0: every worker's lanes in grid order, the per-row metrics they kept, then the tables and pictures."""
-    lanes = sorted((lane for _, worker_lanes, _ in gathered for lane in worker_lanes), key=lambda r: (r["grid_i"], r["grid_j"]))
+    lanes = sorted(
+        (lane for _, worker_lanes, _ in gathered for lane in worker_lanes), key=lambda r: (r["grid_i"], r["grid_j"])
+    )
     expected = [(i, j) for i in range(len(plan.row.values)) for j in range(len(plan.col.values))]
     if [(r["grid_i"], r["grid_j"]) for r in lanes] != expected:  # every row claimed exactly once: a bug otherwise
         raise RuntimeError(f"the workers returned {len(lanes)} lanes, not each of the {len(expected)} cells once")
@@ -160,7 +172,9 @@ def merge(plan, gathered: list[tuple], wandb_run) -> None:
             for metrics, step in sorted(logged, key=lambda m: m[1]):
                 wandb_run.log(metrics, step=step)
     claimed = {rank: len({r["grid_i"] for r in worker_lanes}) for rank, worker_lanes, _ in gathered}
-    console.print("rows claimed by worker: " + "; ".join(f"rank {r}: {n}" for r, n in sorted(claimed.items())), highlight=False)
+    console.print(
+        "rows claimed by worker: " + "; ".join(f"rank {r}: {n}" for r, n in sorted(claimed.items())), highlight=False
+    )
     finish_grid(plan, lanes, wandb_run)
 
 
@@ -187,8 +201,12 @@ def rows_to_train(cfg: GridConfig) -> int:
             row = json.loads(row_path(Path(cfg.run_dir), i).read_text())
         except (OSError, ValueError):
             return False
-        return (isinstance(row, dict) and row.get("complete") is True and row.get("spec_digest") == digest
-                and len(row.get("lanes", [])) == cfg.cols)
+        return (
+            isinstance(row, dict)
+            and row.get("complete") is True
+            and row.get("spec_digest") == digest
+            and len(row.get("lanes", [])) == cfg.cols
+        )
 
     return sum(not finished(i) for i in range(cfg.rows))
 
@@ -199,8 +217,12 @@ def workers_to_start(cfg: GridConfig, rows: int, capacity: int, unit: str) -> in
     Capping changes no number: each worker keeps the threads --workers gives it (launch)."""
     workers = max(1, min(cfg.workers, rows, capacity))
     if workers < cfg.workers:
-        console.print(f"--workers {cfg.workers}: starting {workers} ({rows} row{'s' if rows != 1 else ''} to train, "
-                      f"{capacity} {unit}); more would only wait or share a core", highlight=False, soft_wrap=True)
+        console.print(
+            f"--workers {cfg.workers}: starting {workers} ({rows} row{'s' if rows != 1 else ''} to train, "
+            f"{capacity} {unit}); more would only wait or share a core",
+            highlight=False,
+            soft_wrap=True,
+        )
     return workers
 
 
@@ -213,7 +235,9 @@ def launch(cfg: GridConfig, entrypoint) -> None:
 
     device = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.workers > torch.cuda.device_count():
-        raise UserError(f"--workers {cfg.workers} but this node has {torch.cuda.device_count()} GPUs: one worker a GPU, pass at most that many")
+        raise UserError(
+            f"--workers {cfg.workers} but this node has {torch.cuda.device_count()} GPUs: one worker a GPU, pass at most that many"
+        )
     cuda = device.type == "cuda"
     capacity, unit = (torch.cuda.device_count(), "GPUs") if cuda else (cpu_cores(), "CPU cores")
     workers = workers_to_start(cfg, rows_to_train(cfg), capacity, unit)
@@ -221,8 +245,16 @@ def launch(cfg: GridConfig, entrypoint) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // cfg.workers)))
     os.environ[FRESH_STORE] = "1"  # a fresh store for each start, so a restart can form its group (module docstring)
     # as `torchrun --standalone`: a c10d rendezvous on a free local port, a fresh run id
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=workers, rdzv_backend="c10d", rdzv_endpoint="localhost:0",
-                          run_id=uuid.uuid4().hex, max_restarts=MAX_RESTARTS, start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=workers,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        run_id=uuid.uuid4().hex,
+        max_restarts=MAX_RESTARTS,
+        start_method="spawn",
+    )
     try:
         said = elastic_launch(config, entrypoint)(cfg)
     except SignalException as e:

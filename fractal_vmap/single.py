@@ -11,7 +11,18 @@ import torch
 
 from fractal_vmap.model import GROUPS, GPTConfig, forward, param_group, rotary_cos_sin
 from fractal_vmap.optim import lr_multiplier_scalar
-from fractal_vmap.recipe import ADAMW_BETAS, ADAMW_EPS, MUON_MOMENTUM, CellResult, FinetuneConfig, autocast_dtype, cell_result, group_lrs, trainable_groups, validate
+from fractal_vmap.recipe import (
+    ADAMW_BETAS,
+    ADAMW_EPS,
+    MUON_MOMENTUM,
+    CellResult,
+    FinetuneConfig,
+    autocast_dtype,
+    cell_result,
+    group_lrs,
+    trainable_groups,
+    validate,
+)
 
 
 def train_single(
@@ -37,10 +48,14 @@ def train_single(
         if param_group(name) in groups:
             p.requires_grad_(True)
             by_group[param_group(name)].append(p)
-    adamw_groups = [{"params": by_group[g], "lr": lrs[g], "initial_lr": lrs[g]} for g in ("embedding", "unembedding") if g in groups]
+    adamw_groups = [
+        {"params": by_group[g], "lr": lrs[g], "initial_lr": lrs[g]} for g in ("embedding", "unembedding") if g in groups
+    ]
     optimizers = []
     if adamw_groups:
-        optimizers.append(torch.optim.AdamW(adamw_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay))
+        optimizers.append(
+            torch.optim.AdamW(adamw_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay)
+        )
     if "matrix" in groups:
         muon_group = {"params": by_group["matrix"], "lr": lrs["matrix"], "initial_lr": lrs["matrix"]}
         optimizers.append(torch.optim.Muon([muon_group], momentum=MUON_MOMENTUM, nesterov=True, weight_decay=0.0))

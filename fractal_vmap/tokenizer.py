@@ -101,7 +101,9 @@ class Tokenizer:
                     kind = part.get("type") if isinstance(part, dict) else None
                     text = part.get("text") if isinstance(part, dict) else None
                     if not isinstance(text, str):
-                        raise UserError(f"message {i}: every content part needs a string 'text': fix part {str(part)[:80]}")
+                        raise UserError(
+                            f"message {i}: every content part needs a string 'text': fix part {str(part)[:80]}"
+                        )
                     if kind == "text":
                         add(self.encode(text), 1)
                     elif kind == "python":
@@ -113,7 +115,9 @@ class Tokenizer:
                             f"message {i}: unknown content part type {kind!r}: use 'text', 'python' or 'python_output'"
                         )
             else:
-                raise UserError(f"message {i}: assistant content must be a string or a list of parts, not {type(content).__name__}")
+                raise UserError(
+                    f"message {i}: assistant content must be a string or a list of parts, not {type(content).__name__}"
+                )
             add([sid["<|assistant_end|>"]], 1)
 
         return ids[:max_tokens], mask[:max_tokens]
@@ -144,7 +148,9 @@ def _text(message: dict) -> str:
     """The content of a user or system message, which must be a plain string."""
     content = message.get("content")
     if not isinstance(content, str):
-        raise UserError(f"{message.get('role')} message content must be a plain string, not {type(content).__name__}: fix the data")
+        raise UserError(
+            f"{message.get('role')} message content must be a plain string, not {type(content).__name__}: fix the data"
+        )
     return content
 
 

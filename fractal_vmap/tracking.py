@@ -47,9 +47,11 @@ def check_wandb(cfg) -> None:
     mode = wandb_mode(cfg.wandb)
     if mode == "online" and not _has_credentials():
         asked = "--wandb online" if cfg.wandb == "online" else "WANDB_MODE=online"
-        raise UserError(f"{asked} but no W&B credentials here (no WANDB_API_KEY, no api.wandb.ai in ~/.netrc): "
-                        "run `wandb login` or set WANDB_API_KEY, or pass --wandb offline (to `wandb sync` later) "
-                        "or --wandb disabled")
+        raise UserError(
+            f"{asked} but no W&B credentials here (no WANDB_API_KEY, no api.wandb.ai in ~/.netrc): "
+            "run `wandb login` or set WANDB_API_KEY, or pass --wandb offline (to `wandb sync` later) "
+            "or --wandb disabled"
+        )
 
 
 def refuse_wandb(cfg, what: str) -> None:
@@ -59,8 +61,10 @@ def refuse_wandb(cfg, what: str) -> None:
     defaults = {"wandb_project": "fractal-vmap", "wandb_entity": None}
     given += [f"--{name} {getattr(cfg, name)}" for name, default in defaults.items() if getattr(cfg, name) != default]
     if given:
-        raise UserError(f"{' '.join(given)}: {what} logs nothing to W&B (its run dir is the record): "
-                        "leave the W&B flags out, or pass --wandb disabled")
+        raise UserError(
+            f"{' '.join(given)}: {what} logs nothing to W&B (its run dir is the record): "
+            "leave the W&B flags out, or pass --wandb disabled"
+        )
 
 
 def kept_run_id(directory: Path) -> str:
@@ -69,7 +73,9 @@ def kept_run_id(directory: Path) -> str:
     if path.is_file():
         run_id = path.read_text().strip()
         if not ID_PATTERN.fullmatch(run_id):
-            raise UserError(f"{path} holds {run_id[:40]!r}, not a W&B run id: delete it (the grid then starts a new W&B run)")
+            raise UserError(
+                f"{path} holds {run_id[:40]!r}, not a W&B run id: delete it (the grid then starts a new W&B run)"
+            )
         return run_id
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B makes its ids
     directory.mkdir(parents=True, exist_ok=True)
@@ -77,7 +83,16 @@ def kept_run_id(directory: Path) -> str:
     return run_id
 
 
-def start_run(mode: str, project: str, entity: str | None, name: str, config: dict, directory: Path, job_type: str, keep_id: bool = False):
+def start_run(
+    mode: str,
+    project: str,
+    entity: str | None,
+    name: str,
+    config: dict,
+    directory: Path,
+    job_type: str,
+    keep_id: bool = False,
+):
     """A wandb run, or None when disabled. Its files land in `directory/wandb`. With keep_id, the run id kept in
     `directory` is resumed (a grid's every invocation is one W&B run)."""
     mode = wandb_mode(mode)
@@ -88,8 +103,16 @@ def start_run(mode: str, project: str, entity: str | None, name: str, config: di
     directory.mkdir(parents=True, exist_ok=True)
     run_id = kept_run_id(directory) if keep_id else None
     return wandb.init(
-        project=project, entity=entity, name=name, config=config, dir=str(directory), mode=mode, job_type=job_type,
-        id=run_id, resume="allow" if run_id else None, settings=wandb.Settings(silent=True, console="off"),
+        project=project,
+        entity=entity,
+        name=name,
+        config=config,
+        dir=str(directory),
+        mode=mode,
+        job_type=job_type,
+        id=run_id,
+        resume="allow" if run_id else None,
+        settings=wandb.Settings(silent=True, console="off"),
     )
 
 
@@ -103,7 +126,11 @@ def finish_run(run, sync_dir: Path | None = None) -> None:
     url = None if offline else run.url
     run.finish()
     if offline:
-        console.print(f"W&B run {run.id} logged offline; to upload it: [bold]wandb sync {sync_dir or run_folder}[/bold]", highlight=False, soft_wrap=True)
+        console.print(
+            f"W&B run {run.id} logged offline; to upload it: [bold]wandb sync {sync_dir or run_folder}[/bold]",
+            highlight=False,
+            soft_wrap=True,
+        )
     elif url:
         console.print(f"W&B run: {url}", highlight=False, soft_wrap=True)
 

@@ -23,7 +23,11 @@ from fractal_vmap.options import AnimateConfig, BoxesConfig, GridConfig, ZoomCon
 from fractal_vmap.report import measure_grid
 
 console = Console()
-RESOLVED = ("device", "dtype", "kernels")  # spec settings recorded as resolved: the child resolves its own ("compile" is "on" or absent)
+RESOLVED = (
+    "device",
+    "dtype",
+    "kernels",
+)  # spec settings recorded as resolved: the child resolves its own ("compile" is "on" or absent)
 
 
 def read_grid(run: str) -> tuple[Path, dict, np.ndarray]:
@@ -36,7 +40,9 @@ def read_grid(run: str) -> tuple[Path, dict, np.ndarray]:
     if grid is None or "spec" not in grid or not (run_dir / "cells.parquet").exists():
         raise UserError(f"{run} is not a finished grid (no grid.json with a spec, or no cells.parquet): {fix}")
     axes = grid["spec"]["axes"]
-    measure = measure_grid(pd.read_parquet(run_dir / "cells.parquet"), len(axes["rows"]["values"]), len(axes["cols"]["values"]))
+    measure = measure_grid(
+        pd.read_parquet(run_dir / "cells.parquet"), len(axes["rows"]["values"]), len(axes["cols"]["values"])
+    )
     return run_dir, grid, measure
 
 
@@ -46,7 +52,9 @@ def parse_box(text: str, rows: int, cols: int) -> tuple[int, int, int, int]:
         raise UserError(f"--box {text!r}: write r0:r1,c0:c1 (half-open cell indices, e.g. 0:16,32:48)")
     r0, r1, c0, c1 = (int(g) for g in match.groups())
     if not (0 <= r0 < r1 <= rows and 0 <= c0 < c1 <= cols):
-        raise UserError(f"--box {text}: the grid has {rows} rows and {cols} cols, so use 0 <= r0 < r1 <= {rows} and 0 <= c0 < c1 <= {cols}")
+        raise UserError(
+            f"--box {text}: the grid has {rows} rows and {cols} cols, so use 0 <= r0 < r1 <= {rows} and 0 <= c0 < c1 <= {cols}"
+        )
     return r0, r1, c0, c1
 
 
@@ -56,7 +64,9 @@ def parse_range(text: str) -> dict[str, tuple[float, float]]:
     for part in text.split(","):
         match = re.fullmatch(r"\s*(rows|cols)\s*=\s*([-+0-9.eE]+)\s*:\s*([-+0-9.eE]+)\s*", part)
         if match is None:
-            raise UserError(f"--range {text!r}: write rows=LO:HI,cols=LO:HI (axis values, e.g. rows=1e-2:1e1,cols=1e3:1e4)")
+            raise UserError(
+                f"--range {text!r}: write rows=LO:HI,cols=LO:HI (axis values, e.g. rows=1e-2:1e1,cols=1e3:1e4)"
+            )
         lo, hi = float(match.group(2)), float(match.group(3))
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise UserError(f"--range {part.strip()}: LO and HI must be finite with LO < HI")
@@ -76,9 +86,11 @@ def check_inside(span: tuple[float, float], axis: Axis, which: str) -> None:
         pad = 1e-3 * ((hi - lo) or abs(hi) or 1.0)
         low, high = lo - pad, hi + pad
     if span[0] < low or span[1] > high:
-        raise UserError(f"--range {which}={span[0]:g}:{span[1]:g} reaches outside the parent's {which} axis "
-                        f"({axis.name} {lo:.4g}..{hi:.4g}): a zoom looks inside its parent; pass a range within it, "
-                        "or run a new grid for the rest")
+        raise UserError(
+            f"--range {which}={span[0]:g}:{span[1]:g} reaches outside the parent's {which} axis "
+            f"({axis.name} {lo:.4g}..{hi:.4g}): a zoom looks inside its parent; pass a range within it, "
+            "or run a new grid for the rest"
+        )
 
 
 def squared(lo: float, hi: float, other: tuple[float, float], log: bool, other_log: bool) -> tuple[float, float]:
@@ -99,14 +111,21 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
 
     rows, cols = (Axis(**spec["axes"][k]) for k in ("rows", "cols"))
     if (cfg.box is None) == (cfg.range is None):
-        raise UserError("pass the box as --box r0:r1,c0:c1 (cell indices) or as --range rows=LO:HI,cols=LO:HI (axis values), one of the two")
+        raise UserError(
+            "pass the box as --box r0:r1,c0:c1 (cell indices) or as --range rows=LO:HI,cols=LO:HI (axis values), one of the two"
+        )
     if cfg.rows < 0 or cfg.cols < 0:
         raise UserError(f"--rows {cfg.rows} --cols {cfg.cols}: use 0 (the parent's spacing) or a positive number")
     table = PAPER_AXES if spec["settings"].get("task") == "paper-mlp" else AXES
     if cfg.box is not None:
         r0, r1, c0, c1 = parse_box(cfg.box, len(rows.values), len(cols.values))
         if not cfg.rows and not cfg.cols and not cfg.square:  # the parent's spacing: its exact values
-            return (Axis(rows.name, rows.values[r0:r1], rows.scale), Axis(cols.name, cols.values[c0:c1], cols.scale)), [r0, r1, c0, c1]
+            return (Axis(rows.name, rows.values[r0:r1], rows.scale), Axis(cols.name, cols.values[c0:c1], cols.scale)), [
+                r0,
+                r1,
+                c0,
+                c1,
+            ]
         ranges = {"rows": (rows.values[r0], rows.values[r1 - 1]), "cols": (cols.values[c0], cols.values[c1 - 1])}
         counts, box = {"rows": cfg.rows or r1 - r0, "cols": cfg.cols or c1 - c0}, [r0, r1, c0, c1]
     else:
@@ -116,13 +135,17 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
             check_inside(ranges[which], axis, which)
     if cfg.square:
         log = {"rows": rows.scale == "log", "cols": cols.scale == "log"}
-        ranges = {"rows": squared(*ranges["rows"], ranges["cols"], log["rows"], log["cols"]),
-                  "cols": squared(*ranges["cols"], ranges["rows"], log["cols"], log["rows"])}
+        ranges = {
+            "rows": squared(*ranges["rows"], ranges["cols"], log["rows"], log["cols"]),
+            "cols": squared(*ranges["cols"], ranges["rows"], log["cols"], log["rows"]),
+        }
     for which, axis in (("rows", rows), ("cols", cols)):  # an integer axis takes whole bounds: rounded inwards
         if axis.name in INTEGER_AXES:
             ranges[which] = (float(math.ceil(ranges[which][0])), float(math.floor(ranges[which][1])))
-    return (make_axis(rows.name, counts["rows"], *ranges["rows"], rows.scale, "rows", table),
-            make_axis(cols.name, counts["cols"], *ranges["cols"], cols.scale, "cols", table)), box
+    return (
+        make_axis(rows.name, counts["rows"], *ranges["rows"], rows.scale, "rows", table),
+        make_axis(cols.name, counts["cols"], *ranges["cols"], cols.scale, "cols", table),
+    ), box
 
 
 def child_config(settings: dict, run_dir: str | None) -> GridConfig:
@@ -131,8 +154,14 @@ def child_config(settings: dict, run_dir: str | None) -> GridConfig:
     names = {f.name for f in fields(GridConfig)}
     kept = {k: v for k, v in settings.items() if k in names and v is not None and k not in RESOLVED}
     if settings.get("task") == "paper-mlp":
-        kept.update(num_iterations=settings["steps"], dtype=settings["dtype"], width=settings["width"], activation=settings["activation"],
-                    data_multiple=settings["data_multiple"], seed=settings["seed"])
+        kept.update(
+            num_iterations=settings["steps"],
+            dtype=settings["dtype"],
+            width=settings["width"],
+            activation=settings["activation"],
+            data_multiple=settings["data_multiple"],
+            seed=settings["seed"],
+        )
     return GridConfig(**kept, run_dir=run_dir)
 
 
@@ -170,9 +199,16 @@ def suggest_boxes(cfg: BoxesConfig) -> list[dict]:
     rows, cols = axes["rows"]["values"], axes["cols"]["values"]
     out = []
     for b in boundary_boxes(measure, size, cfg.count):
-        out.append({"box": f"{b.row0}:{b.row1},{b.col0}:{b.col1}", "edge_pixels": b.edges, "density": b.density,
-                    "rows": (rows[b.row0], rows[b.row1 - 1]), "cols": (cols[b.col0], cols[b.col1 - 1]),
-                    "zoom": f"fractal-vmap zoom {run_dir} --box {b.row0}:{b.row1},{b.col0}:{b.col1} --rows {H} --cols {W}"})
+        out.append(
+            {
+                "box": f"{b.row0}:{b.row1},{b.col0}:{b.col1}",
+                "edge_pixels": b.edges,
+                "density": b.density,
+                "rows": (rows[b.row0], rows[b.row1 - 1]),
+                "cols": (cols[b.col0], cols[b.col1 - 1]),
+                "zoom": f"fractal-vmap zoom {run_dir} --box {b.row0}:{b.row1},{b.col0}:{b.col1} --rows {H} --cols {W}",
+            }
+        )
     return out
 
 
@@ -184,8 +220,13 @@ def print_boxes(boxes: list[dict], cfg: BoxesConfig) -> None:
     for name in ("box (r0:r1,c0:c1)", "edge pixels", "density", "rows", "cols"):
         table.add_column(name, justify="right")
     for b in boxes:
-        table.add_row(b["box"], str(b["edge_pixels"]), f"{b['density']:.2f}", f"{b['rows'][0]:.4g} .. {b['rows'][1]:.4g}",
-                      f"{b['cols'][0]:.4g} .. {b['cols'][1]:.4g}")
+        table.add_row(
+            b["box"],
+            str(b["edge_pixels"]),
+            f"{b['density']:.2f}",
+            f"{b['rows'][0]:.4g} .. {b['rows'][1]:.4g}",
+            f"{b['cols'][0]:.4g} .. {b['cols'][1]:.4g}",
+        )
     console.print(table)
     console.print(f"zoom into the first: {boxes[0]['zoom']}", highlight=False, soft_wrap=True)
 
@@ -205,12 +246,18 @@ def zoom_levels(runs: list[str]) -> list:
             child_dir, child, _ = read[k + 1]
             parent = child["spec"].get("parent") or {}
             if Path(parent.get("run_dir", "")).resolve() != run_dir.resolve():
-                raise UserError(f"{child_dir} is not a zoom of {run_dir}: list the runs outermost first, each a `fractal-vmap zoom` of the one before")
+                raise UserError(
+                    f"{child_dir} is not a zoom of {run_dir}: list the runs outermost first, each a `fractal-vmap zoom` of the one before"
+                )
             if parent.get("box") is None:
-                raise UserError(f"{child_dir} was zoomed by --range, so it has no box in {run_dir}'s cells to draw: zoom with --box")
+                raise UserError(
+                    f"{child_dir} was zoomed by --range, so it has no box in {run_dir}'s cells to draw: zoom with --box"
+                )
             box = tuple(parent["box"])
-        label = f"{run_dir.name}: {axes['rows']['name']} {axes['rows']['values'][0]:.3g}..{axes['rows']['values'][-1]:.3g}, " \
-                f"{axes['cols']['name']} {axes['cols']['values'][0]:.3g}..{axes['cols']['values'][-1]:.3g}"
+        label = (
+            f"{run_dir.name}: {axes['rows']['name']} {axes['rows']['values'][0]:.3g}..{axes['rows']['values'][-1]:.3g}, "
+            f"{axes['cols']['name']} {axes['cols']['values'][0]:.3g}..{axes['cols']['values'][-1]:.3g}"
+        )
         cells = pd.read_parquet(run_dir / "cells.parquet")
         steps = measure_grid(cells, *measure.shape, "total_steps")  # for the shading (plot.measure_shade)
         row_values, col_values = np.asarray(axes["rows"]["values"]), np.asarray(axes["cols"]["values"])
@@ -224,5 +271,8 @@ def run_animate(cfg: AnimateConfig) -> dict:
     if cfg.size < 16 or cfg.size % 2:
         raise UserError(f"--size {cfg.size}: use an even number of pixels, 16 or more")
     paths = write_animation(zoom_levels(cfg.runs), cfg.out, cfg.size, cfg.frame_ms)
-    console.print(f"animation: [bold]{paths['gif']}[/bold]" + (f" and [bold]{paths['mp4']}[/bold]" if paths.get("mp4") else " (no ffmpeg: no MP4)"))
+    console.print(
+        f"animation: [bold]{paths['gif']}[/bold]"
+        + (f" and [bold]{paths['mp4']}[/bold]" if paths.get("mp4") else " (no ffmpeg: no MP4)")
+    )
     return paths

@@ -12,7 +12,7 @@ from fractal_vmap.animate import BOX_RGB, CAPTION_PX, Level, write_animation, zo
 def disc(H, W, centre, radius, rng):
     """A measure trained (< 0) inside a disc, with random magnitudes so the shading varies."""
     r, c = np.mgrid[0:H, 0:W]
-    inside = (r - centre[0]) ** 2 + (c - centre[1]) ** 2 < radius ** 2
+    inside = (r - centre[0]) ** 2 + (c - centre[1]) ** 2 < radius**2
     return np.where(inside, -1.0, 1.0) * rng.uniform(1, 100, (H, W))
 
 
@@ -56,7 +56,10 @@ def test_frames_follow_the_chain():
     assert bottom_right[2] > bottom_right[0] and top_left[0] > top_left[2]
     assert len(zoom_frames(levels[-1:], size=100)) == 1
     with pytest.raises(AssertionError):
-        zoom_frames([Level(levels[0].measure, levels[0].row_values, levels[0].col_values, box=(30, 50, 0, 10)), levels[1]], size=100)
+        zoom_frames(
+            [Level(levels[0].measure, levels[0].row_values, levels[0].col_values, box=(30, 50, 0, 10)), levels[1]],
+            size=100,
+        )
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")

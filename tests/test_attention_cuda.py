@@ -21,7 +21,10 @@ from fractal_vmap.model import lanes_attention
 
 aten = torch.ops.aten
 FORWARDS = {aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default}
-BACKWARDS = {aten._scaled_dot_product_flash_attention_backward.default, aten._scaled_dot_product_efficient_attention_backward.default}
+BACKWARDS = {
+    aten._scaled_dot_product_flash_attention_backward.default,
+    aten._scaled_dot_product_efficient_attention_backward.default,
+}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -105,7 +108,9 @@ def random_qkv(L: int, kv_heads: int, dtype: torch.dtype, seed: int):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     shape = (L, 2, 4, 64, 64)  # lanes, batch, heads, tokens, head_dim
     kv_shape = (L, 2, kv_heads, 64, 64)
-    return [torch.randn(s, generator=gen, device="cuda", dtype=dtype).requires_grad_() for s in (shape, kv_shape, kv_shape)]
+    return [
+        torch.randn(s, generator=gen, device="cuda", dtype=dtype).requires_grad_() for s in (shape, kv_shape, kv_shape)
+    ]
 
 
 @cuda

@@ -64,7 +64,9 @@ def test_bad_setting_is_one_line_before_any_work(tmp_path, capsys, no_training, 
 
 
 def test_bad_finetune_setting_is_one_line_before_any_work(tmp_path, capsys, no_training):
-    refused(capsys, ["finetune", *FAST, "--out", str(tmp_path / "r.json"), "--eval_batches", "0"], "--eval_batches is 0")
+    refused(
+        capsys, ["finetune", *FAST, "--out", str(tmp_path / "r.json"), "--eval_batches", "0"], "--eval_batches is 0"
+    )
     assert not (tmp_path / "r.json").exists()
 
 
@@ -72,13 +74,25 @@ def test_bad_finetune_setting_is_one_line_before_any_work(tmp_path, capsys, no_t
     "flags, expected",
     [
         # a flag no cell would read, and an axis that would change nothing: refused before anything is loaded
-        (["--num_tokens", "2000"], "--num_tokens 2000 has no effect: num_tokens is the rows axis (num_tokens 1000..8000 over 6 rows)"),
-        (["--axes", "matrix_lr,unembedding_lr", "--learning_rate", "0.5"], "--learning_rate 0.5 has no effect: every trained group's lr"),
+        (
+            ["--num_tokens", "2000"],
+            "--num_tokens 2000 has no effect: num_tokens is the rows axis (num_tokens 1000..8000 over 6 rows)",
+        ),
+        (
+            ["--axes", "matrix_lr,unembedding_lr", "--learning_rate", "0.5"],
+            "--learning_rate 0.5 has no effect: every trained group's lr",
+        ),
         (["--embedding_lr", "0.3"], "--embedding_lr 0.3 has no effect: the embedding is frozen"),
         (["--axes", "embedding_lr,lr"], "the rows axis embedding_lr would change nothing: the embedding is frozen"),
-        (["--num_iterations", "5"], "the rows axis num_tokens would change nothing: --num_iterations 5 fixes the step count"),
+        (
+            ["--num_iterations", "5"],
+            "the rows axis num_tokens would change nothing: --num_iterations 5 fixes the step count",
+        ),
         (["--matrix_lr", "0.01", "--unembedding_lr", "0.1"], "the cols axis lr would change nothing"),
-        (["--axes", "weight_decay,lr", "--trainable_param_groups", "matrix"], "the rows axis weight_decay would change nothing"),
+        (
+            ["--axes", "weight_decay,lr", "--trainable_param_groups", "matrix"],
+            "the rows axis weight_decay would change nothing",
+        ),
         (["--lane_chunk=-2"], "--lane_chunk is -2"),
         (["--perturb_ulp=-1"], "--perturb_ulp is -1"),
         (["--col_max", "inf"], "--col_max is inf"),
@@ -90,7 +104,9 @@ def test_bad_finetune_setting_is_one_line_before_any_work(tmp_path, capsys, no_t
 def test_bad_grid_setting_is_one_line(tmp_path, capsys, monkeypatch, flags, expected):
     import fractal_vmap.grid as grid_module
 
-    monkeypatch.setattr(grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal"))
+    monkeypatch.setattr(
+        grid_module, "model_dir", lambda source: pytest.fail("the model was looked up before the refusal")
+    )
     refused(capsys, ["grid", *FAST, "--run_dir", str(tmp_path / "run"), *flags], expected)
     assert not (tmp_path / "run").exists()
 
@@ -109,11 +125,17 @@ def test_finetune_out_under_a_file_is_refused_before_training(tmp_path, capsys, 
 
 def test_grid_run_dir_that_is_a_file_is_refused(tmp_path, capsys, default_model):
     (tmp_path / "run").write_text("x")
-    refused(capsys, ["grid", *FAST, "--rows", "1", "--cols", "2", "--run_dir", str(tmp_path / "run")], "is a file, not a directory")
+    refused(
+        capsys,
+        ["grid", *FAST, "--rows", "1", "--cols", "2", "--run_dir", str(tmp_path / "run")],
+        "is a file, not a directory",
+    )
 
 
-@pytest.mark.parametrize("content, expected", [("", "not valid JSON"), ("{\"spec\": ", "not valid JSON"), ("[1, 2]", "not an object"),
-                                               ("{\"other\": 1}", "no spec")])
+@pytest.mark.parametrize(
+    "content, expected",
+    [("", "not valid JSON"), ('{"spec": ', "not valid JSON"), ("[1, 2]", "not an object"), ('{"other": 1}', "no spec")],
+)
 def test_unreadable_grid_json_is_one_line(tmp_path, capsys, default_model, content, expected):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -162,4 +184,8 @@ def test_pt_that_is_not_a_state_dict_is_one_line(tmp_path, capsys, no_training):
 def test_meta_that_is_not_an_object_is_one_line(tmp_path, capsys, no_training, meta):
     model = copy_fixture(tmp_path)
     (model / "checkpoints" / "meta_000000.json").write_text(json.dumps(meta))
-    refused(capsys, ["finetune", *FAST, "--out", str(tmp_path / "r.json"), "--model", str(model)], "not a nanochat meta file")
+    refused(
+        capsys,
+        ["finetune", *FAST, "--out", str(tmp_path / "r.json"), "--model", str(model)],
+        "not a nanochat meta file",
+    )

@@ -15,8 +15,20 @@ from fractal_vmap.model import init_params
 from fractal_vmap.recipe import FinetuneConfig
 
 CPU = torch.device("cpu")
-FIELDS = {"oom", "window_s", "foreign_cpu", "contended", "first_steps_s", "models", "launches_per_step", "lane_steps_per_s", "tokens_per_s",
-          "mfu", "peak_mib_per_lane", "speedup"}
+FIELDS = {
+    "oom",
+    "window_s",
+    "foreign_cpu",
+    "contended",
+    "first_steps_s",
+    "models",
+    "launches_per_step",
+    "lane_steps_per_s",
+    "tokens_per_s",
+    "mfu",
+    "peak_mib_per_lane",
+    "speedup",
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,14 +42,45 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = ["--model", "depth", "--depths", "1", "--vocab_size", "256", "--seq_len", "32", "--batch_size", "2", "--context", "64"]  # = `tiny` below
+TINY = [
+    "--model",
+    "depth",
+    "--depths",
+    "1",
+    "--vocab_size",
+    "256",
+    "--seq_len",
+    "32",
+    "--batch_size",
+    "2",
+    "--context",
+    "64",
+]  # = `tiny` below
 
 
 def test_bench_writes_every_field(tmp_path):
     """The one-layer model of `tiny` at L 1 and 2 (both run 2 lanes: a shape the launch tests compile too): every mode
     of every L has every metric, finite; the markdown table has a row each."""
     out = tmp_path / "bench.json"
-    main(["bench", *TINY, "--lanes", "1", "2", "--warmup", "1", "--steps", "2", "--repeats", "1", "--max_load", "0", "--out", str(out)])
+    main(
+        [
+            "bench",
+            *TINY,
+            "--lanes",
+            "1",
+            "2",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--max_load",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert report["model"] == "depth" and report["device_type"] == "cpu" and report["matmul_ceiling"]["tflops"] > 0
     assert [(e["model"], e["lanes"]) for e in report["results"]] == [("d1", 1), ("d1", 2)]
@@ -67,7 +110,13 @@ def launches(mode: str, lanes: int, setup) -> Counter:
     return profile_mode(lambda: bench.build(mode, cfg, config, params, lanes, CPU, 10), batch, CPU)["launches_by_name"]
 
 
-HEAD_OPS = ("aten::tanh", "aten::tanh_backward", "aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss_forward")
+HEAD_OPS = (
+    "aten::tanh",
+    "aten::tanh_backward",
+    "aten::_log_softmax",
+    "aten::_log_softmax_backward_data",
+    "aten::nll_loss_forward",
+)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +156,9 @@ def test_bad_bench_options_are_one_line(capsys):
 
 def test_with_primers_puts_one_batch_of_each_padded_shape_first():
     plan = bench.Plan(0, 1, 2, 1)
-    batches = [(torch.zeros(2, t, dtype=torch.long), torch.zeros(2, t, dtype=torch.long)) for t in (50, 60, 70, 130, 64)]
+    batches = [
+        (torch.zeros(2, t, dtype=torch.long), torch.zeros(2, t, dtype=torch.long)) for t in (50, 60, 70, 130, 64)
+    ]
     steps, plan = bench.with_primers(batches, plan, 2560)
     assert plan.primers == 3 and [x.shape[-1] for x, _ in steps[:3]] == [50, 70, 130] and steps[3:] == batches
     assert plan.windows() == [(4, 6)]

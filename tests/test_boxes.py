@@ -52,8 +52,12 @@ def test_greedy_picks_the_best_free_box_each_time():
     for b in boxes:
         assert b.edges == brute_count(m, b.row0, b.row1, b.col0, b.col1)
         # brute force: the best count over every box position sharing no cell with the boxes picked before it
-        best = max(brute_count(m, r, r + size, c, c + size) for r in range(0, 64 - size + 1) for c in range(0, 80 - size + 1)
-                   if not any(overlaps(Box(r, r + size, c, c + size, 0), p) for p in picked))
+        best = max(
+            brute_count(m, r, r + size, c, c + size)
+            for r in range(0, 64 - size + 1)
+            for c in range(0, 80 - size + 1)
+            if not any(overlaps(Box(r, r + size, c, c + size, 0), p) for p in picked)
+        )
         assert b.edges == best
         picked.append(b)
     assert [b.edges for b in boxes] == sorted((b.edges for b in boxes), reverse=True)
@@ -63,7 +67,7 @@ def test_greedy_picks_the_best_free_box_each_time():
 def test_boxes_never_overlap_and_stop_when_no_boundary_is_left():
     m = synthetic()
     boxes = boundary_boxes(m, size=16, k=100)
-    assert all(not overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(not overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     assert all(b.edges > 0 for b in boxes) and len(boxes) < 100
     counts = box_edge_counts(edge_pixels(m), 16)  # every box with boundary left out overlaps a picked one
     for r, c in zip(*np.nonzero(counts)):

@@ -52,7 +52,9 @@ def test_every_flag_has_a_plain_help_line(command):
         if action.dest == "help":
             continue
         assert action.help and action.help.strip(), f"{command} {action.option_strings or action.dest}: no help"
-        assert "(default" not in action.help or action.dest == "config_path", f"{command} {action.option_strings}: {action.help!r}"
+        assert "(default" not in action.help or action.dest == "config_path", (
+            f"{command} {action.option_strings}: {action.help!r}"
+        )
         assert "src.finetune" not in action.help and "seed project" not in action.help
 
 

@@ -12,8 +12,25 @@ from fractal_vmap.compare import CompareConfig, boundary_distance, compare_runs
 from fractal_vmap.grid import nudged
 
 # 2 rows x 6 lanes, lr 0.3..1e4 (around the default model's boundary at these sizes, where rounding matters)
-GRID = ["grid", "--wandb", "disabled", "--device", "cpu", "--rows", "2", "--cols", "6", "--row_min", "600", "--row_max", "800",
-        "--col_min", "0.3", "--col_max", "1e4"]
+GRID = [
+    "grid",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+    "--rows",
+    "2",
+    "--cols",
+    "6",
+    "--row_min",
+    "600",
+    "--row_max",
+    "800",
+    "--col_min",
+    "0.3",
+    "--col_max",
+    "1e4",
+]
 
 
 def test_nudged_moves_every_weight_by_whole_ulps():
@@ -48,7 +65,9 @@ def test_perturbed_twin_is_another_spec_with_nudged_numbers(twin_runs):
     assert spec_a["settings"]["perturb_ulp"] == 0 and spec_b["settings"]["perturb_ulp"] == 1
     cells_a, cells_b = pd.read_parquet(a / "cells.parquet"), pd.read_parquet(b / "cells.parquet")
     # the nudge reached the numbers: some loss curve moves (a 1-ulp nudge may leave the first losses' rounding alone)
-    curves = lambda d: [lane["losses"] for i in range(2) for lane in json.loads((d / f"rows/row_{i:04d}.json").read_text())["lanes"]]  # noqa: E731
+    curves = lambda d: [
+        lane["losses"] for i in range(2) for lane in json.loads((d / f"rows/row_{i:04d}.json").read_text())["lanes"]
+    ]  # noqa: E731
     assert curves(a) != curves(b)
     assert np.allclose(cells_a["trainable_loss0"], cells_b["trainable_loss0"], rtol=1e-5)  # by rounding only
 

@@ -27,7 +27,8 @@ STEPS = 10
 # Lanes vs finetune are held to 2 x lr at lr <= 0.01 (tests/test_lanes.py: 4x the largest float32 noise floor of a
 # trajectory, benchmarks/fidelity.py). The compiled step differs from the eager one the same way, by rounding only
 # (fused elementwise kernels, token sums over a padded length): measured here 8.9e-5 at lr 1e-3, 1.6e-3 at lr 3e-3 and
-# 1.6e-4 at lr 1e-2 over 10 steps (AMD EPYC), within the floor. A wrong mask, a padded token counted or a mixed-up lane is O(0.1).
+# 1.6e-4 at lr 1e-2 over 10 steps (AMD EPYC), within the floor. A wrong mask, a padded token counted or a mixed-up lane
+# is O(0.1).
 LOSS_TOL_PER_LR = 2.0
 TAME_LRS = (0.001, 0.003, 0.01)
 WILD_LR = 3e12  # tests/test_lanes.py's diverging lr: chaotic, so rounding decides when it overflows (not compared)
@@ -57,8 +58,16 @@ def nanochat():
 
 
 def cfg(lr: float) -> FinetuneConfig:
-    return FinetuneConfig(trainable_param_groups="all", weight_decay=0.0, warmup_frac=0.0, final_lr_frac=1.0, num_iterations=STEPS,
-                          device="cpu", learning_rate=lr, run_name=f"lr{lr:g}")
+    return FinetuneConfig(
+        trainable_param_groups="all",
+        weight_decay=0.0,
+        warmup_frac=0.0,
+        final_lr_frac=1.0,
+        num_iterations=STEPS,
+        device="cpu",
+        learning_rate=lr,
+        run_name=f"lr{lr:g}",
+    )
 
 
 CFGS = [cfg(lr) for lr in (*TAME_LRS[:2], WILD_LR, TAME_LRS[2])]
@@ -98,7 +107,8 @@ def test_compiled_row_equals_eager_within_the_noise_floor(runs):
         gap = max(abs(a - b) for a, b in zip(eager.losses, fast.losses))
         assert gap <= LOSS_TOL_PER_LR * c.learning_rate, f"{c.run_name}: max |dloss| {gap:.3g}"
         assert fast.tokens_seen == eager.tokens_seen  # padded positions are not supervised tokens
-    assert runs["eager"][0].losses != runs["whole"][0].losses  # the compiled step did run (fused kernels round differently)
+    # the compiled step did run (fused kernels round differently)
+    assert runs["eager"][0].losses != runs["whole"][0].losses
 
 
 def test_compiled_lanes_do_not_depend_on_their_chunk(runs):
@@ -132,8 +142,13 @@ def test_bucket_pads_to_64_within_the_rotary_table():
 
 
 def test_compile_choice():
-    assert compiled.resolve_compile("auto", CPU) is False and compiled.resolve_compile("auto", torch.device("cuda")) is True
-    assert compiled.resolve_compile("on", CPU) is True and compiled.resolve_compile("off", torch.device("cuda")) is False
+    assert (
+        compiled.resolve_compile("auto", CPU) is False
+        and compiled.resolve_compile("auto", torch.device("cuda")) is True
+    )
+    assert (
+        compiled.resolve_compile("on", CPU) is True and compiled.resolve_compile("off", torch.device("cuda")) is False
+    )
     with pytest.raises(UserError, match="--compile 'yes'"):
         compiled.resolve_compile("yes", CPU)
 

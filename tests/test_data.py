@@ -39,7 +39,9 @@ def test_load_jsonl(tmp_path):
 
 
 def test_load_jsonl_bad_json_names_the_line(tmp_path):
-    path = write_lines(tmp_path / "bad.jsonl", [json.dumps(chat("a", "b")), "", '{"messages": [', json.dumps(chat("c", "d"))])
+    path = write_lines(
+        tmp_path / "bad.jsonl", [json.dumps(chat("a", "b")), "", '{"messages": [', json.dumps(chat("c", "d"))]
+    )
     with pytest.raises(UserError, match=r"bad\.jsonl line 3: not valid JSON") as info:
         load_conversations(str(path))
     assert "\n" not in str(info.value)  # one line

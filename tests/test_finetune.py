@@ -27,9 +27,23 @@ from fractal_vmap.tokenizer import byte_tokenizer, load_tokenizer, save_tokenize
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"
 CPU = torch.device("cpu")
 RESULT_FIELDS = (  # DESIGN section 6: the result fields of the seed project's src.finetune
-    "run_name", "learning_rate", "num_tokens_target", "tokens_seen", "avg_loss", "final_loss", "trainable_loss0",
-    "trainable_mean_last_k", "trainable_ratio", "stable", "converged", "steps", "runtime_s", "seed", "error",
-    "grid_i", "grid_j",
+    "run_name",
+    "learning_rate",
+    "num_tokens_target",
+    "tokens_seen",
+    "avg_loss",
+    "final_loss",
+    "trainable_loss0",
+    "trainable_mean_last_k",
+    "trainable_ratio",
+    "stable",
+    "converged",
+    "steps",
+    "runtime_s",
+    "seed",
+    "error",
+    "grid_i",
+    "grid_j",
 )
 
 
@@ -53,9 +67,15 @@ def trajectories(nanochat):
     runs = {}
     for name, s in traj["settings"].items():
         cfg = FinetuneConfig(
-            matrix_lr=s["matrix_lr"], unembedding_lr=s["unembedding_lr"], embedding_lr=s["embedding_lr"],
-            weight_decay=s["weight_decay"], trainable_param_groups="matrix,embedding,unembedding",
-            num_iterations=30, warmup_frac=0.0, final_lr_frac=1.0, device="cpu",
+            matrix_lr=s["matrix_lr"],
+            unembedding_lr=s["unembedding_lr"],
+            embedding_lr=s["embedding_lr"],
+            weight_decay=s["weight_decay"],
+            trainable_param_groups="matrix,embedding,unembedding",
+            num_iterations=30,
+            warmup_frac=0.0,
+            final_lr_frac=1.0,
+            device="cpu",
         )
         result, final = train_single(cfg, config, params, fixture_batches(traj), 30, CPU)
         runs[name] = {**result.to_dict(), "params": final}
@@ -83,7 +103,8 @@ def test_step0_loss_is_nanochat_to_float32_rounding(nanochat, trajectories, sett
 @pytest.mark.parametrize(
     "setting, tol",
     [
-        # fixture README: correct implementations (fused vs for-loop AdamW, compiled vs eager NS, ...) differ by <= 2.8e-3
+        # fixture README: correct implementations (fused vs for-loop AdamW, compiled vs eager NS, ...) differ by <=
+        # 2.8e-3
         ("small", 3e-3),
         # fixture README: <= 1.5e-2 between correct implementations; the bf16 Newton-Schulz amplifies op-order changes
         ("default", 2e-2),
@@ -95,7 +116,9 @@ def test_trajectory_matches_nanochat(nanochat, trajectories, setting, tol):
     assert ours.shape == (30,)
     for variant in ("compiled_ns", "eager_ns"):
         gap = (ours - traj["losses"][variant][setting]).abs()
-        assert gap.max().item() <= tol, f"{setting} vs {variant}: max |dloss| {gap.max().item():.3g} at step {gap.argmax().item()}"
+        assert gap.max().item() <= tol, (
+            f"{setting} vs {variant}: max |dloss| {gap.max().item():.3g} at step {gap.argmax().item()}"
+        )
     assert trajectories[setting]["stable"] and trajectories[setting]["converged"]
 
 
@@ -110,7 +133,8 @@ def test_large_lr_trajectory_is_finite(trajectories):
 @pytest.mark.parametrize(
     "setting, tol",
     [
-        # fixture README: worst-tensor rel. L2 gap between correct implementations is <= 4.5e-3; +10% for thread-count noise
+        # fixture README: worst-tensor rel. L2 gap between correct implementations is <= 4.5e-3; +10% for thread-count
+        # noise
         ("small", 5e-3),
         # fixture README: <= 5.4e-2 (zero-init c_proj drifts most); +10% for thread-count noise
         ("default", 6e-2),
@@ -152,7 +176,9 @@ def test_lr_schedule_is_applied_every_step(nanochat):
         lambda opt, args, kwargs: used.append((type(opt).__name__, [dict(g, params=None) for g in opt.param_groups]))
     )
     try:
-        result, _ = train_single(cfg, config, params, fixture_batches(traj), steps, CPU, log=lambda s, m: logged.append((s, m)))
+        result, _ = train_single(
+            cfg, config, params, fixture_batches(traj), steps, CPU, log=lambda s, m: logged.append((s, m))
+        )
     finally:
         hook.remove()
     assert [s for s, _ in logged] == list(range(steps))
@@ -175,7 +201,10 @@ def test_lr_schedule_is_applied_every_step(nanochat):
     (muon,) = used[1][1]
     assert (muon["momentum"], muon["nesterov"], muon["weight_decay"]) == (0.95, True, 0.0)
     assert muon["ns_steps"] == 5 and muon["ns_coefficients"] == (3.4445, -4.7750, 2.0315)
-    assert muon["adjust_lr_fn"] in (None, "original")  # None is torch's default, "original": lr * sqrt(max(1, rows/cols))
+    assert muon["adjust_lr_fn"] in (
+        None,
+        "original",
+    )  # None is torch's default, "original": lr * sqrt(max(1, rows/cols))
 
 
 # the fixture README's table of actual AdamW lrs (lm_head / wte), printed to 6 decimals
@@ -220,7 +249,9 @@ def test_group_lrs_overrides(nanochat):
     assert lrs["embedding"] == pytest.approx(0.5 * scale * 2, rel=1e-12)
     assert lrs["unembedding"] == pytest.approx(0.003 * scale * 2, rel=1e-12)
     # the multipliers apply only when the lr itself is not given
-    lrs = group_lrs(FinetuneConfig(learning_rate=0.02, embedding_lr_mult=3.0, unembedding_lr_mult=0.5, unembedding_lr=0.001), config)
+    lrs = group_lrs(
+        FinetuneConfig(learning_rate=0.02, embedding_lr_mult=3.0, unembedding_lr_mult=0.5, unembedding_lr=0.001), config
+    )
     assert lrs["embedding"] == pytest.approx(0.06 * scale, rel=1e-12)
     assert lrs["unembedding"] == pytest.approx(0.001 * scale, rel=1e-12)
 
@@ -267,7 +298,12 @@ def run_cli(tmp_path, *args):
 
 def chat_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
     """A JSONL dataset of one user/assistant exchange per line."""
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n" for u, a in rows))
+    path.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n"
+            for u, a in rows
+        )
+    )
     return path
 
 
@@ -358,12 +394,32 @@ def test_finetune_drops_examples_without_supervised_tokens(tmp_path):
     tokenizer = load_tokenizer(FIXTURE / "tokenizer")
     long_question = "Please read this long question carefully before you answer it. " * 3
     assert len(tokenizer.encode(long_question)) > 25  # with max_seq_len 24 no assistant token survives after it
-    rows = [("hi", "ok then"), (long_question, "yes"), ("what?", "this"), (long_question, "no"), ("go", "went"),
-            (long_question, ""), ("one more", "fine")]
+    rows = [
+        ("hi", "ok then"),
+        (long_question, "yes"),
+        ("what?", "this"),
+        (long_question, "no"),
+        ("go", "went"),
+        (long_question, ""),
+        ("one more", "fine"),
+    ]
     path = chat_jsonl(tmp_path / "mixed.jsonl", rows)
     # batch size 1: every step is one example, so a kept example without a supervised token would give a NaN loss
-    result = run_cli(tmp_path, "--wandb", "disabled", "--model", str(FIXTURE), "--dataset", str(path), "--max_seq_len", "24",
-                     "--device_batch_size", "1", "--num_iterations", "8")
+    result = run_cli(
+        tmp_path,
+        "--wandb",
+        "disabled",
+        "--model",
+        str(FIXTURE),
+        "--dataset",
+        str(path),
+        "--max_seq_len",
+        "24",
+        "--device_batch_size",
+        "1",
+        "--num_iterations",
+        "8",
+    )
     assert result["dropped_examples"] == 3
     assert result["stable"] is True and len(result["losses"]) == 8 and all(math.isfinite(x) for x in result["losses"])
     # 8 steps of batch size 1 over the 4 kept examples: two whole epochs
@@ -390,14 +446,28 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing model": (["--model", str(tmp / "no-such-model"), "--dataset", str(good)], "no-such-model"),
         "malformed jsonl": ([*model, "--dataset", str(broken)], "line 2"),
         # empty assistant replies are still supervised by <|assistant_end|>: max_seq_len 4 cuts before any of it
-        "no supervised tokens": ([*model, "--dataset", str(empty_answers), "--max_seq_len", "4"], "no supervised tokens"),
-        "vocab mismatch": ([*model, "--tokenizer", str(tmp / "bytes-tokenizer"), "--dataset", str(good)], "vocab_size is 289"),
+        "no supervised tokens": (
+            [*model, "--dataset", str(empty_answers), "--max_seq_len", "4"],
+            "no supervised tokens",
+        ),
+        "vocab mismatch": (
+            [*model, "--tokenizer", str(tmp / "bytes-tokenizer"), "--dataset", str(good)],
+            "vocab_size is 289",
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown group", "zero lr", "negative lr", "missing model", "malformed jsonl", "no supervised tokens", "vocab mismatch"],
+    [
+        "unknown group",
+        "zero lr",
+        "negative lr",
+        "missing model",
+        "malformed jsonl",
+        "no supervised tokens",
+        "vocab mismatch",
+    ],
 )
 def test_bad_input_is_one_error_line(tmp_path, capsys, case):
     flags, expected = bad_inputs(tmp_path)[case]

@@ -121,25 +121,31 @@ def test_convergence_measure_vectorised_matches_loop():
 
 
 def test_edge_pixels_tiny():
-    measure = np.array([
-        [-1.0, -2.0, 3.0],
-        [-1.0, -1.0, 2.0],
-        [-5.0, -1.0, -1.0],
-    ])
-    expected = np.array([
-        [False, True],
-        [False, True],
-    ])
+    measure = np.array(
+        [
+            [-1.0, -2.0, 3.0],
+            [-1.0, -1.0, 2.0],
+            [-5.0, -1.0, -1.0],
+        ]
+    )
+    expected = np.array(
+        [
+            [False, True],
+            [False, True],
+        ]
+    )
     np.testing.assert_array_equal(edge_pixels(measure), expected)
     # zero counts with the trained phase (phase is measure > 0)
     np.testing.assert_array_equal(edge_pixels(np.zeros((3, 3))), np.zeros((2, 2), bool))
 
 
 def test_edge_pixels_ignore_nan_blocks():
-    measure = np.array([
-        [-1.0, 1.0, 1.0],
-        [np.nan, 1.0, 1.0],
-    ])
+    measure = np.array(
+        [
+            [-1.0, 1.0, 1.0],
+            [np.nan, 1.0, 1.0],
+        ]
+    )
     # the block at (0,0) mixes phases but touches a NaN; the block at (0,1) is all positive
     np.testing.assert_array_equal(edge_pixels(measure), np.array([[False, False]]))
 

@@ -29,11 +29,49 @@ CPU = torch.device("cpu")
 LOSS_TOL_PER_LR = 2.0  # lanes vs finetune at tame lrs, justified in tests/test_lanes.py
 # 3 rows (num_tokens 200, 283, 400: 3, 5 and 6 steps) x 3 cols (lr 0.01, 1e5, 1e12). Measured: lr 0.01 trains,
 # lr 1e5 stays finite but does not train, lr 1e12 gives a NaN loss at step 3 (so only the 3-step row stays finite)
-GRID = ["grid", "--wandb", "disabled", "--device", "cpu", "--rows", "3", "--cols", "3", "--row_min", "200", "--row_max", "400",
-        "--col_min", "0.01", "--col_max", "1e12"]
-CELL_COLUMNS = ["row", "col", "num_tokens", "lr", "stable", "converged", "trainable_ratio", "final_loss", "avg_loss", "measure",
-                "trainable_loss0", "trainable_mean_last_k", "tokens_seen", "steps", "total_steps", "learning_rate", "matrix_lr",
-                "embedding_lr", "unembedding_lr", "num_tokens_target", "seed", "error"]
+GRID = [
+    "grid",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+    "--rows",
+    "3",
+    "--cols",
+    "3",
+    "--row_min",
+    "200",
+    "--row_max",
+    "400",
+    "--col_min",
+    "0.01",
+    "--col_max",
+    "1e12",
+]
+CELL_COLUMNS = [
+    "row",
+    "col",
+    "num_tokens",
+    "lr",
+    "stable",
+    "converged",
+    "trainable_ratio",
+    "final_loss",
+    "avg_loss",
+    "measure",
+    "trainable_loss0",
+    "trainable_mean_last_k",
+    "tokens_seen",
+    "steps",
+    "total_steps",
+    "learning_rate",
+    "matrix_lr",
+    "embedding_lr",
+    "unembedding_lr",
+    "num_tokens_target",
+    "seed",
+    "error",
+]
 PICTURES = ("trainability.png", "panels.png")
 
 
@@ -107,7 +145,9 @@ def test_every_axis_sets_its_finetune_field(name):
     row, col = grid_axes(cfg)
     field = AXES[name][0]
     assert field in FinetuneConfig.__dataclass_fields__ and row.field == field
-    base = {k: v for k, v in asdict(cfg).items() if k in TrainConfig.__dataclass_fields__}  # what a grid passes to its cells
+    base = {
+        k: v for k, v in asdict(cfg).items() if k in TrainConfig.__dataclass_fields__
+    }  # what a grid passes to its cells
     for i in range(3):
         for j in range(2):
             c = cell(cfg, row, col, i, j)
@@ -122,8 +162,27 @@ def test_every_axis_sets_its_finetune_field(name):
 
 
 def test_matrix_lr_by_unembedding_lr_axes_reach_the_optimizer_lrs(nanochat_config):
-    cfg = parse_grid(["grid", "--axes", "matrix_lr,unembedding_lr", "--rows", "2", "--cols", "3", "--row_min", "0.001",
-                      "--row_max", "0.1", "--col_min", "0.0001", "--col_max", "0.01", "--learning_rate", "0.5"])
+    cfg = parse_grid(
+        [
+            "grid",
+            "--axes",
+            "matrix_lr,unembedding_lr",
+            "--rows",
+            "2",
+            "--cols",
+            "3",
+            "--row_min",
+            "0.001",
+            "--row_max",
+            "0.1",
+            "--col_min",
+            "0.0001",
+            "--col_max",
+            "0.01",
+            "--learning_rate",
+            "0.5",
+        ]
+    )
     row, col = grid_axes(cfg)
     assert (row.field, col.field) == ("matrix_lr", "unembedding_lr")
     scale = (nanochat_config.n_embd / 768) ** -0.5
@@ -139,10 +198,17 @@ def test_matrix_lr_by_unembedding_lr_axes_reach_the_optimizer_lrs(nanochat_confi
 def test_a_group_lr_pinned_under_an_lr_axis_is_warned_about():
     cfg = parse_grid(["grid", "--matrix_lr", "0.01"])
     row, col = grid_axes(cfg)
-    assert check_overrides(cfg, row, col) == ["--matrix_lr 0.01 pins the matrix lr: the cols axis (lr) moves only the unembedding lr"]
+    assert check_overrides(cfg, row, col) == [
+        "--matrix_lr 0.01 pins the matrix lr: the cols axis (lr) moves only the unembedding lr"
+    ]
     assert check_overrides(parse_grid(["grid"]), row, col) == []  # the defaults override nothing
     c = cell(cfg, row, col, 0, 3)
-    assert cell_lrs(c) == {"learning_rate": col.values[3], "matrix_lr": 0.01, "embedding_lr": None, "unembedding_lr": col.values[3] * 0.2}
+    assert cell_lrs(c) == {
+        "learning_rate": col.values[3],
+        "matrix_lr": 0.01,
+        "embedding_lr": None,
+        "unembedding_lr": col.values[3] * 0.2,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -196,20 +262,37 @@ def grid_run(default_model, tmp_path_factory):
 
 def test_grid_writes_the_run_dir(grid_run):
     run_dir, cells = grid_run
-    for name in ("grid.json", "cells.parquet", "fractal.json", *PICTURES, *(f"rows/row_{i:04d}.json" for i in range(3))):
+    for name in (
+        "grid.json",
+        "cells.parquet",
+        "fractal.json",
+        *PICTURES,
+        *(f"rows/row_{i:04d}.json" for i in range(3)),
+    ):
         assert (run_dir / name).is_file(), name
     for name in PICTURES:
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     spec = json.loads((run_dir / "grid.json").read_text())["spec"]
-    assert spec["axes"]["rows"] == {"name": "num_tokens", "values": [200.0, 283.0, 400.0], "scale": "log"}  # 282.8 rounded
-    assert spec["axes"]["cols"]["name"] == "lr" and spec["axes"]["cols"]["values"] == pytest.approx([0.01, 1e5, 1e12], rel=1e-12)
+    assert spec["axes"]["rows"] == {
+        "name": "num_tokens",
+        "values": [200.0, 283.0, 400.0],
+        "scale": "log",
+    }  # 282.8 rounded
+    assert spec["axes"]["cols"]["name"] == "lr" and spec["axes"]["cols"]["values"] == pytest.approx(
+        [0.01, 1e5, 1e12], rel=1e-12
+    )
     assert spec["settings"]["weight_decay"] == 0.1 and "run_dir" not in spec["settings"]
     # resolved, as they ran: auto is cpu, float32 and the torch kernels on this machine
-    assert (spec["settings"]["device"], spec["settings"]["dtype"], spec["settings"]["kernels"]) == ("cpu", "float32", "torch")
+    assert (spec["settings"]["device"], spec["settings"]["dtype"], spec["settings"]["kernels"]) == (
+        "cpu",
+        "float32",
+        "torch",
+    )
     assert spec["model"]["source"] == "default" and len(spec["model"]["sha256"]) == 64
     # settings the axes set cell by cell, or that no cell reads, are null: never an overridden base
     assert spec["settings"]["num_tokens"] is None and spec["settings"]["learning_rate"] is None
-    assert spec["settings"]["embedding_lr_mult"] is None and spec["settings"]["unembedding_lr_mult"] == 0.2  # embedding frozen
+    # embedding frozen
+    assert spec["settings"]["embedding_lr_mult"] is None and spec["settings"]["unembedding_lr_mult"] == 0.2
     assert spec["group_lrs"] == {"matrix": "cols axis (lr)", "embedding": None, "unembedding": "cols axis (lr) x 0.2"}
     assert_strict_json_files(run_dir)
 
@@ -228,7 +311,9 @@ def test_grid_writes_the_run_dir(grid_run):
         for key in ("final_loss", "trainable_ratio", "measure", "tokens_seen", "stable", "converged"):
             # strict JSON: a non-finite number is null in the row file, NaN in the table
             assert getattr(cell, key) == lane[key] or (math.isnan(getattr(cell, key)) and lane[key] is None), key
-        assert (cell.measure < 0) == cell.converged  # the paper's sign and the label agree (both use mean(last K) / loss0)
+        assert (
+            cell.measure < 0
+        ) == cell.converged  # the paper's sign and the label agree (both use mean(last K) / loss0)
         assert pd.isna(cell.error) == cell.stable
     # the grid is not vacuous: it has cells that trained, cells that did not, and cells that diverged
     assert cells["converged"].any() and (cells["stable"] & ~cells["converged"]).any() and (~cells["stable"]).any()
@@ -238,7 +323,8 @@ def test_grid_writes_the_run_dir(grid_run):
     measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["measure"].to_numpy()
     assert not np.isnan(measure).any()
     for key, value in fractal_dimension(measure).items():
-        assert fractal[key] == finite_or_none(value), key  # strict JSON: null for the NaN of a grid too small for a dimension
+        # strict JSON: null for the NaN of a grid too small for a dimension
+        assert fractal[key] == finite_or_none(value), key
     assert fractal["trainable_fraction"] == cells["converged"].mean()
     assert (fractal["rows_axis"], fractal["cols_axis"]) == ("num_tokens", "lr")
 
@@ -255,15 +341,24 @@ def test_grid_cell_equals_finetune(grid_run, tmp_path, i, j):
     lane = json.loads((run_dir / f"rows/row_{i:04d}.json").read_text())["lanes"][j]
     assert (single["num_tokens_target"], single["learning_rate"]) == (got["num_tokens_target"], got["learning_rate"])
     assert (bool(got["stable"]), bool(got["converged"])) == (single["stable"], single["converged"])
-    assert got["steps"] == single["steps"] and got["tokens_seen"] == single["tokens_seen"] and got["total_steps"] == single["total_steps"]
-    assert {(1, 0): (True, True), (2, 1): (True, False), (1, 2): (False, False)}[(i, j)] == (single["stable"], single["converged"])
+    assert (
+        got["steps"] == single["steps"]
+        and got["tokens_seen"] == single["tokens_seen"]
+        and got["total_steps"] == single["total_steps"]
+    )
+    assert {(1, 0): (True, True), (2, 1): (True, False), (1, 2): (False, False)}[(i, j)] == (
+        single["stable"],
+        single["converged"],
+    )
     if (i, j) == (1, 0):
         tol = LOSS_TOL_PER_LR * single["learning_rate"]  # tests/test_lanes.py: 2 x lr, 4x the measured noise floor
         assert np.abs(np.array(lane["losses"]) - single["losses"]).max() <= tol
         assert got["final_loss"] == pytest.approx(single["final_loss"], abs=tol)
-        assert got["trainable_ratio"] == pytest.approx(single["trainable_ratio"], abs=tol)  # loss0 ~ 4: ratio gap < loss gap
+        # loss0 ~ 4: ratio gap < loss gap
+        assert got["trainable_ratio"] == pytest.approx(single["trainable_ratio"], abs=tol)
     elif (i, j) == (2, 1):
-        assert single["trainable_ratio"] > 1.2 and got["trainable_ratio"] > 1.2  # a robust label: far above the threshold
+        # a robust label: far above the threshold
+        assert single["trainable_ratio"] > 1.2 and got["trainable_ratio"] > 1.2
     else:
         assert math.isnan(got["final_loss"]) and math.isnan(single["final_loss"])
         assert got["measure"] > 0
@@ -278,7 +373,9 @@ def copy_run(grid_run, tmp_path) -> Path:
 
 
 def mtimes(run_dir: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in [run_dir / "grid.json", *sorted((run_dir / "rows").glob("row_*.json"))]}
+    return {
+        p.name: p.stat().st_mtime_ns for p in [run_dir / "grid.json", *sorted((run_dir / "rows").glob("row_*.json"))]
+    }
 
 
 @pytest.fixture
@@ -333,7 +430,9 @@ def test_torn_row_file_is_run_again(grid_run, tmp_path, trained_rows):
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "cells.parquet"), grid_run[1], check_exact=True)
     after = mtimes(run_dir)
     assert after["row_0000.json"] != before["row_0000.json"]
-    assert {k: after[k] for k in ("grid.json", "row_0001.json", "row_0002.json")} == {k: before[k] for k in ("grid.json", "row_0001.json", "row_0002.json")}
+    assert {k: after[k] for k in ("grid.json", "row_0001.json", "row_0002.json")} == {
+        k: before[k] for k in ("grid.json", "row_0001.json", "row_0002.json")
+    }
 
 
 def test_read_row_accepts_only_complete_rows_of_this_spec(tmp_path, capsys):
@@ -341,8 +440,15 @@ def test_read_row_accepts_only_complete_rows_of_this_spec(tmp_path, capsys):
     assert read_row(path, 2, digest) is None  # missing
     lanes = [{"final_loss": 1.0}, {"final_loss": None}]
     row = {"complete": True, "spec_digest": digest, "lanes": lanes}
-    for data in ({**row, "complete": False}, {**row, "lanes": lanes[:1]}, {k: v for k, v in row.items() if k != "complete"},
-                 {**row, "spec_digest": "e" * 64}, {k: v for k, v in row.items() if k != "spec_digest"}, [row], "row"):
+    for data in (
+        {**row, "complete": False},
+        {**row, "lanes": lanes[:1]},
+        {k: v for k, v in row.items() if k != "complete"},
+        {**row, "spec_digest": "e" * 64},
+        {k: v for k, v in row.items() if k != "spec_digest"},
+        [row],
+        "row",
+    ):
         path.write_text(json.dumps(data))
         assert read_row(path, 2, digest) is None, data
     path.write_text("")
@@ -386,7 +492,9 @@ def test_device_auto_and_cpu_are_the_same_spec(grid_run, tmp_path, trained_rows)
     """--device auto resolves to the CPU here: the same spec, so the finished grid resumes with nothing to train."""
     run_dir = copy_run(grid_run, tmp_path)
     argv = [*GRID, "--run_dir", str(run_dir)]
-    main([*argv[: argv.index("--device")], *argv[argv.index("--device") + 2 :], "--device", "auto", "--dtype", "float32"])
+    main(
+        [*argv[: argv.index("--device")], *argv[argv.index("--device") + 2 :], "--device", "auto", "--dtype", "float32"]
+    )
     assert trained_rows == []
 
 
@@ -396,8 +504,18 @@ def test_device_auto_and_cpu_are_the_same_spec(grid_run, tmp_path, trained_rows)
 @pytest.fixture(scope="module")
 def one_row(default_model, tmp_path_factory):
     """The plan of a 1 x 5 grid (num_tokens 200: 3 steps; lr 0.01 .. 100) and its row's cells."""
-    cfg = GridConfig(axes="num_tokens,lr", rows=1, cols=5, row_min=200, row_max=200, col_min=0.01, col_max=100.0, device="cpu",
-                     wandb="disabled", run_dir=str(tmp_path_factory.mktemp("one_row") / "run"))
+    cfg = GridConfig(
+        axes="num_tokens,lr",
+        rows=1,
+        cols=5,
+        row_min=200,
+        row_max=200,
+        col_min=0.01,
+        col_max=100.0,
+        device="cpu",
+        wandb="disabled",
+        run_dir=str(tmp_path_factory.mktemp("one_row") / "run"),
+    )
     plan = plan_grid(cfg)
     return plan, plan.cells[0]
 
@@ -406,10 +524,17 @@ def without_runtime(results: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "runtime_s"} for r in results]
 
 
-@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (simulated)"),
-                                   RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
-                                                "you tried to allocate 1 bytes. Error code 12 (Cannot allocate memory)")],
-                         ids=["cuda", "cpu-allocator"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 1 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+    ],
+    ids=["cuda", "cpu-allocator"],
+)
 def test_out_of_memory_halves_the_lane_chunk(one_row, monkeypatch, capsys, error):
     plan, cells = one_row
     assert plan.cfg.lane_chunk == 0 and CPU_LANE_CHUNK >= 5  # auto: the whole row of 5 in one chunk on CPU
@@ -467,8 +592,27 @@ def test_grid_is_one_wandb_run_across_resumes(default_model, tmp_path, capsys):
     import wandb
 
     run_dir = tmp_path / "run"
-    argv = ["grid", "--wandb", "offline", "--device", "cpu", "--rows", "2", "--cols", "2", "--row_min", "100", "--row_max", "200",
-            "--col_min", "0.01", "--col_max", "0.1", "--run_dir", str(run_dir)]
+    argv = [
+        "grid",
+        "--wandb",
+        "offline",
+        "--device",
+        "cpu",
+        "--rows",
+        "2",
+        "--cols",
+        "2",
+        "--row_min",
+        "100",
+        "--row_max",
+        "200",
+        "--col_min",
+        "0.01",
+        "--col_max",
+        "0.1",
+        "--run_dir",
+        str(run_dir),
+    ]
     main(argv)
     (run_dir / "rows/row_0001.json").unlink()  # as if killed while training the last row
     main(argv)
@@ -479,7 +623,15 @@ def test_grid_is_one_wandb_run_across_resumes(default_model, tmp_path, capsys):
     assert capsys.readouterr().out.count(f"to upload it: wandb sync {run_dir / 'wandb'}") == 2
     first, second = ((r / f"run-{run_id}.wandb").read_bytes() for r in runs)
     # metric keys are plain strings in the protobuf log: per-row metrics, the pictures, the cell table, the summary
-    for key in (b"row/converged_frac", b"row/stable_frac", b"trainability", b"panels", b"cells", b"fractal_dimension", b"trainable_fraction"):
+    for key in (
+        b"row/converged_frac",
+        b"row/stable_frac",
+        b"trainability",
+        b"panels",
+        b"cells",
+        b"fractal_dimension",
+        b"trainable_fraction",
+    ):
         assert key in first and key in second, key
     assert_strict_json_files(run_dir)
 
@@ -491,14 +643,50 @@ def test_grid_json_and_cells_record_the_lrs_each_cell_used(default_model, tmp_pa
     """A matrix_lr x unembedding_lr grid: the base learning_rate is read by no cell, so it is null in grid.json and in
     cells.parquet; the group lrs each cell trained with are columns."""
     run_dir = tmp_path / "run"
-    main(["grid", "--wandb", "disabled", "--device", "cpu", "--axes", "matrix_lr,unembedding_lr", "--rows", "1", "--cols", "2",
-          "--row_min", "0.01", "--row_max", "0.01", "--col_min", "0.001", "--col_max", "0.002", "--num_tokens", "200", "--run_dir", str(run_dir)])
+    main(
+        [
+            "grid",
+            "--wandb",
+            "disabled",
+            "--device",
+            "cpu",
+            "--axes",
+            "matrix_lr,unembedding_lr",
+            "--rows",
+            "1",
+            "--cols",
+            "2",
+            "--row_min",
+            "0.01",
+            "--row_max",
+            "0.01",
+            "--col_min",
+            "0.001",
+            "--col_max",
+            "0.002",
+            "--num_tokens",
+            "200",
+            "--run_dir",
+            str(run_dir),
+        ]
+    )
     spec = json.loads((run_dir / "grid.json").read_text())["spec"]
     settings = spec["settings"]
     assert settings["num_tokens"] == 200 and settings["weight_decay"] == 0.1
-    for name in ("learning_rate", "matrix_lr", "unembedding_lr", "embedding_lr", "embedding_lr_mult", "unembedding_lr_mult"):
+    for name in (
+        "learning_rate",
+        "matrix_lr",
+        "unembedding_lr",
+        "embedding_lr",
+        "embedding_lr_mult",
+        "unembedding_lr_mult",
+    ):
         assert settings[name] is None, name
-    assert spec["group_lrs"] == {"matrix": "rows axis (matrix_lr)", "embedding": None, "unembedding": "cols axis (unembedding_lr)"}
+    assert spec["group_lrs"] == {
+        "matrix": "rows axis (matrix_lr)",
+        "embedding": None,
+        "unembedding": "cols axis (unembedding_lr)",
+    }
     cells = pd.read_parquet(run_dir / "cells.parquet")
     assert cells["learning_rate"].isna().all() and cells["embedding_lr"].isna().all()
     assert cells["matrix_lr"].tolist() == [0.01, 0.01]

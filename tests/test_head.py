@@ -153,8 +153,10 @@ def test_head_kernel_with_shared_inputs_matches_torch(small_chunks):
     (only the lm_head stacked)."""
     gen = torch.Generator().manual_seed(95)
     x, w, targets = random_head(gen, 3, V=301)
-    for in_dims, args in [((0, None, 0), (x.clone().requires_grad_(), w[0].clone(), targets)),
-                          ((None, 0, None), (x[0].clone().requires_grad_(), w.clone().requires_grad_(), targets[0]))]:
+    for in_dims, args in [
+        ((0, None, 0), (x.clone().requires_grad_(), w[0].clone(), targets)),
+        ((None, 0, None), (x[0].clone().requires_grad_(), w.clone().requires_grad_(), targets[0])),
+    ]:
         grads_of = [a for a in args[:2] if a.requires_grad]
         got = torch.autograd.grad(triton_head(*args, in_dims=in_dims).sum(), grads_of)
         want_losses = vmap(lanes_head_loss, in_dims=in_dims)(*args)
@@ -217,7 +219,9 @@ def peak_temporary_bytes(fn) -> int:
         out = fn()
         gc.collect()  # the interpreter leaves reference cycles: free what they hold inside the record
     del out
-    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    changes = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
     live = peak = 0
     for _, nbytes in changes:
         live += nbytes

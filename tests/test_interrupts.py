@@ -15,14 +15,36 @@ import pytest
 
 # 3 rows (num_tokens 1500..3000: ~22-45 steps) x 3 lanes (lr 0.01, 0.1, 1): a row takes about a second on 2 cores, and
 # the kill comes within milliseconds of the first row file
-GRID = ["grid", "--wandb", "disabled", "--device", "cpu", "--rows", "3", "--cols", "3", "--row_min", "1500", "--row_max", "3000",
-        "--col_min", "0.01", "--col_max", "1"]
+GRID = [
+    "grid",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+    "--rows",
+    "3",
+    "--cols",
+    "3",
+    "--row_min",
+    "1500",
+    "--row_max",
+    "3000",
+    "--col_min",
+    "0.01",
+    "--col_max",
+    "1",
+]
 
 
 def start(run_dir: Path) -> subprocess.Popen:
     """`python -m fractal_vmap grid ...` in a new process (the default model comes from the session's storage dir)."""
-    return subprocess.Popen([sys.executable, "-m", "fractal_vmap", *GRID, "--run_dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "fractal_vmap", *GRID, "--run_dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -80,5 +102,6 @@ def test_sigint_stops_cleanly_and_prints_the_resume_command(uninterrupted, tmp_p
     assert command[:2] == ["fractal-vmap", "grid"] and command[command.index("--run_dir") + 1] == str(run_dir)
     for name in row_files(run_dir):  # every row file there is whole
         assert json.loads((run_dir / "rows" / name).read_text())["complete"] is True
-    run_to_end(run_dir, [sys.executable, "-m", "fractal_vmap", *command[1:]])  # the printed command, as a user would run it
+    # the printed command, as a user would run it
+    run_to_end(run_dir, [sys.executable, "-m", "fractal_vmap", *command[1:]])
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "cells.parquet"), uninterrupted, check_exact=True)

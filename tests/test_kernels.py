@@ -35,7 +35,9 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
 
 def run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, cwd=ROOT
+    )
 
 
 # ---------------------------------------------------------------- import path, laziness, selection
@@ -49,8 +51,18 @@ def test_kernels_are_interpreted():
 
     assert fk.interpreting()
     # tl.sum is triton's own jit function: interpreted only if triton was first imported under TRITON_INTERPRET=1
-    for kernel in (tl.sum, adamw.adamw_kernel, muon.momentum_kernel, muon.normalize_kernel, muon.update_kernel, gram.gram_kernel, head.ce_kernel):
-        assert isinstance(kernel, InterpretedFunction), f"{kernel} is compiled: set TRITON_INTERPRET=1 before triton is imported"
+    for kernel in (
+        tl.sum,
+        adamw.adamw_kernel,
+        muon.momentum_kernel,
+        muon.normalize_kernel,
+        muon.update_kernel,
+        gram.gram_kernel,
+        head.ce_kernel,
+    ):
+        assert isinstance(kernel, InterpretedFunction), (
+            f"{kernel} is compiled: set TRITON_INTERPRET=1 before triton is imported"
+        )
 
 
 def test_a_decoy_kernels_package_first_on_the_path_changes_nothing(tmp_path):
@@ -58,7 +70,8 @@ def test_a_decoy_kernels_package_first_on_the_path_changes_nothing(tmp_path):
     nothing of ours may import a bare `kernels`."""
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("DECOY = True\n")
-    out = run("""
+    out = run(
+        """
         import sys
         import fractal_vmap.kernels, fractal_vmap.kernels.adamw, fractal_vmap.kernels.muon, fractal_vmap.kernels.gram
         import fractal_vmap.kernels.head, fractal_vmap.optim, fractal_vmap.head, fractal_vmap.model
@@ -66,7 +79,9 @@ def test_a_decoy_kernels_package_first_on_the_path_changes_nothing(tmp_path):
         print(fractal_vmap.kernels.__file__)
         import kernels
         assert kernels.DECOY  # a bare import would have found the decoy
-    """, {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "TRITON_INTERPRET": "1"})
+    """,
+        {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "TRITON_INTERPRET": "1"},
+    )
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == PACKAGE / "kernels" / "__init__.py"
     for path in PACKAGE.rglob("*.py"):  # and none of our sources says `import kernels` / `from kernels import`
@@ -78,7 +93,8 @@ def test_a_decoy_kernels_package_first_on_the_path_changes_nothing(tmp_path):
 
 
 def test_without_triton_the_torch_paths_run_and_triton_is_refused_clearly():
-    out = run("""
+    out = run(
+        """
         import sys
         sys.modules["triton"] = None  # `import triton` now raises ImportError: a bare torch install
         import torch
@@ -94,7 +110,9 @@ def test_without_triton_the_torch_paths_run_and_triton_is_refused_clearly():
             fractal_vmap.optim.BatchedMuon([p], kernels="triton")
         except UserError as e:
             print(e)
-    """, {"PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
+    """,
+        {"PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"},
+    )
     assert out.returncode == 0, out.stderr
     assert "triton is not installed" in out.stdout
 
@@ -107,9 +125,15 @@ def test_resolve_and_the_interpreter_requirement(monkeypatch):
         fk.resolve("cuda", "cpu")
     monkeypatch.delenv("TRITON_INTERPRET")
     p = torch.randn(2, 8, 4, requires_grad=True)
-    for make in (lambda: fk.resolve("triton", "cpu"), lambda: BatchedAdamW([p], kernels="triton"),
-                 lambda: BatchedMuon([p], kernels="triton"), lambda: BatchedMuon([p], gram="triton"),
-                 lambda: lanes_head_loss(torch.randn(2, 5, 4), torch.randn(2, 7, 4), torch.zeros(2, 5, dtype=torch.long), kernels="triton")):
+    for make in (
+        lambda: fk.resolve("triton", "cpu"),
+        lambda: BatchedAdamW([p], kernels="triton"),
+        lambda: BatchedMuon([p], kernels="triton"),
+        lambda: BatchedMuon([p], gram="triton"),
+        lambda: lanes_head_loss(
+            torch.randn(2, 5, 4), torch.randn(2, 7, 4), torch.zeros(2, 5, dtype=torch.long), kernels="triton"
+        ),
+    ):
         with pytest.raises(UserError, match="TRITON_INTERPRET=1"):
             make()
 
@@ -117,7 +141,8 @@ def test_resolve_and_the_interpreter_requirement(monkeypatch):
 def test_the_kernels_compile_for_an_h100(tmp_path):
     """The GPU path cannot run here, but it can be compiled: each kernel, with its launchers' argument types and
     GPU block sizes, through Triton's CUDA backend (ptxas ships with triton) for sm_90, without the interpreter."""
-    out = run("""
+    out = run(
+        """
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -144,7 +169,9 @@ def test_the_kernels_compile_for_an_h100(tmp_path):
                     ("n_pairs", "R", "K", "sy_n", "sy_r", "sy_k", "sc_n", "sc_r", "sc_c")}, "alpha": "fp32", "beta": "fp32"},
                     {"HAS_C": has_c, "UPCAST": False, "BM": gram.BM, "BK": gram.BK}, num_warps=8, num_stages=3, enable_fp_fusion=True)
         print("compiled")
-    """, {"PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)})
+    """,
+        {"PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "compiled"
 
@@ -203,7 +230,10 @@ def test_adamw_kernel_on_bfloat16_rounds_float32_math_once(L):
     grads = [torch.randn(L, *s, generator=gen).bfloat16() for s in shapes]
     give_grads(ref32, [g.float() for g in grads])
     give_grads(fused, grads)
-    lr, wd = torch.rand(L, generator=gen, dtype=torch.float64) * 0.03, torch.rand(L, generator=gen, dtype=torch.float64) * 0.2
+    lr, wd = (
+        torch.rand(L, generator=gen, dtype=torch.float64) * 0.03,
+        torch.rand(L, generator=gen, dtype=torch.float64) * 0.2,
+    )
     active = torch.ones(L, dtype=torch.bool)
     ref32_opt.step(lr, wd, active)
     fused_opt.step(lr, wd, active)
@@ -236,7 +266,9 @@ def test_adamw_kernel_nan_lane_is_unwritten_and_isolated():
             assert all(torch.equal(a, b) for a, b in zip(lane1, before))
         else:  # active with a NaN gradient: its own state goes NaN, as torch's would
             assert torch.isnan(fused_opt.exp_avg[0][1, 3, 4]) and torch.isnan(fused[0].detach()[1, 3, 4])
-        for a, b in zip(fused + fused_opt.exp_avg + fused_opt.exp_avg_sq, clean + clean_opt.exp_avg + clean_opt.exp_avg_sq):
+        for a, b in zip(
+            fused + fused_opt.exp_avg + fused_opt.exp_avg_sq, clean + clean_opt.exp_avg + clean_opt.exp_avg_sq
+        ):
             assert torch.equal(a.detach()[[0, 2]], b.detach()[[0, 2]])  # the other lanes: bit-equal to a clean run
 
 
@@ -280,7 +312,8 @@ def test_muon_update_kernel_matches_torch(L):
     gen = torch.Generator().manual_seed(50 + L)
     for rows, cols in [(67, 29), (29, 67)]:
         p = torch.randn(L, rows, cols, generator=gen)
-        ortho = torch.randn(L, cols, rows, generator=gen).bfloat16().mT  # transposed, as Newton-Schulz returns tall ones
+        # transposed, as Newton-Schulz returns tall ones
+        ortho = torch.randn(L, cols, rows, generator=gen).bfloat16().mT
         neg_lr = -(torch.rand(L, generator=gen, dtype=torch.float64) * 0.05) * max(1, rows / cols) ** 0.5
         active = torch.rand(L, generator=gen) < 0.7
         want = torch.where(active[:, None, None], torch.addcmul(p, ortho, neg_lr.float()[:, None, None]), p)
@@ -373,7 +406,9 @@ def test_optimizers_with_triton_kernels_match_torch_over_steps():
     for r, f in zip(ref_state, fused_state):
         assert torch.equal(r, f)  # the moments and momentum buffers: bit-equal, as in the tests above
     for r, f in zip(ref_p[:2], fused_p[:2]):  # AdamW: one float32 ulp of max|p| (torch's sqrt, see above)
-        torch.testing.assert_close(f.detach(), r.detach(), rtol=0, atol=torch.finfo(torch.float32).eps * r.abs().max().item())
+        torch.testing.assert_close(
+            f.detach(), r.detach(), rtol=0, atol=torch.finfo(torch.float32).eps * r.abs().max().item()
+        )
     for r, f in zip(ref_p[2:], fused_p[2:]):  # Muon: bit-equal, as its parts above
         assert torch.equal(f, r)
 
@@ -391,7 +426,9 @@ def test_head_kernel_lane_numbers_do_not_depend_on_the_lane_count(shared):
     def run(lanes: int):
         xs = x[:lanes].clone().requires_grad_()
         ws = w.clone() if shared else w[:lanes].clone().requires_grad_()
-        losses = torch.vmap(lambda a, b, t: lanes_head_loss(a, b, t, kernels="triton"), in_dims=(0, None if shared else 0, 0))(xs, ws, targets[:lanes])
+        losses = torch.vmap(
+            lambda a, b, t: lanes_head_loss(a, b, t, kernels="triton"), in_dims=(0, None if shared else 0, 0)
+        )(xs, ws, targets[:lanes])
         grads = torch.autograd.grad(losses.sum(), [xs] if shared else [xs, ws])
         return losses, grads
 

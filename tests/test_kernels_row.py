@@ -40,7 +40,10 @@ def rows(default_model, wide_interpreter_blocks):
     stream = make_stream(base, tokenizer, render_split(base, tokenizer, config, "train")[0], base.seed)
     steps = total_steps(base, stream.batch(0)[1])
     cfgs = [FinetuneConfig(device="cpu", num_tokens=2100, learning_rate=lr, run_name=f"lr{lr:g}") for lr in LRS]
-    return steps, {k: train_lanes(cfgs, config, params, stream.batch, [steps] * len(LRS), CPU, kernels=k) for k in ("torch", "triton")}
+    return steps, {
+        k: train_lanes(cfgs, config, params, stream.batch, [steps] * len(LRS), CPU, kernels=k)
+        for k in ("torch", "triton")
+    }
 
 
 def test_triton_row_matches_the_torch_row(rows):

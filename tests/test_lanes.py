@@ -69,8 +69,14 @@ def tame_lrs(n: int) -> list[float]:
 
 def fixture_cfg(**kw) -> FinetuneConfig:
     """The fixture's run (README): constant lr, all three groups, no weight decay, 30 steps."""
-    settings = dict(trainable_param_groups="matrix,embedding,unembedding", weight_decay=0.0, warmup_frac=0.0, final_lr_frac=1.0,
-                    num_iterations=30, device="cpu")
+    settings = dict(
+        trainable_param_groups="matrix,embedding,unembedding",
+        weight_decay=0.0,
+        warmup_frac=0.0,
+        final_lr_frac=1.0,
+        num_iterations=30,
+        device="cpu",
+    )
     return FinetuneConfig(**{**settings, **kw})
 
 
@@ -85,8 +91,10 @@ def nanochat():
 def fixture_row(traj) -> list[FinetuneConfig]:
     """7 lanes: the fixture's three settings (explicit per-group lrs; small is tame, default and large are not), three
     tame lanes from learning_rate alone (the x10 / x0.2 multipliers), and a diverging lane in the middle."""
-    named = [fixture_cfg(**{k: traj["settings"][s][k] for k in ("matrix_lr", "unembedding_lr", "embedding_lr")}, run_name=s)
-             for s in ("small", "default", "large")]
+    named = [
+        fixture_cfg(**{k: traj["settings"][s][k] for k in ("matrix_lr", "unembedding_lr", "embedding_lr")}, run_name=s)
+        for s in ("small", "default", "large")
+    ]
     plain = [fixture_cfg(learning_rate=lr, run_name=f"lr{lr!r}") for lr in tame_lrs(3)]
     diverging = fixture_cfg(learning_rate=DIVERGING_LR, run_name="diverging")
     return named[:2] + plain[:1] + [diverging] + [named[2]] + plain[1:]
@@ -112,7 +120,8 @@ def default_cfg(**kw) -> FinetuneConfig:
     return FinetuneConfig(device="cpu", wandb="disabled", **kw)
 
 
-DEFAULT_NUM_TOKENS = 2400  # 35 steps of the default stream (70 supervised tokens in batch 0): 2 warmup steps, 33 cosine steps
+# 35 steps of the default stream (70 supervised tokens in batch 0): 2 warmup steps, 33 cosine steps
+DEFAULT_NUM_TOKENS = 2400
 # tame lanes (lane vs finetune within the noise floor), then labels-only lanes: lr 0.1 converges far below the
 # threshold (ratio ~0.5), lr 100 stays finite far above it (ratio ~3.5), DIVERGING_LR gives a NaN loss
 DEFAULT_LRS = (0.003, 0.01, 0.1, DIVERGING_LR, 100.0)
@@ -141,7 +150,9 @@ def assert_lane_equals_single(lane, ref, tol: float) -> None:
     assert lane.stable is True and lane.error is None, name
     assert len(lane.losses) == len(ref.losses) == ref.total_steps == lane.total_steps, name
     gap = (torch.tensor(lane.losses, dtype=torch.float64) - torch.tensor(ref.losses, dtype=torch.float64)).abs()
-    assert gap.max().item() <= tol, f"{name}: max |dloss| {gap.max().item():.3g} at step {gap.argmax().item()} > {tol:.3g}"
+    assert gap.max().item() <= tol, (
+        f"{name}: max |dloss| {gap.max().item():.3g} at step {gap.argmax().item()} > {tol:.3g}"
+    )
     assert lane.converged == ref.converged, name
     assert lane.steps == ref.steps and lane.tokens_seen == ref.tokens_seen, name
     # ratio = mean(last K losses) / loss0, with loss0 > 3.6 in every run here (measured): ratio gaps < tol
@@ -159,13 +170,16 @@ def assert_labels_agree(lane, ref, threshold: float = 1.0) -> None:
     name = ref.run_name
     assert (lane.stable, lane.converged) == (ref.stable, ref.converged), name
     if ref.stable:
-        assert abs(ref.trainable_ratio - threshold) > ROBUST_MARGIN, f"{name}: ratio {ref.trainable_ratio:.3f} is near the threshold: pick another lr"
+        assert abs(ref.trainable_ratio - threshold) > ROBUST_MARGIN, (
+            f"{name}: ratio {ref.trainable_ratio:.3f} is near the threshold: pick another lr"
+        )
         assert abs(lane.trainable_ratio - threshold) > ROBUST_MARGIN / 2, name
     else:
         for run in (lane, ref):
             assert run.error is not None and run.error.startswith("non-finite loss"), name
             assert len(run.losses) <= run.total_steps and not math.isfinite(run.losses[-1]), run.losses
-            assert all(math.isfinite(x) for x in run.losses[:-1]), run.losses  # the run ends at its first non-finite loss
+            # the run ends at its first non-finite loss
+            assert all(math.isfinite(x) for x in run.losses[:-1]), run.losses
             assert run.measure > 0  # the paper's sign convention: positive = did not train
 
 
@@ -180,7 +194,10 @@ def assert_same_numbers(a: list, b: list) -> None:
     """Bit for bit: every loss of every lane, and every number derived from them."""
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x.losses == y.losses or (len(x.losses) == len(y.losses) and all(u == v or (math.isnan(u) and math.isnan(v)) for u, v in zip(x.losses, y.losses))), x.run_name
+        assert x.losses == y.losses or (
+            len(x.losses) == len(y.losses)
+            and all(u == v or (math.isnan(u) and math.isnan(v)) for u, v in zip(x.losses, y.losses))
+        ), x.run_name
         for key in ("stable", "converged", "tokens_seen", "steps", "total_steps", "error", "run_name"):
             assert getattr(x, key) == getattr(y, key), (x.run_name, key)
 
@@ -234,14 +251,16 @@ def test_fixture_row_matches_finetune_lane_by_lane(nanochat, fixture_lanes):
         ref = single(cfg, config, params, batches, 30)
         if is_tame(cfg):
             assert_lane_equals_single(lane, ref, loss_tol(cfg))
-            assert lane.steps == 30 and lane.tokens_seen == 2049  # fixture README: 2049 supervised targets in 30 batches
+            # fixture README: 2049 supervised targets in 30 batches
+            assert lane.steps == 30 and lane.tokens_seen == 2049
             tame += 1
         else:
             assert_labels_agree(lane, ref)
     assert tame == 4
     # the lanes trained (the labels are not vacuous): the fixture's settings all converge
     assert all(r.converged for r in results if r.run_name in ("small", "default", "large"))
-    # and the fixture's "small" lane stays on nanochat's own trajectory (README: <= 2.8e-3 between correct implementations)
+    # and the fixture's "small" lane stays on nanochat's own trajectory (README: <= 2.8e-3 between correct
+    # implementations)
     small = torch.tensor(results[0].losses, dtype=torch.float64)
     assert (small - traj["losses"]["eager_ns"]["small"]).abs().max().item() <= 3e-3
 
@@ -250,7 +269,12 @@ def test_default_model_row_matches_finetune_lane_by_lane(default_data, default_l
     config, params, _, _ = default_data
     cfgs, stream, steps, results = default_lanes
     for cfg in cfgs:  # the defaults this comparison is about (DESIGN section 4)
-        assert (cfg.trainable_param_groups, cfg.weight_decay, cfg.warmup_frac, cfg.final_lr_frac) == ("matrix,unembedding", 0.1, 0.06, 0.0)
+        assert (cfg.trainable_param_groups, cfg.weight_decay, cfg.warmup_frac, cfg.final_lr_frac) == (
+            "matrix,unembedding",
+            0.1,
+            0.06,
+            0.0,
+        )
     assert steps >= 34 and int(steps * 0.06) >= 2  # at least 30 steps, and a real warmup (2 steps) before the cosine
     outcomes = []
     for cfg, lane in zip(cfgs, results):
@@ -284,7 +308,10 @@ def test_bfloat16_autocast_row_matches_finetune(nanochat):
     """The autocast path the GPU runs (bfloat16 matmuls, attention and logits), here on CPU: 3 lanes vs finetune runs
     with --dtype bfloat16, 12 steps of the fixture's batches."""
     config, params, _, batches = nanochat
-    cfgs = [fixture_cfg(learning_rate=lr, dtype="bfloat16", num_iterations=12, run_name=f"bf16-lr{lr!r}") for lr in tame_lrs(3)]
+    cfgs = [
+        fixture_cfg(learning_rate=lr, dtype="bfloat16", num_iterations=12, run_name=f"bf16-lr{lr!r}")
+        for lr in tame_lrs(3)
+    ]
     results = train_lanes(cfgs, config, params, batches, [12] * 3, CPU)
     for cfg, lane in zip(cfgs, results):
         assert_lane_equals_single(lane, single(cfg, config, params, batches, 12), BF16_TOL)
@@ -300,7 +327,10 @@ def test_rows_training_one_group_match_finetune(nanochat, groups):
     """One trainable group: then the head's input (only lm_head trains) or its weight (only wte or the matrices
     train) is shared by all lanes under vmap, the other stacked. 2 lanes, 8 steps of the fixture's batches."""
     config, params, _, batches = nanochat
-    cfgs = [fixture_cfg(trainable_param_groups=groups, learning_rate=lr, num_iterations=8, run_name=f"{groups}-lr{lr!r}") for lr in tame_lrs(2)]
+    cfgs = [
+        fixture_cfg(trainable_param_groups=groups, learning_rate=lr, num_iterations=8, run_name=f"{groups}-lr{lr!r}")
+        for lr in tame_lrs(2)
+    ]
     for cfg, lane in zip(cfgs, train_lanes(cfgs, config, params, batches, [8, 8], CPU)):
         assert_lane_equals_single(lane, single(cfg, config, params, batches, 8), loss_tol(cfg))
 
@@ -315,7 +345,16 @@ def assert_rows_identical(with_diverging: list, without: list) -> None:
     for a, b in zip(with_diverging, without):
         assert all(math.isfinite(x) for x in a.losses), a.run_name  # no NaN leaked in
         assert a.losses == b.losses, a.run_name  # no drift either: exact, step by step
-        for key in ("stable", "converged", "trainable_ratio", "final_loss", "avg_loss", "measure", "tokens_seen", "steps"):
+        for key in (
+            "stable",
+            "converged",
+            "trainable_ratio",
+            "final_loss",
+            "avg_loss",
+            "measure",
+            "tokens_seen",
+            "steps",
+        ):
             assert getattr(a, key) == getattr(b, key), (a.run_name, key)
 
 
@@ -336,7 +375,8 @@ def test_diverging_lane_changes_no_other_lane_default_model(default_data, defaul
     assert_rows_identical([results[i] for i in keep], without)
 
 
-# ----------------------------------------------------------------------------- lanes of different lengths, per-lane data
+# ----------------------------------------------------------------------------- lanes of different lengths, per-lane
+# data
 
 
 def recording(cls, snapshots: list):
@@ -353,7 +393,10 @@ def recording(cls, snapshots: list):
 def test_short_lanes_stop_updating_and_match_their_own_runs(default_data, monkeypatch):
     config, params, tokenizer, examples = default_data
     # final_lr_frac 0.5: past its last step a lane's schedule stays at half its lr, so only the active mask can stop it
-    cfgs = [default_cfg(learning_rate=lr, num_tokens=n, final_lr_frac=0.5, run_name=f"n{n}") for lr, n in ((0.01, 700), (0.004, 140), (0.007, 420))]
+    cfgs = [
+        default_cfg(learning_rate=lr, num_tokens=n, final_lr_frac=0.5, run_name=f"n{n}")
+        for lr, n in ((0.01, 700), (0.004, 140), (0.007, 420))
+    ]
     stream = make_stream(cfgs[0], tokenizer, examples, cfgs[0].seed)
     steps = [total_steps(c, stream.batch(0)[1]) for c in cfgs]
     assert steps == [10, 2, 6]  # 70 supervised tokens in batch 0
@@ -368,7 +411,9 @@ def test_short_lanes_stop_updating_and_match_their_own_runs(default_data, monkey
                 same = all(torch.equal(a[lane], b[lane]) for a, b in zip(snaps[s - 1], snaps[s]))
                 # a lane updates at each of its own steps and is left exactly as it was after its last one
                 assert same == (s >= n), f"lane {lane} ({n} steps): after step {s} changed={not same}"
-        assert_lane_equals_single(results[lane], single(cfgs[lane], config, params, stream.batch, n), loss_tol(cfgs[lane]))
+        assert_lane_equals_single(
+            results[lane], single(cfgs[lane], config, params, stream.batch, n), loss_tol(cfgs[lane])
+        )
         assert results[lane].steps == results[lane].total_steps == n
 
 
@@ -378,7 +423,10 @@ def test_short_lanes_stop_updating_and_match_their_own_runs(default_data, monkey
 def test_per_lane_seeds_match_finetune_runs_with_those_seeds(default_data):
     config, params, tokenizer, examples = default_data
     seeds = [3, 11, 3, 42]  # two lanes share a stream, the others have their own
-    cfgs = [default_cfg(learning_rate=lr, num_tokens=500, seed=s, run_name=f"s{s}-lr{lr!r}") for s, lr in zip(seeds, tame_lrs(4))]
+    cfgs = [
+        default_cfg(learning_rate=lr, num_tokens=500, seed=s, run_name=f"s{s}-lr{lr!r}")
+        for s, lr in zip(seeds, tame_lrs(4))
+    ]
     streams = {s: make_stream(cfgs[0], tokenizer, examples, s) for s in set(seeds)}
     steps = [total_steps(c, streams[c.seed].batch(0)[1]) for c in cfgs]
     assert len(set(steps)) > 1  # the streams' first batches differ, so the step counts do too
@@ -417,7 +465,9 @@ def test_all_lanes_done_stops_the_loop_and_progress_counts_tokens(nanochat):
         asked.append(step)
         return batches(step)
 
-    results = train_lanes(cfgs, config, params, counting, [5, 30], CPU, progress=lambda s, n, p: reports.append((s, n, p)), sync_every=5)
+    results = train_lanes(
+        cfgs, config, params, counting, [5, 30], CPU, progress=lambda s, n, p: reports.append((s, n, p)), sync_every=5
+    )
     diverged_at = len(results[1].losses)  # 9 measured on the fixture: NaN at step 8
     assert 5 < diverged_at < 30 and not results[1].stable
     stop = 5 * math.ceil(diverged_at / 5)  # the first sync after both lanes were done

@@ -45,7 +45,9 @@ def same_numbers(a: list, b: list) -> None:
     """Bit for bit: every loss (NaN where NaN) and every label and count."""
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert len(x.losses) == len(y.losses) and all(u == v or (math.isnan(u) and math.isnan(v)) for u, v in zip(x.losses, y.losses)), x.run_name
+        assert len(x.losses) == len(y.losses) and all(
+            u == v or (math.isnan(u) and math.isnan(v)) for u, v in zip(x.losses, y.losses)
+        ), x.run_name
         for key in ("stable", "converged", "tokens_seen", "steps", "total_steps", "error"):
             assert getattr(x, key) == getattr(y, key), (x.run_name, key)
 
@@ -90,9 +92,11 @@ def test_stepping_in_the_backward_frees_each_layers_gradients(nanochat, monkeypa
     assert len(optimizers) == 2 + config.n_layer  # AdamW for wte and for lm_head, one Muon per layer
     alive = []
     for optimizer, group, names in optimizers:
+
         def spy(*args, optimizer=optimizer, names=names, original=optimizer.step):
             alive.append((names, [k for k, p in row.params.items() if p.grad is not None]))
             original(*args)
+
         monkeypatch.setattr(optimizer, "step", spy)
     engine.lanes_step(row, 0, *batches(0))
     assert len(alive) == len(optimizers)
@@ -190,14 +194,26 @@ def test_a_small_memory_budget_splits_the_row_and_changes_no_number(default_mode
     from fractal_vmap.grid import GridConfig, plan_grid, train_row
     from fractal_vmap.plan import HEADROOM, estimate_memory
 
-    cfg = GridConfig(axes="num_tokens,lr", rows=1, cols=5, row_min=400, row_max=400, col_min=0.01, col_max=1e12, device="cpu",
-                     wandb="disabled", run_dir=str(tmp_path / "run"))
+    cfg = GridConfig(
+        axes="num_tokens,lr",
+        rows=1,
+        cols=5,
+        row_min=400,
+        row_max=400,
+        col_min=0.01,
+        col_max=1e12,
+        device="cpu",
+        wandb="disabled",
+        run_dir=str(tmp_path / "run"),
+    )
     plan = plan_grid(cfg)
     cells = plan.cells[0]
     whole, chunk = train_row(plan, cells)
     assert chunk == 5
     config = plan.model[0]
-    frugal = estimate_memory(config, cfg.device_batch_size, cfg.max_seq_len, levers=Levers(step_in_backward=True, remat=True))
+    frugal = estimate_memory(
+        config, cfg.device_batch_size, cfg.max_seq_len, levers=Levers(step_in_backward=True, remat=True)
+    )
     budget = int(frugal.peak(2) / HEADROOM) + 1
     small = replace(plan, cfg=replace(cfg, memory_budget=str(budget)))
     assert grid.chunk_size(small, 5)[:2] == (2, Levers(step_in_backward=True, remat=True))

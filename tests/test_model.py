@@ -58,7 +58,9 @@ def test_loss_and_per_token_loss_match_nanochat(fixture_model, reference):
     assert loss.item() == pytest.approx(7.850517749786377, abs=1e-5)
     torch.testing.assert_close(loss, reference["loss"], rtol=0, atol=1e-5)
 
-    per_token = forward(params, reference["idx"], config, cos_sin, reference["targets"], head=partial(head_loss, reduction="none"))
+    per_token = forward(
+        params, reference["idx"], config, cos_sin, reference["targets"], head=partial(head_loss, reduction="none")
+    )
     per_token = per_token.view(4, 64)
     # per-token losses are single log-softmax values of size <= ~15, same argument as LOGIT_ATOL
     torch.testing.assert_close(per_token, reference["loss_per_token"], rtol=0, atol=1e-5)
@@ -324,8 +326,12 @@ def test_vmap_lanes_match_single_model(fixture_model, per_lane_data):
     assert len(set(losses.tolist())) == L  # the perturbations make every lane different
     for lane in range(L):
         x, y = (inputs[lane], targets[lane]) if per_lane_data else (inputs, targets)
-        single_loss, single_grads = single_loss_and_grads(config, frozen, {k: v[lane] for k, v in stacked.items()}, x, y)
-        assert_lane_matches_single(losses[lane], {k: g[lane] for k, g in grads.items()}, single_loss, single_grads, lane)
+        single_loss, single_grads = single_loss_and_grads(
+            config, frozen, {k: v[lane] for k, v in stacked.items()}, x, y
+        )
+        assert_lane_matches_single(
+            losses[lane], {k: g[lane] for k, g in grads.items()}, single_loss, single_grads, lane
+        )
 
 
 def test_vmap_runs_without_per_lane_fallback(fixture_model):
@@ -347,7 +353,9 @@ def test_vmap_runs_without_per_lane_fallback(fixture_model):
         torch._C._functorch._set_vmap_fallback_warning_enabled(False)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     # the fallback warns "performance drop ... not yet implemented the batching rule for <op>"
-    assert not [m for m in messages if any(s in m for s in ("batching rule", "performance drop", "vmap", "functorch"))], messages
+    assert not [
+        m for m in messages if any(s in m for s in ("batching rule", "performance drop", "vmap", "functorch"))
+    ], messages
 
 
 @pytest.mark.parametrize("L", [4, 8])
@@ -360,9 +368,16 @@ def test_one_attention_call_per_layer_for_all_lanes(fixture_model, L):
     cos_sin = rotary_cos_sin(config)
     leaves = {k: v.clone().requires_grad_() for k, v in stacked.items()}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        losses = vmap(lambda lane, x, y: forward({**frozen, **lane}, x, config, cos_sin, y, attend=lanes_attention, head=lanes_head_loss))(leaves, inputs, targets)
+        losses = vmap(
+            lambda lane, x, y: forward(
+                {**frozen, **lane}, x, config, cos_sin, y, attend=lanes_attention, head=lanes_head_loss
+            )
+        )(leaves, inputs, targets)
         losses.sum().backward()
-    kernels = {"aten::_scaled_dot_product_flash_attention_for_cpu": [], "aten::_scaled_dot_product_flash_attention_for_cpu_backward": []}
+    kernels = {
+        "aten::_scaled_dot_product_flash_attention_for_cpu": [],
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward": [],
+    }
     for event in prof.events():
         if event.name in kernels:
             shapes = event.input_shapes

@@ -49,8 +49,10 @@ def reference_loss_and_grads(W0, W1, x, y, activation):
 
 def random_lanes(L, n, scale, seed):
     g = torch.Generator().manual_seed(seed)
-    return {"W0": scale * torch.randn(L, n, n, dtype=torch.float64, generator=g),
-            "W1": scale * torch.randn(L, n, 1, dtype=torch.float64, generator=g)}
+    return {
+        "W0": scale * torch.randn(L, n, n, dtype=torch.float64, generator=g),
+        "W1": scale * torch.randn(L, n, 1, dtype=torch.float64, generator=g),
+    }
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -62,7 +64,9 @@ def test_lane_grads_match_numpy_reference(activation, loss_and_grads):
     losses, grads = loss_and_grads(params, x, y, cfg)
     assert losses.shape == (7,) and grads["W0"].shape == (7, 6, 6) and grads["W1"].shape == (7, 6, 1)
     for i in range(7):
-        ref_loss, gW0, gW1 = reference_loss_and_grads(params["W0"][i].numpy(), params["W1"][i].numpy(), x.numpy(), y.numpy(), activation)
+        ref_loss, gW0, gW1 = reference_loss_and_grads(
+            params["W0"][i].numpy(), params["W1"][i].numpy(), x.numpy(), y.numpy(), activation
+        )
         # float64 rounding of a different summation order: measured <= 1.1e-15 relative to the largest entry
         assert abs(losses[i].item() - ref_loss) <= 1e-13 * ref_loss
         for got, ref in ((grads["W0"][i].numpy(), gW0), (grads["W1"][i].numpy(), gW1)):
@@ -94,7 +98,9 @@ def test_one_gd_step_matches_reference(loss_and_grads):
     for i in range(3):
         W0, W1 = p["W0"].numpy() + offset[i].item(), p["W1"].numpy()
         l0, gW0, gW1 = reference_loss_and_grads(W0, W1, x.numpy(), y.numpy(), "tanh")
-        l1 = reference_loss_and_grads(W0 - lr0[i].item() * gW0, W1 - lr1[i].item() * gW1, x.numpy(), y.numpy(), "tanh")[0]
+        l1 = reference_loss_and_grads(W0 - lr0[i].item() * gW0, W1 - lr1[i].item() * gW1, x.numpy(), y.numpy(), "tanh")[
+            0
+        ]
         # one step of float64 rounding differences: measured <= 2.1e-16 relative
         assert losses[0, i].item() == pytest.approx(l0, rel=1e-13)
         assert losses[1, i].item() == pytest.approx(l1, rel=1e-13)
@@ -118,14 +124,17 @@ def test_diverging_lane_leaves_others_bit_equal(loss_and_grads):
     with_bad = train_paper_lanes(cfg, lr0, lr1, loss_and_grads=loss_and_grads)
     bad = with_bad[:, 2]
     first = int(torch.nonzero(~torch.isfinite(bad))[0])
-    assert first < cfg.steps - 1 and torch.isnan(bad[first + 1:]).all()  # it diverged, then it stopped
+    assert first < cfg.steps - 1 and torch.isnan(bad[first + 1 :]).all()  # it diverged, then it stopped
     keep = [0, 1, 3]
     without = train_paper_lanes(cfg, lr0[keep], lr1[keep], loss_and_grads=loss_and_grads)
     assert torch.isfinite(without).all()
     torch.testing.assert_close(with_bad[:, keep], without, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("loss_and_grads,dtype", [(lane_loss_and_grads, "float64"), (vmap_loss_and_grads, "float64"), (lane_loss_and_grads, "float32")])
+@pytest.mark.parametrize(
+    "loss_and_grads,dtype",
+    [(lane_loss_and_grads, "float64"), (vmap_loss_and_grads, "float64"), (lane_loss_and_grads, "float32")],
+)
 def test_lanes_do_not_depend_on_their_company(loss_and_grads, dtype):
     """A lane's numbers are the same alone, among 5, and in chunks of 2 (bit for bit, NaNs included)."""
     cfg = PaperConfig(width=6, steps=30, dtype=dtype)
@@ -137,7 +146,7 @@ def test_lanes_do_not_depend_on_their_company(loss_and_grads, dtype):
         chunked = train_paper_lanes(cfg, lr0, lr1, chunk=chunk, loss_and_grads=loss_and_grads, workers=workers)
         torch.testing.assert_close(chunked, together, rtol=0, atol=0, equal_nan=True)
     for i in range(5):
-        alone = train_paper_lanes(cfg, lr0[i:i + 1], lr1[i:i + 1], loss_and_grads=loss_and_grads)
+        alone = train_paper_lanes(cfg, lr0[i : i + 1], lr1[i : i + 1], loss_and_grads=loss_and_grads)
         torch.testing.assert_close(alone[:, 0], together[:, i], rtol=0, atol=0, equal_nan=True)
 
 
@@ -183,8 +192,14 @@ def test_sigmoid_rounds_a_value_the_same_wherever_it_sits():
     values = torch.cat([hard, candidates[:40]])
     alone = torch.cat([sigmoid_(v.view(1).clone()) for v in values])
     for before, after in ((0, 0), (5, 3), (16, 0), (40000, 11), (70001, 0)):  # up to several pieces of GRAIN - block
-        t = torch.cat([torch.randn(before, dtype=torch.float64, generator=g), values, torch.randn(after, dtype=torch.float64, generator=g)])
-        assert torch.equal(sigmoid_(t)[before:before + len(values)], alone)
+        t = torch.cat(
+            [
+                torch.randn(before, dtype=torch.float64, generator=g),
+                values,
+                torch.randn(after, dtype=torch.float64, generator=g),
+            ]
+        )
+        assert torch.equal(sigmoid_(t)[before : before + len(values)], alone)
     torch.testing.assert_close(alone, torch.sigmoid(values), rtol=4.5e-16, atol=0)  # sigmoid, to 2 ulps
 
 
@@ -194,10 +209,21 @@ def test_training_leaves_the_thread_count_as_it_was():
     assert torch.get_num_threads() == threads
 
 
-@pytest.mark.parametrize("lrs", [
-    [(0.3, 2.0), (1e6, 1e6), (2.0, 0.5), (3e5, 10.0), (5.0, 5.0), (1e4, 1e5), (0.05, 30.0)],  # some lanes stop early
-    [(1e6, 1e6), (0.5, 1.0), (3e5, 2e5)],  # one lane left alone: it keeps a stopped companion
-])
+@pytest.mark.parametrize(
+    "lrs",
+    [
+        [
+            (0.3, 2.0),
+            (1e6, 1e6),
+            (2.0, 0.5),
+            (3e5, 10.0),
+            (5.0, 5.0),
+            (1e4, 1e5),
+            (0.05, 30.0),
+        ],  # some lanes stop early
+        [(1e6, 1e6), (0.5, 1.0), (3e5, 2e5)],  # one lane left alone: it keeps a stopped companion
+    ],
+)
 def test_dropping_stopped_lanes_changes_no_number(monkeypatch, lrs):
     cfg = PaperConfig(width=6, steps=60)
     lr0, lr1 = torch.tensor(lrs, dtype=torch.float64).T

@@ -39,7 +39,10 @@ def test_levers_lower_the_estimate_where_they_should():
     assert hooks.per_lane["backward"] < plain.per_lane["backward"]
     assert remat.per_lane["activations"] < plain.per_lane["activations"] / 2
     for p in (hooks, remat):  # the weights and the optimizer state do not move
-        assert (p.per_lane["params"], p.per_lane["optimizer"]) == (plain.per_lane["params"], plain.per_lane["optimizer"])
+        assert (p.per_lane["params"], p.per_lane["optimizer"]) == (
+            plain.per_lane["params"],
+            plain.per_lane["optimizer"],
+        )
     # a budget between two lane counts' peaks fits the smaller count
     assert plain.lanes_that_fit(int(plain.peak(5) / HEADROOM) + 1) == 5
 
@@ -63,7 +66,9 @@ def test_parse_bytes():
 
 def test_plan_command_prints_and_writes_json(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    main(["plan", "--model", "d2", "--lanes", "4", "--batch", "2", "--seq", "64", "--gpu_mem", "1GB", "--json", str(out)])
+    main(
+        ["plan", "--model", "d2", "--lanes", "4", "--batch", "2", "--seq", "64", "--gpu_mem", "1GB", "--json", str(out)]
+    )
     text = capsys.readouterr().out
     assert "per lane" in text and "lanes per chunk" in text
     plan = json.loads(out.read_text())
@@ -71,8 +76,15 @@ def test_plan_command_prints_and_writes_json(tmp_path, capsys):
     assert plan["lanes_that_fit"]["80GB"] > plan["lanes_that_fit"]["1GB"]
 
 
-@pytest.mark.parametrize("args, message", [(["--model", "d0"], "depth"), (["--gpu_mem", "lots"], "not a size"),
-                                           (["--levers", "fast"], "--levers"), (["--project", "tpu"], "--project")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "d0"], "depth"),
+        (["--gpu_mem", "lots"], "not a size"),
+        (["--levers", "fast"], "--levers"),
+        (["--project", "tpu"], "--project"),
+    ],
+)
 def test_plan_bad_input_is_one_line(capsys, args, message):
     with pytest.raises(SystemExit) as exit:
         main(["plan", *args])

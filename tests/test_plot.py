@@ -62,9 +62,9 @@ def test_paper_image_colours_and_orientation(tmp_path, split):
     h, w = box.shape[:2]
     # image row 0 is the top of the picture; grid row 0 must be at the bottom
     if split == "rows":
-        trained_part, untrained_part = box[int(0.6 * h):], box[: int(0.4 * h)]
+        trained_part, untrained_part = box[int(0.6 * h) :], box[: int(0.4 * h)]
     else:
-        trained_part, untrained_part = box[:, : int(0.35 * w)], box[:, int(0.65 * w):]
+        trained_part, untrained_part = box[:, : int(0.35 * w)], box[:, int(0.65 * w) :]
     assert blue_fraction(trained_part) > 0.7, blue_fraction(trained_part)
     assert red_fraction(trained_part) < 0.05
     assert red_fraction(untrained_part) > 0.7, red_fraction(untrained_part)
@@ -77,7 +77,7 @@ def test_paper_image_nan_is_grey(tmp_path):
     img = mpimg.imread(paper_image(m, ROWS, COLS, "num_tokens", "lr", tmp_path / "grey.png"))
     centre = coloured_box(img)
     h, w = centre.shape[:2]
-    centre = centre[h // 3: 2 * h // 3, w // 3: 2 * w // 3]
+    centre = centre[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3]
     assert np.allclose(centre, 0.5, atol=0.02)
     # corners: bottom-left is grid (0, 0) trained, top-right is (H-1, W-1) not trained
     box = coloured_box(img)
@@ -93,13 +93,19 @@ def test_panels_writes_png(tmp_path):
     stable = converged | (rng.random((H, W)) < 0.5)
     final_loss = np.where(converged, rng.uniform(0.5, 2.0, (H, W)), rng.uniform(3.0, 10.0, (H, W)))
     final_loss[~stable] = np.nan
-    cells = pd.DataFrame(dict(
-        row=rows.ravel(), col=cols.ravel(),
-        stable=stable.ravel(), converged=converged.ravel(),
-        final_loss=final_loss.ravel(), trainable_ratio=rng.uniform(0.1, 2.0, H * W),
-        measure=m.ravel(),
-        num_tokens=ROWS[rows.ravel()], lr=COLS[cols.ravel()],
-    ))
+    cells = pd.DataFrame(
+        dict(
+            row=rows.ravel(),
+            col=cols.ravel(),
+            stable=stable.ravel(),
+            converged=converged.ravel(),
+            final_loss=final_loss.ravel(),
+            trainable_ratio=rng.uniform(0.1, 2.0, H * W),
+            measure=m.ravel(),
+            num_tokens=ROWS[rows.ravel()],
+            lr=COLS[cols.ravel()],
+        )
+    )
     keep = ~np.isnan(m.ravel())  # cells not computed yet are simply absent
     path = panels(cells[keep], "num_tokens", "lr", tmp_path / "panels.png")
     assert path.exists() and path.stat().st_size > 0
@@ -113,11 +119,19 @@ def test_panels_writes_png(tmp_path):
 
 def test_panels_all_nonfinite_loss(tmp_path):
     # every run diverged: the log-scale panel has nothing to scale by and must not crash
-    cells = pd.DataFrame(dict(
-        row=[0, 0, 1, 1], col=[0, 1, 0, 1], stable=False, converged=False,
-        final_loss=np.nan, trainable_ratio=np.nan, measure=1.0,
-        num_tokens=[1e3, 1e3, 1e4, 1e4], lr=[1e-4, 1e-3, 1e-4, 1e-3],
-    ))
+    cells = pd.DataFrame(
+        dict(
+            row=[0, 0, 1, 1],
+            col=[0, 1, 0, 1],
+            stable=False,
+            converged=False,
+            final_loss=np.nan,
+            trainable_ratio=np.nan,
+            measure=1.0,
+            num_tokens=[1e3, 1e3, 1e4, 1e4],
+            lr=[1e-4, 1e-3, 1e-4, 1e-3],
+        )
+    )
     path = panels(cells, "num_tokens", "lr", tmp_path / "p.png")
     assert path.stat().st_size > 0
 
@@ -138,7 +152,11 @@ def figures(monkeypatch):
 
 def tick_labels(axis) -> list[str]:
     lo, hi = axis.get_view_interval()
-    return [t.get_text() for t in axis.get_ticklabels() if lo <= t.get_position()[axis is axis.axes.yaxis] <= hi and t.get_text()]
+    return [
+        t.get_text()
+        for t in axis.get_ticklabels()
+        if lo <= t.get_position()[axis is axis.axes.yaxis] <= hi and t.get_text()
+    ]
 
 
 def test_log_axes_are_ticked_in_values_and_the_shading_has_a_colour_bar(tmp_path, figures):
@@ -149,12 +167,23 @@ def test_log_axes_are_ticked_in_values_and_the_shading_has_a_colour_bar(tmp_path
     fig.canvas.draw()
     ax, bar = fig.axes
     assert ax.get_xscale() == ax.get_yscale() == "log"
-    # cells span the axis values: the first and last cells are centred on the first and last values (geometric midpoints)
+    # cells span the axis values: the first and last cells are centred on the first and last values (geometric
+    # midpoints)
     lo, hi = ax.get_xlim()
     assert np.sqrt(lo * hi) == pytest.approx(np.sqrt(COLS[0] * COLS[-1]), rel=1e-9)
-    assert tick_labels(ax.xaxis) == ["$\\mathdefault{10^{-5}}$", "$\\mathdefault{10^{-4}}$", "$\\mathdefault{10^{-3}}$",
-                                     "$\\mathdefault{10^{-2}}$", "$\\mathdefault{10^{-1}}$"]  # values, not exponents
-    assert [t.get_text() for t in bar.get_yticklabels()] == ["fails hardest", "barely fails", "barely trains", "trains fastest"]
+    assert tick_labels(ax.xaxis) == [
+        "$\\mathdefault{10^{-5}}$",
+        "$\\mathdefault{10^{-4}}$",
+        "$\\mathdefault{10^{-3}}$",
+        "$\\mathdefault{10^{-2}}$",
+        "$\\mathdefault{10^{-1}}$",
+    ]  # values, not exponents
+    assert [t.get_text() for t in bar.get_yticklabels()] == [
+        "fails hardest",
+        "barely fails",
+        "barely trains",
+        "trains fastest",
+    ]
     assert "convergence measure" in bar.get_ylabel()
     texts = [t.get_text() for t in fig.texts] + [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert "model x · dataset y" in texts and any("grey" in t for t in texts)  # the caption, and the NaN cells named
@@ -165,9 +194,18 @@ def test_panels_shade_trainability_as_the_paper_image(tmp_path, figures):
     m = half_trained_measure(rng, "rows")
     rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
     keep = ~np.isnan(m.ravel())
-    cells = pd.DataFrame({"row": rows.ravel(), "col": cols.ravel(), "stable": True, "converged": m.ravel() < 0,
-                          "final_loss": rng.uniform(1.0, 5.0, H * W), "measure": m.ravel(), "num_tokens": ROWS[rows.ravel()],
-                          "lr": COLS[cols.ravel()]})[keep]
+    cells = pd.DataFrame(
+        {
+            "row": rows.ravel(),
+            "col": cols.ravel(),
+            "stable": True,
+            "converged": m.ravel() < 0,
+            "final_loss": rng.uniform(1.0, 5.0, H * W),
+            "measure": m.ravel(),
+            "num_tokens": ROWS[rows.ravel()],
+            "lr": COLS[cols.ravel()],
+        }
+    )[keep]
     paper_image(m, ROWS, COLS, "num_tokens", "lr", tmp_path / "p.png")
     panels(cells, "num_tokens", "lr", tmp_path / "panels.png")
     paper, grid = figures
@@ -198,11 +236,21 @@ def issue_cells() -> pd.DataFrame:
     records = []
     for (i, j), v in curves.items():
         losses = loss0 * v
-        run = losses[: 59] if (i, j) == (1, 1) else losses
+        run = losses[:59] if (i, j) == (1, 1) else losses
         labels = trainability(run)
-        records.append({"row": i, "col": j, "num_tokens": (1000.0, 8000.0)[i], "lr": (0.01, 100.0)[j], **labels,
-                        "measure": float(convergence_measure(losses)), "steps": len(run), "total_steps": len(losses),
-                        "final_loss": float(run[-1])})
+        records.append(
+            {
+                "row": i,
+                "col": j,
+                "num_tokens": (1000.0, 8000.0)[i],
+                "lr": (0.01, 100.0)[j],
+                **labels,
+                "measure": float(convergence_measure(losses)),
+                "steps": len(run),
+                "total_steps": len(losses),
+                "final_loss": float(run[-1]),
+            }
+        )
     cells = pd.DataFrame.from_records(records)
     ratio = {(r.row, r.col): r.trainable_ratio for r in cells.itertuples()}
     assert ratio[(0, 0)] == pytest.approx(0.71, abs=0.01) and ratio[(1, 0)] == pytest.approx(0.34, abs=0.01)
@@ -232,10 +280,20 @@ def test_pictures_shade_per_step_and_say_so(tmp_path, figures):
 
     cells = issue_cells()
     axis = lambda name, values: {"name": name, "values": values, "scale": "log"}  # noqa: E731
-    grid = {"spec": {"axes": {"rows": axis("num_tokens", [1000.0, 8000.0]), "cols": axis("lr", [0.01, 100.0])},
-                     "settings": {"device": "cpu", "dtype": "float32", "trainable_window_steps": 20,
-                                  "trainable_loss_ratio_threshold": 1.0},
-                     "group_lrs": {}, "model": {"source": "default"}, "dataset": {"source": "default"}}}
+    grid = {
+        "spec": {
+            "axes": {"rows": axis("num_tokens", [1000.0, 8000.0]), "cols": axis("lr", [0.01, 100.0])},
+            "settings": {
+                "device": "cpu",
+                "dtype": "float32",
+                "trainable_window_steps": 20,
+                "trainable_loss_ratio_threshold": 1.0,
+            },
+            "group_lrs": {},
+            "model": {"source": "default"},
+            "dataset": {"source": "default"},
+        }
+    }
     fractal = {"sizes": [], "edge_pixel_count": 1, "dimension": None, "dimension_median_local": None, "caveat": "few"}
     draw_pictures(grid, cells, fractal, tmp_path, "run")
     paper, grid_fig = figures

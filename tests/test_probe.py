@@ -72,8 +72,10 @@ def inject_no_space(monkeypatch, which: str) -> None:
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_half_way(savefig, "trainability.png"))
 
 
-@pytest.mark.parametrize("which, written", [("row file", "row_0001.json"), ("cells.parquet", "cells.parquet"),
-                                            ("picture", "trainability.png")])
+@pytest.mark.parametrize(
+    "which, written",
+    [("row file", "row_0001.json"), ("cells.parquet", "cells.parquet"), ("picture", "trainability.png")],
+)
 def test_a_full_disk_is_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch, which, written):
     run_dir = tmp_path / "run"
     argv = [*PAPER, "--run_dir", str(run_dir)]
@@ -128,8 +130,11 @@ def test_a_dataset_that_is_not_utf8_names_the_line_and_byte(tmp_path, capsys, no
     grid = ["--run_dir", str(tmp_path / "run"), "--rows", "1", "--cols", "2"]
     where = ["--out", str(tmp_path / "r.json")] if command == "finetune" else grid
     byte = len(good) + bad.index(b"\xe9")
-    refused(capsys, [command, *FAST, *where, "--model", str(FIXTURE), "--dataset", str(tmp_path / "chats.jsonl")],
-            f"chats.jsonl line 2 (byte {byte}): not UTF-8")
+    refused(
+        capsys,
+        [command, *FAST, *where, "--model", str(FIXTURE), "--dataset", str(tmp_path / "chats.jsonl")],
+        f"chats.jsonl line 2 (byte {byte}): not UTF-8",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -145,8 +150,9 @@ def no_credentials(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("command", ["finetune", "grid"])
 @pytest.mark.parametrize("how", [["--wandb", "online"], "WANDB_MODE=online"])
-def test_wandb_online_without_credentials_says_how_to_log_in(tmp_path, capsys, monkeypatch, no_credentials, no_model,
-                                                             no_training, command, how):
+def test_wandb_online_without_credentials_says_how_to_log_in(
+    tmp_path, capsys, monkeypatch, no_credentials, no_model, no_training, command, how
+):
     if how == "WANDB_MODE=online":
         monkeypatch.setenv("WANDB_MODE", "online")
     flags = how if isinstance(how, list) else ["--wandb", "auto"]
@@ -165,12 +171,15 @@ def test_wandb_online_with_an_api_key_passes_the_check(monkeypatch, no_credentia
     check_wandb(GridConfig(wandb="online"))  # no refusal
 
 
-@pytest.mark.parametrize("mode, flags", [
-    ("a refined grid", ["--refine", "1", "--wandb", "offline"]),
-    ("a refined grid", ["--task", "paper-mlp", "--refine", "1", "--wandb", "online"]),
-    ("a paper-mlp grid", ["--task", "paper-mlp", "--wandb", "offline"]),
-    ("a paper-mlp grid", ["--task", "paper-mlp", "--wandb_project", "mine"]),
-])
+@pytest.mark.parametrize(
+    "mode, flags",
+    [
+        ("a refined grid", ["--refine", "1", "--wandb", "offline"]),
+        ("a refined grid", ["--task", "paper-mlp", "--refine", "1", "--wandb", "online"]),
+        ("a paper-mlp grid", ["--task", "paper-mlp", "--wandb", "offline"]),
+        ("a paper-mlp grid", ["--task", "paper-mlp", "--wandb_project", "mine"]),
+    ],
+)
 def test_modes_that_log_nothing_to_wandb_say_so_when_it_is_asked_for(tmp_path, capsys, no_model, mode, flags):
     argv = ["grid", "--device", "cpu", "--run_dir", str(tmp_path / "run"), *flags]
     line = refused(capsys, argv, f"{mode} logs nothing to W&B")
@@ -270,8 +279,16 @@ def test_a_paper_grid_refuses_axes_even_at_their_nanochat_default(tmp_path, caps
 def test_the_paper_task_reads_what_it_does_not_refuse():
     """Spot checks of the list: the model, data and optimizer flags are nanochat's; --axes keeps its own line."""
     names = {flag[0] for flag in nanochat_only_flags()}
-    nanochat = {"--model", "--dataset", "--learning_rate", "--num_tokens", "--lane_chunk", "--kernels", "--compile",
-                "--run_name"}
+    nanochat = {
+        "--model",
+        "--dataset",
+        "--learning_rate",
+        "--num_tokens",
+        "--lane_chunk",
+        "--kernels",
+        "--compile",
+        "--run_name",
+    }
     assert nanochat <= names
     assert not {"--seed", "--num_iterations", "--dtype", "--device", "--trainable_window_steps", "--width"} & names
 
@@ -313,12 +330,30 @@ def test_the_refine_memory_estimate_is_what_a_map_takes():
 
     rng = np.random.default_rng()
     H = W = 65
+
     def lane(i: int, j: int) -> dict:  # a nanochat cell's result (recipe.CellResult) of 25 steps
-        return {"run_name": f"grid-r{i}-c{j}", "learning_rate": float(rng.random()), "num_tokens_target": 1000,
-                "tokens_seen": 1000, "avg_loss": 2.0, "final_loss": 2.0, "trainable_loss0": 2.0,
-                "trainable_mean_last_k": 1.5, "trainable_ratio": 0.7, "stable": True, "converged": bool(i < j),
-                "steps": 25, "total_steps": 25, "runtime_s": 1.0, "seed": 999, "error": None,
-                "measure": float(rng.normal()), "losses": rng.random(25).tolist(), "grid_i": i, "grid_j": j}
+        return {
+            "run_name": f"grid-r{i}-c{j}",
+            "learning_rate": float(rng.random()),
+            "num_tokens_target": 1000,
+            "tokens_seen": 1000,
+            "avg_loss": 2.0,
+            "final_loss": 2.0,
+            "trainable_loss0": 2.0,
+            "trainable_mean_last_k": 1.5,
+            "trainable_ratio": 0.7,
+            "stable": True,
+            "converged": bool(i < j),
+            "steps": 25,
+            "total_steps": 25,
+            "runtime_s": 1.0,
+            "seed": 999,
+            "error": None,
+            "measure": float(rng.normal()),
+            "losses": rng.random(25).tolist(),
+            "grid_i": i,
+            "grid_j": j,
+        }
 
     results = {(i, j): lane(i, j) for i in range(H) for j in range(W) if i % 4 == 0 and j % 4 == 0 or abs(i - j) < 2}
     row, col = Axis("lr1", list(np.geomspace(1, 1e3, H)), "log"), Axis("lr0", list(np.geomspace(0.1, 1e5, W)), "log")
@@ -337,8 +372,26 @@ def test_a_refined_map_counts_the_cells_it_trained(tmp_path, capsys):
 
     run_dir = tmp_path / "run"
     view = ["--row_min", "1", "--row_max", "1e3", "--col_min", "1e-1", "--col_max", "1e5"]  # test_zoom's: both phases
-    main(["grid", "--task", "paper-mlp", "--rows", "7", "--cols", "7", "--refine", "1", "--num_iterations", "25",
-          "--seed", "0", *view, "--run_dir", str(run_dir)])
+    main(
+        [
+            "grid",
+            "--task",
+            "paper-mlp",
+            "--rows",
+            "7",
+            "--cols",
+            "7",
+            "--refine",
+            "1",
+            "--num_iterations",
+            "25",
+            "--seed",
+            "0",
+            *view,
+            "--run_dir",
+            str(run_dir),
+        ]
+    )
     grid, cells, fractal = read_run(run_dir)
     trained = int(cells["trained"].sum())
     assert 49 < trained < 169  # more than the coarse grid, fewer than the 13 x 13 map
@@ -351,16 +404,20 @@ def test_a_refined_map_counts_the_cells_it_trained(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["grid", "finetune"])
-@pytest.mark.parametrize("entry, expected", [
-    ("num_tokens: many", "num_tokens is 'many', not a whole number (int): write e.g. `num_tokens: 20000`"),
-    ("num_tokens: 2.5", "num_tokens is 2.5, not a whole number (int)"),
-    ("learning_rate: fast", "learning_rate is 'fast', not a number (float): write e.g. `learning_rate: 0.02`"),
-    ("learning_rate: [1, 2]", "learning_rate is [1, 2], not a number (float)"),
-    ("wandb: 3", "wandb is 3, not a string"),
-    ("num_iterations: lots", "num_iterations is 'lots', not a whole number (int) or null"),
-])
-def test_a_config_value_of_the_wrong_type_names_the_file_key_and_type(tmp_path, capsys, no_training, command, entry,
-                                                                     expected):
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ("num_tokens: many", "num_tokens is 'many', not a whole number (int): write e.g. `num_tokens: 20000`"),
+        ("num_tokens: 2.5", "num_tokens is 2.5, not a whole number (int)"),
+        ("learning_rate: fast", "learning_rate is 'fast', not a number (float): write e.g. `learning_rate: 0.02`"),
+        ("learning_rate: [1, 2]", "learning_rate is [1, 2], not a number (float)"),
+        ("wandb: 3", "wandb is 3, not a string"),
+        ("num_iterations: lots", "num_iterations is 'lots', not a whole number (int) or null"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_names_the_file_key_and_type(
+    tmp_path, capsys, no_training, command, entry, expected
+):
     path = tmp_path / "options.yaml"
     path.write_text(f"cfg:\n  {entry}\n")
     where = ["--out", str(tmp_path / "r.json")] if command == "finetune" else ["--run_dir", str(tmp_path / "run")]
@@ -382,17 +439,31 @@ def test_config_values_simple_parsing_converts_still_pass(tmp_path):
 # ----------------------------------------------------------------------------- axes
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--axes", "seed,lr", "--row_min", "0.5", "--row_max", "3.7", "--rows", "4"],
-     "--row_min 0.5: the rows axis seed takes whole numbers: pass 0 or 1"),
-    (["--axes", "lr,num_tokens", "--col_min", "1000", "--col_max", "2500.5", "--cols", "4"],
-     "--col_max 2500.5: the cols axis num_tokens takes whole numbers"),
-    (["--axes", "seed,lr", "--row_min", "0", "--row_max", "3", "--rows", "6"],
-     "the rows axis seed 0..3 rounds to 4 distinct whole numbers for --rows 6: some rows would train the same cells"),
-    (["--col_min", "0.01", "--col_max", "0.01"],
-     "--col_min and --col_max are both 0.01 with --cols 16: every col would train the same cells"),
-    (["--row_min", "2000", "--row_max", "2000", "--rows", "3"], "--row_min and --row_max are both 2000 with --rows 3"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (
+            ["--axes", "seed,lr", "--row_min", "0.5", "--row_max", "3.7", "--rows", "4"],
+            "--row_min 0.5: the rows axis seed takes whole numbers: pass 0 or 1",
+        ),
+        (
+            ["--axes", "lr,num_tokens", "--col_min", "1000", "--col_max", "2500.5", "--cols", "4"],
+            "--col_max 2500.5: the cols axis num_tokens takes whole numbers",
+        ),
+        (
+            ["--axes", "seed,lr", "--row_min", "0", "--row_max", "3", "--rows", "6"],
+            "the rows axis seed 0..3 rounds to 4 distinct whole numbers for --rows 6: some rows would train the same cells",
+        ),
+        (
+            ["--col_min", "0.01", "--col_max", "0.01"],
+            "--col_min and --col_max are both 0.01 with --cols 16: every col would train the same cells",
+        ),
+        (
+            ["--row_min", "2000", "--row_max", "2000", "--rows", "3"],
+            "--row_min and --row_max are both 2000 with --rows 3",
+        ),
+    ],
+)
 def test_axes_that_would_train_outside_their_range_or_twice_are_refused(tmp_path, capsys, no_model, flags, expected):
     refused(capsys, ["grid", *FAST, "--run_dir", str(tmp_path / "run"), *flags], expected)
     assert not (tmp_path / "run").exists()
@@ -413,8 +484,13 @@ def test_a_square_zoom_of_an_integer_axis_keeps_whole_values_inside_its_range():
     from fractal_vmap.options import ZoomConfig
     from fractal_vmap.zoom import child_axes
 
-    spec = {"axes": {"rows": {"name": "num_tokens", "values": [1000.0, 2828.0, 8000.0], "scale": "log"},
-                     "cols": {"name": "lr", "values": [0.01, 1.0, 100.0], "scale": "log"}}, "settings": {}}
+    spec = {
+        "axes": {
+            "rows": {"name": "num_tokens", "values": [1000.0, 2828.0, 8000.0], "scale": "log"},
+            "cols": {"name": "lr", "values": [0.01, 1.0, 100.0], "scale": "log"},
+        },
+        "settings": {},
+    }
     zoom = ZoomConfig(run="parent", range="rows=1000:8000,cols=0.01:100", square=True, rows=5, cols=5)
     (rows, _), _ = child_axes(zoom, spec)
     assert all(v == round(v) for v in rows.values) and rows.values == sorted(set(rows.values))
@@ -440,8 +516,14 @@ def test_a_one_row_grid_in_both_phases_does_not_say_every_cell_is_in_one_phase(s
     n = max(shape)
     measure = np.where(np.arange(n) < n // 2, -1.0, 1.0) * rng.uniform(1, 50, n)  # trained in the first half
     idx = np.arange(n)
-    cells = pd.DataFrame({"row": idx if shape[0] > 1 else 0, "col": idx if shape[1] > 1 else 0, "measure": measure,
-                          "converged": measure < 0})
+    cells = pd.DataFrame(
+        {
+            "row": idx if shape[0] > 1 else 0,
+            "col": idx if shape[1] > 1 else 0,
+            "measure": measure,
+            "converged": measure < 0,
+        }
+    )
     row = Axis("num_tokens", [1000.0 + i for i in range(shape[0])], "log")
     col = Axis("lr", list(np.geomspace(0.01, 100, shape[1])), "log")
     note = dimension_note(measure_fractal(cells, row, col))
@@ -461,8 +543,11 @@ def paper_parent(tmp_path_factory):
 @pytest.mark.parametrize("span", ["rows=1e-5:1,cols=1:10", "rows=1:10,cols=1:1e7"])
 def test_a_zoom_range_outside_the_parent_is_refused(paper_parent, tmp_path, capsys, span):
     which = span.split("=")[0] if "1e-5" in span else "cols"
-    line = refused(capsys, ["zoom", str(paper_parent), "--range", span, "--run_dir", str(tmp_path / "zoom")],
-                   f"reaches outside the parent's {which} axis")
+    line = refused(
+        capsys,
+        ["zoom", str(paper_parent), "--range", span, "--run_dir", str(tmp_path / "zoom")],
+        f"reaches outside the parent's {which} axis",
+    )
     assert "a zoom looks inside its parent" in line
     assert not (tmp_path / "zoom").exists()
 
@@ -481,8 +566,11 @@ def test_a_zoom_range_at_the_parents_printed_ends_is_inside(paper_parent):
 def test_plot_refuses_a_dpi_whose_canvas_cannot_be_drawn(paper_parent, tmp_path, capsys):
     from fractal_vmap.plot import max_dpi
 
-    line = refused(capsys, ["plot", str(paper_parent), "--dpi", "100000", "--out", str(tmp_path / "p")],
-                   "--dpi 100000 would draw panels.png on a 1300000 x 900000 pixel canvas")
+    line = refused(
+        capsys,
+        ["plot", str(paper_parent), "--dpi", "100000", "--out", str(tmp_path / "p")],
+        "--dpi 100000 would draw panels.png on a 1300000 x 900000 pixel canvas",
+    )
     assert line.endswith(f"use --dpi {max_dpi()} or less") and 1000 < max_dpi() < 2000
     assert not (tmp_path / "p").exists()
 
@@ -493,13 +581,31 @@ def test_the_caption_says_what_was_averaged_in_rows_shorter_than_the_window():
     from fractal_vmap.report import caption
 
     axis = lambda name, values: {"name": name, "values": values, "scale": "log"}  # noqa: E731
-    grid = {"spec": {"axes": {"rows": axis("num_tokens", [300.0, 600.0, 1000.0, 2000.0]), "cols": axis("lr", [0.01])},
-                     "settings": {"device": "cpu", "dtype": "float32"}, "group_lrs": {}, "model": {"source": "default"},
-                     "dataset": {"source": "default"}}}
-    fractal = {"sizes": [], "edge_pixel_count": 0, "dimension": None, "dimension_median_local": None,
-               "trainable_fraction": 0.5}
-    cells = pd.DataFrame({"row": [0, 1, 2, 3], "col": 0, "converged": [True, False, True, False], "stable": True,
-                          "total_steps": [9, 15, 25, 40]})
+    grid = {
+        "spec": {
+            "axes": {"rows": axis("num_tokens", [300.0, 600.0, 1000.0, 2000.0]), "cols": axis("lr", [0.01])},
+            "settings": {"device": "cpu", "dtype": "float32"},
+            "group_lrs": {},
+            "model": {"source": "default"},
+            "dataset": {"source": "default"},
+        }
+    }
+    fractal = {
+        "sizes": [],
+        "edge_pixel_count": 0,
+        "dimension": None,
+        "dimension_median_local": None,
+        "trainable_fraction": 0.5,
+    }
+    cells = pd.DataFrame(
+        {
+            "row": [0, 1, 2, 3],
+            "col": 0,
+            "converged": [True, False, True, False],
+            "stable": True,
+            "total_steps": [9, 15, 25, 40],
+        }
+    )
     unwrapped = lambda window: " ".join(caption(grid, cells, fractal, "run", window, 1.0).split())  # noqa: E731
     text = unwrapped(20)
     assert "(mean of the last 20 losses, or of all 9..15 in the 2 cells with fewer steps, < 1 x the first)" in text
@@ -511,13 +617,15 @@ def test_the_bench_profile_prints_nothing_of_the_profilers_own(tmp_path):
     no 'USDT ... profiler_start' line and nothing else on stderr."""
     import sys
 
-    code = ("import torch\n"
-            "from fractal_vmap.measure import profile_mode\n"
-            "w = torch.randn(64, 64, requires_grad=True)\n"
-            "def make_step():\n"
-            "    return lambda i, batch: (batch @ w).square().sum().backward()\n"
-            "out = profile_mode(make_step, torch.randn(8, 64), torch.device('cpu'))\n"
-            "assert out['launches'] > 0, out\n")
+    code = (
+        "import torch\n"
+        "from fractal_vmap.measure import profile_mode\n"
+        "w = torch.randn(64, 64, requires_grad=True)\n"
+        "def make_step():\n"
+        "    return lambda i, batch: (batch @ w).square().sum().backward()\n"
+        "out = profile_mode(make_step, torch.randn(8, 64), torch.device('cpu'))\n"
+        "assert out['launches'] > 0, out\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert result.returncode == 0, result.stderr

@@ -77,8 +77,14 @@ def test_rates_and_eta_are_true_across_chunks(fake_clock):
         assert p._rate() == 2 * TOKENS and p._eta() == pytest.approx(32 / 2)
     lines = output(c).splitlines()
     assert len(lines) == 2 and all("\n" not in line for line in lines)  # one plain line a row, none wrapped
-    assert lines[0] == "row 1/3 num_tokens=0: 4 cells in 0:08 (200 tok/s) · grid 4/12 cells, 200 tok/s, 0:08 elapsed, ETA 0:32"
-    assert lines[1] == "row 2/3 num_tokens=1: 4 cells in 0:16 (200 tok/s) · grid 8/12 cells, 200 tok/s, 0:24 elapsed, ETA 0:16"
+    assert (
+        lines[0]
+        == "row 1/3 num_tokens=0: 4 cells in 0:08 (200 tok/s) · grid 4/12 cells, 200 tok/s, 0:08 elapsed, ETA 0:32"
+    )
+    assert (
+        lines[1]
+        == "row 2/3 num_tokens=1: 4 cells in 0:16 (200 tok/s) · grid 8/12 cells, 200 tok/s, 0:24 elapsed, ETA 0:16"
+    )
 
 
 def test_resumed_grid_says_what_is_done_and_measures_only_what_it_trains(fake_clock):
@@ -93,7 +99,9 @@ def test_resumed_grid_says_what_is_done_and_measures_only_what_it_trains(fake_cl
         train_row(p, fake_clock, 3, steps[3], chunk=3)
     lines = output(c).splitlines()
     assert lines[0] == "resuming: 2/4 rows already done (6/12 cells); 2 to train"
-    assert lines[1].startswith("row 2/4 num_tokens=1: 3 cells in 0:05 (300 tok/s) · grid 9/12 cells, 300 tok/s, 0:05 elapsed, ETA 0:10")
+    assert lines[1].startswith(
+        "row 2/4 num_tokens=1: 3 cells in 0:05 (300 tok/s) · grid 9/12 cells, 300 tok/s, 0:05 elapsed, ETA 0:10"
+    )
     assert lines[2].startswith("row 4/4 num_tokens=3: 3 cells") and lines[2].endswith("ETA 0:00")
 
     c = console(terminal=False)
@@ -127,7 +135,10 @@ def test_plain_output_has_a_heartbeat_within_a_long_row(fake_clock):
             fake_clock.now += 1.0
             callback(step + 1, 200, (step + 1) * 2 * TOKENS)
     lines = output(c).splitlines()
-    assert lines == ["  row 1/1: lanes 0-1 at step 60/200 · 200 tok/s · ETA 2:20", "  row 1/1: lanes 0-1 at step 120/200 · 200 tok/s · ETA 1:20"]
+    assert lines == [
+        "  row 1/1: lanes 0-1 at step 60/200 · 200 tok/s · ETA 2:20",
+        "  row 1/1: lanes 0-1 at step 120/200 · 200 tok/s · ETA 1:20",
+    ]
 
 
 def test_terminal_view_shows_cells_lanes_rate_eta_and_the_rows_steps(fake_clock):
@@ -139,7 +150,8 @@ def test_terminal_view_shows_cells_lanes_rate_eta_and_the_rows_steps(fake_clock)
         callback(2, 4, 2 * 2 * TOKENS)
         grid_line = p._info(p.grid_task)
         row_line = p._info(p.row_task)
-        assert grid_line == "0/8 cells · 2 lanes in flight · 200 tok/s · 0:02 elapsed · ETA 0:14"  # 28 lane-steps left, 2 a second
+        # 28 lane-steps left, 2 a second
+        assert grid_line == "0/8 cells · 2 lanes in flight · 200 tok/s · 0:02 elapsed · ETA 0:14"
         assert row_line == "lanes 2-3 of 4 · step 2/4"
         fake_clock.now += 0.5  # between updates the elapsed time goes on and the ETA counts down
         assert p._eta() == pytest.approx(14 - 0.5) and "0:02 elapsed" in p._info(p.grid_task)
@@ -159,7 +171,8 @@ def test_step_progress_prints_about_ten_lines_off_a_terminal(fake_clock):
     lines = output(c).splitlines()
     assert len(lines) == 13  # every 2 steps (25 // 10), and the last
     assert lines[-1] == "finetune x: step 25/25 · loss 0.6 · 1,024 tok/s · 0:12 elapsed · ETA 0:00"
-    assert lines[0] == "finetune x: step 2/25 · loss 2.9 · 1,024 tok/s · 0:01 elapsed · ETA 0:12"  # 11.5 s, rounded to even
+    # 11.5 s, rounded to even
+    assert lines[0] == "finetune x: step 2/25 · loss 2.9 · 1,024 tok/s · 0:01 elapsed · ETA 0:12"
 
 
 def test_clock():

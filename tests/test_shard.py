@@ -17,8 +17,25 @@ import pandas as pd
 import pytest
 
 # 4 rows (num_tokens 800..1200: 12-18 steps) x 2 lanes (lr 0.01, 1): a row takes seconds, so 2 workers share the rows
-GRID = ["grid", "--wandb", "disabled", "--device", "cpu", "--rows", "4", "--cols", "2", "--row_min", "800", "--row_max", "1200",
-        "--col_min", "0.01", "--col_max", "1"]
+GRID = [
+    "grid",
+    "--wandb",
+    "disabled",
+    "--device",
+    "cpu",
+    "--rows",
+    "4",
+    "--cols",
+    "2",
+    "--row_min",
+    "800",
+    "--row_max",
+    "1200",
+    "--col_min",
+    "0.01",
+    "--col_max",
+    "1",
+]
 ROWS = [f"row_{i:04d}.json" for i in range(4)]
 SCRIPT = Path(__file__).parent.parent / "scripts" / "slurm_grid.sh"
 
@@ -32,7 +49,9 @@ def grid_argv(run_dir: Path, *extra: str) -> list[str]:
 
 
 def start(argv: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=kwargs.pop("env", env()), **kwargs)
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=kwargs.pop("env", env()), **kwargs
+    )
 
 
 def finish(proc: subprocess.Popen, returncode: int = 0) -> str:
@@ -84,8 +103,15 @@ def test_torchrun_workers_through_the_slurm_script_equal_one_process(one_process
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho localhost\n")  # the job's first node
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    slurm = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1", "SLURM_JOB_ID": "test",
-             "GPUS_PER_NODE": "2", "RDZV_PORT": str(free_port()), "TORCHRUN": str(Path(sys.executable).parent / "torchrun")}
+    slurm = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "test",
+        "GPUS_PER_NODE": "2",
+        "RDZV_PORT": str(free_port()),
+        "TORCHRUN": str(Path(sys.executable).parent / "torchrun"),
+    }
     run_dir = tmp_path / "run"
     out = finish(start(["bash", str(SCRIPT), *GRID[1:], "--run_dir", str(run_dir)], env={**env(), **slurm}))
     assert "rows claimed by worker" in out

@@ -6,8 +6,16 @@ import pytest
 
 from fractal_vmap.synth import FAMILIES, _is_validation, doc_qa_conversations, documents, write_jsonl
 
-TITLES = {"INVOICE", "RECEIPT", "SHIPPING FORM", "EMPLOYEE RECORD", "BANK STATEMENT",
-          "PRODUCT TABLE", "EVENT TICKET", "LAB RESULT"}
+TITLES = {
+    "INVOICE",
+    "RECEIPT",
+    "SHIPPING FORM",
+    "EMPLOYEE RECORD",
+    "BANK STATEMENT",
+    "PRODUCT TABLE",
+    "EVENT TICKET",
+    "LAB RESULT",
+}
 
 
 def _key(conversation: dict) -> str:
@@ -21,7 +29,9 @@ def _split_user(conversation: dict) -> tuple[str, str]:
 
 def test_deterministic():
     assert doc_qa_conversations(200, seed=3) == doc_qa_conversations(200, seed=3)
-    assert doc_qa_conversations(200, seed=3, split="validation") == doc_qa_conversations(200, seed=3, split="validation")
+    assert doc_qa_conversations(200, seed=3, split="validation") == doc_qa_conversations(
+        200, seed=3, split="validation"
+    )
     assert documents(200, seed=3) == documents(200, seed=3)
 
 

@@ -96,12 +96,20 @@ def test_render_for_completion_multi_turn(tok):
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "assistant", "content": "x"}]}, "role 'assistant' but 'user'"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "message 1 has role 'user'"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            "message 1 has role 'user'",
+        ),
         ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}]}, "system message"),
         ({"messages": [{"role": "user", "content": ["a"]}]}, "user message content must be a plain string, not list"),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}]}, "string or a list"),
         (
-            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "img", "text": "x"}]}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": [{"type": "img", "text": "x"}]},
+                ]
+            },
             "unknown content part type 'img'",
         ),
     ],
@@ -124,7 +132,7 @@ def test_token_bytes_matches_fixture(tok):
     assert got.sum().item() == REF["token_bytes_sum"] == 565
     assert (got != 0).sum().item() == REF["token_bytes_nonzero_count"] == 280
     assert got[ord("a")] == 1 and got[0x80] == 3  # a lone high byte decodes to U+FFFD: 3 bytes
-    assert got[tok.bos_id:].eq(0).all()
+    assert got[tok.bos_id :].eq(0).all()
 
 
 def test_save_load_round_trip(tok, tmp_path):

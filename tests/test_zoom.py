@@ -17,7 +17,20 @@ from fractal_vmap.paper import PaperConfig, paper_grid
 SIZE, STEPS = 12, 25
 # the default view's band where both phases meet at 12 x 12 (lr1 around 10^1.5, lr0 beyond 10^2: the ragged part)
 VIEW = ["--row_min", "1", "--row_max", "1e3", "--col_min", "1e-1", "--col_max", "1e5"]
-GRID = ["grid", "--task", "paper-mlp", "--rows", str(SIZE), "--cols", str(SIZE), "--num_iterations", str(STEPS), *VIEW, "--seed", "0"]
+GRID = [
+    "grid",
+    "--task",
+    "paper-mlp",
+    "--rows",
+    str(SIZE),
+    "--cols",
+    str(SIZE),
+    "--num_iterations",
+    str(STEPS),
+    *VIEW,
+    "--seed",
+    "0",
+]
 
 
 def strict(path):
@@ -62,11 +75,14 @@ def test_a_zoom_at_the_parents_spacing_reproduces_its_cells(parent, tmp_path):
     main(["zoom", str(parent), "--box", "3:9,2:7", "--run_dir", str(child)])
     spec = strict(child / "grid.json")["spec"]
     assert spec["parent"]["box"] == [3, 9, 2, 7] and spec["parent"]["run_dir"] == str(parent.resolve())
-    block = cells(parent).query("3 <= row < 9 and 2 <= col < 7").assign(row=lambda d: d.row - 3, col=lambda d: d.col - 2)
+    block = (
+        cells(parent).query("3 <= row < 9 and 2 <= col < 7").assign(row=lambda d: d.row - 3, col=lambda d: d.col - 2)
+    )
     mine = cells(child)
     assert len(mine) == 6 * 5
     columns = ["row", "col", "lr1", "lr0", "measure", "final_loss", "converged", "stable"]
-    pd.testing.assert_frame_equal(mine[columns], block.reset_index(drop=True)[columns], check_exact=True)  # the same lanes, bit for bit
+    # the same lanes, bit for bit
+    pd.testing.assert_frame_equal(mine[columns], block.reset_index(drop=True)[columns], check_exact=True)
 
 
 def test_a_finer_zoom_spans_the_box(parent, tmp_path):
@@ -90,7 +106,7 @@ def test_boxes_hold_the_boundary(parent, capsys):
     for b in boxes:
         (r0, r1), (c0, c1) = (map(int, part.split(":")) for part in b["box"].split(","))
         assert r1 - r0 == c1 - c0 == 4
-        assert b["edge_pixels"] == edges[r0:r1 - 1, c0:c1 - 1].sum() > 0  # edge pixels inside the box
+        assert b["edge_pixels"] == edges[r0 : r1 - 1, c0 : c1 - 1].sum() > 0  # edge pixels inside the box
     main(["boxes", str(parent), "--size", "4"])
     assert f"fractal-vmap zoom {parent} --box {boxes[0]['box']}" in capsys.readouterr().out
 
@@ -106,13 +122,16 @@ def test_animate_plays_the_chain(parent, tmp_path):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("argv", [
-    ["grid", "--width", "16", "--rows", "1"],  # a paper setting on a nanochat grid
-    ["grid", "--task", "paper-mlp", "--axes", "lr,seed"],  # nanochat axes on the paper task
-    ["grid", "--task", "paper-mlp", "--phase_space", "lr_vs_width"],
-    ["grid", "--task", "paper-mlp", "--dtype", "bfloat16"],
-    ["grid", "--task", "mnist"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["grid", "--width", "16", "--rows", "1"],  # a paper setting on a nanochat grid
+        ["grid", "--task", "paper-mlp", "--axes", "lr,seed"],  # nanochat axes on the paper task
+        ["grid", "--task", "paper-mlp", "--phase_space", "lr_vs_width"],
+        ["grid", "--task", "paper-mlp", "--dtype", "bfloat16"],
+        ["grid", "--task", "mnist"],
+    ],
+)
 def test_bad_task_settings_are_one_line(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--run_dir", str(tmp_path / "r")])
@@ -122,8 +141,13 @@ def test_bad_task_settings_are_one_line(argv, tmp_path, capsys):
 
 
 def test_bad_boxes_are_one_line(parent, tmp_path, capsys):
-    for argv in (["zoom", str(parent), "--box", "0:13,0:4"], ["zoom", str(parent), "--box", "4:2,0:4"], ["zoom", str(parent)],
-                 ["zoom", str(tmp_path), "--box", "0:2,0:2"], ["boxes", str(parent), "--size", "1"]):
+    for argv in (
+        ["zoom", str(parent), "--box", "0:13,0:4"],
+        ["zoom", str(parent), "--box", "4:2,0:4"],
+        ["zoom", str(parent)],
+        ["zoom", str(tmp_path), "--box", "0:2,0:2"],
+        ["boxes", str(parent), "--size", "1"],
+    ):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--run_dir", str(tmp_path / "z")] if argv[0] == "zoom" else argv)
         assert e.value.code == 2, argv
@@ -141,7 +165,9 @@ def test_refinement_trains_near_the_boundary_and_equals_the_full_grid_where_it_t
     trained = refined["trained"].to_numpy()
     assert refined["lr1"].tolist() == full["lr1"].tolist() and refined["lr0"].tolist() == full["lr0"].tolist()
     assert 49 < trained.sum() < 625  # more than the coarse grid, fewer than every cell
-    assert set(refined["level"][refined["row"].mod(4).eq(0) & refined["col"].mod(4).eq(0)]) == {0}  # the coarse grid: level 0
+    assert set(refined["level"][refined["row"].mod(4).eq(0) & refined["col"].mod(4).eq(0)]) == {
+        0
+    }  # the coarse grid: level 0
     assert refined["measure"][trained].tolist() == full["measure"][trained].tolist()
     differ = refined["converged"] != full["converged"]
     assert not (differ & trained).any()  # only where it did not look
@@ -149,22 +175,60 @@ def test_refinement_trains_near_the_boundary_and_equals_the_full_grid_where_it_t
 
 
 def test_a_nanochat_zoom_reproduces_its_cells(default_model, tmp_path):
-    grid = ["grid", "--axes", "matrix_lr,unembedding_lr", "--rows", "2", "--cols", "3", "--num_iterations", "4", "--wandb", "disabled",
-            "--device", "cpu", "--run_dir", str(tmp_path / "parent")]
+    grid = [
+        "grid",
+        "--axes",
+        "matrix_lr,unembedding_lr",
+        "--rows",
+        "2",
+        "--cols",
+        "3",
+        "--num_iterations",
+        "4",
+        "--wandb",
+        "disabled",
+        "--device",
+        "cpu",
+        "--run_dir",
+        str(tmp_path / "parent"),
+    ]
     main(grid)
     main(["zoom", str(tmp_path / "parent"), "--box", "1:2,1:3", "--run_dir", str(tmp_path / "zoom")])
-    block = cells(tmp_path / "parent").query("row == 1 and col >= 1").assign(row=0, col=lambda d: d.col - 1).reset_index(drop=True)
+    block = (
+        cells(tmp_path / "parent")
+        .query("row == 1 and col >= 1")
+        .assign(row=0, col=lambda d: d.col - 1)
+        .reset_index(drop=True)
+    )
     columns = ["row", "col", "matrix_lr", "unembedding_lr", "final_loss", "measure", "converged"]
     pd.testing.assert_frame_equal(cells(tmp_path / "zoom")[columns], block[columns], check_exact=True)
 
 
 def test_a_refined_nanochat_grid_equals_the_full_grid_where_it_trained(default_model, tmp_path):
-    base = ["grid", "--axes", "matrix_lr,unembedding_lr", "--num_iterations", "3", "--wandb", "disabled", "--device", "cpu",
-            "--row_min", "1e-2", "--row_max", "1e2", "--col_min", "1e-3", "--col_max", "1e1"]
+    base = [
+        "grid",
+        "--axes",
+        "matrix_lr,unembedding_lr",
+        "--num_iterations",
+        "3",
+        "--wandb",
+        "disabled",
+        "--device",
+        "cpu",
+        "--row_min",
+        "1e-2",
+        "--row_max",
+        "1e2",
+        "--col_min",
+        "1e-3",
+        "--col_max",
+        "1e1",
+    ]
     main([*base, "--rows", "3", "--cols", "3", "--run_dir", str(tmp_path / "full")])
     main([*base, "--rows", "2", "--cols", "2", "--refine", "1", "--run_dir", str(tmp_path / "refined")])
     full, refined = cells(tmp_path / "full"), cells(tmp_path / "refined")
     trained = refined["trained"].to_numpy()
-    assert refined["matrix_lr"].tolist() == full["matrix_lr"].tolist() and trained[[0, 2, 6, 8]].all()  # level 0: the corners
+    # level 0: the corners
+    assert refined["matrix_lr"].tolist() == full["matrix_lr"].tolist() and trained[[0, 2, 6, 8]].all()
     columns = ["final_loss", "measure", "converged"]
     pd.testing.assert_frame_equal(refined[trained][columns], full[trained][columns], check_exact=True)

@@ -33,7 +33,7 @@ def triton_available() -> bool:
 
 
 def resolve(kernels: str, device: torch.device | str) -> str:
-    """"auto" -> "triton" on CUDA when triton imports, else "torch"; "torch" and "triton" pass through, checked."""
+    """ "auto" -> "triton" on CUDA when triton imports, else "torch"; "torch" and "triton" pass through, checked."""
     device = torch.device(device)
     if kernels not in CHOICES:
         raise UserError(f"unknown kernels {kernels!r}: use one of {', '.join(CHOICES)}")
@@ -48,9 +48,15 @@ def check_triton(device: torch.device | str) -> None:
     """Raise a UserError unless the Triton kernels can run on `device`; call it before any work is done."""
     device = torch.device(device)
     if not triton_available():
-        raise UserError("kernels 'triton' asked for but triton is not installed: install triton, or use kernels 'torch'")
+        raise UserError(
+            "kernels 'triton' asked for but triton is not installed: install triton, or use kernels 'torch'"
+        )
     if device.type == "cpu" and not interpreting():
-        raise UserError("kernels 'triton' on CPU tensors need TRITON_INTERPRET=1 set before start (Triton's slow "
-                        "interpreter, for tests and debugging): set it, or use kernels 'torch' on CPU")
+        raise UserError(
+            "kernels 'triton' on CPU tensors need TRITON_INTERPRET=1 set before start (Triton's slow "
+            "interpreter, for tests and debugging): set it, or use kernels 'torch' on CPU"
+        )
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"kernels 'triton' run on CUDA (or on CPU under TRITON_INTERPRET=1), not on {device.type}: use kernels 'torch'")
+        raise UserError(
+            f"kernels 'triton' run on CUDA (or on CPU under TRITON_INTERPRET=1), not on {device.type}: use kernels 'torch'"
+        )

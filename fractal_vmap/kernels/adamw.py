@@ -19,7 +19,9 @@ INTERPRET_BLOCK = 128  # the interpreter runs a program per Python call: small b
 
 
 @triton.jit
-def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, active_ptr, n, L, w1, w1_minus_1, beta2, w2, eps, BLOCK: tl.constexpr):
+def adamw_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, active_ptr, n, L, w1, w1_minus_1, beta2, w2, eps, BLOCK: tl.constexpr
+):
     """Program (i, lane) updates elements [i * BLOCK, (i + 1) * BLOCK) of one lane's slice of n elements.
     scalars_ptr: float32 [3, L] = (1 - lr * wd, -lr / bias_correction1, sqrt(bias_correction2));
     w1 = 1 - beta1 and w2 = 1 - beta2, computed in float64 on the host and rounded to float32, as torch does;
@@ -53,5 +55,20 @@ def adamw_step(p, g, exp_avg, exp_avg_sq, scalars, active, beta1: float, beta2: 
     block = INTERPRET_BLOCK if interpreting() else BLOCK
     grid = (triton.cdiv(n, block), L)
     # enable_fp_fusion=False: no mul+add contracted into fma on the GPU, so it rounds exactly as the interpreter
-    adamw_kernel[grid](p, g, exp_avg, exp_avg_sq, scalars, active.view(torch.uint8), n, L, *lerp_weights(1 - beta1), beta2, 1 - beta2, eps, BLOCK=block,
-                       num_warps=4, enable_fp_fusion=False)
+    adamw_kernel[grid](
+        p,
+        g,
+        exp_avg,
+        exp_avg_sq,
+        scalars,
+        active.view(torch.uint8),
+        n,
+        L,
+        *lerp_weights(1 - beta1),
+        beta2,
+        1 - beta2,
+        eps,
+        BLOCK=block,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )

@@ -18,8 +18,27 @@ INTERPRET_BM, INTERPRET_BK = 16, 16  # small enough that tests' matrices span se
 
 
 @triton.jit
-def gram_kernel(y_ptr, c_ptr, out_ptr, pairs_ptr, n_pairs, R, K, sy_n, sy_r, sy_k, sc_n, sc_r, sc_c, alpha, beta,
-                HAS_C: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+def gram_kernel(
+    y_ptr,
+    c_ptr,
+    out_ptr,
+    pairs_ptr,
+    n_pairs,
+    R,
+    K,
+    sy_n,
+    sy_r,
+    sy_k,
+    sc_n,
+    sc_r,
+    sc_c,
+    alpha,
+    beta,
+    HAS_C: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Program (t, b): tile pair t = (i, j), i <= j, of matrix b; out is contiguous [N, R, R]."""
     t, b = tl.program_id(0), tl.program_id(1)
     ti, tj = tl.load(pairs_ptr + t), tl.load(pairs_ptr + n_pairs + t)
@@ -36,8 +55,11 @@ def gram_kernel(y_ptr, c_ptr, out_ptr, pairs_ptr, n_pairs, R, K, sy_n, sy_r, sy_
         acc = tl.dot(a, bt, acc)
     acc = acc * alpha
     if HAS_C:
-        c = tl.load(c_ptr + b.to(tl.int64) * sc_n + rm[:, None] * sc_r + rn[None, :] * sc_c,
-                    mask=(rm[:, None] < R) & (rn[None, :] < R), other=0.0)
+        c = tl.load(
+            c_ptr + b.to(tl.int64) * sc_n + rm[:, None] * sc_r + rn[None, :] * sc_c,
+            mask=(rm[:, None] < R) & (rn[None, :] < R),
+            other=0.0,
+        )
         acc = acc + beta * c.to(tl.float32)
     out = out_ptr + b.to(tl.int64) * R * R
     store(out + rm[:, None] * R + rn[None, :], acc, (rm[:, None] < R) & (rn[None, :] < R))
@@ -49,7 +71,9 @@ def gram_kernel(y_ptr, c_ptr, out_ptr, pairs_ptr, n_pairs, R, K, sy_n, sy_r, sy_
 _pairs: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def symmetric_gram(Y: torch.Tensor, C: torch.Tensor | None = None, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+def symmetric_gram(
+    Y: torch.Tensor, C: torch.Tensor | None = None, alpha: float = 1.0, beta: float = 0.0
+) -> torch.Tensor:
     """beta * C + alpha * Y @ Y^T for Y [N, R, K] bfloat16 (any strides) and C [N, R, R] -> [N, R, R] bfloat16."""
     assert Y.dtype == torch.bfloat16 and Y.ndim == 3
     N, R, K = Y.shape
@@ -61,7 +85,24 @@ def symmetric_gram(Y: torch.Tensor, C: torch.Tensor | None = None, alpha: float 
     pairs = _pairs[key]
     out = torch.empty(N, R, R, dtype=torch.bfloat16, device=Y.device)
     c_strides = C.stride() if C is not None else (0, 0, 0)
-    gram_kernel[(pairs.shape[1], N)](Y, C if C is not None else out, out, pairs, pairs.shape[1], R, K, *Y.stride(), *c_strides,
-                                     alpha, beta, HAS_C=C is not None, UPCAST=interpreting(), BM=bm, BK=bk,
-                                     num_warps=8, num_stages=3, enable_fp_fusion=True)
+    gram_kernel[(pairs.shape[1], N)](
+        Y,
+        C if C is not None else out,
+        out,
+        pairs,
+        pairs.shape[1],
+        R,
+        K,
+        *Y.stride(),
+        *c_strides,
+        alpha,
+        beta,
+        HAS_C=C is not None,
+        UPCAST=interpreting(),
+        BM=bm,
+        BK=bk,
+        num_warps=8,
+        num_stages=3,
+        enable_fp_fusion=True,
+    )
     return out

@@ -94,8 +94,15 @@ def _accumulate32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.baddbmm_(a.float(), b.float())
 
 
-def lanes_head(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, need_dx: bool, need_dw: bool,
-               dtype: torch.dtype | None = None, chunk: int | None = None):
+def lanes_head(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    need_dx: bool,
+    need_dw: bool,
+    dtype: torch.dtype | None = None,
+    chunk: int | None = None,
+):
     """x [L, N, C], w [L, V, C] (per lane) or [V, C] (shared, no dw), targets [L, N] (-1 = unsupervised) ->
     (mean loss per lane [L] float32, dx [L, N, C] in x's dtype or None, dw [L, V, C] in w's dtype or None).
     dtype: the compute dtype of the logits matmul (bfloat16 under autocast; default x's dtype)."""
@@ -116,7 +123,7 @@ def lanes_head(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, need_dx:
     dw = torch.zeros(L, V, C, dtype=torch.float32, device=x.device) if need_dw else None
     block_n, block_v = (INTERPRET_BLOCK_N, INTERPRET_BLOCK_V) if interpreting() else (BLOCK_N, BLOCK_V)
     for start in range(0, N, chunk):
-        xc = xq[:, start:start + chunk]
+        xc = xq[:, start : start + chunk]
         n = xc.shape[1]
         z = logits_buf[: L * n * V].view(L, n, V)
         # a shared w is expanded (stride 0), not folded into one matmul over all lanes' rows: a BLAS may round a row by
@@ -124,12 +131,23 @@ def lanes_head(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, need_dx:
         w_lanes = wq.expand(L, V, C) if shared else wq
         torch.bmm(xc, w_lanes.mT, out=z)
         grid = (triton.cdiv(L * n, block_n),)
-        ce_kernel[grid](z, targets[:, start:start + n].contiguous(), row_loss, scale, L * n, n, V,
-                        BLOCK_N=block_n, BLOCK_V=block_v, num_warps=8, enable_fp_fusion=False)
+        ce_kernel[grid](
+            z,
+            targets[:, start : start + n].contiguous(),
+            row_loss,
+            scale,
+            L * n,
+            n,
+            V,
+            BLOCK_N=block_n,
+            BLOCK_V=block_v,
+            num_warps=8,
+            enable_fp_fusion=False,
+        )
         loss_sum += row_loss[: L * n].view(L, n).sum(1)
         if need_dx:
             w_op = w32 if w32 is not None else wq
-            dx[:, start:start + n] = _matmul32(z, w_op.expand(L, V, C) if shared else w_op)
+            dx[:, start : start + n] = _matmul32(z, w_op.expand(L, V, C) if shared else w_op)
         if need_dw:
             _accumulate32(dw, z.mT, xc)
     losses = loss_sum / n_supervised  # the mean over supervised tokens (0/0 = NaN, as torch's cross_entropy)

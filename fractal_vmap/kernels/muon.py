@@ -19,7 +19,11 @@ from fractal_vmap.kernels.common import lerp, lerp_weights, round_to_bf16, store
 
 BLOCK, ITERS = 1024, 16  # a program streams ITERS blocks: 16K elements, so a d20 matrix (1.6M-6.6M) has <= 400 chunks
 TILE = 64  # update_kernel tiles of 64 x 64: a transposed O is read in whole tiles
-INTERPRET_BLOCK, INTERPRET_ITERS, INTERPRET_TILE = 256, 2, 32  # the interpreter pays per op, not per element: few, wide programs
+INTERPRET_BLOCK, INTERPRET_ITERS, INTERPRET_TILE = (
+    256,
+    2,
+    32,
+)  # the interpreter pays per op, not per element: few, wide programs
 SUMS = 128  # partial sums added per step in normalize_kernel
 
 
@@ -28,8 +32,21 @@ def _sizes() -> tuple[int, int, int]:
 
 
 @triton.jit
-def momentum_kernel(g_ptr, buf_ptr, x_ptr, sums_ptr, active_ptr, n, w, w_minus_1, momentum, momentum_minus_1,
-                    NESTEROV: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def momentum_kernel(
+    g_ptr,
+    buf_ptr,
+    x_ptr,
+    sums_ptr,
+    active_ptr,
+    n,
+    w,
+    w_minus_1,
+    momentum,
+    momentum_minus_1,
+    NESTEROV: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
     """Program (chunk, lane) handles elements [chunk * ITERS * BLOCK, ...) of one lane's matrix of n elements.
     w = 1 - momentum, computed in float64 on the host and rounded to float32, as torch does; the *_minus_1: see
     common.lerp_weights."""
@@ -97,11 +114,25 @@ def momentum_normalize(g, buf, x, active, momentum: float, nesterov: bool, eps: 
     sums = torch.empty(L, n_chunks, dtype=torch.float32, device=g.device)
     flags = active.view(torch.uint8)
     # enable_fp_fusion=False: no mul+add contracted into fma on the GPU, so it rounds exactly as the interpreter
-    momentum_kernel[(n_chunks, L)](g, buf, x, sums, flags, n, *lerp_weights(1 - momentum), *lerp_weights(momentum), NESTEROV=nesterov,
-                                   BLOCK=block, ITERS=iters, num_warps=4, enable_fp_fusion=False)
+    momentum_kernel[(n_chunks, L)](
+        g,
+        buf,
+        x,
+        sums,
+        flags,
+        n,
+        *lerp_weights(1 - momentum),
+        *lerp_weights(momentum),
+        NESTEROV=nesterov,
+        BLOCK=block,
+        ITERS=iters,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
     eps_bf16 = float(torch.tensor(eps, dtype=torch.bfloat16))  # torch clamps the bfloat16 norm at bfloat16(eps)
-    normalize_kernel[(n_chunks, L)](x, sums, n, n_chunks, eps_bf16, BLOCK=block, ITERS=iters, SUMS=SUMS,
-                                    num_warps=4, enable_fp_fusion=False)
+    normalize_kernel[(n_chunks, L)](
+        x, sums, n, n_chunks, eps_bf16, BLOCK=block, ITERS=iters, SUMS=SUMS, num_warps=4, enable_fp_fusion=False
+    )
 
 
 def apply_update(p, o, neg_lr, active) -> None:
@@ -110,5 +141,6 @@ def apply_update(p, o, neg_lr, active) -> None:
     _, _, tile = _sizes()
     L, rows, cols = p.shape
     grid = (triton.cdiv(rows, tile) * triton.cdiv(cols, tile), L)
-    update_kernel[grid](p, o, neg_lr, active.view(torch.uint8), rows, cols, *o.stride(), TILE=tile,
-                        num_warps=4, enable_fp_fusion=False)
+    update_kernel[grid](
+        p, o, neg_lr, active.view(torch.uint8), rows, cols, *o.stride(), TILE=tile, num_warps=4, enable_fp_fusion=False
+    )
