@@ -56,10 +56,35 @@ def make_axis(
         raise UserError(
             f"{which} axis {name} is log-spaced but its min is {lo:g}: give a positive min or --{which[:-1]}_scale linear"
         )
+    if kind.integer:  # a non-integer bound, rounded, leaves the range (seed 0.5..3.7 trained 0 and 4)
+        for flag, value in ((f"--{which[:-1]}_min", lo), (f"--{which[:-1]}_max", hi)):
+            if value != round(value):
+                raise UserError(
+                    f"{flag} {value:g}: the {which} axis {name} takes whole numbers: "
+                    f"pass {math.floor(value)} or {math.ceil(value)}"
+                )
     values = np.geomspace(lo, hi, n) if scale == "log" else np.linspace(lo, hi, n)
     if kind.integer:
         values = np.round(values)
+    check_distinct(name, values, lo, hi, which)
     return Axis(name, [float(v) for v in values], scale, kind.setting)
+
+
+def check_distinct(name: str, values: np.ndarray, lo: float, hi: float, which: str) -> None:
+    """Refuse an axis whose values repeat: those rows (or cols) would train the same cells."""
+    if len(values) < 2 or (np.diff(values) > 0).all():
+        return
+    one, n = which[:-1], len(values)
+    if lo == hi:
+        raise UserError(
+            f"--{one}_min and --{one}_max are both {lo:g} with --{which} {n}: every {one} would train "
+            f"the same cells: pass --{which} 1, or two different bounds"
+        )
+    raise UserError(
+        f"the {which} axis {name} {lo:g}..{hi:g} rounds to {len(np.unique(values))} distinct whole numbers "
+        f"for --{which} {n}: some {which} would train the same cells: pass fewer --{which} or a wider "
+        "range"
+    )
 
 
 def parse_axes(spec: str) -> tuple[str, str]:

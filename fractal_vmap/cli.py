@@ -4,6 +4,7 @@ import os
 import shlex
 import signal
 import sys
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from rich.table import Table
 from simple_parsing import ArgumentParser
 
 from fractal_vmap.console import console
-from fractal_vmap.errors import UserError
+from fractal_vmap.errors import DiskFull, UserError
 from fractal_vmap.machine import tune_allocator
 from fractal_vmap.options import (
     AnimateConfig,
@@ -62,16 +63,16 @@ def grid_command(cfg) -> None:
         run_grid(cfg)
 
 
-def grid_worker(cfg) -> str | None:
-    """One worker of `grid --workers N` (torch's elastic agent calls it in a fresh process). Returns None, or a user
-    error's line for the launcher to print once: an error is not a crash, so the agent must not restart the workers."""
+def grid_worker(cfg) -> UserError | None:
+    """One worker of `grid --workers N` (torch's elastic agent calls it in a fresh process). Returns None, or the user
+    error for the launcher to print once: an error is not a crash, so the agent must not restart the workers."""
     from fractal_vmap.grid.shard import run_worker
 
     tune_allocator()
     try:
         run_worker(cfg)
     except UserError as e:
-        return str(e)
+        return e  # pickled back to the launcher (a DiskFull stays one, for the resume command)
     except KeyboardInterrupt:  # Ctrl-C reaches every worker: the launcher prints the resume command, once
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent forwards a second SIGINT: it must not break the exit
         sys.exit(130)
@@ -237,6 +238,52 @@ def check_config_file(path: str, command: str, options: type) -> None:
         raise UserError(
             f"--config_path {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap {command} --help"
         )
+    hints = typing.get_type_hints(options)
+    for f in fields(options):
+        value, kind = data["cfg"].get(f.name), hints[f.name]
+        if f.name in data["cfg"] and not fits(value, kind):
+            example = {int: 1, float: 0.5, str: "text"}.get(plain_type(kind), "...") if f.default is None else f.default
+            raise UserError(
+                f"--config_path {path}: {f.name} is {value!r}, not {type_words(kind)}: write e.g. `{f.name}: {example}`"
+            )
+
+
+def plain_type(kind):
+    """X from `X | None`."""
+    args = typing.get_args(kind)
+    return next(t for t in args if t is not type(None)) if type(None) in args else kind
+
+
+def fits(value, kind) -> bool:
+    """Whether a value read from a YAML or JSON config file can be an option of type `kind` (simple_parsing converts a
+    string, as it would a flag, and passes any other value through unchecked)."""
+    if type(None) in typing.get_args(kind):
+        return value is None or fits(value, plain_type(kind))
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and all(fits(v, item) for v in value)
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            kind(value)  # a number YAML read as a string (1e-3 is one): converted like a flag's value
+        except ValueError:
+            return False
+        return True
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def type_words(kind) -> str:
+    if type(None) in typing.get_args(kind):
+        return f"{type_words(plain_type(kind))} or null"
+    if typing.get_origin(kind) is list:
+        return f"a list of {type_words(typing.get_args(kind)[0]).removeprefix('a ')}s"
+    words = {int: "a whole number (int)", float: "a number (float)", str: "a string", bool: "true or false"}
+    return words.get(kind, str(kind))
 
 
 def resume_command(argv: list[str], cfg) -> str:
@@ -245,6 +292,10 @@ def resume_command(argv: list[str], cfg) -> str:
     if getattr(cfg, "run_dir", None) and "--run_dir" not in argv and not any(a.startswith("--run_dir=") for a in argv):
         words += ["--run_dir", cfg.run_dir]
     return shlex.join(words)
+
+
+def again_phrase(command: str) -> str:
+    return "resume (finished rows are kept)" if command == "grid" else "start it again"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,11 +312,14 @@ def main(argv: list[str] | None = None) -> None:
         tune_allocator()
         args.run(cfg)
     except UserError as e:
+        line = str(e)
+        if isinstance(e, DiskFull):  # the run stopped mid-way, as on Ctrl-C: say how to go on
+            line += f", then {again_phrase(command)}: {resume_command(argv, cfg)}"
         if lead:
-            console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        again = "resume (finished rows are kept)" if command == "grid" else "start it again"
+        again = again_phrase(command)
         if lead:
             console.print(
                 f"[yellow]interrupted.[/yellow] To {again}: {resume_command(argv, cfg)}",

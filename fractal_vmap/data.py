@@ -56,10 +56,20 @@ def load_conversations(source: str, split: str = "train") -> list[dict]:
 
 
 def _load_jsonl(path: Path) -> list[dict]:
-    """Read one conversation per non-blank line, naming the line of anything malformed."""
+    """Read one conversation per non-blank line, naming the line of anything malformed (and the byte, of text that is
+    not UTF-8)."""
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    offset = 0  # of the line's first byte in the file
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path} line {lineno} (byte {offset + e.start}): not UTF-8 ({e.reason}, "
+                    f"byte 0x{raw[e.start]:02x}): save the file as UTF-8"
+                ) from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:

@@ -1,27 +1,69 @@
 """Files that a reader can trust: written atomically (temp file + rename), strict JSON (null, never NaN), and paths
 checked for writability before any work is done."""
 
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from fractal_vmap.errors import UserError
+from fractal_vmap.errors import DiskFull, UserError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
 
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def space_for(path: Path):
+    """Around a write of `path`: out of space, one DiskFull line naming the file and the space left (no traceback)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        free = human_bytes(shutil.disk_usage(path.parent).free)
+        why = os.strerror(e.errno).lower()
+        raise DiskFull(f"cannot write {path}: {why} ({free} free in {path.parent}): free some space") from None
+
+
+STALE_TEMPS = (".*.tmp-[0-9]*", ".tmp-[0-9]*-*")  # write_atomic's and atomic_path's temp names
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete the temp files an interrupted write left in `directory` (call it only where no other writer can be, under
+    the run dir's lock). Returns how many."""
+    stale = {p for pattern in STALE_TEMPS for p in Path(directory).glob(pattern) if p.is_file()}
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temp file beside `path`, then rename: a reader never sees a half-written file."""
+    """Write to a temp file beside `path`, then rename: a reader never sees a half-written file, and a failed write
+    leaves no temp file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        with space_for(path):
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def finite_or_none(obj):
@@ -80,7 +122,8 @@ def atomic_path(path: Path):
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix: savefig picks the format by it
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with space_for(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

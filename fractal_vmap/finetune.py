@@ -15,9 +15,10 @@ from fractal_vmap.sources import load_model
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Load model and data, train one lane, write the result JSON, log to W&B. Returns the result fields + `out`."""
-    from fractal_vmap.tracking import finish_run, start_run
+    from fractal_vmap.tracking import check_wandb, finish_run, start_run
 
     validate(cfg)
+    check_wandb(cfg)
     cfg.run_name = cfg.run_name or f"finetune-lr{cfg.learning_rate:g}-tok{cfg.num_tokens}-seed{cfg.seed}"
     out = Path(cfg.out or f"runs/finetune/{cfg.run_name}.json")
     check_writable_file(out, "--out")  # before any work: a run must not end in an unwritable path

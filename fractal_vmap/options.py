@@ -5,7 +5,7 @@ TrainConfig holds the knobs of one fine-tuning run that `finetune` and `grid` sh
 settings: what the trainers read) adds the `finetune`-only ones, GridConfig adds the axes.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from simple_parsing import field
 
@@ -75,8 +75,8 @@ class GridConfig(TrainConfig):
     # one lane a pixel; its axes follow --phase_space)
     task: str = "nanochat-sft"
     # the rows axis and the cols axis, comma-separated, from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr,
-    # weight_decay, warmup_frac, final_lr_frac, seed
-    axes: str = "num_tokens,lr"
+    # weight_decay, warmup_frac, final_lr_frac, seed; unset: num_tokens,lr (a paper-mlp grid's follow --phase_space)
+    axes: str | None = None
     rows: int = 6  # number of values on the rows axis
     cols: int = 16  # number of values on the cols axis (the lanes of a row)
     row_min: float | None = None  # smallest rows-axis value; unset: the axis' own range
@@ -223,3 +223,10 @@ class AnimateConfig:
     out: str = "zoom.gif"  # the GIF's path (the MP4 goes beside it)
     size: int = 512  # frame side in pixels (even)
     frame_ms: int = 1000  # how long each frame shows
+
+
+def is_given(cfg, name: str) -> bool:
+    """Whether a setting differs from its default: given on the command line or in a config file. (A flag given at its
+    default value cannot be told apart, and changes nothing.)"""
+    default = next(f.default for f in fields(cfg) if f.name == name)
+    return getattr(cfg, name) != default

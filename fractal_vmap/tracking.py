@@ -39,6 +39,19 @@ def wandb_mode(requested: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if _has_credentials() else "offline")
 
 
+def check_wandb(cfg) -> None:
+    """Before any work: W&B online needs credentials (wandb would otherwise fail, or wait on a login prompt, at the end
+    of the setup)."""
+    mode = wandb_mode(cfg.wandb)
+    if mode == "online" and not _has_credentials():
+        asked = "--wandb online" if cfg.wandb == "online" else "WANDB_MODE=online"
+        raise UserError(
+            f"{asked} but no W&B credentials here (no WANDB_API_KEY, no api.wandb.ai in ~/.netrc): "
+            "run `wandb login` or set WANDB_API_KEY, or pass --wandb offline (to `wandb sync` later) "
+            "or --wandb disabled"
+        )
+
+
 def kept_run_id(directory: Path) -> str:
     """The W&B run id kept in `directory` (a grid's run dir), made and written on first use."""
     path = directory / ID_FILE

@@ -28,3 +28,25 @@ def default_model(isolated_env):
     from fractal_vmap.default_model import default_model_dir
 
     return default_model_dir()
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if finetune's trainer is ever reached (a refusal must come before any training)."""
+    import fractal_vmap.finetune as finetune_module
+
+    def trainer(*args, **kwargs):
+        raise AssertionError("a training step ran before the bad input was refused")
+
+    monkeypatch.setattr(finetune_module, "train_single", trainer)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a nanochat grid looks its model up (a refusal must come first)."""
+    import fractal_vmap.tasks.nanochat.task as nanochat_task
+
+    def looked_up(source):
+        raise AssertionError(f"the model {source!r} was looked up before the bad input was refused")
+
+    monkeypatch.setattr(nanochat_task, "resolve_source", looked_up)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fractal_vmap.finetune as finetune_module
 from fractal_vmap.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d2"
@@ -27,16 +26,6 @@ def refused(capsys, argv: list[str], expected: str) -> str:
     assert len(lines) == 1, lines
     assert lines[0].startswith("error:") and expected in lines[0], lines[0]
     return lines[0]
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    """Fail the test if finetune's trainer is ever reached."""
-
-    def trainer(*args, **kwargs):
-        raise AssertionError("a training step ran before the bad input was refused")
-
-    monkeypatch.setattr(finetune_module, "train_single", trainer)
 
 
 # ----------------------------------------------------------------------------- settings (both commands)

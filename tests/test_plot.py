@@ -214,3 +214,104 @@ def test_panels_shade_trainability_as_the_paper_image(tmp_path, figures):
     np.testing.assert_array_equal(panel_colours, paper_colours)  # the same rule, cell for cell
     for ax in grid.axes[:4]:
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+
+
+# ----------------------------------------------------------------------------- shading across rows of unequal length
+
+
+def issue_cells() -> pd.DataFrame:
+    """The default num_tokens x lr grid's four cells of issue 15, from synthetic loss curves: rows of 1000 tokens (25
+    steps) and 8000 tokens (200 steps), cols lr 0.01 (both train) and lr 100 (neither does)."""
+    from fractal_vmap.analysis.labels import convergence_measure, trainability
+
+    rng = np.random.default_rng()
+    loss0 = rng.uniform(2.0, 4.0)
+    t25, t200 = np.arange(25.0), np.arange(200.0)
+    curves = {
+        (0, 0): 1 - 0.48 * t25 / 24,  # 1000 tokens, lr 0.01: slowly down, ratio 0.71
+        (1, 0): 0.33 + 0.67 * np.exp(-t200 / 40),  # 8000 tokens, lr 0.01: well down, ratio 0.34
+        (0, 1): 1 + 0.5 * t25,  # 1000 tokens, lr 100: up, finite throughout
+        (1, 1): np.concatenate([1 + 0.2 * t200[:58], np.full(142, np.nan)]),  # 8000 tokens, lr 100: NaN at step 58
+    }
+    records = []
+    for (i, j), v in curves.items():
+        losses = loss0 * v
+        run = losses[:59] if (i, j) == (1, 1) else losses
+        labels = trainability(run)
+        records.append(
+            {
+                "row": i,
+                "col": j,
+                "num_tokens": (1000.0, 8000.0)[i],
+                "lr": (0.01, 100.0)[j],
+                **labels,
+                "measure": float(convergence_measure(losses)),
+                "steps": len(run),
+                "total_steps": len(losses),
+                "final_loss": float(run[-1]),
+            }
+        )
+    cells = pd.DataFrame.from_records(records)
+    ratio = {(r.row, r.col): r.trainable_ratio for r in cells.itertuples()}
+    assert ratio[(0, 0)] == pytest.approx(0.71, abs=0.01) and ratio[(1, 0)] == pytest.approx(0.34, abs=0.01)
+    assert list(cells["converged"]) == [True, True, False, False] and list(cells["stable"]) == [True, True, True, False]
+    return cells
+
+
+def test_shading_compares_rows_of_unequal_length():
+    """As the issue found it: the summed measure draws (1000, 0.01) "trains fastest" and (8000, 100) paler than
+    (1000, 100); per step, the faster-training and the earlier-diverging cell are the deeper ones."""
+    from fractal_vmap.analysis.pictures import measure_shade
+    from fractal_vmap.analysis.runs import measure_grid
+
+    cells = issue_cells()
+    measure, steps = measure_grid(cells, 2, 2), measure_grid(cells, 2, 2, "total_steps")
+    summed = measure_shade(measure)  # the old shading: the misleading order
+    assert summed[0, 0] > summed[1, 0] and abs(summed[1, 1]) < abs(summed[0, 1])
+    shade = measure_shade(measure, steps)
+    assert shade[1, 0] > shade[0, 0] > 0  # ratio 0.34 is deeper blue than ratio 0.71
+    assert shade[1, 1] < shade[0, 1] < 0  # NaN at step 58 is deeper red than a run that stayed finite
+
+
+def test_pictures_shade_per_step_and_say_so(tmp_path, figures):
+    """trainability.png and panels.png, as the grid draws them from its files: the issue's cells in the order above,
+    the same colours in both pictures, and the colour bar naming the per-step measure."""
+    from fractal_vmap.analysis.report import draw_pictures
+
+    cells = issue_cells()
+    axis = lambda name, values: {"name": name, "values": values, "scale": "log"}  # noqa: E731
+    grid = {
+        "spec": {
+            "axes": {"rows": axis("num_tokens", [1000.0, 8000.0]), "cols": axis("lr", [0.01, 100.0])},
+            "settings": {
+                "device": "cpu",
+                "dtype": "float32",
+                "trainable_window_steps": 20,
+                "trainable_loss_ratio_threshold": 1.0,
+            },
+            "group_lrs": {},
+            "model": {"source": "default"},
+            "dataset": {"source": "default"},
+        }
+    }
+    fractal = {"sizes": [], "edge_pixel_count": 1, "dimension": None, "dimension_median_local": None, "caveat": "few"}
+    draw_pictures(grid, cells, fractal, tmp_path, "run")
+    paper, grid_fig = figures
+    colours = paper.axes[0].collections[0].get_facecolors()[:, :3].reshape(2, 2, 3)  # row-major over [rows, cols]
+    np.testing.assert_array_equal(grid_fig.axes[0].collections[0].get_facecolors()[:, :3].reshape(2, 2, 3), colours)
+    saturation = colours.max(-1) - colours.min(-1)
+    assert saturation[1, 0] > saturation[0, 0] and colours[1, 0, 2] > colours[1, 0, 0]  # deeper blue at 8000 tokens
+    assert saturation[1, 1] > saturation[0, 1] and colours[1, 1, 0] > colours[1, 1, 2]  # deeper red at 8000 tokens
+    for fig in (paper, grid_fig):
+        bars = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>" and "shade" in ax.get_ylabel()]
+        assert len(bars) == 1 and "per step" in bars[0], bars
+
+
+def test_equal_steps_keep_the_shading():
+    """The paper-mlp task trains every cell the same steps: its shading (and the animation's colours) are unchanged."""
+    from fractal_vmap.analysis.pictures import measure_rgb, measure_shade
+
+    m = half_trained_measure(np.random.default_rng(), "rows")
+    steps = np.full(m.shape, 100.0)
+    np.testing.assert_array_equal(measure_shade(m, steps).filled(9), measure_shade(m).filled(9))
+    np.testing.assert_array_equal(measure_rgb(m, steps), measure_rgb(m))

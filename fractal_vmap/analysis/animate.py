@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fractal_vmap.analysis.pictures import measure_rgb
-from fractal_vmap.analysis.runs import read_grid
+from fractal_vmap.analysis.runs import measure_grid, read_grid
 from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.options import AnimateConfig
@@ -32,6 +32,7 @@ class Level:
     col_values: np.ndarray  # [W] axis values of the columns
     box: tuple[int, int, int, int] | None = None  # (row0, row1, col0, col1): the next level's cells here, half-open
     label: str = ""  # caption; default: the axis ranges
+    steps: np.ndarray | None = None  # [H, W] the cells' step counts: shaded per step where they differ (plot.py)
 
 
 def _caption(level: Level, index: int) -> str:
@@ -46,7 +47,7 @@ def render_frame(level: Level, index: int, size: int, with_box: bool) -> Image.I
     m = np.asarray(level.measure, dtype=np.float64)
     H, W = m.shape
     assert len(level.row_values) == H and len(level.col_values) == W, "axis values do not match the measure's shape"
-    rgb = (measure_rgb(m)[::-1] * 255).round().astype(np.uint8)  # flipped: row 0 at the bottom
+    rgb = (measure_rgb(m, level.steps)[::-1] * 255).round().astype(np.uint8)  # flipped: row 0 at the bottom
     grid = Image.fromarray(rgb).resize((size, size), Image.NEAREST)
     frame = Image.new("RGB", (size, size + CAPTION_PX), (255, 255, 255))
     frame.paste(grid, (0, 0))
@@ -116,6 +117,8 @@ def write_animation(levels: list[Level], path, size: int = 512, frame_ms: int = 
 
 def zoom_levels(runs: list[str]) -> list:
     """The animation's levels: each run's measure and axis values, with the box of the next run, which must be its zoom."""
+    import pandas as pd
+
     read = [read_grid(r) for r in runs]
     levels = []
     for k, (run_dir, grid, measure) in enumerate(read):
@@ -137,9 +140,10 @@ def zoom_levels(runs: list[str]) -> list:
             f"{run_dir.name}: {axes['rows']['name']} {axes['rows']['values'][0]:.3g}..{axes['rows']['values'][-1]:.3g}, "
             f"{axes['cols']['name']} {axes['cols']['values'][0]:.3g}..{axes['cols']['values'][-1]:.3g}"
         )
-        levels.append(
-            Level(measure, np.asarray(axes["rows"]["values"]), np.asarray(axes["cols"]["values"]), box, label)
-        )
+        cells = pd.read_parquet(run_dir / "cells.parquet")
+        steps = measure_grid(cells, *measure.shape, "total_steps")  # for the shading (pictures.measure_shade)
+        row_values, col_values = np.asarray(axes["rows"]["values"]), np.asarray(axes["cols"]["values"])
+        levels.append(Level(measure, row_values, col_values, box, label, steps))
     return levels
 
 

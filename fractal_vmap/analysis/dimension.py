@@ -89,8 +89,9 @@ def load_calibration(path: str = str(CALIBRATION)) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def calibrated_dimension(measure, twins: list | None = None, offsets: int = OFFSETS, seed: int = 0,
-                         table: dict | None = None) -> dict:
+def calibrated_dimension(
+    measure, twins: list | None = None, offsets: int = OFFSETS, seed: int = 0, table: dict | None = None
+) -> dict:
     """The boundary dimension of a measure grid [H, W] (NaN = not computed), read against the calibration table.
     twins: the same grid retrained with a 1-ulp nudge or another data seed (arrays of its shape), pooled into the
     interval. Returns a strict-JSON-ready dict (None where there is no number):
@@ -115,28 +116,52 @@ def calibrated_dimension(measure, twins: list | None = None, offsets: int = OFFS
     pooled = np.concatenate([r["slopes"] for r in runs])
     pooled = pooled[np.isfinite(pooled)]
     H, W = maps[0].shape
-    out = dict(dimension=_r(raw["dimension"]), dimension_median_local=_r(raw["dimension_median_local"]),
-               sizes=raw["sizes"], counts=raw["counts"], edge_pixel_count=edges, shape=[H, W], twins=len(maps) - 1,
-               twin_edge_pixel_counts=[r["edges"] for r in runs[1:]], estimate_sizes=sizes, interval=None,
-               estimates=None, by_box_range=None, null=None, calibration=None, corrected=None)
-    out["interval_kind"] = (f"2.5-97.5 percentile of the least-squares slope over {offsets} placements of the box "
-                            f"lattice (the origin and {offsets - 1} random shifts) x {len(maps)} map(s)")
+    out = dict(
+        dimension=_r(raw["dimension"]),
+        dimension_median_local=_r(raw["dimension_median_local"]),
+        sizes=raw["sizes"],
+        counts=raw["counts"],
+        edge_pixel_count=edges,
+        shape=[H, W],
+        twins=len(maps) - 1,
+        twin_edge_pixel_counts=[r["edges"] for r in runs[1:]],
+        estimate_sizes=sizes,
+        interval=None,
+        estimates=None,
+        by_box_range=None,
+        null=None,
+        calibration=None,
+        corrected=None,
+    )
+    out["interval_kind"] = (
+        f"2.5-97.5 percentile of the least-squares slope over {offsets} placements of the box "
+        f"lattice (the origin and {offsets - 1} random shifts) x {len(maps)} map(s)"
+    )
     resolution = _table_resolution(table, sizes, min(H, W))
     if edges < MIN_EDGE_PIXELS or len(sizes) < MIN_BOX_SIZES or resolution is None or pooled.size == 0:
-        why = (f"{edges} edge pixels and {len(sizes)} box sizes on {H} x {W} cells: a dimension needs >= "
-               f"{MIN_EDGE_PIXELS} edge pixels, >= {MIN_BOX_SIZES} box sizes and a calibrated resolution (>= "
-               f"{min(table['resolutions'])} cells a side)")
+        why = (
+            f"{edges} edge pixels and {len(sizes)} box sizes on {H} x {W} cells: a dimension needs >= "
+            f"{MIN_EDGE_PIXELS} edge pixels, >= {MIN_BOX_SIZES} box sizes and a calibrated resolution (>= "
+            f"{min(table['resolutions'])} cells a side)"
+        )
         return dict(out, verdict=VERDICTS[2], reason=why)
     lo, med, hi = np.percentile(pooled, [2.5, 50, 97.5])
     counts = np.concatenate([r["counts"] for r in runs])
     out["interval"], out["estimates"] = [_r(lo), _r(hi)], dict(count=int(pooled.size), median=_r(med))
     out["by_box_range"] = dict(  # the slope's dependence on scale: medians over the placements, one end dropped
         without_smallest=[sizes[1], sizes[-1], _r(np.nanmedian(slopes(sizes[1:], counts[:, 1:])))],
-        without_largest=[sizes[0], sizes[-2], _r(np.nanmedian(slopes(sizes[:-1], counts[:, :-1])))])
+        without_largest=[sizes[0], sizes[-2], _r(np.nanmedian(slopes(sizes[:-1], counts[:, :-1])))],
+    )
     null = _null_row(table, resolution, edges)
     null_lo, null_hi = null["p0_5"], null["p99_5"]
-    out["null"] = dict(resolution=resolution, edge_bin=null["edge_bin"], range=[null_lo, null_hi], median=null["p50"],
-                       samples=null["samples"], kind="0.5-99.5 percentile of the smooth families' estimates")
+    out["null"] = dict(
+        resolution=resolution,
+        edge_bin=null["edge_bin"],
+        range=[null_lo, null_hi],
+        median=null["p50"],
+        samples=null["samples"],
+        kind="0.5-99.5 percentile of the smooth families' estimates",
+    )
     fine, belts = _belts(table, resolution, null)
     out["calibration"] = _calibration(fine, belts, resolution, edges, null_hi)
     out["calibration"]["same_box_sizes"] = table["sizes"][str(resolution)] == sizes
@@ -145,10 +170,18 @@ def calibrated_dimension(measure, twins: list | None = None, offsets: int = OFFS
     if lo > null_hi:
         return dict(out, verdict=VERDICTS[0], reason=f"the interval {reading} lies above it")
     if out["calibration"]["detectable_from"] is None:
-        return dict(out, verdict=VERDICTS[2], reason=f"the interval {reading} overlaps it, and at this resolution even "
-                    f"D = {fine[-1]:.2f} reads inside it for some calibrated family")
-    return dict(out, verdict=VERDICTS[1], reason=f"the interval {reading} overlaps it; a boundary of D >= "
-                f"{out['calibration']['detectable_from']} would have read above it")
+        return dict(
+            out,
+            verdict=VERDICTS[2],
+            reason=f"the interval {reading} overlaps it, and at this resolution even "
+            f"D = {fine[-1]:.2f} reads inside it for some calibrated family",
+        )
+    return dict(
+        out,
+        verdict=VERDICTS[1],
+        reason=f"the interval {reading} overlaps it; a boundary of D >= "
+        f"{out['calibration']['detectable_from']} would have read above it",
+    )
 
 
 def _grid(a, what: str) -> np.ndarray:
@@ -204,9 +237,13 @@ def _calibration(fine: np.ndarray, belts: dict, resolution: int, edges: int, nul
         first[family] = None if above.size == 0 else float(fine[above[0]])
     worst = None if None in first.values() else max(first.values())
     spans = [b[4] for b in belts.values()]
-    return dict(resolution=resolution, detectable_from=worst, detectable_by_family=first,
-                edges_in_calibrated_range=bool(min(s[0] for s in spans) <= edges <= max(s[1] for s in spans)),
-                calibrated_edge_pixels=[min(s[0] for s in spans), max(s[1] for s in spans)])
+    return dict(
+        resolution=resolution,
+        detectable_from=worst,
+        detectable_by_family=first,
+        edges_in_calibrated_range=bool(min(s[0] for s in spans) <= edges <= max(s[1] for s in spans)),
+        calibrated_edge_pixels=[min(s[0] for s in spans), max(s[1] for s in spans)],
+    )
 
 
 def _corrected(fine: np.ndarray, belts: dict, lo: float, med: float, hi: float) -> dict:
@@ -235,7 +272,14 @@ def _corrected(fine: np.ndarray, belts: dict, lo: float, med: float, hi: float) 
     known = None
     if point is not None:
         i = int(np.argmin(np.abs(fine - point)))
-        known = {f: dict(reads=[_r(b[0][i]), _r(b[1][i]), _r(b[2][i])], edge_pixels=int(b[3][i]))
-                 for f, b in belts.items()}
-    return dict(dimension=_r(point, 3), interval=interval, by_family=by_family, known_reads=known, note=note,
-                kind="true D whose calibrated 2.5-97.5 percentile reading meets the measured interval, in some family")
+        known = {
+            f: dict(reads=[_r(b[0][i]), _r(b[1][i]), _r(b[2][i])], edge_pixels=int(b[3][i])) for f, b in belts.items()
+        }
+    return dict(
+        dimension=_r(point, 3),
+        interval=interval,
+        by_family=by_family,
+        known_reads=known,
+        note=note,
+        kind="true D whose calibrated 2.5-97.5 percentile reading meets the measured interval, in some family",
+    )

@@ -20,6 +20,13 @@ BLUE, RED = (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)  # the two phases at full depth
 PALEST = 0.3  # the palest cell of a phase still gets 30% colour: clearly blue or red, never white
 CAPTION_SIZE = 7  # points
 MAX_SHOWN_LOSS = 1e30  # the final-loss panel's colour scale ends here (larger losses get its top colour)
+PAPER_INCHES, PANELS_INCHES = (7, 5), (13, 9)  # figure sizes of trainability.png and panels.png
+MAX_PIXELS = 2**28  # the largest canvas drawn: 1 GiB of RGBA (at --dpi 100000 matplotlib ran out of memory mid-draw)
+
+
+def max_dpi() -> int:
+    """The highest dpi at which the larger picture (panels.png) stays within MAX_PIXELS."""
+    return int((MAX_PIXELS / (PANELS_INCHES[0] * PANELS_INCHES[1])) ** 0.5)
 
 
 def _rank_fraction(x: np.ndarray) -> np.ndarray:
@@ -89,10 +96,11 @@ def _mesh(ax, row_values, col_values, row_name: str, col_name: str, log_rows: bo
     return mesh
 
 
-def _phase_colorbar(fig, ax, mesh) -> None:
+def _phase_colorbar(fig, ax, mesh, per_step: bool = False) -> None:
     bar = fig.colorbar(mesh, ax=ax, ticks=[-1, -PALEST, PALEST, 1])
     bar.ax.set_yticklabels(["fails hardest", "barely fails", "barely trains", "trains fastest"])
-    bar.set_label("shade: rank of the convergence measure in its phase", fontsize=7)
+    what = "the convergence measure per step (cells differ in steps)" if per_step else "the convergence measure"
+    bar.set_label(f"shade: rank of {what} in its phase", fontsize=7)
 
 
 def _grey_note(fig, shade: np.ma.MaskedArray, label: str) -> None:
@@ -122,16 +130,28 @@ def _save(fig, path) -> Path:
     return path
 
 
-def measure_shade(measure: np.ndarray) -> np.ma.MaskedArray:
+def varies(steps) -> bool:
+    """Whether the cells' step counts differ (then the measure, a sum over steps, is shaded per step)."""
+    if steps is None:
+        return False
+    s = np.asarray(steps, dtype=np.float64)
+    return len(np.unique(s[np.isfinite(s)])) > 1
+
+
+def measure_shade(measure: np.ndarray, steps: np.ndarray | None = None) -> np.ma.MaskedArray:
     """The paper's shading of a [H, W] convergence measure: trained where measure < 0; small |measure| is deep in its
-    phase (fast training, or fast divergence) and gets the strongest colour; NaN masked."""
+    phase (fast training, or fast divergence) and gets the strongest colour; NaN masked.
+    The measure sums over a run's steps (fractal.convergence_measure), so a cell with more steps would always look
+    nearer the boundary: where `steps` (each cell's step count) differ, the depth is |measure| / steps, the mean
+    normalised loss of a trained run (the mean inverse of a diverged one). With equal steps nothing changes."""
     m = np.asarray(measure, dtype=np.float64)
-    return phase_shade(m < 0, -np.abs(m), np.isnan(m))
+    depth = -np.abs(m) / np.asarray(steps, dtype=np.float64) if varies(steps) else -np.abs(m)
+    return phase_shade(m < 0, depth, np.isnan(m) | np.isnan(depth))
 
 
-def measure_rgb(measure) -> np.ndarray:
+def measure_rgb(measure, steps=None) -> np.ndarray:
     """paper_image's colours as an RGB array [H, W, 3] in [0, 1], row 0 first (not flipped): for the animation frames."""
-    return PHASE_CMAP((measure_shade(measure) + 1) / 2)[..., :3]
+    return PHASE_CMAP((measure_shade(measure, steps) + 1) / 2)[..., :3]
 
 
 def paper_image(
@@ -146,15 +166,17 @@ def paper_image(
     title: str | None = None,
     caption: str | None = None,
     dpi: int = 150,
+    steps=None,
 ) -> Path:
-    """The paper-style picture of a [H, W] convergence measure: blue trained, red not, grey no result."""
+    """The paper-style picture of a [H, W] convergence measure: blue trained, red not, grey no result. `steps` [H, W]:
+    each cell's step count, for the shading (measure_shade)."""
     m = np.asarray(measure, dtype=np.float64)
     assert m.ndim == 2, f"measure must be 2-D, got shape {m.shape}"
     assert len(row_values) == m.shape[0] and len(col_values) == m.shape[1], (
         f"axis values ({len(row_values)}, {len(col_values)}) do not match measure shape {m.shape}"
     )
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=dpi)
-    shade = measure_shade(m)
+    fig, ax = plt.subplots(figsize=PAPER_INCHES, dpi=dpi)
+    shade = measure_shade(m, steps)
     mesh = _mesh(
         ax,
         row_values,
@@ -167,7 +189,7 @@ def paper_image(
         cmap=PHASE_CMAP,
         norm=Normalize(-1, 1),
     )
-    _phase_colorbar(fig, ax, mesh)
+    _phase_colorbar(fig, ax, mesh, varies(steps))
     _grey_note(fig, shade, "grey: no result (cell not trained yet)")
     ax.set_title(title if title is not None else "blue: trains, red: does not")
     _caption(fig, caption)
@@ -205,7 +227,8 @@ def panels(
     """
     Four panels in one PNG: trainability shaded exactly as the paper image, stability, final loss (log colour scale),
     and the binary trainable label. One DataFrame row per cell, with columns row, col, stable, converged, final_loss,
-    measure, plus the axis values under row_name and col_name. Cells absent from the frame are grey.
+    measure, plus the axis values under row_name and col_name (and total_steps, if any: the shading's step counts).
+    Cells absent from the frame are grey.
     """
     H, W = int(cells["row"].max()) + 1, int(cells["col"].max()) + 1
     # axis values per index; an index with no cell at all labels as nan (and the axis is drawn by index)
@@ -214,12 +237,11 @@ def panels(
     mesh_args = (row_values, col_values, row_name, col_name, log_rows, log_cols)
     final_loss = _grid(cells, "final_loss", H, W)
 
-    # constrained: room for bars and legends
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9), dpi=dpi, layout="constrained")
-    mesh = _mesh(
-        axes[0, 0], *mesh_args, measure_shade(_grid(cells, "measure", H, W)), cmap=PHASE_CMAP, norm=Normalize(-1, 1)
-    )
-    _phase_colorbar(fig, axes[0, 0], mesh)
+    fig, axes = plt.subplots(2, 2, figsize=PANELS_INCHES, dpi=dpi, layout="constrained")  # room for bars, legends
+    steps = _grid(cells, "total_steps", H, W) if "total_steps" in cells else None
+    shade = measure_shade(_grid(cells, "measure", H, W), steps)
+    mesh = _mesh(axes[0, 0], *mesh_args, shade, cmap=PHASE_CMAP, norm=Normalize(-1, 1))
+    _phase_colorbar(fig, axes[0, 0], mesh, varies(steps))
     axes[0, 0].set_title("trainable (blue) or not (red), as trainability.png")
     _binary(
         fig,

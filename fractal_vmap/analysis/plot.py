@@ -69,6 +69,15 @@ def plot_run(cfg: PlotConfig) -> list[Path]:
         raise UserError(f"--trainable_loss_ratio_threshold is {threshold}: it must be positive and finite")
     if cfg.dpi < 1:
         raise UserError(f"--dpi is {cfg.dpi}: it must be at least 1")
+    from fractal_vmap.analysis.pictures import MAX_PIXELS, PANELS_INCHES, max_dpi
+
+    if cfg.dpi > max_dpi():
+        w, h = (inches * cfg.dpi for inches in PANELS_INCHES)
+        raise UserError(
+            f"--dpi {cfg.dpi} would draw panels.png on a {w} x {h} pixel canvas "
+            f"({w * h * 4 / 2**30:,.0f} GiB; at most {MAX_PIXELS * 4 / 2**30:.0f} GiB is drawn): "
+            f"use --dpi {max_dpi()} or less"
+        )
     relabelled = (window, threshold) != (settings["trainable_window_steps"], settings["trainable_loss_ratio_threshold"])
     out = Path(cfg.out) if cfg.out else run_dir
     if relabelled and out.resolve() == run_dir.resolve():

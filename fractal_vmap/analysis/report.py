@@ -92,6 +92,12 @@ def measure_fractal(cells, row: Axis, col: Axis) -> dict:
 def dimension_note(f: dict) -> str:
     """The dimension in words, with what it rests on (fractal.json's fields; null where NaN)."""
     sizes = ", ".join(str(s) for s in f["sizes"]) or "none (the grid is too small for one)"
+    if not f["edge_pixel_count"] and 0 < (f.get("trainable_fraction") or 0) < 1:  # both phases, no 2 x 2 block of both
+        return (
+            f"no boundary dimension: {f['trainable_fraction']:.0%} of the cells train, but an edge pixel is a "
+            "2 x 2 block of cells in both phases and this grid has none (one row or one col, or the phases meet "
+            "only beside cells without a result)"
+        )
     if not f["edge_pixel_count"]:
         return "no boundary: every cell with a result is in the same phase, so there is no dimension"
     value = "no boundary dimension" if f["dimension"] is None else f"boundary dimension {f['dimension']:.2f}"
@@ -115,6 +121,16 @@ def axis_label(axis: dict) -> str:
     return f"{axis['name']} {span} ({len(values)}, {axis['scale']})"
 
 
+def averaged(cells, window: int) -> str:
+    """What the trainable label averaged: the last `window` losses, or every loss of a cell with fewer steps."""
+    steps = cells["total_steps"].dropna() if "total_steps" in cells.columns else cells.iloc[:0, 0]
+    short = steps[steps < window]
+    if short.empty:
+        return f"mean of the last {window} losses"
+    counts = f"{int(short.min())}" if short.min() == short.max() else f"{int(short.min())}..{int(short.max())}"
+    return f"mean of the last {window} losses, or of all {counts} in the {len(short)} cells with fewer steps,"
+
+
 def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, threshold: float) -> str:
     """What a picture shows, in a few lines: model, data, axes, lrs, labels, the dimension and its basis, the run."""
     spec, env = grid["spec"], grid.get("environment", {})
@@ -124,11 +140,15 @@ def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, thresh
         for g, v in spec.get("group_lrs", {}).items()
     )
     cells_total = len(axes["rows"]["values"]) * len(axes["cols"]["values"])
+    if "trained" in cells.columns:  # a refined map (refine.py): the cells no level trained took a coarser cell's result
+        counted = f"{int(cells['trained'].sum())}/{cells_total} cells trained (the others filled from a coarser level)"
+    else:
+        counted = f"{len(cells)}/{cells_total} cells"
     lines = [
         f"model {source_label(spec['model'])} · dataset {source_label(spec['dataset'])} · {settings['device']} {settings['dtype']}",
         f"rows {axis_label(axes['rows'])} x cols {axis_label(axes['cols'])} · learning rates: {lrs}",
         (
-            f"{len(cells)}/{cells_total} cells · {cells['converged'].mean():.0%} trainable (mean of the last {window} losses < {threshold:g} x "
+            f"{counted} · {cells['converged'].mean():.0%} trainable ({averaged(cells, window)} < {threshold:g} x "
             f"the first) · {cells['stable'].mean():.0%} stable"
         ),
         dimension_note(fractal),
@@ -157,6 +177,7 @@ def draw_pictures(
     log_rows, log_cols = row.scale == "log", col.scale == "log"
     text = caption(grid, cells, fractal, run_name, window, threshold)
     measure = measure_grid(cells, len(row.values), len(col.values))
+    steps = measure_grid(cells, len(row.values), len(col.values), "total_steps")  # shaded per step where they differ
     paths = [Path(out_dir) / name for name in PICTURES]
     with atomic_path(paths[0]) as tmp:
         paper_image(
@@ -171,6 +192,7 @@ def draw_pictures(
             f"trainable (blue) or not (red): {row.name} x {col.name}",
             text,
             dpi,
+            steps,
         )
     with atomic_path(paths[1]) as tmp:
         panels(cells, row.name, col.name, tmp, log_rows, log_cols, text, dpi)

@@ -64,10 +64,9 @@ def read_run(run_dir: Path) -> tuple[dict, object, dict]:
     )
 
 
-def measure_grid(cells, rows: int, cols: int) -> np.ndarray:
-    """The convergence measure laid out [rows, cols]; cells not in the frame are NaN."""
+def measure_grid(cells, rows: int, cols: int, column: str = "measure") -> np.ndarray:
+    """The convergence measure (or another column: total_steps) laid out [rows, cols]; cells not in the frame: NaN."""
     measure = np.full((rows, cols), np.nan)
-    measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells["measure"].to_numpy(
-        dtype=np.float64, na_value=np.nan
-    )
+    values = cells[column].to_numpy(dtype=np.float64, na_value=np.nan)
+    measure[cells["row"].to_numpy(), cells["col"].to_numpy()] = values
     return measure

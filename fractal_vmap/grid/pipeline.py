@@ -29,7 +29,7 @@ from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_di
 from fractal_vmap.options import GridConfig
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.tasks import get_task
-from fractal_vmap.tracking import closing_run, start_run
+from fractal_vmap.tracking import check_wandb, closing_run, start_run
 
 
 def grid_axes(cfg: GridConfig, task=None) -> tuple[Axis, Axis]:
@@ -47,7 +47,8 @@ def plan_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: di
     """The task's plan of the grid: its checks and loads, on the axes of the options or on `axes` (a zoom's exact
     values, with `parent` its parent run and box)."""
     task = get_task(cfg.task)
-    refine.check(cfg)
+    check_wandb(cfg)
+    refine.check(cfg, task.CELL_BYTES)
     row, col = axes or grid_axes(cfg, task)
     plan = task.plan(cfg, row, col, parent)
     plan.run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(plan.spec, row.name, col.name)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
-from fractal_vmap.files import check_writable_dir, read_json_object, strict_json, write_atomic
+from fractal_vmap.files import check_writable_dir, read_json_object, remove_stale_temps, strict_json, write_atomic
 from fractal_vmap.machine import cpu_model
 
 MAX_DIFFS = 4  # differing spec fields named in a refusal
@@ -114,6 +115,13 @@ def open_run_dir(run_dir: Path, spec: dict, device: torch.device, data: dict) ->
     """Create the run dir with grid.json, or reopen it (check_run_dir has passed). Returns the spec's digest."""
     digest = spec_digest(spec)
     (run_dir / "rows").mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "rows")  # the lock is held: no other writer's
+    if stale:
+        console.print(
+            f"removed {stale} temp file{'s' if stale > 1 else ''} an interrupted write left in {run_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if not (run_dir / "grid.json").exists():
         write_atomic(
             run_dir / "grid.json",

@@ -47,6 +47,23 @@ def parse_range(text: str) -> dict[str, tuple[float, float]]:
     return out
 
 
+def check_inside(span: tuple[float, float], axis: Axis, which: str) -> None:
+    """A --range must lie inside the parent's axis: a zoom looks into its parent (values printed to a few digits, as
+    `boxes` shows them, count as inside)."""
+    lo, hi = min(axis.values), max(axis.values)
+    if axis.scale == "log":
+        low, high = lo * (1 - 1e-3), hi * (1 + 1e-3)
+    else:  # a linear axis may start at 0, where no relative slack helps
+        pad = 1e-3 * ((hi - lo) or abs(hi) or 1.0)
+        low, high = lo - pad, hi + pad
+    if span[0] < low or span[1] > high:
+        raise UserError(
+            f"--range {which}={span[0]:g}:{span[1]:g} reaches outside the parent's {which} axis "
+            f"({axis.name} {lo:.4g}..{hi:.4g}): a zoom looks inside its parent; pass a range within it, "
+            "or run a new grid for the rest"
+        )
+
+
 def squared(lo: float, hi: float, other: tuple[float, float], log: bool, other_log: bool) -> tuple[float, float]:
     """Widen [lo, hi] about its centre to the other side's width (log10 widths on log axes); never narrows it."""
     t = (lambda v: math.log10(v)) if log else (lambda v: v)
@@ -82,12 +99,17 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
     else:
         ranges, box = parse_range(cfg.range), None
         counts = {"rows": cfg.rows or len(rows.values), "cols": cfg.cols or len(cols.values)}
+        for which, axis in (("rows", rows), ("cols", cols)):
+            check_inside(ranges[which], axis, which)
     if cfg.square:
         log = {"rows": rows.scale == "log", "cols": cols.scale == "log"}
         ranges = {
             "rows": squared(*ranges["rows"], ranges["cols"], log["rows"], log["cols"]),
             "cols": squared(*ranges["cols"], ranges["rows"], log["cols"], log["rows"]),
         }
+    for which, axis in (("rows", rows), ("cols", cols)):  # an integer axis takes whole bounds: rounded inwards
+        if table[axis.name].integer:
+            ranges[which] = (float(math.ceil(ranges[which][0])), float(math.floor(ranges[which][1])))
     return (
         make_axis(rows.name, counts["rows"], *ranges["rows"], rows.scale, "rows", table),
         make_axis(cols.name, counts["cols"], *ranges["cols"], cols.scale, "cols", table),

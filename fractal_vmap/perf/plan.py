@@ -69,7 +69,12 @@ def check_plan(cfg: PlanConfig) -> tuple[GPTConfig, int, Levers | None]:
 
 
 GRID_CELLS, GRID_TOKENS = 64 * 64, 250_000  # the reference d20 workload: 64 x 64 cells of 250K supervised tokens
-TARGETS = {"speedup_small": 10.0, "speedup_d20": 2.0, "mfu": 0.40, "grid_minutes": 30.0}  # benchmarks/README.md "Targets"
+TARGETS = {
+    "speedup_small": 10.0,
+    "speedup_d20": 2.0,
+    "mfu": 0.40,
+    "grid_minutes": 30.0,
+}  # benchmarks/README.md "Targets"
 
 
 def run_plan(cfg: PlanConfig) -> dict:

@@ -141,6 +141,9 @@ def profile_mode(make_step, batch, device: torch.device) -> dict:
     reused); on CPU also the peak of the allocations made while building the state and running both steps."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    # Kineto (the profiler's C++ side) logs every start and stop to stderr ("USDT: ... profiler_start"), and without
+    # a GPU an ERROR line about the GPU count; it reads its level when a profile starts: 6 silences them (a user's wins)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     cuda = device.type == "cuda"
     if cuda:
         step = make_step()

@@ -2,7 +2,8 @@
 (grid/zoom.py) ask a task for everything task-shaped, and compare no task name anywhere.
 
 A task is a module with:
-  NAME, AXES (axis name -> axes.AxisKind), WORKERS (whether its rows may go to several workers: grid/shard.py);
+  NAME, AXES (axis name -> axes.AxisKind), WORKERS (whether its rows may go to several workers: grid/shard.py),
+  CELL_BYTES (host memory of its state a grid cell, before it trains: refine.check_map_fits);
   axis_names(cfg) -> (rows axis, cols axis): the axes a grid's options ask for;
   plan(cfg, row, col, parent) -> a plan: every check and load, each bad input one clear line, before the run dir is
     touched. A plan has cfg, row, col, device, spec (what the numbers depend on: grid.json), run_dir, data

@@ -1,13 +1,14 @@
 """The nanochat task's axes: which `finetune` knob each sweeps, the settings of a cell, and what the axes override
 (a flag that no cell would read is refused; one that pins part of what an axis moves is warned about)."""
 
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from fractal_vmap.axes import Axis, AxisKind
 from fractal_vmap.errors import UserError
-from fractal_vmap.options import FinetuneConfig, TrainConfig
+from fractal_vmap.options import FinetuneConfig, TrainConfig, is_given
 from fractal_vmap.recipe import ADAMW_GROUPS, LR_FLAGS, LR_MULTS, flag_lr, lr_source, trainable_groups
 
+DEFAULT_AXES = "num_tokens,lr"  # a nanochat grid's rows and cols, when --axes is unset
 AXES = {
     "num_tokens": AxisKind("num_tokens", (1000.0, 8000.0), "log", integer=True),
     "lr": AxisKind("learning_rate", (1e-2, 1e2), "log"),
@@ -95,13 +96,6 @@ def unused_fields(cfg: TrainConfig, row: Axis, col: Axis) -> dict[str, str]:
     for field, which in per_cell.items():
         unused.setdefault(field, f"the {which} axis sets it cell by cell")
     return unused
-
-
-def is_given(cfg, name: str) -> bool:
-    """Whether a setting differs from its default: given on the command line or in a config file. (A flag given at its
-    default value cannot be told apart, and changes nothing.)"""
-    default = next(f.default for f in fields(cfg) if f.name == name)
-    return getattr(cfg, name) != default
 
 
 def check_overrides(cfg: TrainConfig, row: Axis, col: Axis) -> list[str]:

@@ -20,6 +20,7 @@ from fractal_vmap.recipe import autocast_name, group_lrs, resolve_device, valida
 from fractal_vmap.sources import load_model, resolve_source
 from fractal_vmap.tasks.nanochat.axes import (
     AXES,  # noqa: F401 (the task's axis table, for the grid)
+    DEFAULT_AXES,
     cell_config,
     cell_lrs,
     check_overrides,
@@ -31,6 +32,7 @@ from fractal_vmap.tasks.nanochat.compiled import resolve_compile
 from fractal_vmap.tasks.nanochat.memory import parse_bytes, parse_levers
 
 NAME = "nanochat-sft"
+CELL_BYTES = 1750  # host memory of a fine cell's FinetuneConfig (tracemalloc, CPython 3.11): plan makes one a cell
 WORKERS = True  # rows may train on several workers (grid/shard.py)
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
 RUN_ONLY_FIELDS = (
@@ -109,8 +111,8 @@ class NanochatPlan:
 
 
 def axis_names(cfg: GridConfig) -> tuple[str, str]:
-    """The rows and cols axes a grid asks for (--axes)."""
-    return parse_axes(cfg.axes)
+    """The rows and cols axes a grid asks for (--axes; unset: num_tokens,lr)."""
+    return parse_axes(cfg.axes or DEFAULT_AXES)
 
 
 def zoom_options(settings: dict) -> dict:
@@ -168,6 +170,7 @@ def make_spec(
 def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> NanochatPlan:
     """Every check and load a grid needs, each bad input one clear line, all before the run dir is created."""
     validate(cfg)
+    cfg.axes = cfg.axes or DEFAULT_AXES  # as the spec has always recorded it
     for name, default in PAPER_FIELDS.items():
         if getattr(cfg, name) != default:
             raise UserError(

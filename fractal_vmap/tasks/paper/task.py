@@ -31,6 +31,7 @@ from fractal_vmap.tasks.paper.mlp import (
 )
 
 NAME = "paper-mlp"
+CELL_BYTES = 0  # a fine cell holds nothing of the task's until it trains
 WORKERS = False  # one process: a 256 x 256 grid trains in under a minute, its chunks on every core
 DEFAULT_STEPS = 100  # gradient descent steps when --num_iterations is unset (the paper: 500 to 1000)
 VIEW = (10 ** DEFAULT_VIEW[0], 10 ** DEFAULT_VIEW[1])
@@ -42,6 +43,35 @@ AXES = {
     "offset": AxisKind("offset", (-2.0, 2.0), "linear"),
 }
 SPACE_AXES = {"lr_vs_lr": ("lr1", "lr0"), "offset_vs_lr": ("lr", "offset")}  # phase space -> (rows axis, cols axis)
+# the grid options a paper-mlp grid reads (axes must be unset); every other one is nanochat's, refused when given
+PAPER_READS = (
+    "task",
+    "axes",
+    "rows",
+    "cols",
+    "row_min",
+    "row_max",
+    "col_min",
+    "col_max",
+    "row_scale",
+    "col_scale",
+    "run_dir",
+    "device",
+    "dtype",
+    "seed",
+    "num_iterations",
+    "trainable_window_steps",
+    "trainable_loss_ratio_threshold",
+    "refine",
+    "phase_space",
+    "width",
+    "activation",
+    "data_multiple",
+    "workers",
+    "wandb",
+    "wandb_project",
+    "wandb_entity",
+)
 
 
 @dataclass
