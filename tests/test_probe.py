@@ -14,8 +14,22 @@ from fractal_vmap.cli import main
 from fractal_vmap.tasks.nanochat.axes import AXES
 from tests.test_bad_input import FAST, FIXTURE, refused
 
-# a paper-mlp grid of 2 x 3 lanes and 5 steps: a run dir with every file a grid writes, in well under a second
-PAPER = ["grid", "--task", "paper-mlp", "--rows", "2", "--cols", "3", "--num_iterations", "5", "--seed", "0"]
+# a paper-mlp grid of 2 x 3 lanes and 5 steps, no W&B: a run dir with every file a grid writes, in well under a second
+PAPER = [
+    "grid",
+    "--task",
+    "paper-mlp",
+    "--rows",
+    "2",
+    "--cols",
+    "3",
+    "--num_iterations",
+    "5",
+    "--seed",
+    "0",
+    "--wandb",
+    "disabled",
+]
 
 
 def stopped(capsys, argv: list[str], expected: str) -> str:

@@ -9,7 +9,7 @@ lr in [-3, 6] on both (the notebook's first picture); offset_vs_lr has rows = lr
 added to every initial W0 weight. A zoom (grid/zoom.py) passes the parent's exact axis values instead of a range.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from fractal_vmap.analysis.labels import label_runs
 from fractal_vmap.axes import Axis, AxisKind
 from fractal_vmap.errors import UserError
-from fractal_vmap.options import GridConfig
+from fractal_vmap.options import GridConfig, is_given
 from fractal_vmap.recipe import resolve_device
 from fractal_vmap.tasks.paper.mlp import (
     DEFAULT_VIEW,
@@ -192,13 +192,26 @@ def make_spec(
     return spec
 
 
-def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> PaperPlan:
-    """Every check before any work."""
-    if cfg.axes != GridConfig.axes:
+def check_paper_fields(cfg: GridConfig) -> None:
+    """Refuse, in one line, a nanochat setting on a paper-mlp grid, which would ignore it (the mirror of the nanochat
+    task's refusal of a paper setting)."""
+    if cfg.axes is not None:
         raise UserError(
             f"--axes {cfg.axes} is for nanochat grids: the paper task's axes follow --phase_space "
             f"({', '.join(PHASE_SPACES)})"
         )
+    for f in fields(GridConfig):
+        if f.name not in PAPER_READS and is_given(cfg, f.name):
+            raise UserError(
+                f"--{f.name} {getattr(cfg, f.name)} has no effect on a paper-mlp grid (the paper's MLP "
+                "brings its own model, data and gradient descent; its learning rates are the axes, see "
+                "--phase_space): drop it, or leave out --task paper-mlp"
+            )
+
+
+def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> PaperPlan:
+    """Every check before any work."""
+    check_paper_fields(cfg)
     if cfg.dtype not in ("auto", "float64", "float32"):
         raise UserError(f"--dtype {cfg.dtype} for the paper task: use float64 (auto) or float32")
     paper = paper_config(cfg)
