@@ -18,6 +18,7 @@ from fractal_vmap.errors import UserError
 from fractal_vmap.files import write_atomic
 
 ID_FILE = "wandb_id"
+MODES = ("auto", "online", "offline", "disabled")
 ID_PATTERN = re.compile(r"[a-z0-9]{8,64}")  # W&B's generated ids are 8 lowercase letters and digits
 
 
@@ -32,7 +33,7 @@ def _has_credentials() -> bool:
 
 def wandb_mode(requested: str) -> str:
     """`auto` -> $WANDB_MODE if set, else online with credentials and offline without."""
-    if requested not in ("auto", "online", "offline", "disabled"):
+    if requested not in MODES:
         raise ValueError(f"unknown wandb mode {requested!r}")
     if requested != "auto":
         return requested
@@ -42,6 +43,8 @@ def wandb_mode(requested: str) -> str:
 def check_wandb(cfg) -> None:
     """Before any work: W&B online needs credentials (wandb would otherwise fail, or wait on a login prompt, at the end
     of the setup)."""
+    if cfg.wandb not in MODES:
+        raise UserError(f"--wandb {cfg.wandb!r} is not one of {', '.join(MODES)}")
     mode = wandb_mode(cfg.wandb)
     if mode == "online" and not _has_credentials():
         asked = "--wandb online" if cfg.wandb == "online" else "WANDB_MODE=online"

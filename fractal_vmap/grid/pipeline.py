@@ -199,16 +199,12 @@ def finish_grid(plan, lanes: list[dict], wandb_run=None, trained: int | None = N
             )
         )
     f = out["fractal"]
-    cells = (
-        f"{len(lanes)} cells"
-        if trained is None
-        else f"{len(lanes)} cells ({trained} trained, {trained / len(lanes):.1%})"
-    )
-    console.print(
-        f"trainable {f['trainable_fraction']:.0%} of {cells}; {dimension_note(f)}",
-        highlight=False,
-        style="yellow" if f["caveat"] else None,
-    )
+    trainable = f"trainable {f['trainable_fraction']:.0%}"
+    if trained is None:
+        counted = f"{trainable} of {len(lanes)} cells"
+    else:  # a refined map: the cells no level trained took a coarser cell's result
+        counted = f"trained {trained} of {len(lanes)} cells ({trained / len(lanes):.1%}); {trainable} of the map"
+    console.print(f"{counted}; {dimension_note(f)}", highlight=False, style="yellow" if f["caveat"] else None)
     console.print(
         f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold] and [bold]{plan.run_dir / 'panels.png'}[/bold]; "
         f"cells: {plan.run_dir / 'cells.parquet'}"
