@@ -58,8 +58,13 @@ def summary(samples: np.ndarray, edges: list[int], pcts=(2.5, 50, 97.5)) -> dict
     s = samples[np.isfinite(samples)]
     q = np.percentile(s, pcts) if s.size else [np.nan] * len(pcts)
     keys = {p: f"p{p:g}".replace(".", "_") for p in pcts}
-    return dict(samples=int(s.size), mean=r4(s.mean()), std=r4(s.std()), **{keys[p]: r4(v) for p, v in zip(pcts, q)},
-                edge_pixels=[int(min(edges)), int(np.median(edges)), int(max(edges))])
+    return dict(
+        samples=int(s.size),
+        mean=r4(s.mean()),
+        std=r4(s.std()),
+        **{keys[p]: r4(v) for p, v in zip(pcts, q)},
+        edge_pixels=[int(min(edges)), int(np.median(edges)), int(max(edges))],
+    )
 
 
 def r4(x) -> float | None:
@@ -91,17 +96,38 @@ def calibrate(opts: Options, console: Console) -> tuple[list, list]:
             maps = SMOOTH_MAPS[n] * (ELLIPSES if family == "ellipse" else 1)
             runs = [measure(family, 1.0, n, i, opts.offsets) for i in range(maps)]
             samples, edges = np.concatenate([s for s, _ in runs]), [e for _, e in runs]
-            smooth.append(dict(family=family, resolution=n, edge_bin=None, maps=maps,
-                               **summary(samples, edges, (0.5, 2.5, 50, 97.5, 99.5))))
+            smooth.append(
+                dict(
+                    family=family,
+                    resolution=n,
+                    edge_bin=None,
+                    maps=maps,
+                    **summary(samples, edges, (0.5, 2.5, 50, 97.5, 99.5)),
+                )
+            )
             pooled += [s for s, _ in runs]
             pooled_edges += edges
         per_map, edges = np.stack(pooled), np.array(pooled_edges)
-        smooth.append(dict(family="all", resolution=n, edge_bin=None, maps=len(edges),
-                           **summary(per_map.ravel(), list(edges), (0.5, 2.5, 50, 97.5, 99.5))))
+        smooth.append(
+            dict(
+                family="all",
+                resolution=n,
+                edge_bin=None,
+                maps=len(edges),
+                **summary(per_map.ravel(), list(edges), (0.5, 2.5, 50, 97.5, 99.5)),
+            )
+        )
         for lo, hi in edge_bins(edges, opts.offsets):
             inside = (edges >= lo) & (edges < hi)
-            smooth.append(dict(family="all", resolution=n, edge_bin=[lo, hi], maps=int(inside.sum()),
-                               **summary(per_map[inside].ravel(), list(edges[inside]), (0.5, 2.5, 50, 97.5, 99.5))))
+            smooth.append(
+                dict(
+                    family="all",
+                    resolution=n,
+                    edge_bin=[lo, hi],
+                    maps=int(inside.sum()),
+                    **summary(per_map[inside].ravel(), list(edges[inside]), (0.5, 2.5, 50, 97.5, 99.5)),
+                )
+            )
         console.print(f"{n:5d}^2: {time.perf_counter() - t0:6.1f} s")
     return fractal, smooth
 
@@ -125,38 +151,64 @@ def markdown(table: dict) -> str:
     smooth = {(r["family"], r["resolution"]): r for r in table["smooth"] if r["edge_bin"] is None}
     cols = " | ".join(f"{n}^2" for n in res)
     rule = "|" + " --- |" * (len(res) + 1) + "\n"
-    text = ["# Calibration of the box-counting dimension\n\n", table["about"], "\n\nCost: ", table["cost"]["note"],
-            ". Written by `benchmarks/calibrate_dimension.py`; the table itself is `fractal_vmap/analysis/"
-            "calibration.json`.\n\n## Headline: median estimate (2.5-97.5 percentile) against true D\n\n"]
+    text = [
+        "# Calibration of the box-counting dimension\n\n",
+        table["about"],
+        "\n\nCost: ",
+        table["cost"]["note"],
+        ". Written by `benchmarks/calibrate_dimension.py`; the table itself is `fractal_vmap/analysis/"
+        "calibration.json`.\n\n## Headline: median estimate (2.5-97.5 percentile) against true D\n\n",
+    ]
     head = [n for n in (256, 1024) if n in res]
-    text.append("| true D | " + " | ".join(f"{f} {n}^2" for n in head for f in fam) + " |\n|"
-                + " --- |" * (1 + len(head) * len(fam)) + "\n")
+    text.append(
+        "| true D | "
+        + " | ".join(f"{f} {n}^2" for n in head for f in fam)
+        + " |\n|"
+        + " --- |" * (1 + len(head) * len(fam))
+        + "\n"
+    )
     for D in table["dimensions"]:
         text.append(f"| {D} | " + " | ".join(cell(rows[f, D, n]) for n in head for f in fam) + " |\n")
     text.append("\n## Smooth null (D = 1): 0.5-99.5 percentile of the estimate\n\n| family | " + cols + " |\n" + rule)
     for f in ("all",) + SMOOTH_FAMILIES:
         text.append(f"| {f} | " + " | ".join(span(smooth[f, n]) for n in res) + " |\n")
-    text.append("\nBy edge pixels (what `calibrated_dimension` compares with): bins [lo, hi) of at least "
-                f"{MIN_BIN_SAMPLES} estimates.\n\n| resolution | edge pixels: 0.5-99.5 percentile (estimates) |\n"
-                "| --- | --- |\n")
+    text.append(
+        "\nBy edge pixels (what `calibrated_dimension` compares with): bins [lo, hi) of at least "
+        f"{MIN_BIN_SAMPLES} estimates.\n\n| resolution | edge pixels: 0.5-99.5 percentile (estimates) |\n"
+        "| --- | --- |\n"
+    )
     for n in res:
         bins = [r for r in table["smooth"] if r["resolution"] == n and r["edge_bin"] is not None]
         ends = [(b["edge_bin"][0], b["edge_bin"][1] if b["edge_bin"][1] < 2**40 else "") for b in bins]
         parts = [f"{lo}-{hi}: {span(b)} ({b['samples']})" for (lo, hi), b in zip(ends, bins)]
         text.append(f"| {n}^2 | " + "; ".join(parts) + " |\n")
-    text.append("\n## Smallest true D read above the smooth null (its 2.5th percentile above the null's 99.5th at "
-                "the family's edge pixels)\n\n| family | " + cols + " |\n" + rule)
+    text.append(
+        "\n## Smallest true D read above the smooth null (its 2.5th percentile above the null's 99.5th at "
+        "the family's edge pixels)\n\n| family | " + cols + " |\n" + rule
+    )
     for f in fam:
-        first = [next((D for D in table["dimensions"] if rows[f, D, n]["p2_5"]
-                       > null_for(table, n, rows[f, D, n]["edge_pixels"][1])["p99_5"]), None) for n in res]
+        first = [
+            next(
+                (
+                    D
+                    for D in table["dimensions"]
+                    if rows[f, D, n]["p2_5"] > null_for(table, n, rows[f, D, n]["edge_pixels"][1])["p99_5"]
+                ),
+                None,
+            )
+            for n in res
+        ]
         text.append(f"| {f} | " + " | ".join("-" if D is None else str(D) for D in first) + " |\n")
     for f in fam:
         text.append(f"\n## {f}\n\n{' '.join(FRACTAL[f].__doc__.split())}\n\n| true D | " + cols + " |\n" + rule)
         for D in table["dimensions"]:
             text.append(f"| {D} | " + " | ".join(cell(rows[f, D, n]) for n in res) + " |\n")
         lo, hi = table["dimensions"][0], table["dimensions"][-1]
-        text.append(f"| median edge pixels, D = {lo} - {hi} | " + " | ".join(
-            f"{rows[f, lo, n]['edge_pixels'][1]}-{rows[f, hi, n]['edge_pixels'][1]}" for n in res) + " |\n")
+        text.append(
+            f"| median edge pixels, D = {lo} - {hi} | "
+            + " | ".join(f"{rows[f, lo, n]['edge_pixels'][1]}-{rows[f, hi, n]['edge_pixels'][1]}" for n in res)
+            + " |\n"
+        )
     return "".join(text)
 
 
@@ -169,19 +221,27 @@ def main() -> None:
     with CpuWatch() as watch:
         fractal, smooth = calibrate(opts, console)
     seconds, own, cpu = watch.wall_s, own_seconds() - own0, cpu_model()
-    note = (f"{seconds / 60:.1f} min wall, {own / 60:.1f} min CPU on {cpu}, while other processes used "
-            f"{watch.foreign:.0%} of the cores (git {git_revision()})")
+    note = (
+        f"{seconds / 60:.1f} min wall, {own / 60:.1f} min CPU on {cpu}, while other processes used "
+        f"{watch.foreign:.0%} of the cores (git {git_revision()})"
+    )
     table = dict(
-        about=("Each row: the least-squares slope of log N(s) on log(1/s) (power-of-two boxes up to the short side "
-               "/ 8: dimension.box_sizes) over maps x lattice placements, on n x n maps of one family and true D (a "
-               "grid refined to 2^k + 1 cells a side has the sizes of 2^k, and reads against its row). "
-               f"{opts.offsets} placements per map (the origin and random shifts)."),
-        resolutions=opts.resolutions, dimensions=DIMENSIONS, offsets=opts.offsets,
+        about=(
+            "Each row: the least-squares slope of log N(s) on log(1/s) (power-of-two boxes up to the short side "
+            "/ 8: dimension.box_sizes) over maps x lattice placements, on n x n maps of one family and true D (a "
+            "grid refined to 2^k + 1 cells a side has the sizes of 2^k, and reads against its row). "
+            f"{opts.offsets} placements per map (the origin and random shifts)."
+        ),
+        resolutions=opts.resolutions,
+        dimensions=DIMENSIONS,
+        offsets=opts.offsets,
         sizes={str(n): box_sizes(n, n) for n in opts.resolutions},
         families={f: dict(kind="fractal", reference=FRACTAL[f].__doc__.split("\n")[0]) for f in FRACTAL_FAMILIES}
         | {f: dict(kind="smooth", dimension=1.0) for f in SMOOTH_FAMILIES},
         cost=dict(wall_s=round(seconds, 1), cpu_s=round(own, 1), cpu=cpu, foreign=round(watch.foreign, 3), note=note),
-        fractal=fractal, smooth=smooth)
+        fractal=fractal,
+        smooth=smooth,
+    )
     Path(opts.out).write_text(json.dumps(table, separators=(",", ":")) + "\n")
     Path(opts.markdown).write_text(markdown(table))
     console.print(f"wrote {opts.out} and {opts.markdown}: {note}")

@@ -5,7 +5,11 @@ loading the model, rendering the data and training one model. The row side is on
 training the L cells as vmapped lanes (and writing the run dir: row file, cells.parquet, pictures).
 Both sides run the venv's `fractal-vmap` entry point directly (not `uv run`, so uv's own start-up counts for
 neither), on the embedded default model, which is built and cached before any timing, with the same
-FRACTAL_STORAGE_DIR for every process. Equal work is checked: every cell's final loss must agree within 1e-4.
+FRACTAL_STORAGE_DIR for every process. Equal work is checked as the README's Fidelity contract states it for lanes
+vs `finetune` (not bit for bit: a batched matmul may sum in another order than a single one, as Intel's MKL does):
+every cell plans the same steps and its labels agree wherever they are robust (both runs diverged, or both have a loss
+ratio more than ROBUST_MARGIN from the threshold), and at tame lrs (<= TAME_LR) every step's loss is within
+LOSS_TOL_PER_LR x lr. How many final losses are bit-equal is reported too, as a measurement, not a check.
 
 Python bytecode: a usual machine caches compiled .pyc files after the first import, but this sandbox sets
 PYTHONDONTWRITEBYTECODE and its venv holds no .pyc files, so there every process compiles torch's sources anew
@@ -43,7 +47,12 @@ from fractal_vmap.default_model import default_model_dir, storage_dir  # noqa: E
 from fractal_vmap.tasks.nanochat.axes import AXES  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 140)  # piped output: wide enough for the table
-LOSS_TOL = 1e-4  # |final loss of the row's lane - final loss of the finetune process| per cell
+# The README's Fidelity contract for a lane vs its `finetune` run (tests/test_lanes.py holds the same numbers): at lr <=
+# TAME_LR every step's loss within LOSS_TOL_PER_LR x lr (4x the largest float32 noise floor, benchmarks/fidelity.py);
+# above it training turns chaotic (a 1-ulp difference grows to O(1)) and only robust labels are compared: a finite
+# run's label is robust when its loss ratio is ROBUST_MARGIN or more from the threshold (chaos moves it < 0.1).
+LOSS_TOL_PER_LR, TAME_LR, ROBUST_MARGIN = 2.0, 0.01, 0.2
+THRESHOLD = 1.0  # the labels' loss-ratio threshold: both commands' default (--trainable_loss_ratio_threshold)
 
 
 @dataclass
@@ -72,7 +81,7 @@ def run(cmd: list[str], env: dict, log: Path, stats: dict, fresh: Path | None = 
     """Run a command to completion with its output in `log`; return its wall-clock seconds. A run during which
     another process used the CPU is redone (up to 3 times) once the machine is quiet; `stats` counts both.
     `fresh`: a directory removed before every attempt (a grid run dir: a rerun would only resume the finished row)."""
-    for attempt in range(3):
+    for _attempt in range(3):
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
         with open(log, "w") as f, CpuWatch() as watch:
@@ -155,20 +164,64 @@ def run_sequential(exe: list[str], opts: Options, lrs: list[float], env: dict, w
 
 
 def cell_summary(result: dict) -> dict:
-    return {k: result[k] for k in ("learning_rate", "final_loss", "steps", "stable", "converged", "tokens_seen")}
+    keys = (
+        "learning_rate",
+        "final_loss",
+        "steps",
+        "total_steps",
+        "stable",
+        "converged",
+        "trainable_ratio",
+        "tokens_seen",
+        "losses",
+    )
+    number = lambda x: math.nan if x is None else x  # noqa: E731 (strict JSON writes NaN as null)
+    return {k: ([number(x) for x in result[k]] if k == "losses" else number(result[k])) for k in keys}
+
+
+def without_losses(cell: dict) -> dict:
+    return {k: v for k, v in cell.items() if k != "losses"}
+
+
+def robust(cell: dict) -> bool:
+    """Its label cannot be flipped by rounding: it diverged, or its loss ratio is far from the threshold."""
+    return not cell["stable"] or abs(cell["trainable_ratio"] - THRESHOLD) > ROBUST_MARGIN
 
 
 def compare(row: list[dict], seq: list[dict]) -> dict:
-    """Per-cell agreement of the two sides: same steps and stability, final losses within LOSS_TOL (both non-finite counts as equal)."""
-    diffs, bad = [], []
+    """Per cell, what the Fidelity contract promises (the module docstring): the same planned steps; the same labels
+    where both are robust; at tame lrs, every step's loss within LOSS_TOL_PER_LR x lr and the same steps and tokens.
+    Also measured: cells whose final losses are bit-equal (both non-finite counts as equal)."""
+    bad, near, tame, bit_equal, worst = [], [], [], 0, 0.0
     for j, (a, b) in enumerate(zip(row, seq)):
         fa, fb = a["final_loss"], b["final_loss"]
-        finite = math.isfinite(fa) and math.isfinite(fb)
-        diff = abs(fa - fb) if finite else (0.0 if not math.isfinite(fa) and not math.isfinite(fb) else math.inf)
-        diffs.append(diff)
-        if diff > LOSS_TOL or a["steps"] != b["steps"] or a["stable"] != b["stable"]:
-            bad.append({"cell": j, "lr": a["learning_rate"], "row": a, "finetune": b, "abs_diff": diff})
-    return {"cells": len(row), "equal": len(row) - len(bad), "max_abs_diff": max(diffs), "mismatches": bad}
+        bit_equal += fa == fb or (not math.isfinite(fa) and not math.isfinite(fb))
+        why = []
+        if a["total_steps"] != b["total_steps"]:
+            why.append("planned steps differ")
+        if robust(a) and robust(b):
+            if (a["stable"], a["converged"]) != (b["stable"], b["converged"]):
+                why.append("labels differ")
+        else:
+            near.append(j)
+        lr = a["learning_rate"]
+        if lr <= TAME_LR * (1 + 1e-9):  # the axis's 0.01 may be 0.010000000000000002
+            gap = max((abs(x - y) for x, y in zip(a["losses"], b["losses"])), default=math.inf)
+            gap = gap if len(a["losses"]) == len(b["losses"]) and math.isfinite(gap) else math.inf
+            tame.append(j)
+            worst = max(worst, gap / lr)
+            if gap > LOSS_TOL_PER_LR * lr or a["steps"] != b["steps"] or a["tokens_seen"] != b["tokens_seen"]:
+                why.append(f"tame lr: max |dloss| {gap:.3g} > {LOSS_TOL_PER_LR:g} x lr, or other steps or tokens")
+        if why:
+            bad.append({"cell": j, "lr": lr, "why": why, "row": without_losses(a), "finetune": without_losses(b)})
+    return {
+        "cells": len(row),
+        "mismatches": bad,
+        "near_threshold": near,
+        "tame": tame,
+        "max_tame_gap_per_lr": worst,
+        "bit_equal_final_losses": int(bit_equal),
+    }
 
 
 def main(opts: Options) -> None:
@@ -237,15 +290,23 @@ def report(opts: Options, env_info: dict, exe: list[str], lrs: list[float], best
         wall, train = side["wall_s"], side["train_s"]
         table.add_row(name, f"{wall:.1f}", f"{wall / opts.lanes:.2f}", f"{train:.1f}", f"{wall - train:.1f}", r)
     console.print(table)
-    stable = sum(c["stable"] for c in row["cells"])
-    equal = f"{check['equal']}/{check['cells']} cells have equal final losses (max |diff| {check['max_abs_diff']:.2g}, tolerance {LOSS_TOL:g}); {stable} stable"
-    console.print(
-        ("[green]" if not check["mismatches"] else "[bold red]NOT EQUAL WORK: ")
-        + equal
-        + ("[/green]" if not check["mismatches"] else "[/bold red]")
+    stable, n = sum(c["stable"] for c in row["cells"]), check["cells"]
+    near, tame = len(check["near_threshold"]), len(check["tame"])
+    equal = (
+        f"the README's Fidelity contract, lanes vs finetune: {n - len(check['mismatches'])}/{n} cells hold it "
+        f"(same planned steps; labels agree where robust, {near} near the threshold not compared; {tame} at tame "
+        f"lr <= {TAME_LR:g}: every step's loss within {LOSS_TOL_PER_LR:g} x lr, max |dloss| "
+        f"{check['max_tame_gap_per_lr']:.2g} x lr); {stable} stable; "
+        f"measured, not promised: {check['bit_equal_final_losses']}/{n} final losses bit-equal"
     )
+    ok = not check["mismatches"]
+    style = "green" if ok else "bold red"
+    console.print(f"[{style}]{'equal work' if ok else 'NOT EQUAL WORK'}: {equal}[/{style}]", soft_wrap=True)
     for m in check["mismatches"]:
-        console.print(f"  cell {m['cell']} lr {m['lr']:.4g}: row {m['row']}, finetune {m['finetune']}")
+        why = "; ".join(m["why"])
+        console.print(
+            f"  cell {m['cell']} lr {m['lr']:.4g} ({why}): row {m['row']}, finetune {m['finetune']}", soft_wrap=True
+        )
     target = "met" if ratio >= 3 else "NOT met"
     console.print(f"row speed-up {ratio:.2f}x (target >= 3x on 2 CPU cores: {target})")
 

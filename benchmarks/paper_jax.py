@@ -262,7 +262,7 @@ def main() -> None:
     near[1:, :-1] |= e
     near[:-1, 1:] |= e
     near[1:, 1:] |= e
-    for row, (name, m) in zip(rows, measures.items()):
+    for row, (_name, m) in zip(rows, measures.items()):
         differ = (m > 0) != (ref > 0)
         row.update(
             sign_agree_cells=int((~differ).sum()),

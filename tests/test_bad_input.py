@@ -93,7 +93,9 @@ def test_bad_finetune_setting_is_one_line_before_any_work(tmp_path, capsys, no_t
 def test_bad_grid_setting_is_one_line(tmp_path, capsys, monkeypatch, flags, expected):
     import fractal_vmap.tasks.nanochat.task as nanochat_task
 
-    monkeypatch.setattr(nanochat_task, "resolve_source", lambda source: pytest.fail("the model was looked up before the refusal"))
+    monkeypatch.setattr(
+        nanochat_task, "resolve_source", lambda source: pytest.fail("the model was looked up before the refusal")
+    )
     refused(capsys, ["grid", *FAST, "--run_dir", str(tmp_path / "run"), *flags], expected)
     assert not (tmp_path / "run").exists()
 

@@ -32,8 +32,11 @@ def fresh() -> int:
 
 
 def row(family: str, D: float, n: int) -> dict:
-    return next(r for r in load_calibration()["fractal"] if r["family"] == family and r["dimension"] == D
-                and r["resolution"] == n)
+    return next(
+        r
+        for r in load_calibration()["fractal"]
+        if r["family"] == family and r["dimension"] == D and r["resolution"] == n
+    )
 
 
 def test_thresholds_are_report_s():
@@ -212,6 +215,7 @@ def test_calibration_table_covers_what_it_promises():
         bins = [r["edge_bin"] for r in table["smooth"] if r["resolution"] == n and r["edge_bin"] is not None]
         assert bins[0][0] == 0 and bins[-1][1] == 2**40 and all(a[1] == b[0] for a, b in zip(bins, bins[1:]))
         for family in FRACTAL_FAMILIES:
-            assert [r["dimension"] for r in table["fractal"] if r["family"] == family and r["resolution"] == n] \
-                == table["dimensions"]
+            assert [
+                r["dimension"] for r in table["fractal"] if r["family"] == family and r["resolution"] == n
+            ] == table["dimensions"]
     assert math.isclose(max(table["dimensions"]), 1.9)

@@ -21,6 +21,7 @@ from fractal_vmap.cli import build_parser, main
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.finetune import run_finetune
 from fractal_vmap.grid.pipeline import grid_axes, plan_grid
+from fractal_vmap.machine import cpu_model
 from fractal_vmap.options import FinetuneConfig, GridConfig, TrainConfig
 from fractal_vmap.recipe import group_lrs
 from fractal_vmap.tasks.nanochat import chunks
@@ -75,6 +76,8 @@ CELL_COLUMNS = [
     "num_tokens_target",
     "seed",
     "error",
+    "threads",
+    "device",
 ]
 PICTURES = ("trainability.png", "panels.png")
 
@@ -311,6 +314,8 @@ def test_grid_writes_the_run_dir(grid_run):
         assert cell.num_tokens == spec["axes"]["rows"]["values"][cell.row] == cell.num_tokens_target
         assert cell.lr == spec["axes"]["cols"]["values"][cell.col] == cell.learning_rate == cell.matrix_lr
         assert cell.unembedding_lr == cell.lr * 0.2 and math.isnan(cell.embedding_lr)  # the lrs the cell trained with
+        ran = (rows[cell.row]["threads"], rows[cell.row]["device"])  # what the row file records, as this process ran it
+        assert (cell.threads, cell.device) == ran == (torch.get_num_threads(), cpu_model())
         assert (lane["grid_i"], lane["grid_j"]) == (cell.row, cell.col)
         assert len(lane["losses"]) == cell.steps and cell.total_steps == {0: 3, 1: 5, 2: 6}[cell.row]
         for key in ("final_loss", "trainable_ratio", "measure", "tokens_seen", "stable", "converged"):
@@ -461,7 +466,10 @@ def test_read_row_accepts_only_complete_rows_of_this_spec(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "another spec" in out and "not a row" in out and "torn" in out  # each says why the row is trained again
     path.write_text(json.dumps(row))
-    assert read_row(path, 2, digest) == lanes
+    assert read_row(path, 2, digest) == lanes  # a row written before threads and device were recorded
+    path.write_text(json.dumps({**row, "threads": 3, "device": "Some CPU"}))
+    # each lane with what its row ran with
+    assert read_row(path, 2, digest) == [{**lane, "threads": 3, "device": "Some CPU"} for lane in lanes]
 
 
 @pytest.mark.parametrize("flags, differs", [(["--weight_decay", "0.2"], "settings"), (["--cols", "4"], "axes")])

@@ -92,7 +92,7 @@ def test_stepping_in_the_backward_frees_each_layers_gradients(nanochat, monkeypa
     optimizers = row.model.optimizers.owners
     assert len(optimizers) == 2 + config.n_layer  # AdamW for wte and for lm_head, one Muon per layer
     alive = []
-    for optimizer, group, names in optimizers:
+    for optimizer, _group, names in optimizers:
 
         def spy(*args, optimizer=optimizer, names=names, original=optimizer.step):
             alive.append((names, [k for k, p in row.model.params.items() if p.grad is not None]))

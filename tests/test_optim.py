@@ -1,7 +1,9 @@
 """Lane-batched optimizers vs torch.optim run on each lane's slice.
 
-Everything runs on CPU, where the batched kernels round exactly like torch's per-tensor ones
-(measured: AdamW, Muon and Newton-Schulz all match bit-for-bit), so the comparisons are exact.
+AdamW and Muon's momentum are elementwise, in torch's op order: compared bit for bit. Newton-Schulz (and so Muon's
+update) is batched matmuls (bmm, baddbmm) where torch.optim's is single ones (mm, addmm): on AMD EPYC and on the Intel
+Xeon of issue 15 they match bit for bit too, but no BLAS promises that a batched matmul sums each slice in a single
+one's order, so it is compared within the bfloat16 noise floor of another summation order (NS_ATOL).
 """
 
 import math
@@ -15,6 +17,10 @@ from fractal_vmap.optim import BatchedAdamW, BatchedMuon, lr_multiplier, lr_mult
 
 BETAS = (0.8, 0.95)
 EPS = 1e-10
+# Newton-Schulz's noise floor: bfloat16 products, 5 iterations. Measured (AMD EPYC, 70 random matrices a shape, the
+# shapes below, fp32 and bf16 inputs): every product summed over its reduction in two halves, as a BLAS that splits it
+# over 2 threads would, moves an entry by up to 0.027 (entries up to ~0.45); a wrong iteration count (4 or 6): >= 0.08.
+NS_ATOL = 0.05
 
 
 def stacked_params(gen: torch.Generator, L: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
@@ -158,14 +164,24 @@ def test_newton_schulz_matches_torch_per_slice(shape, dtype):
     assert out.dtype == torch.bfloat16 and out.shape == G.shape
     for i in range(shape[0]):
         want = _zeropower_via_newtonschulz(G[i], optim.NS_COEFFS, 5, 1e-7)
-        # measured bit-for-bit on CPU: bmm/baddbmm round each slice like mm/addmm
-        torch.testing.assert_close(out[i], want, rtol=0, atol=0)
+        # bit for bit where bmm/baddbmm sum each slice like mm/addmm (AMD EPYC, Intel Xeon with MKL); promised: NS_ATOL
+        torch.testing.assert_close(out[i].float(), want.float(), rtol=0, atol=NS_ATOL)
 
 
 # ---------------------------------------------------------------- Muon
 
 
-def test_muon_matches_torch_per_lane():
+def elementwise_stand_in(G: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """In place of Newton-Schulz on both sides: an elementwise bf16 map, so the rest of Muon (momentum, Nesterov, the lr
+    and its shape scaling, inactive lanes, grouping by shape) is compared bit for bit on any BLAS."""
+    return torch.tanh(4 * G.float()).bfloat16()
+
+
+@pytest.mark.parametrize("orthogonalize", ["newton-schulz", "stand-in"])
+def test_muon_matches_torch_per_lane(orthogonalize, monkeypatch):
+    if orthogonalize == "stand-in":
+        monkeypatch.setattr(optim, "newton_schulz", elementwise_stand_in)
+        monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", elementwise_stand_in)
     gen = torch.Generator().manual_seed(4)
     L, n_steps = 3, 10
     shapes = [(256, 64), (64, 256), (64, 64), (64, 64)]
@@ -186,11 +202,19 @@ def test_muon_matches_torch_per_lane():
         ref = twins([torch.nn.Parameter(x) for x in initial], lane)
         ref_opt = torch.optim.Muon(ref, lr=1.0, weight_decay=0, momentum=0.95, nesterov=True)
         replay(ref_opt, ref, lane, lrs, actives, grads)
+        moved = sum(lrs[s][lane].item() for s in range(n_steps) if actives[s][lane])  # the lane's summed lr
         for j, r in enumerate(ref):
-            # measured bit-for-bit on CPU (NS in bf16 included)
-            torch.testing.assert_close(params[j].detach()[lane], r.detach(), rtol=0, atol=0)
+            # the momentum sees only the gradients: elementwise, bit for bit
             buf = ref_opt.state[r]["momentum_buffer"]
             torch.testing.assert_close(opt.momentum_buffer[j][lane], buf, rtol=0, atol=0)
+            if orthogonalize == "stand-in":  # every op elementwise, in torch's order
+                torch.testing.assert_close(params[j].detach()[lane], r.detach(), rtol=0, atol=0)
+                continue
+            # each step moves p by lr x sqrt(max(1, rows / cols)) x its Newton-Schulz update, which may differ by up to
+            # NS_ATOL (bit for bit where bmm sums like mm), plus an ulp of p a step
+            scale = math.sqrt(max(1, shapes[j][0] / shapes[j][1]))
+            tol = moved * scale * NS_ATOL + n_steps * torch.finfo(torch.float32).eps * r.detach().abs().max().item()
+            torch.testing.assert_close(params[j].detach()[lane], r.detach(), rtol=0, atol=tol)
 
 
 def test_muon_lr_is_per_lane():

@@ -122,7 +122,9 @@ def test_answers_match_fields():
 
 def test_invoice_arithmetic():
     # total = subtotal + tax on every invoice
-    money = lambda line: round(float(line.split(": ")[1].replace(",", "")) * 100)
+    def money(line):
+        return round(float(line.split(": ")[1].replace(",", "")) * 100)
+
     invoices = [d for d in documents(500, seed=4) if d.startswith("INVOICE")]
     assert invoices
     for doc in invoices:

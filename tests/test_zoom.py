@@ -226,7 +226,21 @@ def test_a_refined_nanochat_grid_equals_the_full_grid_where_it_trained(default_m
         "1e1",
     ]
     main([*base, "--rows", "3", "--cols", "3", "--run_dir", str(tmp_path / "full")])
-    main([*base, "--rows", "2", "--cols", "2", "--refine", "1", "--lane_chunk", "3", "--run_dir", str(tmp_path / "refined")])
+    main(
+        [
+            *base,
+            "--rows",
+            "2",
+            "--cols",
+            "2",
+            "--refine",
+            "1",
+            "--lane_chunk",
+            "3",
+            "--run_dir",
+            str(tmp_path / "refined"),
+        ]
+    )
     full, refined = cells(tmp_path / "full"), cells(tmp_path / "refined")
     # each level's file records the lane chunk its row trained with (level 0: 4 cells in chunks of 3), not the
     # paper task's LANE_CHUNK

@@ -2,6 +2,11 @@
 
 Its first use is the noise floor of a map: a grid and its `--perturb_ulp 1` twin (base weights nudged by one float32
 ulp) differ only by rounding, so the cells that flip between them are the part of the map that rounding decides.
+
+It also says what the two runs ran on (cells.parquet's `threads` and `device`, from the row files) and what that
+means: the same spec at equal threads on the same device is promised bit-equal in every cell; other thread counts or
+devices may round a matmul otherwise (Intel's MKL splits a reduction by thread), and near the boundary a rounding
+difference grows to O(1), so there the labels are what to compare.
 """
 
 import json
@@ -32,8 +37,9 @@ class CompareConfig:
     out: str | None = None  # also write the comparison as JSON here
 
 
-def load_phase(run_dir: Path) -> tuple[dict, np.ndarray]:
-    """A finished run's grid.json and its phase grid: 1.0 trained (measure < 0), 0.0 not, NaN where no cell."""
+def load_phase(run_dir: Path) -> tuple[dict, np.ndarray, object]:
+    """A finished run's grid.json, its phase grid (1.0 trained (measure < 0), 0.0 not, NaN where no cell) and its
+    cells."""
     import pandas as pd
 
     if not (run_dir / "grid.json").is_file() or not (run_dir / "cells.parquet").is_file():
@@ -46,7 +52,53 @@ def load_phase(run_dir: Path) -> tuple[dict, np.ndarray]:
     phase = np.full((len(axes["rows"]["values"]), len(axes["cols"]["values"])), np.nan)
     measure = cells["measure"].to_numpy(dtype=np.float64, na_value=np.nan)
     phase[cells["row"].to_numpy(), cells["col"].to_numpy()] = np.where(np.isnan(measure), np.nan, measure < 0)
-    return grid, phase
+    return grid, phase, cells
+
+
+def ran_on(cells, column: str) -> list:
+    """The distinct values of cells.parquet's `threads` or `device`, sorted; None for cells whose row did not record it
+    (written before fractal-vmap recorded it)."""
+    import pandas as pd
+
+    if column not in cells:
+        return [None]
+    values = {None if pd.isna(v) else (int(v) if column == "threads" else str(v)) for v in cells[column].astype(object)}
+    return sorted(values, key=lambda v: (v is None, v if v is not None else 0))
+
+
+def numbers_differ(a, b) -> int:
+    """Cells whose final loss or measure differ at all between two runs over the same axes (NaN equals NaN)."""
+    a, b = (c.sort_values(["row", "col"]).reset_index(drop=True) for c in (a, b))
+    if len(a) != len(b) or (a[["row", "col"]].to_numpy() != b[["row", "col"]].to_numpy()).any():
+        return int(max(len(a), len(b)))
+    differ = np.zeros(len(a), dtype=bool)
+    for column in ("final_loss", "measure"):
+        x, y = (c[column].to_numpy(dtype=np.float64, na_value=np.nan) for c in (a, b))
+        differ |= ~((x == y) | (np.isnan(x) & np.isnan(y)))
+    return int(differ.sum())
+
+
+def rounding_note(a_grid: dict, b_grid: dict, threads: list[list], devices: list[list], differ: int) -> str:
+    """What the two runs' thread counts and devices mean for comparing them (the module docstring)."""
+    settings = a_grid["spec"]["settings"]
+    # on CUDA the CPU threads do no arithmetic; the paper MLP trains every chunk at one thread whatever the count
+    thread_free = settings.get("device") == "cuda" or settings.get("task") == "paper-mlp"
+    known = lambda lists: all(len(v) == 1 and v[0] is not None for v in lists)  # noqa: E731
+    same_threads = thread_free or (known(threads) and threads[0] == threads[1])
+    same = known(devices) and devices[0] == devices[1] and same_threads
+    what = "on the same device" if thread_free else "at equal threads on the same device"
+    if same and a_grid.get("digest") == b_grid.get("digest"):
+        cells = f"{differ} cell{'s differ' if differ != 1 else ' differs'}"
+        verdict = "and every cell is" if differ == 0 else f"but {cells}: a bug, please report it"
+        return f"the same spec {what}: the product promises every cell bit-equal, {verdict}"
+    if same:
+        return f"{what}: every difference comes from the two specs (e.g. --perturb_ulp)"
+    other = "other devices" if thread_free else "other thread counts or devices (or unrecorded ones)"
+    return (
+        f"{other}: a matmul may round otherwise there (Intel's MKL splits its sums by thread), so cells may "
+        "differ by rounding, which near the boundary grows to O(1): compare labels (the cells that change phase), "
+        "not losses"
+    )
 
 
 def king_neighbours(grid: np.ndarray, fill) -> list[np.ndarray]:
@@ -74,8 +126,8 @@ def boundary_distance(phase: np.ndarray, limit: int) -> np.ndarray:
 
 def compare_runs(cfg: CompareConfig) -> dict:
     a_dir, b_dir = Path(cfg.run_a), Path(cfg.run_b)
-    a_grid, a = load_phase(a_dir)
-    b_grid, b = load_phase(b_dir)
+    a_grid, a, a_cells = load_phase(a_dir)
+    b_grid, b, b_cells = load_phase(b_dir)
     a_axes, b_axes = a_grid["spec"]["axes"], b_grid["spec"]["axes"]
     if a_axes != b_axes:
         raise UserError(
@@ -85,6 +137,9 @@ def compare_runs(cfg: CompareConfig) -> dict:
     flipped = both & (a != b)
     distance = boundary_distance(a, NEAR)
     fa, fb = json.loads((a_dir / "fractal.json").read_text()), json.loads((b_dir / "fractal.json").read_text())
+    threads = [ran_on(c, "threads") for c in (a_cells, b_cells)]
+    devices = [ran_on(c, "device") for c in (a_cells, b_cells)]
+    differ = numbers_differ(a_cells, b_cells)
     report = {
         "run_a": str(a_dir),
         "run_b": str(b_dir),
@@ -101,6 +156,10 @@ def compare_runs(cfg: CompareConfig) -> dict:
         "dimension_of_flips": fractal_dimension(np.where(both, np.where(flipped, 1.0, -1.0), np.nan))["dimension"]
         if flipped.any()
         else None,
+        "threads": threads,
+        "devices": devices,
+        "numbers_differ": differ,
+        "rounding": rounding_note(a_grid, b_grid, threads, devices, differ),
     }
     if cfg.out:
         Path(cfg.out).write_text(strict_json(report))
@@ -123,4 +182,9 @@ def print_report(report: dict, console: Console | None = None) -> None:
         " / ".join(fmt(x) for x in report["dimension"])
         + f"  ({' / '.join(str(x) for x in report['edge_pixel_count'])} edge pixels)",
     )
+    listed = lambda values: ", ".join("unrecorded" if v is None else str(v) for v in values)  # noqa: E731
+    table.add_row("torch threads A / B", " / ".join(listed(v) for v in report["threads"]))
+    table.add_row("device A / B", " / ".join(listed(v) for v in report["devices"]))
+    table.add_row("cells with other numbers", str(report["numbers_differ"]))
     console.print(table)
+    console.print(report["rounding"], highlight=False, soft_wrap=True)

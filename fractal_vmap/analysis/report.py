@@ -32,14 +32,18 @@ CELL_COLUMNS = [
     "num_tokens_target",
     "seed",
     "error",
-]
+    "threads",
+    "device",
+]  # the torch threads and the device the cell's row ran with
 PICTURES = ("trainability.png", "panels.png")
 CAPTION_WIDTH = 110  # characters a caption line: about the paper image's width in 7-point monospace
 
 
 def cells_frame(lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] | None = None):
-    """One tidy row per cell: its indices, both axis values, its labels and numbers (no loss curve), and the learning
-    rates it trained with (`lrs[i][j]`, axes.cell_lrs: null for a frozen group or an unread base learning_rate)."""
+    """One tidy row per cell: its indices, both axis values, its labels and numbers (no loss curve), the learning
+    rates it trained with (`lrs[i][j]`, axes.cell_lrs: null for a frozen group or an unread base learning_rate), and
+    the torch threads and device its row ran with (rundir.row_lanes; null for rows written before they were
+    recorded)."""
     import pandas as pd
 
     refined = [c for c in ("trained", "level") if lanes and c in lanes[0]]  # a refined grid's (refine.py)
@@ -56,11 +60,9 @@ def cells_frame(lanes: list[dict], row: Axis, col: Axis, lrs: list[list[dict]] |
         }
         for lane in lanes
     ]
-    return (
-        pd.DataFrame.from_records(records)
-        .reindex(columns=columns)
-        .astype({c: "float64" for c in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr")})
-    )
+    dtypes = {c: "float64" for c in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr")}
+    dtypes.update(threads="Int64", device="string")
+    return pd.DataFrame.from_records(records).reindex(columns=columns).astype(dtypes)
 
 
 def measure_fractal(cells, row: Axis, col: Axis) -> dict:

@@ -16,25 +16,37 @@ def row_path(run_dir: Path, i: int) -> Path:
     return run_dir / "rows" / f"row_{i:04d}.json"
 
 
-def read_row(path: Path, cols: int, digest: str) -> list[dict] | None:
-    """A finished row's lanes, or None if the file is missing, torn, incomplete or of another spec (then the row is
-    trained again)."""
+def read_record(path: Path, digest: str, say=console.print) -> dict | None:
+    """A finished row's file as written, or None if it is missing, torn, unfinished or of another spec (then the row is
+    trained again; `say` tells why)."""
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        console.print(f"[yellow]{path} is torn: training that row again[/yellow]")
+        say(f"[yellow]{path} is torn: training that row again[/yellow]")
         return None
     if not isinstance(data, dict):
-        console.print(f"[yellow]{path} holds a JSON {type(data).__name__}, not a row: training that row again[/yellow]")
+        say(f"[yellow]{path} holds a JSON {type(data).__name__}, not a row: training that row again[/yellow]")
         return None
     if data.get("spec_digest") != digest:
-        console.print(f"[yellow]{path} was trained under another spec: training that row again[/yellow]")
+        say(f"[yellow]{path} was trained under another spec: training that row again[/yellow]")
         return None
-    if not data.get("complete") or len(data.get("lanes", [])) != cols:
-        return None
-    return data["lanes"]
+    return data if data.get("complete") else None
+
+
+def row_lanes(record: dict) -> list[dict]:
+    """A row file's lanes, each with the torch threads and device its row ran with (cells.parquet's columns; rows
+    written before these were recorded have neither)."""
+    machine = {k: record[k] for k in ("threads", "device") if k in record}
+    return [{**lane, **machine} for lane in record["lanes"]]
+
+
+def read_row(path: Path, cols: int, digest: str) -> list[dict] | None:
+    """A finished row's lanes (row_lanes), or None if the file is missing, torn, incomplete or of another spec (then the
+    row is trained again)."""
+    record = read_record(path, digest)
+    return None if record is None or len(record.get("lanes", [])) != cols else row_lanes(record)
 
 
 def read_grid(run: str) -> tuple[Path, dict, np.ndarray]:

@@ -11,7 +11,6 @@ values inside a box of a parent). Four steps:
 Rows over many workers: shard.py (the same plan, open, train and finish, split by rank).
 """
 
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +24,14 @@ from fractal_vmap.console import console
 from fractal_vmap.files import finite_or_none
 from fractal_vmap.grid import refine
 from fractal_vmap.grid.lock import run_dir_lock
-from fractal_vmap.grid.rundir import check_run_dir, default_run_dir, open_run_dir, write_row
+from fractal_vmap.grid.rundir import (
+    check_run_dir,
+    default_run_dir,
+    mixed_rows_note,
+    open_run_dir,
+    this_machine,
+    write_row,
+)
 from fractal_vmap.options import GridConfig
 from fractal_vmap.progress import GridProgress
 from fractal_vmap.tasks import get_task
@@ -56,12 +62,19 @@ def plan_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: di
     return plan
 
 
-def open_grid(plan) -> tuple[str, object]:
-    """The writer's start (the single process, or rank 0), with the run dir's lock held: grid.json and the W&B run.
-    Returns the spec's digest and the W&B run (None when disabled)."""
+def open_grid(plan, machines: set[tuple[str, int]] | None = None) -> tuple[str, object]:
+    """The writer's start (the single process, or rank 0), with the run dir's lock held: grid.json, the one warning
+    line when the units left would train at another thread count or device than the finished ones (`machines`: every
+    worker's (device, threads), this process's by default), and the W&B run. Returns the spec's digest and the W&B run
+    (None when disabled)."""
     cfg = plan.cfg
     check_run_dir(plan.run_dir, plan.spec)  # again, under the lock: another grid may have made it since plan looked
     digest = open_run_dir(plan.run_dir, plan.spec, plan.device, plan.data)
+    units = cfg.refine + 1 if cfg.refine else len(plan.row.values)
+    machines = machines or {this_machine(plan.device)}
+    note = mixed_rows_note(plan.run_dir, digest, units, machines, plan.device.type == "cuda")
+    if note:
+        console.print(f"[yellow]warning: {note}[/yellow]", soft_wrap=True, highlight=False)
     # one W&B run per grid: its id is kept in the run dir, and every resume continues it
     wandb_run = start_run(
         cfg.wandb,
@@ -100,9 +113,8 @@ def train_unit(
     t0 = time.perf_counter()
     progress.row_started(k, description, len(points))
     results, chunk = plan.train(points, progress)
-    write_row(row_path(plan.run_dir, k), k, digest, results, time.perf_counter() - t0, chunk, rank)
+    done = write_row(row_path(plan.run_dir, k), k, digest, results, time.perf_counter() - t0, chunk, plan.device, rank)
     progress.row_finished(k)
-    done = json.loads(json.dumps(finite_or_none(results)))
     if wandb_run is not None:  # step = the unit: monotone across resumes, which continue the same W&B run
         wandb_run.log(
             {

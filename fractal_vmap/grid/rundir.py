@@ -1,8 +1,12 @@
 """A grid's run directory: grid.json (the spec, its digest, the environment) and rows/row_XXXX.json (one per finished
-row, written atomically, each carrying the digest of the spec it was trained under).
+row, written atomically, each carrying the digest of the spec it was trained under and the device and torch thread
+count it ran with).
 
 Rerunning the same command resumes: finished rows whose digest matches are kept. Another spec in the same dir is
-refused, naming what differs; a row file of another spec is never reused.
+refused, naming what differs; a row file of another spec is never reused. The thread count is not part of the spec
+(a grid may resume on another machine), but it is part of what a row is: on some CPUs (Intel with MKL) a matmul sums
+its reduction in per-thread parts, so a row trained at 1 thread and at 2 differs by rounding. A resume that would mix
+thread counts or devices says so in one line (`mixed_rows_note`) and goes on.
 """
 
 import hashlib
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fractal_vmap.analysis.runs import read_record, row_lanes, row_path
 from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import check_writable_dir, read_json_object, remove_stale_temps, strict_json, write_atomic
@@ -56,13 +61,25 @@ def spec_diff(old: dict, new: dict) -> list[str]:
     ]
 
 
+def device_label(device: torch.device) -> str:
+    """What a row ran on: the GPU's name, or the CPU's model name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def this_machine(device: torch.device) -> tuple[str, int]:
+    """(device, torch threads) of this process: what its rows record."""
+    return device_label(device), torch.get_num_threads()
+
+
 def git_revision() -> str | None:
     """The package checkout's commit (with -dirty for uncommitted changes), or None when not run from a checkout."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: fractal_vmap/grid/rundir.py
     if not (root / ".git").exists():
         return None
-    # noqa: E731
-    run = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+
+    def run(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+
     head = run("rev-parse", "HEAD")
     if head.returncode != 0:
         return None
@@ -131,19 +148,86 @@ def open_run_dir(run_dir: Path, spec: dict, device: torch.device, data: dict) ->
 
 
 def write_row(
-    path: Path, i: int, digest: str, lanes: list[dict], seconds: float, lane_chunk: int, rank: int = 0
-) -> None:
-    """The row's file, atomically; `lane_chunk` and the worker's `rank` are recorded (neither changes a number, see
-    lanes.py and shard.py)."""
+    path: Path,
+    i: int,
+    digest: str,
+    lanes: list[dict],
+    seconds: float,
+    lane_chunk: int,
+    device: torch.device,
+    rank: int = 0,
+) -> list[dict]:
+    """The row's file, atomically, with the device and torch thread count it ran with (a row's numbers may depend on
+    them: module docstring); `lane_chunk` and the worker's `rank` are recorded too (neither changes a number, see
+    lanes.py and shard.py). Returns the lanes as a resumed run reads them back (read_row: NaN is null)."""
+    name, threads = this_machine(device)
     record = {
         "row": i,
         "complete": True,
         "spec_digest": digest,
         "seconds": seconds,
         "lane_chunk": lane_chunk,
+        "threads": threads,
+        "device": name,
         "host": platform.node(),
         "pid": os.getpid(),
         "rank": rank,
         "lanes": lanes,
     }
-    write_atomic(path, strict_json(record, indent=None))
+    text = strict_json(record, indent=None)
+    write_atomic(path, text)
+    return row_lanes(json.loads(text))
+
+
+def describe_machine(machine: tuple[str, int | None], with_device: bool) -> str:
+    """ "2 threads", "1 thread on Intel(R) Xeon(R) ...", or a GPU's name (threads None)."""
+    name, threads = machine
+    if threads is None:
+        return name
+    count = f"{threads} thread{'s' if threads != 1 else ''}"
+    return f"{count} on {name}" if with_device else count
+
+
+def mixed_rows_note(run_dir: Path, digest: str, units: int, machines: set[tuple[str, int]], cuda: bool) -> str | None:
+    """One line when the rows left to train would run on another device or thread count than the finished ones (or
+    than each other: `machines` holds every worker's (device, threads)), else None. On CUDA the CPU threads change no
+    number, so only the GPU's name counts. Rows written before threads were recorded are left out of the comparison."""
+    key = (lambda m: (m[0], None)) if cuda else (lambda m: m)
+    finished: dict[tuple, int] = {}
+    valid = 0
+    for i in range(units):  # a unit is a row, or a refined grid's level (pipeline.py)
+        record = read_record(row_path(run_dir, i), digest, say=lambda *_: None)  # read_row says why, later
+        valid += record is not None
+        if record is not None and "threads" in record:
+            machine = key((record["device"], record["threads"]))
+            finished[machine] = finished.get(machine, 0) + 1
+    left, now = units - valid, {key(m) for m in machines}
+    if not left or len(set(finished) | now) == 1:
+        return None
+    with_device = len({name for name, _ in set(finished) | now}) > 1
+    new = " and ".join(describe_machine(m, with_device) for m in sorted(now, key=str))
+    if finished:
+        old = " and ".join(
+            f"{describe_machine(m, with_device)}{f' ({n})' if len(finished) > 1 else ''}"
+            for m, n in sorted(finished.items(), key=lambda kv: str(kv[0]))
+        )
+        n = sum(finished.values())
+        what = (
+            f"{n} finished row{'s' if n != 1 else ''} of {run_dir} ran at {old}, "
+            f"the {left} row{'s' if left != 1 else ''} left train{'s' if left == 1 else ''} at {new}"
+        )
+    else:
+        what = f"the workers train the rows of {run_dir} at {new}"
+    why = (
+        "another GPU may round a matmul otherwise"
+        if cuda
+        else "on some CPUs (Intel with MKL) another thread count or CPU rounds a matmul otherwise"
+    )
+    hint = ""
+    if not cuda and not with_device and len({t for _, t in finished}) == 1:
+        hint = f"; to train them alike, resume with OMP_NUM_THREADS={next(iter(finished))[1]}"
+    others = "the others" if finished else "each other"
+    return (
+        f"{what}: {why}, so these rows may differ from {others} by rounding, which near the trainability "
+        f"boundary grows to O(1) (compare their labels, not their losses){hint}"
+    )

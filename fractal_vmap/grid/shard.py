@@ -7,8 +7,11 @@ it was refused). Workers claim rows one at a time from a counter in the torch.di
 takes more rows, and skip a claimed row that has a finished file of this spec. Rank 0 gathers every worker's lanes,
 then writes the tables and pictures and logs the one W&B run.
 
-Why the merged grid equals a one-process grid bit for bit: rows are independent, and a lane's numbers do not depend
-on its chunk or neighbours (lanes.py), so it does not matter which worker trains a row.
+Why the merged grid equals a one-process grid bit for bit at equal threads: rows are independent, and a lane's numbers
+do not depend on its chunk or neighbours (lanes.py), so it does not matter which worker trains a row. But each of N
+CPU workers gets cores / N threads where one process has all of them, and on some CPUs (Intel with MKL) a matmul's
+rounding depends on the thread count: so each row file records its threads and device (rundir.py), and rank 0, which
+hears every worker's, warns once before any row is trained when the rows left would differ from the finished ones.
 
 Faults: a row file is written atomically when its row is done, so a worker killed mid-row loses only that row. The
 elastic agent then stops the other workers (their unfinished rows go too) and starts them all again, or a plain rerun
@@ -35,7 +38,7 @@ from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.grid.lock import run_dir_lock
 from fractal_vmap.grid.pipeline import finish_grid, open_grid, plan_grid, run_rows
-from fractal_vmap.grid.rundir import spec_digest
+from fractal_vmap.grid.rundir import spec_digest, this_machine
 from fractal_vmap.options import GridConfig
 from fractal_vmap.recipe import resolve_device
 from fractal_vmap.tasks import get_task
@@ -147,11 +150,13 @@ def run_worker(cfg: GridConfig) -> None:
     cfg.run_dir = str(plan.run_dir)  # what an interrupted run's resume command names (cli.py)
     rows = len(plan.row.values)
     digest, wandb_run, refusal = spec_digest(plan.spec), None, None
+    machines = [None] * size if rank == 0 else None  # every worker's (device, threads), for rank 0's resume warning
+    dist.gather_object(this_machine(plan.device), machines, dst=0)
     with ExitStack() as held:
         if rank == 0:
             try:
                 held.enter_context(run_dir_lock(plan.run_dir))
-                digest, wandb_run = open_grid(plan)
+                digest, wandb_run = open_grid(plan, set(machines))
             except UserError as e:
                 refusal = str(e)
         word = [refusal]  # rank 0's word: go (None), or why not
@@ -236,7 +241,9 @@ def launch(cfg: GridConfig, entrypoint) -> None:
     cuda = device.type == "cuda"
     capacity, unit = (torch.cuda.device_count(), "GPUs") if cuda else (cpu_cores(), "CPU cores")
     workers = workers_to_start(cfg, rows_to_train(cfg), capacity, unit)
-    if not cuda:  # the workers share the cores (an OMP_NUM_THREADS already set wins) as --workers asked, capped or not
+    # on CPU the workers share the cores (an OMP_NUM_THREADS already set wins) as --workers asked, capped or not;
+    # each row file records the threads its row ran with (rundir.py)
+    if not cuda:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // cfg.workers)))
     os.environ[FRESH_STORE] = "1"  # a fresh store for each start, so a restart can form its group (module docstring)
     # as `torchrun --standalone`: a c10d rendezvous on a free local port, a fresh run id
