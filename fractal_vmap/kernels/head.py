@@ -19,24 +19,26 @@ import triton.language as tl
 from fractal_vmap.kernels import interpreting
 from fractal_vmap.kernels.common import store
 
-SOFTCAP = tl.constexpr(15.0)  # head.SOFTCAP (a kernel reads only constexpr globals; tests/test_kernels.py: equal)
+SOFTCAP = 15.0  # head.SOFTCAP, passed to ce_kernel as a constexpr (tests/test_kernels.py: equal; head imports us)
 CHUNK_BYTES = 64 * 2**20  # logits buffer per lane: vocab 65536 in float32 -> 256 tokens a chunk (16 lanes: 1 GiB)
 BLOCK_N, BLOCK_V = 4, 2048  # rows x vocab columns per step of a program: 32 KB of float32 logits (not tuned)
 INTERPRET_BLOCK_N, INTERPRET_BLOCK_V = 16, 64  # the interpreter pays per op: wide programs, several vocab blocks
 
 
 @triton.jit
-def softcap(z):
-    """(SOFTCAP tanh(z / SOFTCAP), tanh(z / SOFTCAP)); tanh from one exp (Triton's interpreter has no tanh), odd."""
-    u = z / SOFTCAP
+def softcap(z, cap):
+    """(cap tanh(z / cap), tanh(z / cap)); tanh from one exp (Triton's interpreter has no tanh), odd."""
+    u = z / cap
     e = tl.exp(-2.0 * tl.abs(u))
     t = (1.0 - e) / (1.0 + e)
     t = tl.where(u < 0, -t, t)
-    return SOFTCAP * t, t
+    return cap * t, t
 
 
 @triton.jit
-def ce_kernel(z_ptr, targets_ptr, loss_ptr, scale_ptr, rows, n, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+def ce_kernel(
+    z_ptr, targets_ptr, loss_ptr, scale_ptr, rows, n, V, CAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr
+):
     """Rows [pid * BLOCK_N, ...) of z [rows, V] (contiguous; row r belongs to lane r // n): loss_ptr[r] = the row's
     cross-entropy (0 if its target is -1), and z[r] <- d(lane's mean loss)/dz = (softmax - onehot) * scale[lane] *
     (1 - tanh^2), 0 on unsupervised rows."""
@@ -51,7 +53,7 @@ def ce_kernel(z_ptr, targets_ptr, loss_ptr, scale_ptr, rows, n, V, BLOCK_N: tl.c
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols[None, :] < V)
-        s, _ = softcap(tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+        s, _ = softcap(tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32), CAP)
         s = tl.where(cols[None, :] < V, s, float("-inf"))  # past the vocab: no weight; rows past the end stay finite
         new_top = tl.maximum(top, tl.max(s, axis=1))
         total = total * tl.exp(top - new_top) + tl.sum(tl.exp(s - new_top[:, None]), axis=1)
@@ -64,7 +66,7 @@ def ce_kernel(z_ptr, targets_ptr, loss_ptr, scale_ptr, rows, n, V, BLOCK_N: tl.c
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols[None, :] < V)
-        s, t = softcap(tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+        s, t = softcap(tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32), CAP)
         grad = tl.exp(s - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
         store(base + cols[None, :], grad * factor[:, None] * (1.0 - t * t), mask)
 
@@ -139,6 +141,7 @@ def lanes_head(
             L * n,
             n,
             V,
+            CAP=SOFTCAP,
             BLOCK_N=block_n,
             BLOCK_V=block_v,
             num_warps=8,
