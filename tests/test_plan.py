@@ -3,6 +3,7 @@ memory, the CLI; and the runtime projection (perf/roofline.py), traced under Fak
 """
 
 import json
+import math
 import resource
 
 import pytest
@@ -112,3 +113,23 @@ def test_projection_runs_for_d20_without_d20_memory():
     assert flops / (GPUS["h100"].bf16_tflops * 1e12) < p.row_gpu_s <= p.row_s
     assert 0 < p.mfu(GPUS["h100"]) < 0.75  # the roofline runs matmuls at 75% of peak, and there is more than matmuls
     assert p.single_gpu_s < p.row_gpu_s < 3 * p.single_gpu_s  # 2 lanes (+ recomputed forwards) against one model
+
+
+def test_the_projection_traces_the_triton_kernels_cuda_runs():
+    """The row's traced step is the CUDA path: the fused AdamW, both Muon passes and the lanes' head enter it as
+    kernels/ops.py's custom ops, charged kernels/costs.py's bytes (AdamW: 28 a float32 element of lm_head, the one
+    AdamW group trained here, at the datasheet bandwidth); the single model's torch.optim step has none of them."""
+    from fractal_vmap.model import param_shapes
+    from fractal_vmap.perf.roofline import row_step_times, single_step_times
+
+    gpu = GPUS["h100"]
+    row = row_step_times(SMALL, 2, 4, 64, Levers(), gpu, "matrix,unembedding")
+    names = [name for name, _ in row]
+    for kernel in ("triton adamw", "triton muon momentum", "triton muon normalize", "triton muon update"):
+        assert kernel in names, kernel
+    assert "triton head cross-entropy" in names and "head dw bmm" in names
+    assert names.count("triton muon update") == 6 * SMALL.n_layer  # one a stacked matrix: q, k, v, proj, fc, proj
+    lm_head = 2 * math.prod(param_shapes(SMALL)["lm_head.weight"])  # 2 lanes (the vocab padded as nanochat pads it)
+    assert dict(row)["triton adamw"] == pytest.approx(28 * lm_head / (gpu.hbm_gbs * 1e9))
+    single = {name for name, _ in single_step_times(SMALL, 4, 64, gpu, "matrix,unembedding")}
+    assert not any(name.startswith(("triton", "head ")) for name in single)
