@@ -34,7 +34,8 @@ def git_revision() -> str | None:
 
 
 def source_digest() -> str:
-    """A hash of the package's sources: others edit the checkout while benchmarks run, so a run checks it did not change."""
+    """A hash of the package's sources: others edit the checkout while benchmarks run, so a run checks it did not
+    change."""
     import fractal_vmap
 
     digest = hashlib.sha256()
@@ -71,7 +72,8 @@ def check_unchanged(env: dict, say=print) -> bool:
     if now == env["source_digest"]:
         return True
     say(
-        f"[bold red]fractal_vmap's sources changed during this run ({env['source_digest']} -> {now}): its numbers mix two versions; run it again[/bold red]"
+        f"[bold red]fractal_vmap's sources changed during this run ({env['source_digest']} -> {now}): its numbers mix "
+        "two versions; run it again[/bold red]"
     )
     env["source_digest_at_end"] = now
     return False

@@ -94,7 +94,8 @@ def run(cmd: list[str], env: dict, log: Path, stats: dict, fresh: Path | None = 
             return watch.wall_s
         stats["redone"] = stats.get("redone", 0) + 1
         console.print(
-            f"[yellow]another process used {watch.foreign:.0%} of the cores during {cmd[1]}: redoing it when the machine is quiet[/yellow]"
+            f"[yellow]another process used {watch.foreign:.0%} of the cores during {cmd[1]}: redoing it when the "
+            "machine is quiet[/yellow]"
         )
         wait_for_quiet(check_load=False, say=console.print)
     stats["contended"] = True  # never got a quiet run: flagged in the output
@@ -234,7 +235,8 @@ def main(opts: Options) -> None:
     os.environ["FRACTAL_STORAGE_DIR"] = env["FRACTAL_STORAGE_DIR"]
     console.print(f"default model: {default_model_dir()}")
     console.print(
-        f"e2e_row on [bold]{env_info['device']}[/bold]: {opts.lanes} cells x {opts.num_tokens} tokens, lr {opts.lr_min:g}..{opts.lr_max:g}, "
+        f"e2e_row on [bold]{env_info['device']}[/bold]: {opts.lanes} cells x {opts.num_tokens} tokens, lr "
+        f"{opts.lr_min:g}..{opts.lr_max:g}, "
         f"entry point {' '.join(exe)}, bytecode {opts.bytecode}"
     )
     with tempfile.TemporaryDirectory(prefix="e2e_row-") as tmp:

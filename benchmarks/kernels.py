@@ -64,7 +64,8 @@ from fractal_vmap.kernels.costs import (  # noqa: E402
 
 
 def d20_matrices(opts: Options) -> dict[tuple[int, int], int]:
-    """Muon's matrices per lane by shape: attention q, k, v, proj (C x C) and the MLP's fc (4C x C) and proj (C x 4C)."""
+    """Muon's matrices per lane by shape: attention q, k, v, proj (C x C) and the MLP's fc (4C x C) and proj (C x
+    4C)."""
     C = opts.n_embd
     return {(C, C): 4 * opts.n_layer, (4 * C, C): opts.n_layer, (C, 4 * C): opts.n_layer}
 
@@ -266,7 +267,8 @@ def main(opts: Options) -> None:
         if "adamw" in opts.parts:
             r = report["adamw"] = bench_adamw(opts, device)
             console.print(
-                f"adamw: copy {r['copy_gbps']:,.0f} GB/s; triton {r['triton_ms']:.2f} ms = {r['triton_gbps']:,.0f} GB/s "
+                f"adamw: copy {r['copy_gbps']:,.0f} GB/s; triton {r['triton_ms']:.2f} ms = {r['triton_gbps']:,.0f} "
+                "GB/s "
                 f"({r['triton_of_copy']:.0%} of copy, target >= 85%); torch.optim fused {r['torch_fused_ms']:.2f} ms = "
                 f"{r['torch_fused_gbps']:,.0f} GB/s; torch path {r['torch_ms'] or float('nan'):.2f} ms"
             )
@@ -289,7 +291,9 @@ def main(opts: Options) -> None:
         if "head" in opts.parts:
             rows = report["head"] = bench_head(opts, device)
             table = Table(
-                title=f"lm_head + softcap + cross-entropy, forward + backward, {opts.lanes} lanes x {opts.tokens} tokens"
+                title=(
+                    f"lm_head + softcap + cross-entropy, forward + backward, {opts.lanes} lanes x {opts.tokens} tokens"
+                )
             )
             for col in ("path", "ms", "peak GB"):
                 table.add_column(col, justify="right")

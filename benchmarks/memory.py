@@ -1,8 +1,8 @@
 """Memory of a row of lanes, and what the levers and dead-lane compaction buy.
 
 1. `d20`: bytes per lane by kind and lanes per chunk on 80 GB and 141 GB for nanochat d20 (batch 8 x 1024, bf16
-   autocast, embeddings frozen) under each lever setting: the plan's estimate (tasks/nanochat/memory.py: the real step traced under
-   FakeTensorMode with MemTracker), no GPU needed.
+   autocast, embeddings frozen) under each lever setting: the plan's estimate (tasks/nanochat/memory.py: the real step
+   traced under FakeTensorMode with MemTracker), no GPU needed.
 2. `drift`: what the levers that change the numbers do to them: a row of lanes at tame learning rates, trained as is
    and with micro-batches, bfloat16 momentum, bfloat16 master weights; the largest per-step |dloss| against the plain
    row, next to the noise floor (tests/test_lanes.py: LOSS_TOL_PER_LR x lr in float32, BF16_TOL under bf16 autocast).
@@ -107,7 +107,10 @@ def drift(console: Console, opts: Options) -> list[dict]:
 
     rows = []
     table = Table(
-        title=f"drift against the plain row: max per-step |dloss| over {opts.steps} steps (nanochat fixture, bf16 autocast)"
+        title=(
+            f"drift against the plain row: max per-step |dloss| over {opts.steps} steps (nanochat fixture, bf16 "
+            "autocast)"
+        )
     )
     table.add_column("lever")
     for lr in opts.lrs:
@@ -132,7 +135,8 @@ def drift(console: Console, opts: Options) -> list[dict]:
         table.add_row(name, *(f"{g:.2e}" for g in gaps))
     console.print(table)
     console.print(
-        "noise floor under bf16 autocast (tests/test_lanes.py, BF16_TOL): 1.9e-3 to 4.6e-3 over 12 steps at lr 3e-4..1e-2"
+        "noise floor under bf16 autocast (tests/test_lanes.py, BF16_TOL): 1.9e-3 to 4.6e-3 over 12 steps at lr "
+        "3e-4..1e-2"
     )
     return rows
 
@@ -174,7 +178,8 @@ def dead_lanes(console: Console) -> dict:
     same = all(x == y or (x != x and y != y) for p, q in zip(a["losses"], b["losses"]) for x, y in zip(p, q))
     diverged = sum(1 for r in a["losses"] if len(r) < 40)
     console.print(
-        f"dead lanes: 16 lanes x 40 steps, {diverged} diverged early: lane-steps {a['lane_steps']} -> {b['lane_steps']} with compaction; "
+        f"dead lanes: 16 lanes x 40 steps, {diverged} diverged early: lane-steps {a['lane_steps']} -> "
+        f"{b['lane_steps']} with compaction; "
         f"CPU {a['cpu_s']:.1f} s -> {b['cpu_s']:.1f} s, wall {a['wall_s']:.1f} s -> {b['wall_s']:.1f} s "
         f"(others used {a['foreign']:.0%} / {b['foreign']:.0%} of the cores meanwhile); results identical: {same}"
     )

@@ -2,8 +2,8 @@
 
 Same task on both sides (fractal_vmap.tasks.paper.mlp: one hidden layer of width 8, tanh, mean-field parameterization,
 full-batch gradient descent with one lr per layer, 100 steps, float64), same initial weights and data (made by
-fractal_vmap.tasks.paper.mlp and handed to JAX as arrays), same grid (default: 256 x 256 lanes, log10 lr in [-3, 6] on both
-axes: columns = layer-0 lr, rows = layer-1 lr), same CPU cores. The JAX side is written from the formulas, not from
+fractal_vmap.tasks.paper.mlp and handed to JAX as arrays), same grid (default: 256 x 256 lanes, log10 lr in [-3, 6] on
+both axes: columns = layer-0 lr, rows = layer-1 lr), same CPU cores. The JAX side is written from the formulas, not from
 our code: a per-lane training loop (lax.scan over the steps: value_and_grad, then the update; a lane whose loss is
 not finite stops updating) under jax.vmap over the lanes and jax.jit, run over the lanes in chunks of one shape.
 
@@ -15,8 +15,8 @@ Every measurement runs in a fresh process of its own (this script with --side), 
 threads (OpenMP's, XLA's) share the cores with the other's work; the time is taken inside it, imports excluded.
 Reported per side: wall time (JAX's compile time apart), CPU time, trainable fraction (convergence measure < 0),
 box-counting dimension of the boundary; and how many cells agree in sign between the sides (near the boundary
-training is chaotic and float64 rounding differences between the engines flip cells). Target (benchmarks/README.md "Targets"
-section 8): ours no slower than JAX on the same cores.
+training is chaotic and float64 rounding differences between the engines flip cells). Target (benchmarks/README.md
+"Targets" section 8): ours no slower than JAX on the same cores.
 
     uv run --group bench python benchmarks/paper_jax.py
     uv run --group bench python benchmarks/paper_jax.py --size 64 --jax_chunks 4096   # a quick look
@@ -219,7 +219,8 @@ def main() -> None:
 
     env.update(jax=jax.__version__, jax_devices=str(jax.devices()), xla_flags=os.environ.get("XLA_FLAGS", ""))
     console.print(
-        f"paper MLP: {opts.size}x{opts.size} lanes, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype}; {env['device']}"
+        f"paper MLP: {opts.size}x{opts.size} lanes, width {opts.width}, {opts.activation}, {opts.steps} steps, "
+        f"{opts.dtype}; {env['device']}"
     )
     sides = [
         (f"torch chunk {c}", "torch", c, {"engine": "torch (hand-derived grads)", "chunk": c})
@@ -278,7 +279,10 @@ def main() -> None:
     best_cpu = {engine: min(r["cpu_s"] for r in rows if r["engine"] == engine) for engine in best}
     ours, theirs = best["torch (hand-derived grads)"], best["jax jit(vmap)"]
     table = Table(
-        title=f"paper MLP {opts.size}x{opts.size}, width {opts.width}, {opts.activation}, {opts.steps} steps, {opts.dtype} ({env['device']}; shared machine)"
+        title=(
+            f"paper MLP {opts.size}x{opts.size}, width {opts.width}, {opts.activation}, {opts.steps} steps, "
+            f"{opts.dtype} ({env['device']}; shared machine)"
+        )
     )
     for col in (
         "engine",
@@ -311,7 +315,8 @@ def main() -> None:
     )
     for engine in best:
         console.print(
-            f"  {engine}: best wall {best[engine]:.1f} s ({best[engine] / theirs:.2f} x JAX), best CPU {best_cpu[engine]:.1f} s "
+            f"  {engine}: best wall {best[engine]:.1f} s ({best[engine] / theirs:.2f} x JAX), best CPU "
+            f"{best_cpu[engine]:.1f} s "
             f"({best_cpu[engine] / best_cpu['jax jit(vmap)']:.2f} x JAX)"
         )
     check_unchanged(env, say=console.print)

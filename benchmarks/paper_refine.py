@@ -3,8 +3,8 @@ default view at (n - 1) x 2^K + 1 cells a side, once as a full grid and once as 
 grid. Reports the cells each trained, the cells whose label differs (the islands refinement missed), both
 dimensions and wall times (one run each, this machine).
 
-    uv run python benchmarks/paper_refine.py                     # 33 x 33 coarse, K = 3: 257 x 257, a few minutes on 2 cores
-    uv run python benchmarks/paper_refine.py --coarse 17 --levels 2
+    uv run python benchmarks/paper_refine.py                     # 33 x 33 coarse, K = 3: 257 x 257, a few minutes on 2
+    cores uv run python benchmarks/paper_refine.py --coarse 17 --levels 2
 """
 
 import json
@@ -82,9 +82,12 @@ def main() -> None:
         "environment": environment(torch.device("cpu")),
     }
     console.print(
-        f"{fine} x {fine}: refined trained {result['trained']} of {fine * fine} cells ({result['trained_fraction']:.1%}); "
-        f"{differ} cells ({result['differ_fraction']:.2%}) differ from the full grid; trained cells bit-equal: {same_trained}; "
-        f"wall {t_full:.1f} s full vs {t_refined:.1f} s refined; dimension {fa['dimension']:.3f} vs {fb['dimension']:.3f}; "
+        f"{fine} x {fine}: refined trained {result['trained']} of {fine * fine} cells "
+        f"({result['trained_fraction']:.1%}); "
+        f"{differ} cells ({result['differ_fraction']:.2%}) differ from the full grid; trained cells bit-equal: "
+        f"{same_trained}; "
+        f"wall {t_full:.1f} s full vs {t_refined:.1f} s refined; dimension {fa['dimension']:.3f} vs "
+        f"{fb['dimension']:.3f}; "
         f"trainable {fa['trainable_fraction']:.3f} vs {fb['trainable_fraction']:.3f}"
     )
     path = write_json(result, Path(opts.out) if opts.out else RESULTS_DIR / "paper_refine-cpu.json")

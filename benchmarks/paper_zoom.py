@@ -4,8 +4,8 @@ with the most boundary (boxes.boundary_boxes), and a zoom inside the best zoom. 
 the box-counting dimension of the boundary of each (the paper: 1.17 to 1.98 on deep zooms; a full view at low
 resolution should read near 1), writes the pictures (plot.paper_image), a zoom GIF (animate) and a JSON.
 
-    uv run python benchmarks/paper_zoom.py                      # 256 x 256, tanh, width 8, 100 steps: a few minutes on 2 cores
-    uv run python benchmarks/paper_zoom.py --size 64 --out_dir /tmp/zoom
+    uv run python benchmarks/paper_zoom.py                      # 256 x 256, tanh, width 8, 100 steps: a few minutes on
+    2 cores uv run python benchmarks/paper_zoom.py --size 64 --out_dir /tmp/zoom
 """
 
 import sys
@@ -51,7 +51,10 @@ def run_view(cfg: PaperConfig, name: str, rows: np.ndarray, cols: np.ndarray, ou
     seconds = time.perf_counter() - t0
     m = convergence_measure(losses.permute(1, 2, 0).numpy())
     dim = fractal_dimension(m)
-    title = f"{name}: log10 lr1 {np.log10(rows[0]):.5g}..{np.log10(rows[-1]):.5g}, lr0 {np.log10(cols[0]):.5g}..{np.log10(cols[-1]):.5g}"
+    title = (
+        f"{name}: log10 lr1 {np.log10(rows[0]):.5g}..{np.log10(rows[-1]):.5g}, lr0 "
+        f"{np.log10(cols[0]):.5g}..{np.log10(cols[-1]):.5g}"
+    )
     png = paper_image(m, rows, cols, "lr1 (output layer)", "lr0 (input layer)", out_dir / f"{name}.png", title=title)
     row = {
         "name": name,
@@ -110,7 +113,10 @@ def main() -> None:
     animation = write_animation(chain, out_dir / "zoom.gif", size=512)
 
     table = Table(
-        title=f"paper MLP {size}x{size}, width {opts.width}, {opts.activation}, {opts.steps} steps, float64 (shared CPU: seconds are noisy)"
+        title=(
+            f"paper MLP {size}x{size}, width {opts.width}, {opts.activation}, {opts.steps} steps, float64 (shared "
+            "CPU: seconds are noisy)"
+        )
     )
     for col in (
         "view",

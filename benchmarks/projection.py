@@ -1,8 +1,8 @@
 """PROJECTION, not a measurement: one grid step of d4/d8/d12/d20 rows on a datasheet H100 (or H200), made on a machine
 without a GPU (fractal_vmap/perf/roofline.py: FakeTensorMode + torch's RuntimeEstimator roofline pinned to the datasheet
 device + a host cost per kernel launch), against the sequential loop of the same lanes as single `finetune` steps;
-with the lanes per chunk and the levers that the memory plan (tasks/nanochat/memory.py) picks for the GPU's memory, the projected
-speed-up, MFU, and the time of the 64x64 d20 grid (250K supervised tokens a cell) on one 8-GPU node.
+with the lanes per chunk and the levers that the memory plan (tasks/nanochat/memory.py) picks for the GPU's memory, the
+projected speed-up, MFU, and the time of the 64x64 d20 grid (250K supervised tokens a cell) on one 8-GPU node.
 
     uv run python benchmarks/projection.py                      # d4 d8 d12 d20 on an H100, several minutes on 2 cores
     uv run python benchmarks/projection.py --gpu h200 --depths 20

@@ -54,7 +54,8 @@ def make_axis(
         raise UserError(f"{which} axis {name}: min {lo:g} > max {hi:g}: swap them")
     if scale == "log" and lo <= 0:
         raise UserError(
-            f"{which} axis {name} is log-spaced but its min is {lo:g}: give a positive min or --{which[:-1]}_scale linear"
+            f"{which} axis {name} is log-spaced but its min is {lo:g}: give a positive min or --{which[:-1]}_scale "
+            "linear"
         )
     if kind.integer:  # a non-integer bound, rounded, leaves the range (seed 0.5..3.7 trained 0 and 4)
         for flag, value in ((f"--{which[:-1]}_min", lo), (f"--{which[:-1]}_max", hi)):

@@ -63,7 +63,8 @@ def load_checkpoint(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise UserError(
-            f"{model_path} holds a {type(state).__name__}, not a state dict of named tensors: save the model's state_dict()"
+            f"{model_path} holds a {type(state).__name__}, not a state dict of named tensors: save the model's "
+            "state_dict()"
         )
     config = GPTConfig.from_dict(meta["model_config"])
     # torch.compile saves keys as `_orig_mod.<name>`; GPU runs store bf16 tensors: train in float32
@@ -94,7 +95,8 @@ def save_checkpoint(
 
 
 def find_tokenizer_dir(directory: Path) -> Path:
-    """tokenizer.pkl in the source dir, its `tokenizer/` subdir, or a sibling `tokenizer/` dir (nanochat's cache layout)."""
+    """tokenizer.pkl in the source dir, its `tokenizer/` subdir, or a sibling `tokenizer/` dir (nanochat's cache
+    layout)."""
     for d in (
         directory,
         directory / "tokenizer",

@@ -231,12 +231,15 @@ def check_config_file(path: str, command: str, options: type) -> None:
         ) from None
     if not isinstance(data, dict) or set(data) != {"cfg"} or not isinstance(data["cfg"], dict):
         raise UserError(
-            f"--config_path {path}: put the options in a mapping under one top-level `cfg:` key, e.g. `cfg: {{learning_rate: 0.05}}`"
+            f"--config_path {path}: put the options in a mapping under one top-level `cfg:` key, e.g. `cfg: "
+            f"{{learning_rate: 0.05}}`"
         )
     unknown = sorted(set(data["cfg"]) - {f.name for f in fields(options)})
     if unknown:
         raise UserError(
-            f"--config_path {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap {command} --help"
+            f"--config_path {path}: {', '.join(unknown)} "
+            f"{'is not an option' if len(unknown) == 1 else 'are not options'} of `{command}`: see fractal-vmap "
+            f"{command} --help"
         )
     hints = typing.get_type_hints(options)
     for f in fields(options):

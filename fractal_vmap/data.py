@@ -39,11 +39,13 @@ def load_conversations(source: str, split: str = "train") -> list[dict]:
         # ValueError: datasets' "Unknown split" and similar; the message says which
         reason = str(e).replace("\n", " ")
         raise UserError(
-            f"cannot load split {split!r} of dataset {source!r} ({reason}): pass a JSONL file or a reachable hub id and split"
+            f"cannot load split {split!r} of dataset {source!r} ({reason}): pass a JSONL file or a reachable hub id "
+            "and split"
         ) from None
     if "messages" not in rows.column_names:
         raise UserError(
-            f"dataset {source!r} has columns {rows.column_names} but no 'messages': use a chat dataset with a messages list"
+            f"dataset {source!r} has columns {rows.column_names} but no 'messages': use a chat dataset with a messages "
+            "list"
         )
     conversations = []
     for i, row in enumerate(rows):
@@ -81,7 +83,8 @@ def _load_jsonl(path: Path) -> list[dict]:
                 ) from None
             if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
                 raise UserError(
-                    f'{path} line {lineno}: no "messages" list: make each line one JSON object like {{"messages": [...]}}'
+                    f'{path} line {lineno}: no "messages" list: make each line one JSON object like '
+                    f'{{"messages": [...]}}'
                 )
             conversations.append(row)
     if not conversations:

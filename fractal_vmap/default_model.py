@@ -34,7 +34,8 @@ def default_model_dir() -> Path:
     directory = storage_dir() / f"default-model-v{VERSION}"
     if not (directory / "checkpoints").is_dir():
         console.print(
-            f"building the default base model, once ({PRETRAIN_STEPS} pretraining steps, ~30 s on 2 CPU cores); cached in {directory}",
+            f"building the default base model, once ({PRETRAIN_STEPS} pretraining steps, ~30 s on 2 CPU cores); cached "
+            f"in {directory}",
             highlight=False,
             soft_wrap=True,
         )

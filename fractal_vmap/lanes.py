@@ -101,7 +101,8 @@ class Row:
         return self.total_steps.device
 
     def compact(self, keep: list[int]) -> None:
-        """Keep only these lanes (indices into the current lanes, in this order): the task's state, then the engine's."""
+        """Keep only these lanes (indices into the current lanes, in this order): the task's state, then the
+        engine's."""
         index = torch.tensor(keep, device=self.device)
         self.model.select(index)
         self.total_steps, self.active, self.tokens_seen = (

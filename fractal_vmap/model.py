@@ -79,7 +79,8 @@ def param_group(name: str) -> str:
 
 
 def init_params(config: GPTConfig, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """nanochat's from-scratch init: Linear std 1/sqrt(fan_in)*min(1, sqrt(fan_out/fan_in)), wte std 1, zero c_proj/lm_head."""
+    """nanochat's from-scratch init: Linear std 1/sqrt(fan_in)*min(1, sqrt(fan_out/fan_in)), wte std 1, zero
+    c_proj/lm_head."""
     gen = torch.Generator(device=device).manual_seed(seed)
     params = {}
     for name, shape in param_shapes(config).items():

@@ -115,7 +115,8 @@ class BatchedAdamW:
 
 
 def newton_schulz(G: Tensor, steps: int = 5, eps: float = NS_EPS, gram: str = "torch") -> Tensor:
-    """Orthogonalize each matrix of G [N, r, c] in bfloat16, exactly as torch.optim.Muon does per matrix (gram "torch")."""
+    """Orthogonalize each matrix of G [N, r, c] in bfloat16, exactly as torch.optim.Muon does per matrix (gram
+    "torch")."""
     return newton_schulz_iterations(normalized(G, eps), steps, gram)
 
 

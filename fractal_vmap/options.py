@@ -1,5 +1,5 @@
-"""Every command's options as plain dataclasses (simple_parsing turns each field into a flag, its comment into the flag's
-help). This module imports nothing heavy, so `fractal-vmap --help` answers without loading torch.
+"""Every command's options as plain dataclasses (simple_parsing turns each field into a flag, its comment into the
+flag's help). This module imports nothing heavy, so `fractal-vmap --help` answers without loading torch.
 
 TrainConfig holds the knobs of one fine-tuning run that `finetune` and `grid` share; FinetuneConfig (a whole cell's
 settings: what the trainers read) adds the `finetune`-only ones, GridConfig adds the axes.
@@ -138,7 +138,8 @@ class PlotConfig:
 
 @dataclass
 class PlanConfig:
-    """Options of `fractal-vmap plan`: how many lanes of a model fit on a GPU, and (--project) how fast they would run."""
+    """Options of `fractal-vmap plan`: how many lanes of a model fit on a GPU, and (--project) how fast they would
+    run."""
 
     # dN (nanochat's depth-N shapes, e.g. d20: 20 layers, width 1280, vocab 65536), default, or a checkpoint dir
     model: str = "d20"
@@ -162,7 +163,8 @@ class PlanConfig:
 
 @dataclass
 class BenchConfig:
-    """Options of `fractal-vmap bench`: the training throughput of a row, sequential models vs the eager row vs the compiled row."""
+    """Options of `fractal-vmap bench`: the training throughput of a row, sequential models vs the eager row vs the
+    compiled row."""
 
     device: str = "auto"  # auto = cuda if available, else cpu
     # default (the embedded model on its data) or depth (random-init nanochat by --depths); auto: default on CPU, depth
@@ -190,7 +192,8 @@ class BenchConfig:
 
 @dataclass
 class ZoomConfig:
-    """A new grid inside a box of a finished grid, with the same settings; its grid.json records the parent and the box."""
+    """A new grid inside a box of a finished grid, with the same settings; its grid.json records the parent and the
+    box."""
 
     run: str = field(positional=True, metavar="RUN", help="a finished grid's run dir")
     # the box in the parent's cells, half-open: r0:r1,c0:c1 (rows r0..r1-1, cols c0..c1-1), e.g. from `fractal-vmap

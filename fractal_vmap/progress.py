@@ -136,7 +136,8 @@ class GridProgress:
             self.t_line = self.t_update
             lanes = self.chunk_lanes
             self.console.print(
-                f"  {self.unit} {self.row + 1}/{len(self.cell_steps)}: lanes {lanes[0]}-{lanes[-1]} at step {step}/{max_steps} · "
+                f"  {self.unit} {self.row + 1}/{len(self.cell_steps)}: lanes {lanes[0]}-{lanes[-1]} at step "
+                f"{step}/{max_steps} · "
                 f"{self._rate():,.0f} {self.rate} · ETA {clock(self._eta())}",
                 highlight=False,
                 soft_wrap=True,
@@ -154,8 +155,10 @@ class GridProgress:
             self.bar.update(self.grid_task, completed=self.cells_done)
             self.bar.update(self.row_task, visible=False)
         self.console.print(
-            f"{self.unit} {i + 1}/{len(self.cell_steps)} {self.description}: {len(self.cell_steps[i])} cells in {clock(seconds)} "
-            f"({row_rate:,.0f} {self.rate}) · grid {self.cells_done}/{self.cells_total} cells, {self._rate():,.0f} {self.rate}, "
+            f"{self.unit} {i + 1}/{len(self.cell_steps)} {self.description}: {len(self.cell_steps[i])} cells in "
+            f"{clock(seconds)} "
+            f"({row_rate:,.0f} {self.rate}) · grid {self.cells_done}/{self.cells_total} cells, {self._rate():,.0f} "
+            f"{self.rate}, "
             f"{clock(now - self.t_start)} elapsed, ETA {clock(self._eta())}",
             highlight=False,
             soft_wrap=True,
@@ -220,7 +223,8 @@ class GridProgress:
             elapsed = time.perf_counter() - self.t_start if self.t_start is not None else 0.0
             rate = f"{self._rate():,.0f}" if self._rate() else "?"  # nothing trained yet
             return (
-                f"{self.cells_done + (self.row_cells if self.row is not None else 0)}/{self.cells_total} cells · {lanes}"
+                f"{self.cells_done + (self.row_cells if self.row is not None else 0)}/{self.cells_total} cells · "
+                f"{lanes}"
                 f"{rate} {self.rate} · {clock(elapsed)} elapsed · ETA {clock(self._eta())}"
             )
         if self.row is None:

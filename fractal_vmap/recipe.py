@@ -26,7 +26,8 @@ def trainable_groups(cfg: TrainConfig) -> list[str]:
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
         raise UserError(
-            f"unknown trainable_param_groups {unknown or cfg.trainable_param_groups!r}: use all or a comma list of {', '.join(GROUPS)}"
+            f"unknown trainable_param_groups {unknown or cfg.trainable_param_groups!r}: use all or a comma list of "
+            f"{', '.join(GROUPS)}"
         )
     return [g for g in GROUPS if g in groups]
 
@@ -58,7 +59,8 @@ def flag_lr(cfg: TrainConfig, group: str) -> float:
 
 
 def group_lrs(cfg: TrainConfig, config: GPTConfig) -> dict[str, float]:
-    """The base lr of each group, as nanochat's setup_optimizers uses them (AdamW groups scaled by (n_embd/768)^-0.5)."""
+    """The base lr of each group, as nanochat's setup_optimizers uses them (AdamW groups scaled by
+    (n_embd/768)^-0.5)."""
     adamw_scale = (config.n_embd / 768) ** -0.5
     lrs = {g: flag_lr(cfg, g) * (adamw_scale if g in ADAMW_GROUPS else 1.0) for g in LR_FLAGS}
     for group in trainable_groups(cfg):
@@ -124,8 +126,9 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 @dataclass
 class CellResult:
-    """The result of one cell, with the field names of the classic one-run-per-cell fine-tuning script's result (plus the measure and the
-    loss curve). Labels come from the losses actually run: the curve stops at the first non-finite loss."""
+    """The result of one cell, with the field names of the classic one-run-per-cell fine-tuning script's result (plus
+    the measure and the loss curve). Labels come from the losses actually run: the curve stops at the first non-finite
+    loss."""
 
     run_name: str | None
     learning_rate: float

@@ -71,7 +71,8 @@ class ReferenceModel:
             return forward(self.params, inputs, self.config, self.cos_sin, targets)
 
     def update(self, step: int, steps: int, loss: torch.Tensor) -> float:
-        """The backward and every optimizer's step at step `step` of `steps` of the schedule; returns the lr multiplier."""
+        """The backward and every optimizer's step at step `step` of `steps` of the schedule; returns the lr
+        multiplier."""
         loss.backward()
         mult = lr_multiplier_scalar(step, steps, self.cfg.warmup_frac, self.cfg.final_lr_frac)
         for opt in self.optimizers:

@@ -38,7 +38,8 @@ def _hf_snapshot(repo: str) -> Path:
         return Path(snapshot_download(repo_id, revision=revision or None))
     except LocalEntryNotFoundError:
         raise UserError(
-            f"hf:{repo} is neither reachable nor in the local HF cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}): download it first"
+            f"hf:{repo} is neither reachable nor in the local HF cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}): download it first"
         ) from None
 
 
@@ -68,6 +69,7 @@ def load_model(
     tokenizer = load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(directory))
     if tokenizer.vocab_size != config.vocab_size:
         raise UserError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}: pass the model's own tokenizer"
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}: pass the "
+            "model's own tokenizer"
         )
     return config, params, tokenizer

@@ -1,4 +1,5 @@
-"""Build (or rebuild) the embedded default model into $FRACTAL_STORAGE_DIR: `uv run python scripts/build_default_model.py`.
+"""Build (or rebuild) the embedded default model into $FRACTAL_STORAGE_DIR: `uv run python
+scripts/build_default_model.py`.
 
 The `grid` and `finetune` commands build it on first use anyway; this is for building it ahead of time.
 """

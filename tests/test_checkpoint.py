@@ -135,7 +135,8 @@ def test_running_out_of_memory_while_loading_is_not_called_a_corrupt_checkpoint(
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 42 bytes"
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 42 "
+            "bytes"
         )
 
     monkeypatch.setattr(torch, "load", out_of_memory)

@@ -37,7 +37,8 @@ def test_help_imports_neither_torch_nor_wandb(command):
         "    except SystemExit as e:\n"
         "        assert e.code == 0, e.code\n"
         "import json\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'wandb', 'pandas', 'matplotlib', 'datasets', 'triton'))\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'wandb', 'pandas', 'matplotlib', "
+        "'datasets', 'triton'))\n"
         "print(json.dumps({'heavy': heavy, 'help': out.getvalue()}))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

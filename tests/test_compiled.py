@@ -120,7 +120,8 @@ def test_compiled_lanes_do_not_depend_on_their_chunk(runs):
 
 
 def test_compaction_and_stepping_in_the_backward_change_no_number(runs):
-    """Dropping the done lanes (4 -> 2, a shape already compiled) and the optimizer steps in backward hooks: bit for bit."""
+    """Dropping the done lanes (4 -> 2, a shape already compiled) and the optimizer steps in backward hooks: bit for
+    bit."""
     for a, b in zip(runs["whole"], runs["in_backward"]):
         assert same(a.losses, b.losses), a.run_name
     for a, b in zip(runs["compacted"], runs["kept"]):

@@ -310,7 +310,8 @@ def chat_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 @pytest.fixture(scope="module")
 def default_stream_supervised(default_model):
-    """Supervised targets at each position of epoch 0 of the default train stream (seed 999), counted here, not by SFTStream."""
+    """Supervised targets at each position of epoch 0 of the default train stream (seed 999), counted here, not by
+    SFTStream."""
     tokenizer = load_tokenizer(default_model / "tokenizer")
     examples, _ = render_examples(doc_qa_conversations(4000, seed=0, split="train"), tokenizer, 1024)
     supervised = [sum(mask[1:]) for _, mask in examples]  # mask[1:] lines up with the targets
@@ -391,7 +392,8 @@ def test_finetune_wandb_offline(tmp_path, capsys):
 
 
 def test_finetune_drops_examples_without_supervised_tokens(tmp_path):
-    """Conversations whose assistant tokens are all cut off by max_seq_len are dropped, so no batch is all -1 (NaN loss)."""
+    """Conversations whose assistant tokens are all cut off by max_seq_len are dropped, so no batch is all -1 (NaN
+    loss)."""
     tokenizer = load_tokenizer(FIXTURE / "tokenizer")
     long_question = "Please read this long question carefully before you answer it. " * 3
     assert len(tokenizer.encode(long_question)) > 25  # with max_seq_len 24 no assistant token survives after it

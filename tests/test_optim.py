@@ -33,7 +33,8 @@ def twins(params: list[torch.Tensor], lane: int) -> list[torch.Tensor]:
 
 
 def replay(ref_opt, ref, lane, lrs, actives, grads) -> None:
-    """Step a torch.optim twin of one lane through the same lrs and grads, skipping the steps where the lane was inactive."""
+    """Step a torch.optim twin of one lane through the same lrs and grads, skipping the steps where the lane was
+    inactive."""
     for s in range(len(grads)):
         if not actives[s][lane]:
             continue

@@ -1,5 +1,6 @@
-"""`plan` (perf/plan.py, tasks/nanochat/memory.py): the memory estimate against real CPU steps, the lanes that fit, the d20 figures traced without d20
-memory, the CLI; and the runtime projection (perf/roofline.py), traced under FakeTensorMode.
+"""`plan` (perf/plan.py, tasks/nanochat/memory.py): the memory estimate against real CPU steps, the lanes that fit, the
+d20 figures traced without d20 memory, the CLI; and the runtime projection (perf/roofline.py), traced under
+FakeTensorMode.
 """
 
 import json
@@ -24,7 +25,8 @@ def max_rss_kib() -> int:
 @pytest.mark.parametrize("levers", [Levers(), Levers(step_in_backward=True, remat=True)], ids=["plain", "levers"])
 def test_the_estimate_matches_the_tracked_allocations_of_real_cpu_steps(levers):
     """The estimate (fake traces of 2 and 4 lanes, a line through them) against real steps of 3 and 7 lanes, every
-    allocation tracked by MemTracker. Measured: they agree to a few bytes (the linear model holds exactly); 1% allowed."""
+    allocation tracked by MemTracker. Measured: they agree to a few bytes (the linear model holds exactly); 1%
+    allowed."""
     plan = estimate_memory(SMALL, 4, 64, levers=levers)
     for lanes in (3, 7):
         real = trace_step(SMALL, lanes, 4, 64, levers=levers, fake=False)

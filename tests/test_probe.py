@@ -324,8 +324,8 @@ def peak_bytes_per_cell(build, cells: int) -> float:
 
 
 def test_the_refine_memory_estimate_is_what_a_map_takes():
-    """MAP_CELL_BYTES and the nanochat task's CELL_BYTES against the peak of what refine builds per fine cell on a 65 x 65 map,
-    9 cells in 10 filled from a coarse parent (tracemalloc: the Python objects and numpy buffers)."""
+    """MAP_CELL_BYTES and the nanochat task's CELL_BYTES against the peak of what refine builds per fine cell on a 65 x
+    65 map, 9 cells in 10 filled from a coarse parent (tracemalloc: the Python objects and numpy buffers)."""
     import numpy as np
 
     from fractal_vmap.analysis.report import cells_frame
@@ -464,7 +464,8 @@ def test_config_values_simple_parsing_converts_still_pass(tmp_path):
         ),
         (
             ["--axes", "seed,lr", "--row_min", "0", "--row_max", "3", "--rows", "6"],
-            "the rows axis seed 0..3 rounds to 4 distinct whole numbers for --rows 6: some rows would train the same cells",
+            "the rows axis seed 0..3 rounds to 4 distinct whole numbers for --rows 6: some rows would train the same "
+            "cells",
         ),
         (
             ["--col_min", "0.01", "--col_max", "0.01"],

@@ -38,7 +38,8 @@ TOKENS = 100  # tokens a lane pushes through the model per step
 
 
 def train_row(p: GridProgress, clock_: FakeClock, i: int, steps: list[int], chunk: int) -> None:
-    """What the nanochat task's train_row and lanes.run do for row i: chunks of `chunk` lanes, each step one fake second."""
+    """What the nanochat task's train_row and lanes.run do for row i: chunks of `chunk` lanes, each step one fake
+    second."""
     p.row_started(i, f"num_tokens={i}", len(steps))
     for start in range(0, len(steps), chunk):
         lanes = list(range(start, min(start + chunk, len(steps))))

@@ -264,16 +264,16 @@ def test_the_mixed_rows_note_counts_threads_on_cpu_and_only_the_gpu_on_cuda(tmp_
         write_record(tmp_path / "cpu", i, "d", threads=threads, device=cpu)
     write_record(tmp_path / "cpu", 3, "d")  # written before threads were recorded: left out
     write_record(tmp_path / "cpu", 4, "other")  # another spec's: trained again, so a row left
-    note = mixed_rows_note(tmp_path / "cpu", "d", 6, 2, {(cpu, 1)}, cuda=False)
+    note = mixed_rows_note(tmp_path / "cpu", "d", 6, {(cpu, 1)}, cuda=False)
     assert "4 finished rows" not in note and "3 finished rows" in note
     assert "ran at 1 thread (1) and 2 threads (2), the 2 rows left train at 1 thread" in note
     assert "OMP_NUM_THREADS" not in note  # the finished rows disagree: no one count to name
-    assert mixed_rows_note(tmp_path / "cpu", "d", 3, 2, {(cpu, 1)}, cuda=False) is None  # no row left to train
-    assert "2 threads on Some CPU" in mixed_rows_note(tmp_path / "cpu", "d", 6, 2, {("Another CPU", 2)}, cuda=False)
+    assert mixed_rows_note(tmp_path / "cpu", "d", 3, {(cpu, 1)}, cuda=False) is None  # no row left to train
+    assert "2 threads on Some CPU" in mixed_rows_note(tmp_path / "cpu", "d", 6, {("Another CPU", 2)}, cuda=False)
     for i in range(2):
         write_record(tmp_path / "gpu", i, "d", threads=8 * (i + 1), device=gpu)  # the CPU threads of a CUDA grid
-    assert mixed_rows_note(tmp_path / "gpu", "d", 3, 2, {(gpu, 4)}, cuda=True) is None
-    other_gpu = mixed_rows_note(tmp_path / "gpu", "d", 3, 2, {("Other GPU", 4)}, cuda=True)
+    assert mixed_rows_note(tmp_path / "gpu", "d", 3, {(gpu, 4)}, cuda=True) is None
+    other_gpu = mixed_rows_note(tmp_path / "gpu", "d", 3, {("Other GPU", 4)}, cuda=True)
     assert "the 1 row left trains at Other GPU" in other_gpu
-    assert mixed_rows_note(tmp_path / "fresh", "d", 2, 2, {(cpu, 1)}, cuda=False) is None  # a new grid, alike workers
-    assert "the workers train" in mixed_rows_note(tmp_path / "fresh", "d", 2, 2, {(cpu, 1), (cpu, 2)}, cuda=False)
+    assert mixed_rows_note(tmp_path / "fresh", "d", 2, {(cpu, 1)}, cuda=False) is None  # a new grid, alike workers
+    assert "the workers train" in mixed_rows_note(tmp_path / "fresh", "d", 2, {(cpu, 1), (cpu, 2)}, cuda=False)

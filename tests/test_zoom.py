@@ -156,8 +156,8 @@ def test_bad_boxes_are_one_line(parent, tmp_path, capsys):
 
 
 def test_refinement_trains_near_the_boundary_and_equals_the_full_grid_where_it_trained(parent, tmp_path):
-    """--refine 2 from the 12 x 12 view's 7 x 7 coarse grid: a 25 x 25 map. Every cell it trained equals the full 25 x 25
-    grid's bit for bit (the same lanes); the others take their coarse parent's result, marked untrained."""
+    """--refine 2 from the 12 x 12 view's 7 x 7 coarse grid: a 25 x 25 map. Every cell it trained equals the full 25 x
+    25 grid's bit for bit (the same lanes); the others take their coarse parent's result, marked untrained."""
     view = ["--task", "paper-mlp", "--num_iterations", str(STEPS), "--seed", "0", *VIEW]
     main(["grid", *view, "--rows", "25", "--cols", "25", "--run_dir", str(tmp_path / "full")])
     main(["grid", *view, "--rows", "7", "--cols", "7", "--refine", "2", "--run_dir", str(tmp_path / "refined")])

@@ -63,7 +63,8 @@ def render_frame(level: Level, index: int, size: int, with_box: bool) -> Image.I
 
 
 def zoom_frames(levels: list[Level], size: int = 512) -> list[Image.Image]:
-    """Each parent with its child's box drawn, then the child: [L0 + box, L1, L1 + box, L2, ...] (one frame if one level)."""
+    """Each parent with its child's box drawn, then the child: [L0 + box, L1, L1 + box, L2, ...] (one frame if one
+    level)."""
     assert levels, "no levels to animate"
     for level in levels[:-1]:
         assert level.box is not None, "every level but the last needs the box of the next one"
@@ -116,7 +117,8 @@ def write_animation(levels: list[Level], path, size: int = 512, frame_ms: int = 
 
 
 def zoom_levels(runs: list[str]) -> list:
-    """The animation's levels: each run's measure and axis values, with the box of the next run, which must be its zoom."""
+    """The animation's levels: each run's measure and axis values, with the box of the next run, which must be its
+    zoom."""
     import pandas as pd
 
     read = [read_grid(r) for r in runs]
@@ -129,7 +131,8 @@ def zoom_levels(runs: list[str]) -> list:
             parent = child["spec"].get("parent") or {}
             if Path(parent.get("run_dir", "")).resolve() != run_dir.resolve():
                 raise UserError(
-                    f"{child_dir} is not a zoom of {run_dir}: list the runs outermost first, each a `fractal-vmap zoom` of the one before"
+                    f"{child_dir} is not a zoom of {run_dir}: list the runs outermost first, each a `fractal-vmap "
+                    "zoom` of the one before"
                 )
             if parent.get("box") is None:
                 raise UserError(
@@ -137,7 +140,8 @@ def zoom_levels(runs: list[str]) -> list:
                 )
             box = tuple(parent["box"])
         label = (
-            f"{run_dir.name}: {axes['rows']['name']} {axes['rows']['values'][0]:.3g}..{axes['rows']['values'][-1]:.3g}, "
+            f"{run_dir.name}: {axes['rows']['name']} "
+            f"{axes['rows']['values'][0]:.3g}..{axes['rows']['values'][-1]:.3g}, "
             f"{axes['cols']['name']} {axes['cols']['values'][0]:.3g}..{axes['cols']['values'][-1]:.3g}"
         )
         cells = pd.read_parquet(run_dir / "cells.parquet")

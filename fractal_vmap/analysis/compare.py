@@ -131,7 +131,8 @@ def compare_runs(cfg: CompareConfig) -> dict:
     a_axes, b_axes = a_grid["spec"]["axes"], b_grid["spec"]["axes"]
     if a_axes != b_axes:
         raise UserError(
-            f"{a_dir} and {b_dir} are grids over different axes or values: compare grids of the same axes, ranges and sizes"
+            f"{a_dir} and {b_dir} are grids over different axes or values: compare grids of the same axes, ranges and "
+            "sizes"
         )
     both = ~np.isnan(a) & ~np.isnan(b)
     flipped = both & (a != b)

@@ -150,7 +150,8 @@ def measure_shade(measure: np.ndarray, steps: np.ndarray | None = None) -> np.ma
 
 
 def measure_rgb(measure, steps=None) -> np.ndarray:
-    """paper_image's colours as an RGB array [H, W, 3] in [0, 1], row 0 first (not flipped): for the animation frames."""
+    """paper_image's colours as an RGB array [H, W, 3] in [0, 1], row 0 first (not flipped): for the animation
+    frames."""
     return PHASE_CMAP((measure_shade(measure, steps) + 1) / 2)[..., :3]
 
 

@@ -51,7 +51,8 @@ def plot_run(cfg: PlotConfig) -> list[Path]:
     missing = [name for name in ("grid.json", "cells.parquet", "fractal.json") if not (run_dir / name).is_file()]
     if missing:
         raise UserError(
-            f"{run_dir} is not a finished grid (no {', '.join(missing)}): pass a run dir that `grid` completed, or rerun the grid to finish it"
+            f"{run_dir} is not a finished grid (no {', '.join(missing)}): pass a run dir that `grid` completed, or "
+            "rerun the grid to finish it"
         )
     # one clear line if unreadable
     read_json_object(run_dir / "grid.json", "the grid's spec", "pass a run dir that `grid` wrote")
@@ -89,7 +90,8 @@ def plot_run(cfg: PlotConfig) -> list[Path]:
 
     if cfg.style is not None and cfg.style not in plt.style.available and not Path(cfg.style).is_file():
         raise UserError(
-            f"--style {cfg.style!r} is neither a matplotlib style ({', '.join(sorted(plt.style.available)[:4])}, ...) nor a file"
+            f"--style {cfg.style!r} is neither a matplotlib style ({', '.join(sorted(plt.style.available)[:4])}, ...) "
+            "nor a file"
         )
     if relabelled:
         row, col = Axis(**grid["spec"]["axes"]["rows"]), Axis(**grid["spec"]["axes"]["cols"])

@@ -74,7 +74,8 @@ def measure_fractal(cells, row: Axis, col: Axis) -> dict:
     too_few = len(f["sizes"]) < MIN_BOX_SIZES or f["edge_pixel_count"] < MIN_EDGE_PIXELS
     caveat = (
         (
-            f"too few to mean anything (a dimension needs >= {MIN_EDGE_PIXELS} edge pixels and >= {MIN_BOX_SIZES} box sizes: "
+            f"too few to mean anything (a dimension needs >= {MIN_EDGE_PIXELS} edge pixels and >= {MIN_BOX_SIZES} box "
+            "sizes: "
             "a grid of about 32 x 32 cells or more)"
         )
         if too_few and f["edge_pixel_count"]
@@ -147,14 +148,16 @@ def caption(grid: dict, cells, fractal: dict, run_name: str, window: int, thresh
     else:
         counted = f"{len(cells)}/{cells_total} cells"
     lines = [
-        f"model {source_label(spec['model'])} · dataset {source_label(spec['dataset'])} · {settings['device']} {settings['dtype']}",
+        f"model {source_label(spec['model'])} · dataset {source_label(spec['dataset'])} · {settings['device']} "
+        f"{settings['dtype']}",
         f"rows {axis_label(axes['rows'])} x cols {axis_label(axes['cols'])} · learning rates: {lrs}",
         (
             f"{counted} · {cells['converged'].mean():.0%} trainable ({averaged(cells, window)} < {threshold:g} x "
             f"the first) · {cells['stable'].mean():.0%} stable"
         ),
         dimension_note(fractal),
-        f"run dir {run_name} · created {env.get('created', '?')} · fractal-vmap {(env.get('git_revision') or env.get('fractal_vmap') or '?')[:12]}",
+        f"run dir {run_name} · created {env.get('created', '?')} · fractal-vmap "
+        f"{(env.get('git_revision') or env.get('fractal_vmap') or '?')[:12]}",
     ]
     return "\n".join(textwrap.fill(line, CAPTION_WIDTH, subsequent_indent="  ") for line in lines)
 

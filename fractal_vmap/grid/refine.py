@@ -1,9 +1,10 @@
 """`grid --refine K` (either task), the schedule the grid pipeline follows (pipeline.run_levels): a boundary map at
-(rows - 1) x 2^K + 1 by (cols - 1) x 2^K + 1 cells that trains only near the boundary. Level 0 trains the --rows x --cols grid (every 2^K-th cell of the fine grid); each next level
-halves the spacing inside the squares of the level before whose corners disagree in phase, and inside their
-neighbouring squares, so a thin feature next to the boundary is not missed. A cell no level trained takes the result
-of its coarse parent (the trained cell at the corner of its square at the coarsest level that has one) and is marked
-`trained = false` in cells.parquet; `level` says at which level a cell was trained (or filled).
+(rows - 1) x 2^K + 1 by (cols - 1) x 2^K + 1 cells that trains only near the boundary. Level 0 trains the --rows x
+--cols grid (every 2^K-th cell of the fine grid); each next level halves the spacing inside the squares of the level
+before whose corners disagree in phase, and inside their neighbouring squares, so a thin feature next to the boundary
+is not missed. A cell no level trained takes the result of its coarse parent (the trained cell at the corner of its
+square at the coarsest level that has one) and is marked `trained = false` in cells.parquet; `level` says at which
+level a cell was trained (or filled).
 
 Every level's values are the fine grid's own values, and a lane's numbers do not depend on which lanes train beside
 it (lanes.py), so a trained cell equals the same cell of a full fine grid bit for bit: refinement can only be wrong
@@ -86,8 +87,9 @@ def level_points(results: dict[tuple[int, int], dict], k: int, K: int, H: int, W
 
 
 def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int, int]]:
-    """Fine-grid cells at spacing `step` to train next: those inside (or on the edges of) the squares of spacing 2 x step
-    whose known corners disagree in phase, and of the squares around them. phase: bool [H, W] (valid where known)."""
+    """Fine-grid cells at spacing `step` to train next: those inside (or on the edges of) the squares of spacing 2 x
+    step whose known corners disagree in phase, and of the squares around them. phase: bool [H, W] (valid where
+    known)."""
     H, W = phase.shape
     big = 2 * step
     corners = [(i, j) for i in range(0, H, big) for j in range(0, W, big)]

@@ -124,7 +124,8 @@ def check_run_dir(run_dir: Path, spec: dict) -> None:
     if diffs:
         more = f" and {len(diffs) - MAX_DIFFS} more" if len(diffs) > MAX_DIFFS else ""
         raise UserError(
-            f"{run_dir} holds a grid with another spec ({'; '.join(diffs[:MAX_DIFFS])}{more}): pass a new --run_dir or rerun the same command"
+            f"{run_dir} holds a grid with another spec ({'; '.join(diffs[:MAX_DIFFS])}{more}): pass a new --run_dir or "
+            "rerun the same command"
         )
 
 

@@ -127,12 +127,15 @@ def join(cfg: GridConfig):
         and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
     ):
         raise UserError(
-            f"torchrun would restart these workers over the store it keeps, where they cannot meet again: export {FRESH_STORE}=1 "
-            "and use a c10d rendezvous (--rdzv-backend c10d, or --standalone), as scripts/slurm_grid.sh does, or pass --max-restarts 0"
+            "torchrun would restart these workers over the store it keeps, where they cannot meet again: export "
+            f"{FRESH_STORE}=1 "
+            "and use a c10d rendezvous (--rdzv-backend c10d, or --standalone), as scripts/slurm_grid.sh does, or pass "
+            "--max-restarts 0"
         )
     if cfg.device.startswith("cuda:"):
         raise UserError(
-            f"--device {cfg.device} names one GPU, but each worker takes the GPU of its LOCAL_RANK: pass --device cuda (or auto)"
+            f"--device {cfg.device} names one GPU, but each worker takes the GPU of its LOCAL_RANK: pass --device cuda "
+            "(or auto)"
         )
     if resolve_device(cfg.device).type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this worker's GPU
@@ -236,7 +239,8 @@ def launch(cfg: GridConfig, entrypoint) -> None:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.workers > torch.cuda.device_count():
         raise UserError(
-            f"--workers {cfg.workers} but this node has {torch.cuda.device_count()} GPUs: one worker a GPU, pass at most that many"
+            f"--workers {cfg.workers} but this node has {torch.cuda.device_count()} GPUs: one worker a GPU, pass at "
+            "most that many"
         )
     cuda = device.type == "cuda"
     capacity, unit = (torch.cuda.device_count(), "GPUs") if cuda else (cpu_cores(), "CPU cores")

@@ -2,7 +2,8 @@
 in its grid.json (where to zoom: `boxes`, analysis/boxes.py; a chain of zooms played: `animate`, analysis/animate.py).
 
 A zoom at the parent's spacing (no --rows/--cols) takes the parent's exact axis values, so its lanes are the parent's
-lanes and, a lane's numbers not depending on its neighbours (lanes.py), its cells equal the parent's bit for bit. A finer zoom spaces its values evenly (in log10 on a log axis) from the box's first to its last value.
+lanes and, a lane's numbers not depending on its neighbours (lanes.py), its cells equal the parent's bit for bit. A
+finer zoom spaces its values evenly (in log10 on a log axis) from the box's first to its last value.
 """
 
 import math
@@ -24,7 +25,8 @@ def parse_box(text: str, rows: int, cols: int) -> tuple[int, int, int, int]:
     r0, r1, c0, c1 = (int(g) for g in match.groups())
     if not (0 <= r0 < r1 <= rows and 0 <= c0 < c1 <= cols):
         raise UserError(
-            f"--box {text}: the grid has {rows} rows and {cols} cols, so use 0 <= r0 < r1 <= {rows} and 0 <= c0 < c1 <= {cols}"
+            f"--box {text}: the grid has {rows} rows and {cols} cols, so use 0 <= r0 < r1 <= {rows} and 0 <= c0 < c1 "
+            f"<= {cols}"
         )
     return r0, r1, c0, c1
 
@@ -82,7 +84,8 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
     rows, cols = (Axis(**spec["axes"][k], field=table[spec["axes"][k]["name"]].setting) for k in ("rows", "cols"))
     if (cfg.box is None) == (cfg.range is None):
         raise UserError(
-            "pass the box as --box r0:r1,c0:c1 (cell indices) or as --range rows=LO:HI,cols=LO:HI (axis values), one of the two"
+            "pass the box as --box r0:r1,c0:c1 (cell indices) or as --range rows=LO:HI,cols=LO:HI (axis values), one "
+            "of the two"
         )
     if cfg.rows < 0 or cfg.cols < 0:
         raise UserError(f"--rows {cfg.rows} --cols {cfg.cols}: use 0 (the parent's spacing) or a positive number")

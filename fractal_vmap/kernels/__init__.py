@@ -77,5 +77,6 @@ def check_triton(device: torch.device | str) -> None:
         )
     if device.type not in ("cpu", "cuda"):
         raise UserError(
-            f"kernels 'triton' run on CUDA (or on CPU under TRITON_INTERPRET=1), not on {device.type}: use kernels 'torch'"
+            f"kernels 'triton' run on CUDA (or on CPU under TRITON_INTERPRET=1), not on {device.type}: use kernels "
+            "'torch'"
         )

@@ -91,7 +91,8 @@ def normalize_kernel(x_ptr, sums_ptr, n, n_chunks, eps, BLOCK: tl.constexpr, ITE
 
 @triton.jit
 def update_kernel(p_ptr, o_ptr, neg_lr_ptr, active_ptr, rows, cols, o_lane, o_row, o_col, TILE: tl.constexpr):
-    """Program (tile, lane): p[lane] += neg_lr[lane] * O[lane] on one TILE x TILE tile; O is read through its strides."""
+    """Program (tile, lane): p[lane] += neg_lr[lane] * O[lane] on one TILE x TILE tile; O is read through its
+    strides."""
     tile, lane = tl.program_id(0), tl.program_id(1)
     tiles_c = tl.cdiv(cols, TILE)
     r = (tile // tiles_c) * TILE + tl.arange(0, TILE)[:, None]

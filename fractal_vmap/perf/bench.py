@@ -12,8 +12,8 @@ with ~30% of targets ignored, bf16 autocast on CUDA, the GPU default.
 
 Per model, L and mode: lane-steps/s and tokens/s over all lanes (CPU: the best timed window; CUDA: the median, CUDA
 events); the speed-up against sequential at the same L, in the same run; model-FLOPs utilization against the matmul
-rate measured here (FLOPs per token as roofline.flops_per_token); peak memory per lane (CUDA: the allocator's peak over the
-timed steps, above what was allocated before; CPU: the profiler's peak of the allocations made while building the
+rate measured here (FLOPs per token as roofline.flops_per_token); peak memory per lane (CUDA: the allocator's peak over
+the timed steps, above what was allocated before; CPU: the profiler's peak of the allocations made while building the
 mode and running one step); kernel launches per step (one profiled step: CUDA kernels; on CPU, aten ops that do work,
 i.e. leaf ops less views and allocations, plus Inductor's fused kernels).
 """
@@ -89,7 +89,8 @@ def padded_to_one_length(batches: list) -> list:
 
 
 def flops_per_token(config: GPTConfig, seq: int) -> int:
-    """nanochat's estimate: 6 x non-embedding params + 12 x layers x heads x head_dim x seq (seq: the batch's, attention's real span)."""
+    """nanochat's estimate: 6 x non-embedding params + 12 x layers x heads x head_dim x seq (seq: the batch's,
+    attention's real span)."""
     non_embedding = sum(math.prod(s) for name, s in param_shapes(config).items() if name != "transformer.wte.weight")
     return 6 * non_embedding + 12 * config.n_layer * config.n_head * config.head_dim * seq
 
@@ -241,7 +242,8 @@ def run_bench(cfg: BenchConfig, environment: dict | None = None, say=print) -> d
         seq = round(sum(x.numel() * x.shape[-1] for x, _ in batches) / sum(x.numel() for x, _ in batches))
         fpt = flops_per_token(config, seq)
         say(
-            f"[bold]{name}[/bold]: {config}, batch {tuple(batches[0][0].shape)}, {fpt / 1e6:,.1f} MFLOP/token, {run_plan.primers} padded shapes"
+            f"[bold]{name}[/bold]: {config}, batch {tuple(batches[0][0].shape)}, {fpt / 1e6:,.1f} MFLOP/token, "
+            f"{run_plan.primers} padded shapes"
         )
         for lanes in lanes_list:
             entry = {
@@ -362,7 +364,10 @@ def print_report(report: dict, console) -> None:
 
     pick = "median" if report["device_type"] == "cuda" else "best"
     table = Table(
-        title=f"bench on {report['environment']['device']} ({pick} timed window); matmul ceiling {report['matmul_ceiling']['tflops']:.2f} TFLOP/s"
+        title=(
+            f"bench on {report['environment']['device']} ({pick} timed window); matmul ceiling "
+            f"{report['matmul_ceiling']['tflops']:.2f} TFLOP/s"
+        )
     )
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("model", "mode") else "right")

@@ -52,7 +52,8 @@ def check_plan(cfg: PlanConfig) -> tuple[GPTConfig, int, Levers | None]:
     levers = parse_levers(cfg.levers, cfg.micro_batches, cfg.momentum_dtype, cfg.master_dtype, cfg.dtype)
     if cfg.lanes < 1 or cfg.batch < 1 or cfg.seq < 2:
         raise UserError(
-            f"--lanes {cfg.lanes}, --batch {cfg.batch}, --seq {cfg.seq}: lanes and batch must be at least 1, seq at least 2"
+            f"--lanes {cfg.lanes}, --batch {cfg.batch}, --seq {cfg.seq}: lanes and batch must be at least 1, seq at "
+            "least 2"
         )
     if cfg.seq > config.sequence_len * 10:
         raise UserError(f"--seq {cfg.seq} exceeds the model's rotary table ({config.sequence_len * 10}): lower it")
@@ -177,11 +178,14 @@ def print_plan(out: dict, console) -> None:
         console.print(table)
         g = p["grid"]
         console.print(
-            f"projected: a {int(math.sqrt(g['cells']))}x{int(math.sqrt(g['cells']))} grid of {g['tokens_per_cell']:,} supervised tokens a cell "
-            f"({g['steps_per_cell']} steps at {g['supervised_frac']:.0%} supervised) on {g['gpus']} GPUs: {g['seconds'] / 60:.1f} min"
+            f"projected: a {int(math.sqrt(g['cells']))}x{int(math.sqrt(g['cells']))} grid of {g['tokens_per_cell']:,} "
+            "supervised tokens a cell "
+            f"({g['steps_per_cell']} steps at {g['supervised_frac']:.0%} supervised) on {g['gpus']} GPUs: "
+            f"{g['seconds'] / 60:.1f} min"
             + ("" if p["fits"] else f" [yellow](but {p['lanes']} lanes do not fit)[/yellow]")
         )
         console.print(
-            f"targets (benchmarks/README.md): speed-up >= {TARGETS['speedup_small']:g}x for d4-d8, >= {TARGETS['speedup_d20']:g}x for d20; "
+            f"targets (benchmarks/README.md): speed-up >= {TARGETS['speedup_small']:g}x for d4-d8, >= "
+            f"{TARGETS['speedup_d20']:g}x for d20; "
             f"MFU >= {TARGETS['mfu']:.0%} for d12+; the 64x64 d20 grid under {TARGETS['grid_minutes']:g} min"
         )

@@ -1,8 +1,8 @@
-"""The GPU projection as a table: for each nanochat depth, the lanes and levers the memory plan (tasks/nanochat/memory.py) picks for the
-GPU's memory, one row step against the sequential loop projected on the datasheet GPU (roofline.py), the speed-up,
-the MFU and, for d20, a 64x64 grid of 250K tokens a cell on one 8-GPU node; next to the targets of benchmarks/README.md.
-`fractal-vmap bench --project h100` prints it, `benchmarks/projection.py` also writes it as JSON. Every line says it
-is a projection."""
+"""The GPU projection as a table: for each nanochat depth, the lanes and levers the memory plan
+(tasks/nanochat/memory.py) picks for the GPU's memory, one row step against the sequential loop projected on the
+datasheet GPU (roofline.py), the speed-up, the MFU and, for d20, a 64x64 grid of 250K tokens a cell on one 8-GPU node;
+next to the targets of benchmarks/README.md. `fractal-vmap bench --project h100` prints it, `benchmarks/projection.py`
+also writes it as JSON. Every line says it is a projection."""
 
 import math
 from dataclasses import asdict
@@ -89,6 +89,8 @@ def print_projection(rows: list[dict], gpu: str, batch: int, seq: int, launch_us
         if "grid" in row:
             g = row["grid"]
             console.print(
-                f"PROJECTED: the 64x64 d20 grid ({g['steps_per_cell']} steps a cell at {g['supervised_frac']:.0%} supervised tokens) on 8 "
-                f"GPUs, {row['lanes']} lanes a chunk: {g['minutes']:.1f} min (target: under {TARGETS['grid_minutes']:g} min)"
+                f"PROJECTED: the 64x64 d20 grid ({g['steps_per_cell']} steps a cell at {g['supervised_frac']:.0%} "
+                "supervised tokens) on 8 "
+                f"GPUs, {row['lanes']} lanes a chunk: {g['minutes']:.1f} min (target: under "
+                f"{TARGETS['grid_minutes']:g} min)"
             )

@@ -156,7 +156,8 @@ def launch_seconds(launch: costs.Launch, gpu: Gpu) -> float:
 
 
 def launch_bound(times: list[float], launch_s: float) -> float:
-    """A step's wall time: the host issues op k at k x launch_s, the GPU runs each op when issued and the previous done."""
+    """A step's wall time: the host issues op k at k x launch_s, the GPU runs each op when issued and the previous
+    done."""
     end = 0.0
     for k, t in enumerate(times):
         end = max(k * launch_s, end) + t

@@ -251,7 +251,8 @@ def wait_for_quiet(max_load: float = 1.2, poll_s: float = 30.0, check_load: bool
         load = os.getloadavg()[0]
         if check_load and load >= max_load:
             say(
-                f"[yellow]load average {load:.2f} >= {max_load}: someone else is using the CPU, waiting {poll_s:.0f}s[/yellow]"
+                f"[yellow]load average {load:.2f} >= {max_load}: someone else is using the CPU, waiting "
+                f"{poll_s:.0f}s[/yellow]"
             )
             time.sleep(poll_s)
             continue

@@ -113,7 +113,8 @@ def check_overrides(cfg: TrainConfig, row: Axis, col: Axis) -> list[str]:
             span = f"{axis.values[0]:g}..{axis.values[-1]:g}" if len(axis.values) > 1 else f"{axis.values[0]:g}"
             raise UserError(
                 f"--{field} {getattr(cfg, field)} has no effect: {field} is the {which} axis ({axis.name} {span} over "
-                f"{len(axis.values)} {which}); sweep another range with --{which[:-1]}_min/--{which[:-1]}_max, or fix it by choosing other --axes"
+                f"{len(axis.values)} {which}); sweep another range with --{which[:-1]}_min/--{which[:-1]}_max, or fix "
+                "it by choosing other --axes"
             )
     for field, reason in unused.items():
         if field not in per_cell and is_given(cfg, field):
@@ -126,6 +127,7 @@ def check_overrides(cfg: TrainConfig, row: Axis, col: Axis) -> list[str]:
         moved = [g for g in groups if g not in pinned]
         for g in pinned:
             warnings.append(
-                f"--{LR_FLAGS[g]} {getattr(cfg, LR_FLAGS[g])} pins the {g} lr: the {which} axis (lr) moves only the {' and '.join(moved)} lr"
+                f"--{LR_FLAGS[g]} {getattr(cfg, LR_FLAGS[g])} pins the {g} lr: the {which} axis (lr) moves only the "
+                f"{' and '.join(moved)} lr"
             )
     return warnings

@@ -65,7 +65,8 @@ def chunk_size(plan, lanes: int) -> tuple[int, Levers, MemoryPlan | None]:
     fit = memory.lanes_that_fit(budget)
     if fit == 0:
         raise UserError(
-            f"a lane chunk needs about {memory.peak(1) / HEADROOM / 2**30:.2f} GiB (estimated) but the memory budget is "
+            f"a lane chunk needs about {memory.peak(1) / HEADROOM / 2**30:.2f} GiB (estimated) but the memory budget "
+            "is "
             f"{budget / 2**30:.2f} GiB: raise --memory_budget, or use --levers auto or --micro_batches"
         )
     return min(cap, fit), Levers(**memory.levers), memory

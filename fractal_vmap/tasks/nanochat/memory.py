@@ -91,8 +91,8 @@ def trace_step(
     levers: Levers = Levers(),
     fake: bool = True,
 ) -> Trace:
-    """Trace one training step of `lanes` lanes with MemTracker, under FakeTensorMode (no memory used, nothing computed);
-    fake=False runs the step for real on CPU, random weights (to check the estimate against)."""
+    """Trace one training step of `lanes` lanes with MemTracker, under FakeTensorMode (no memory used, nothing
+    computed); fake=False runs the step for real on CPU, random weights (to check the estimate against)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 

@@ -1,6 +1,7 @@
-"""A grid row of nanochat SFT runs as lanes of the lane engine (lanes.py): stacked trainable groups (frozen groups shared by all
-lanes, never copied), BatchedAdamW for the embedding groups and BatchedMuon for the matrices with each lane's own
-learning rates and schedule, the lanes' attention and head. Every lane follows `recipe.py`, as `reference.py` does.
+"""A grid row of nanochat SFT runs as lanes of the lane engine (lanes.py): stacked trainable groups (frozen groups
+shared by all lanes, never copied), BatchedAdamW for the embedding groups and BatchedMuon for the matrices with each
+lane's own learning rates and schedule, the lanes' attention and head. Every lane follows `recipe.py`, as
+`reference.py` does.
 """
 
 from functools import partial
@@ -23,7 +24,8 @@ from fractal_vmap.tasks.nanochat.optimizers import LaneSettings, RowOptimizers
 
 
 def check_row(cfgs: list[FinetuneConfig]) -> list[str]:
-    """Lanes of one row may differ in per-lane scalars only; everything else must be shared. Returns the trainable groups."""
+    """Lanes of one row may differ in per-lane scalars only; everything else must be shared. Returns the trainable
+    groups."""
     groups = trainable_groups(cfgs[0])
     for c in cfgs[1:]:
         if trainable_groups(c) != groups or c.dtype != cfgs[0].dtype:

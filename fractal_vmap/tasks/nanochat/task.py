@@ -123,7 +123,8 @@ def zoom_options(settings: dict) -> dict:
 
 
 def base_config(cfg: GridConfig) -> FinetuneConfig:
-    """The grid's settings as one cell's `finetune` settings (before the axis values go in; finetune-only ones default)."""
+    """The grid's settings as one cell's `finetune` settings (before the axis values go in; finetune-only ones
+    default)."""
     return FinetuneConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
 
 
@@ -142,8 +143,8 @@ def source_id(source: str, path: Path | None) -> dict:
 def make_spec(
     cfg: GridConfig, row: Axis, col: Axis, model_path: Path, device: torch.device, kernels: str, compile: bool = False
 ) -> dict:
-    """What the numbers depend on. Device, dtype, kernels and compile as resolved (auto on a CPU machine is cpu, float32,
-    torch, off).
+    """What the numbers depend on. Device, dtype, kernels and compile as resolved (auto on a CPU machine is cpu,
+    float32, torch, off).
     Settings no cell reads (an axis sets them, or another setting wins) are null; group_lrs says where each group's lr
     comes from."""
     unused = unused_fields(cfg, row, col)
@@ -187,7 +188,8 @@ def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> N
     kernels = resolve_kernels(cfg.kernels, device)
     if kernels == "triton" and device.type == "cpu":
         console.print(
-            "[yellow]--kernels triton on CPU: Triton's interpreter runs the kernels, very slowly (for tests and debugging)[/yellow]"
+            "[yellow]--kernels triton on CPU: Triton's interpreter runs the kernels, very slowly (for tests and "
+            "debugging)[/yellow]"
         )
     if kernels == "triton" and "bfloat16" in (cfg.momentum_dtype, cfg.master_dtype):
         raise UserError(
@@ -198,12 +200,14 @@ def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> N
         parse_bytes(cfg.memory_budget)
     if cfg.device_batch_size % cfg.micro_batches:
         raise UserError(
-            f"--device_batch_size {cfg.device_batch_size} does not split into {cfg.micro_batches} micro-batches: pick a divisor"
+            f"--device_batch_size {cfg.device_batch_size} does not split into {cfg.micro_batches} micro-batches: pick "
+            "a divisor"
         )
     compile = resolve_compile(cfg.compile, device)
     if cfg.compile == "on" and "remat" in cfg.levers.split(","):
         raise UserError(
-            "--compile on does not take the remat lever (its recomputation does not trace): drop remat from --levers, or use --compile off"
+            "--compile on does not take the remat lever (its recomputation does not trace): drop remat from --levers, "
+            "or use --compile off"
         )
     directory = resolve_source(cfg.model)  # resolved once: an hf:/wandb: source is looked up a single time
     config, params, tokenizer = load_model(str(directory), cfg.tokenizer, device)

@@ -162,8 +162,8 @@ def lane_loss_and_grads(params: dict[str, torch.Tensor], x: torch.Tensor, y: tor
     on how many lanes run beside it (one big product with the lanes side by side in the columns is faster on CPU,
     but MKL rounds a column differently with the matrix width and the column's place). tanh(u) is computed as
     2 sigmoid(2u) - 1 (sigmoid_ above): on one core of the AMD EPYC here torch's float64 tanh costs ~4.3 ns an
-    element, sigmoid ~0.6 ns, and the two agree within 3.4e-16 (measured over u in [-40, 40]). The elementwise ops are single-rounding ones
-    (no fused multiply-adds, whose vector and scalar paths could round differently)."""
+    element, sigmoid ~0.6 ns, and the two agree within 3.4e-16 (measured over u in [-40, 40]). The elementwise ops are
+    single-rounding ones (no fused multiply-adds, whose vector and scalar paths could round differently)."""
     W0, W1 = params["W0"], params["W1"]
     L, n, N = W0.shape[0], W0.shape[1], x.shape[0]
     # a = (c x) @ W0 is the activation's argument: c folds 1/sqrt(n), the activation's sqrt(2), and tanh's 2u
@@ -285,12 +285,12 @@ def train_paper_lanes(
 
     Lanes run in chunks of `chunk` (on a GPU, pass the lane count: one chunk), each a row of the lane engine; a
     chunk of one lane runs beside an idle one, because a single lane takes matrix-vector kernels that round
-    differently (lanes.MIN_LANES): a lane's numbers never depend on its chunk. On CPU the chunks run side by side on `workers` threads (0: torch's intra-op thread
-    count), every op on one thread (intra-op threads set to 1 meanwhile, then restored): this network's ops last
-    tens of microseconds, too short for OpenMP's fork and join, and while another process holds a core an OpenMP
-    team waits for its descheduled member at every op (on 2 busy shared cores: 2 OpenMP threads ran 17x slower
-    than one thread, 2 chunk threads 2x faster than one). `on_chunk(start, lanes)` is called as each chunk's losses
-    are in, in order, on the calling thread (a progress view)."""
+    differently (lanes.MIN_LANES): a lane's numbers never depend on its chunk. On CPU the chunks run side by side on
+    `workers` threads (0: torch's intra-op thread count), every op on one thread (intra-op threads set to 1 meanwhile,
+    then restored): this network's ops last tens of microseconds, too short for OpenMP's fork and join, and while
+    another process holds a core an OpenMP team waits for its descheduled member at every op (on 2 busy shared cores: 2
+    OpenMP threads ran 17x slower than one thread, 2 chunk threads 2x faster than one). `on_chunk(start, lanes)` is
+    called as each chunk's losses are in, in order, on the calling thread (a progress view)."""
     check_config(cfg)
     lr0, lr1 = (
         torch.as_tensor(lr0, dtype=torch.float64).reshape(-1),
