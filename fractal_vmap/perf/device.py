@@ -51,7 +51,7 @@ ATTENTION_EFFICIENCY = 0.35  # of the bf16 peak, the flash attention kernels
 
 
 def matmul_efficiency(gpu: Gpu, batch: int, m: int, n: int, k: int) -> float:
-    """The fraction of the datasheet peak at which `batch` matmuls [m, k] x [k, n] run (the module docstring's model)."""
+    """The share of the datasheet peak at which `batch` matmuls [m, k] x [k, n] run (the module docstring's model)."""
     best = 0.0
     for tile_m, tile_n, speed in TILES:
         tiles = batch * math.ceil(m / tile_m) * math.ceil(n / tile_n)
