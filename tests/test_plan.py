@@ -135,3 +135,25 @@ def test_the_projection_traces_the_triton_kernels_cuda_runs():
     assert dict(row)["triton adamw"] == pytest.approx(28 * lm_head / (gpu.hbm_gbs * 1e9))
     single = {name for name, _ in single_step_times(SMALL, 4, 64, gpu, "matrix,unembedding")}
     assert not any(name.startswith(("triton", "head ")) for name in single)
+
+
+def test_the_planner_picks_the_fastest_configuration_not_the_most_lanes():
+    """On a memory where the plain step fits 4 lanes and remat 7: with no launch cost the projection says remat's
+    recomputed forwards cost more than its extra lanes bring (the plain 4 lanes win); with 1 ms a launch the step is
+    launch-bound, so the 7 lanes' launches are shared by more lanes and remat wins. Rungs fitting no more lanes than
+    a cheaper one are not projected."""
+    from fractal_vmap.perf.choose import weigh
+    from fractal_vmap.tasks.nanochat.memory import HEADROOM
+
+    shape, groups = (8, 128, "bfloat16"), "matrix,unembedding"
+    plain = estimate_memory(SMALL, *shape, groups, Levers(), "triton")
+    remat = estimate_memory(SMALL, *shape, groups, Levers(remat=True), "triton")
+    memory = int((plain.fixed + 4 * plain.lane_bytes) / HEADROOM) + 1000
+    assert plain.lanes_that_fit(memory) == 4 and remat.lanes_that_fit(memory) > 4
+    picks = {}
+    for launch_us in (0.0, 1000.0):
+        best, weighed = weigh(SMALL, 16, memory, "h100", *shape, groups, launch_us=launch_us)
+        assert best.lane_steps_per_s == max(c.lane_steps_per_s for c in weighed)
+        assert [c.note for c in weighed][1] == "no more lanes than fewer levers: not projected"  # step_in_backward
+        picks[launch_us] = (best.levers.remat, best.lanes)
+    assert picks[0.0] == (False, 4) and picks[1000.0] == (True, remat.lanes_that_fit(memory))
