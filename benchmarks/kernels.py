@@ -90,7 +90,7 @@ def analytic(opts: Options) -> dict:
     # peak temporaries of the head (estimates): the torch path holds one lane's bf16 logits and ~5 float32 copies
     # (saved for its backward, and the gradient), the plain vmap all lanes' at once; the Triton path one [L, chunk, V]
     # bf16 buffer
-    from fractal_vmap.kernels.ops import chunk_tokens
+    from fractal_vmap.kernels import chunk_tokens
 
     chunk = min(N, chunk_tokens(V, torch.bfloat16))
     out["head (logits)"]["peak_temporaries_gb"] = {

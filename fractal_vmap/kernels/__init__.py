@@ -18,6 +18,14 @@ from fractal_vmap.errors import UserError
 
 CHOICES = ("auto", "torch", "triton")
 
+CHUNK_BYTES = 64 * 2**20  # logits buffer per lane: vocab 65536 in float32 -> 256 tokens a chunk (16 lanes: 1 GiB)
+
+
+def chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk of the lanes' head: CHUNK_BYTES of logits per lane. It depends on the vocab and dtype only, not
+    on the number of lanes, so a lane's sums run in the same order whatever its neighbours."""
+    return max(16, CHUNK_BYTES // (vocab * torch.finfo(dtype).bits // 8))
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""

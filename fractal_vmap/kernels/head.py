@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fractal_vmap.kernels import interpreting
+from fractal_vmap.kernels import CHUNK_BYTES, chunk_tokens, interpreting  # noqa: F401 (CHUNK_BYTES: kept here too)
 from fractal_vmap.kernels.common import store
-from fractal_vmap.kernels.ops import CHUNK_BYTES, chunk_tokens  # noqa: F401 (CHUNK_BYTES: the chunk's size, kept here too)
 
 SOFTCAP = tl.constexpr(15.0)  # head.SOFTCAP (a kernel reads only constexpr globals; tests/test_kernels.py: equal)
 BLOCK_N, BLOCK_V = 4, 2048  # rows x vocab columns per step of a program: 32 KB of float32 logits (not tuned)

@@ -13,13 +13,7 @@ What each op costs on a GPU (bytes and FLOPs) is counted in kernels/costs.py, be
 import torch
 from torch import Tensor
 
-CHUNK_BYTES = 64 * 2**20  # logits buffer per lane: vocab 65536 in float32 -> 256 tokens a chunk (16 lanes: 1 GiB)
-
-
-def chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk of the lanes' head: CHUNK_BYTES of logits per lane. It depends on the vocab and dtype only, not
-    on the number of lanes, so a lane's sums run in the same order whatever its neighbours."""
-    return max(16, CHUNK_BYTES // (vocab * torch.finfo(dtype).bits // 8))
+from fractal_vmap.kernels import chunk_tokens
 
 
 @torch.library.custom_op("fractal_vmap::adamw_step", mutates_args=("p", "exp_avg", "exp_avg_sq"))

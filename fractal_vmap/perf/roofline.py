@@ -34,7 +34,7 @@ from unittest import mock
 import torch
 import torch.utils._pytree as pytree
 
-from fractal_vmap.kernels import costs, ops, tracing
+from fractal_vmap.kernels import chunk_tokens, costs, tracing
 from fractal_vmap.lanes import lanes_step
 from fractal_vmap.model import GPTConfig, param_shapes
 from fractal_vmap.options import FinetuneConfig
@@ -144,7 +144,7 @@ def kernel_launches(func, args) -> list[costs.Launch]:
     if name == "triton_head":
         x, w, _, need_dx, need_dw, dtype = args
         (L, N, C), V = x.shape, w.shape[-2]
-        chunk = min(N, ops.chunk_tokens(V, dtype or x.dtype))
+        chunk = min(N, chunk_tokens(V, dtype or x.dtype))
         return costs.head_launches(L, N, C, V, chunk, w.ndim == 2, need_dx, need_dw, x.element_size(), w.element_size())
     raise NotImplementedError(f"no cost model for the custom op {name}: add it to kernels/costs.py")
 

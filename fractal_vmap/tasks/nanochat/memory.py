@@ -98,7 +98,7 @@ def trace_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from fractal_vmap.kernels import ops, tracing
+    from fractal_vmap.kernels import chunk_tokens, tracing
 
     assert fake or kernels == "torch", "a real CPU step runs the torch path"
 
@@ -123,7 +123,7 @@ def trace_step(
                 # see inside a custom op's fake implementation)
                 V = w.shape[-2]
                 torch.empty(
-                    lanes * min(x.numel() // x.shape[-1], ops.chunk_tokens(V, torch.bfloat16)) * V, dtype=torch.bfloat16
+                    lanes * min(x.numel() // x.shape[-1], chunk_tokens(V, torch.bfloat16)) * V, dtype=torch.bfloat16
                 )
             marks["head"] = alive() - before
             return loss
