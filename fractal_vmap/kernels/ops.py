@@ -4,16 +4,15 @@ Why: the CUDA path calls the fused AdamW step, the Muon passes around Newton-Sch
 these ops, so a step traced under FakeTensorMode (perf/roofline.py's runtime projection, tasks/nanochat/memory.py's
 memory plan) sees the very ops CUDA runs, each as one op with its own shapes, where a plain Python call into Triton
 would fail on fake tensors. The real implementations import the Triton modules only when they run; the fake ones
-touch no data, and the head's allocates the temporaries the kernel does (its [L, chunk, V] logits buffer, the dw
-accumulator), so MemTracker sees its peak. Nothing here imports triton.
+touch no data and give the outputs' shapes. (MemTracker sees an op's outputs, not what its implementation allocates
+inside: the memory plan adds the head's [L, chunk, V] logits buffer itself, tasks/nanochat/memory.py.) Nothing here
+imports triton.
 
 What each op costs on a GPU (bytes and FLOPs) is counted in kernels/costs.py, beside benchmarks/kernels.py's tables.
 """
 
 import torch
 from torch import Tensor
-
-from fractal_vmap.kernels import chunk_tokens
 
 
 @torch.library.custom_op("fractal_vmap::adamw_step", mutates_args=("p", "exp_avg", "exp_avg_sq"))
@@ -81,17 +80,8 @@ def lanes_head(
 
 @lanes_head.register_fake
 def _(x, w, targets, need_dx, need_dw, dtype):
-    L, N, _ = x.shape
-    V, C = w.shape[-2:]
-    compute = dtype or x.dtype
-    chunk = min(N, chunk_tokens(V, compute))
-    # the kernel's temporaries, alive together at its peak: the logits buffer and (dw) the float32 accumulator
-    logits = x.new_empty(L * chunk * V, dtype=compute)
-    dw = x.new_empty(L, V, C, dtype=torch.float32) if need_dw else None
-    out = (
-        x.new_empty(L, dtype=torch.float32),
+    return (
+        x.new_empty(x.shape[0], dtype=torch.float32),
         torch.empty_like(x) if need_dx else x.new_empty(0),
-        (dw if w.dtype == torch.float32 else torch.empty_like(w)) if need_dw else w.new_empty(0),
+        torch.empty_like(w) if need_dw else w.new_empty(0),
     )
-    del logits
-    return out

@@ -119,12 +119,12 @@ def trace_step(
         def head(x, w, targets):  # the lanes' head, noting what its forward keeps
             before = alive()
             loss = lanes_head_loss(x, w, targets, kernels=kernels)
-            if kernels == "triton":  # the kernel's logits buffer, alive with dx and dw at its end (MemTracker does not
-                # see inside a custom op's fake implementation)
-                V = w.shape[-2]
-                torch.empty(
-                    lanes * min(x.numel() // x.shape[-1], chunk_tokens(V, torch.bfloat16)) * V, dtype=torch.bfloat16
-                )
+            if kernels == "triton":  # the kernel's temporaries, alive with dx and dw at its end (MemTracker sees a
+                # custom op's outputs only): the logits buffer, and dw's float32 accumulator when w is not float32
+                V, C = w.shape[-2:]
+                torch.empty(lanes * min(x.numel() // C, chunk_tokens(V, torch.bfloat16)) * V, dtype=torch.bfloat16)
+                if "unembedding" in groups and w.dtype != torch.float32:
+                    torch.empty(lanes, V, C)
             marks["head"] = alive() - before
             return loss
 
