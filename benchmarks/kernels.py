@@ -52,65 +52,15 @@ class Options:
 
 
 # ---------------------------------------------------------------- the analytic model: bytes per element, op by op
-# (read, written) bytes per element of a float32 parameter; per-lane scalars [L] and masks are negligible.
-
-ADAMW_TORCH = [  # optim.BatchedAdamW, kernels="torch"
-    ("new_p = p * decay", 4, 4),
-    ("new_m = m.lerp(g, 1 - beta1)", 8, 4),
-    ("new_v = v * beta2", 4, 4),
-    ("new_v.addcmul_(g, g)", 12, 4),
-    ("new_v.sqrt()", 4, 4),
-    ("/ bias_correction2", 4, 4),
-    (".add_(eps)", 4, 4),
-    ("new_m * -step_size", 4, 4),
-    ("new_p.addcdiv_(., denom)", 12, 4),
-    ("p.copy_(where(active, new_p, p))", 12, 8),
-    ("m.copy_(where(active, new_m, m))", 12, 8),
-    ("v.copy_(where(active, new_v, v))", 12, 8),
-]
-ADAMW_FUSED = [("adamw_kernel: read p, g, m, v; write p, m, v", 16, 12)]  # torch.optim.AdamW(fused=True) moves the same
-
-MUON_TORCH = [  # optim.BatchedMuon, kernels="torch" (fp32 params, the update in bf16)
-    ("new_buf = buf.lerp(g, 1 - momentum)", 8, 4),
-    ("update = g.lerp(new_buf, momentum)", 8, 4),
-    ("buf.copy_(where(active, new_buf, buf))", 12, 8),
-    ("torch.cat(updates)", 4, 4),
-    (".to(bfloat16)", 4, 2),
-    ("vector_norm", 2, 0),
-    ("div_(norm)", 2, 2),
-    ("[Newton-Schulz]", 0, 0),
-    ("addcmul(p, O, -lr)", 6, 4),
-    ("p.copy_(where(active, new_p, p))", 12, 8),
-]
-MUON_FUSED = [
-    ("momentum_kernel: read g, buf; write buf, bf16 X", 8, 6),
-    ("normalize_kernel: X /= norm", 2, 2),
-    ("[Newton-Schulz]", 0, 0),
-    ("update_kernel: p += -lr * O", 6, 4),
-]
-
-# per logit of the [tokens, vocab] lm_head output, bf16 autocast (the matmuls themselves are the same on both sides)
-HEAD_TORCH = [  # head.head_loss and its autograd backward, one lane at a time
-    ("linear -> bf16 logits", 0, 2),
-    (".float()", 2, 4),
-    ("/ 15", 4, 4),
-    ("tanh", 4, 4),
-    ("* 15", 4, 4),
-    ("log_softmax (max, sum, out)", 12, 4),
-    ("nll backward (grad)", 0, 4),
-    ("log_softmax backward", 12, 4),
-    ("* 15 backward", 4, 4),
-    ("tanh backward", 8, 4),
-    ("/ 15 backward", 4, 4),
-    ("to bf16 backward", 4, 2),
-    ("dz read by the dx and dw matmuls", 4, 0),
-]
-HEAD_FUSED = [  # kernels/head.py, per chunk of tokens
-    ("bmm -> bf16 logits chunk", 0, 2),
-    ("ce_kernel sweep 1: logsumexp", 2, 0),
-    ("ce_kernel sweep 2: dz over z", 2, 2),
-    ("dz read by the dx and dw matmuls", 4, 0),
-]
+# (the tables live in fractal_vmap/kernels/costs.py: the runtime projection charges the kernels the same bytes)
+from fractal_vmap.kernels.costs import (  # noqa: E402
+    ADAMW_FUSED,
+    ADAMW_TORCH,
+    HEAD_FUSED,
+    HEAD_TORCH,
+    MUON_FUSED,
+    MUON_TORCH,
+)
 
 
 def d20_matrices(opts: Options) -> dict[tuple[int, int], int]:
@@ -140,7 +90,7 @@ def analytic(opts: Options) -> dict:
     # peak temporaries of the head (estimates): the torch path holds one lane's bf16 logits and ~5 float32 copies
     # (saved for its backward, and the gradient), the plain vmap all lanes' at once; the Triton path one [L, chunk, V]
     # bf16 buffer
-    from fractal_vmap.kernels.head import chunk_tokens
+    from fractal_vmap.kernels import chunk_tokens
 
     chunk = min(N, chunk_tokens(V, torch.bfloat16))
     out["head (logits)"]["peak_temporaries_gb"] = {

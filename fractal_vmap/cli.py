@@ -121,13 +121,13 @@ def bench_command(cfg) -> None:
     wide = console
     if cfg.project != "none":
         from fractal_vmap.perf.projection import print_projection, projection_rows
-        from fractal_vmap.perf.roofline import GPUS
+        from fractal_vmap.perf.roofline import GPUS, LAUNCH_US
 
         if cfg.project not in GPUS:
             raise UserError(f"--project {cfg.project!r} is not one of none, {', '.join(GPUS)}")
         lanes = max(cfg.lanes or [16])  # the most lanes asked for (fewer where fewer fit)
         rows = projection_rows(cfg.project, cfg.depths, lanes, cfg.batch_size, cfg.seq_len)
-        print_projection(rows, cfg.project, cfg.batch_size, cfg.seq_len, rows[0]["launch_us"], wide)
+        print_projection(rows, cfg.project, cfg.batch_size, cfg.seq_len, LAUNCH_US, wide)
         return
     from fractal_vmap.perf.bench import print_report, run_bench
 
@@ -188,7 +188,8 @@ def build_parser() -> ArgumentParser:
             "plan",
             PlanConfig,
             plan_command,
-            "how many lanes of a model fit on a GPU (traced without one), and --project h100: how fast",
+            "how many lanes of a model fit on a GPU (traced without one), the configurations weighed and the fastest "
+            "by projection (--project none: memory only)",
         ),
         (
             "bench",

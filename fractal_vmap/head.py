@@ -43,12 +43,12 @@ class _LanesHeadLoss(torch.autograd.Function):
         need = (x.requires_grad, w.requires_grad)
         if kernels == "triton":
             check_triton(x.device)
-            from fractal_vmap.kernels.head import lanes_head
+            from fractal_vmap.kernels.ops import lanes_head  # the kernel as a custom op (ops.py: traceable)
 
             device = x.device.type  # under autocast the logits are computed in its dtype, as F.linear would
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            with torch.autocast(device, enabled=False):
-                return lanes_head(x.detach(), w.detach(), targets, need[0], need[1], dtype)
+            losses, dx, dw = lanes_head(x.detach(), w.detach(), targets, need[0], need[1], dtype)
+            return losses, dx if need[0] else None, dw if need[1] else None
         losses, dx, dw = [], [], []
         device = x.device.type
         # autocast keeps the low-precision copy of every leaf that needs grad until the forward ends, and each lane's

@@ -86,7 +86,7 @@ class BatchedAdamW:
         bias_correction2_sqrt = (1 - self.beta2**self.steps).sqrt()
         step_size = lr / bias_correction1
         if self.kernels == "triton":
-            from fractal_vmap.kernels.adamw import adamw_step
+            from fractal_vmap.kernels.ops import adamw_step  # the kernel as a custom op (ops.py: traceable)
 
             # the same per-lane scalars, rounded to float32 as below; a never-stepped lane's (inactive: nothing of it
             # is written) set to 1, so that the kernel computes no inf or NaN it would then drop
@@ -206,7 +206,7 @@ class BatchedMuon:
 
     def _fused_step(self, lr: Tensor, active: Tensor) -> None:
         """The same step with kernels/muon.py: one pass before Newton-Schulz and one after, per parameter."""
-        from fractal_vmap.kernels.muon import apply_update, momentum_normalize
+        from fractal_vmap.kernels.ops import muon_momentum, muon_update  # the kernels as custom ops (ops.py)
 
         by_shape: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
         for p, buf in zip(self.params, self.momentum_buffer):
@@ -216,8 +216,8 @@ class BatchedMuon:
             L = group[0][0].shape[0]
             X = torch.empty(len(group) * L, rows, cols, dtype=torch.bfloat16, device=group[0][0].device)
             for (p, buf), x in zip(group, X.split(L)):
-                momentum_normalize(p.grad, buf, x, active, self.momentum, self.nesterov, NS_EPS)
+                muon_momentum(p.grad, buf, x, active, self.momentum, self.nesterov, NS_EPS)
             ortho = newton_schulz_iterations(X, gram=self.gram)
             neg_lr = (-(lr * math.sqrt(max(1, rows / cols)))).float()  # float64, rounded as above for float32 params
             for (p, _), o in zip(group, ortho.split(L)):
-                apply_update(p.detach(), o, neg_lr, active)
+                muon_update(p.detach(), o, neg_lr, active)

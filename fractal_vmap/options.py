@@ -154,8 +154,9 @@ class PlanConfig:
     micro_batches: int = 1  # changes the numbers (see tasks/nanochat/levers.py)
     momentum_dtype: str = "float32"  # bfloat16 changes the numbers (see tasks/nanochat/levers.py)
     master_dtype: str = "float32"  # bfloat16 changes the numbers (see tasks/nanochat/levers.py)
-    # h100 or h200: also project the step time, speed-up, MFU and a 64x64 grid's time (a projection)
-    project: str = "none"
+    # h100 or h200: project each configuration that fits (levers auto) and choose the fastest; the step time,
+    # speed-up, MFU and a 64x64 grid's time (a projection); none: memory only, the most lanes
+    project: str = "h100"
     launch_us: float = 10.0  # host time per kernel launch in the projection (projection.LAUNCH_US)
     supervised_frac: float = 0.7  # supervised share of a batch's tokens, for the grid's step count in the projection
     json: str | None = None  # also write the plan as JSON to this path

@@ -9,6 +9,7 @@ torch). "triton" on a CPU tensor runs Triton's interpreter, which needs TRITON_I
 the kernels are first imported: slow, for tests and debugging only.
 """
 
+import contextlib
 import os
 
 import torch
@@ -16,6 +17,14 @@ import torch
 from fractal_vmap.errors import UserError
 
 CHOICES = ("auto", "torch", "triton")
+
+CHUNK_BYTES = 64 * 2**20  # logits buffer per lane: vocab 65536 in float32 -> 256 tokens a chunk (16 lanes: 1 GiB)
+
+
+def chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk of the lanes' head: CHUNK_BYTES of logits per lane. It depends on the vocab and dtype only, not
+    on the number of lanes, so a lane's sums run in the same order whatever its neighbours."""
+    return max(16, CHUNK_BYTES // (vocab * torch.finfo(dtype).bits // 8))
 
 
 def interpreting() -> bool:
@@ -44,9 +53,27 @@ def resolve(kernels: str, device: torch.device | str) -> str:
     return kernels
 
 
+_tracing = False  # within tracing(): the Triton path on CPU tensors, as their custom ops' fake implementations
+
+
+@contextlib.contextmanager
+def tracing():
+    """Take the Triton path on (fake) CPU tensors without the interpreter, for a step traced under FakeTensorMode
+    (perf/roofline.py, tasks/nanochat/memory.py): the kernels enter it as custom ops (ops.py) whose fake
+    implementations run, never a Triton kernel, so the device check has nothing to guard."""
+    global _tracing
+    before, _tracing = _tracing, True
+    try:
+        yield
+    finally:
+        _tracing = before
+
+
 def check_triton(device: torch.device | str) -> None:
     """Raise a UserError unless the Triton kernels can run on `device`; call it before any work is done."""
     device = torch.device(device)
+    if _tracing:
+        return
     if not triton_available():
         raise UserError(
             "kernels 'triton' asked for but triton is not installed: install triton, or use kernels 'torch'"

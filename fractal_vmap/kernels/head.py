@@ -16,11 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fractal_vmap.kernels import interpreting
+from fractal_vmap.kernels import CHUNK_BYTES, chunk_tokens, interpreting  # noqa: F401 (CHUNK_BYTES: kept here too)
 from fractal_vmap.kernels.common import store
 
 SOFTCAP = 15.0  # head.SOFTCAP, passed to ce_kernel as a constexpr (tests/test_kernels.py: equal; head imports us)
-CHUNK_BYTES = 64 * 2**20  # logits buffer per lane: vocab 65536 in float32 -> 256 tokens a chunk (16 lanes: 1 GiB)
 BLOCK_N, BLOCK_V = 4, 2048  # rows x vocab columns per step of a program: 32 KB of float32 logits (not tuned)
 INTERPRET_BLOCK_N, INTERPRET_BLOCK_V = 16, 64  # the interpreter pays per op: wide programs, several vocab blocks
 
@@ -69,12 +68,6 @@ def ce_kernel(
         s, t = softcap(tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32), CAP)
         grad = tl.exp(s - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
         store(base + cols[None, :], grad * factor[:, None] * (1.0 - t * t), mask)
-
-
-def chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk: CHUNK_BYTES of logits per lane. It depends on the vocab and dtype only, not on the number of
-    lanes, so a lane's sums run in the same order whatever its neighbours."""
-    return max(16, CHUNK_BYTES // (vocab * torch.finfo(dtype).bits // 8))
 
 
 def _matmul32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -2,18 +2,25 @@
 
 One training step is traced under FakeTensorMode with torch's roofline estimator (RuntimeEstimator, its
 "operator-level-cost-model": each op takes max(FLOPs / peak, bytes moved / bandwidth) at the pinned datasheet device),
-for a vmapped row of L lanes (`lanes.lanes_step`, the grid's step) and for one model's `finetune` step (torch.optim
-AdamW + Muon), the sequential loop being L of those. To the ops' times a host cost per kernel launch is added by
-replaying the op sequence through a launch queue: the host issues an op every LAUNCH_US, the GPU runs them in order,
-so a step of many small ops is launch-bound and one of large ops is not.
+for a vmapped row of L lanes (`lanes.lanes_step`, the grid's step) on the path CUDA runs (kernels "triton": the fused
+AdamW, the Muon passes around Newton-Schulz and the lanes' head, which enter the trace as the custom ops of
+kernels/ops.py and are charged the launches and bytes kernels/costs.py counts for them) and for one model's
+`finetune` step (torch.optim AdamW + Muon), the sequential loop being L of those. To the ops' times a host cost per
+kernel launch is added by replaying the op sequence through a launch queue: the host issues an op every LAUNCH_US,
+the GPU runs them in order, so a step of many small ops is launch-bound and one of large ops is not. The ops are the
+eager step's: the compiled step (`--compile`) fuses the elementwise ones, which this does not project.
 
 What the estimator is told, and why:
-- the device is registered from NVIDIA's datasheet numbers (GPUS) at half its dense FLOP/s: torch's flops_to_ns
-  halves the FLOPs (into multiply-adds) and then divides by 75% of the FLOP/s it is given, which would run every matmul
-  at 150% of the datasheet's peak; with half the FLOP/s, matmuls run at the 75% of peak that its docstring intends;
+- matmuls (mm, addmm, bmm, baddbmm, and the head's) are timed by device.py's stated model of the GPU (wave and tile
+  quantization over its SMs at cuBLAS's tile sizes, a sustained share of the peak), not torch's flat 75% of peak;
+- the device is registered from NVIDIA's datasheet numbers (device.GPUS) at half its dense FLOP/s: torch's flops_to_ns
+  halves the FLOPs (into multiply-adds) and then divides by 75% of the FLOP/s it is given, which would run an op at
+  150% of the datasheet's peak; with half the FLOP/s, the other ops' FLOPs run at 75% of peak (they are bound by
+  their bytes anyway);
 - its accelerator check is patched out (it only guards the benchmarking mode; the roofline reads the pinned device);
 - attention returns a bfloat16 output and a float32 logsumexp, which its compute model refuses (one output dtype):
-  those ops are estimated here with torch's own get_compute_time and get_transfer_time on the output's dtype;
+  those ops are estimated here with torch's own get_compute_time (rescaled to device.ATTENTION_EFFICIENCY) and
+  get_transfer_time on the output's dtype;
 - `prim.*` ops (tensor.device queries) move no data: they cost nothing and launch nothing.
 """
 
@@ -27,31 +34,15 @@ from unittest import mock
 import torch
 import torch.utils._pytree as pytree
 
+from fractal_vmap.kernels import chunk_tokens, costs, tracing
 from fractal_vmap.lanes import lanes_step
 from fractal_vmap.model import GPTConfig, param_shapes
 from fractal_vmap.options import FinetuneConfig
+from fractal_vmap.perf.device import ATTENTION_EFFICIENCY, GPUS, Gpu, matmul_seconds  # noqa: F401 (GPUS: re-exported)
 from fractal_vmap.reference import ReferenceModel
 from fractal_vmap.tasks.nanochat.levers import Levers
 from fractal_vmap.tasks.nanochat.row import nanochat_row
 
-
-@dataclass(frozen=True)
-class Gpu:
-    """A datasheet GPU: dense (no sparsity) tensor-core bf16 and plain fp32 TFLOP/s, HBM bandwidth and size."""
-
-    name: str
-    bf16_tflops: float
-    fp32_tflops: float
-    hbm_gbs: float
-    memory_gb: float
-
-
-# NVIDIA datasheets, SXM parts. The H100's are torch's own (torch/_inductor/analysis/device_info.py: 1979 sparse =
-# 989.5 dense bf16 TFLOP/s, 67 fp32, 3350 GB/s, 80 GB); the H200 has the H100's tensor cores and 4.8 TB/s of 141 GB.
-GPUS = {
-    "h100": Gpu("NVIDIA H100 SXM", 989.5, 67.0, 3350.0, 80.0),
-    "h200": Gpu("NVIDIA H200 SXM", 989.5, 67.0, 4800.0, 141.0),
-}
 # Host time per kernel launch in eager PyTorch: NVIDIA's floor for launching an empty kernel is ~3 us on recent GPUs
 # and drivers (NVIDIA developer forums, "Too much time for kernel launch latency", 2022), and Python and torch's
 # dispatcher add several us per op before it (more under vmap, whose batching rules run per op). 10 us is assumed.
@@ -88,15 +79,20 @@ def op_times(step: Callable[[], None], gpu: Gpu) -> list[tuple[str, float]]:
             kwargs = kwargs or {}
             if func.namespace == "prim":  # tensor metadata (.device): no data moved, no kernel
                 return func(*args, **kwargs)
+            if func.namespace == "fractal_vmap":  # a Triton kernel's custom op: the launches costs.py counts
+                out = func(*args, **kwargs)
+                times.extend((launch.name, launch_seconds(launch, gpu)) for launch in kernel_launches(func, args))
+                return out
+            if func._overloadpacket in MATMULS:  # the device model's matmul, not a flat share of the peak
+                out = func(*args, **kwargs)
+                times.append((func._overloadpacket.__name__, matmul_op_seconds(func, args, out, gpu)))
+                return out
             if func._overloadpacket in MIXED_OUTPUT_OPS:
                 out = func(*args, **kwargs)
                 moved = get_transfer_time(pytree.tree_leaves((args, kwargs)), pytree.tree_leaves(out), gpu_type=name)
-                ms = (
-                    max(
-                        moved, get_compute_time(func._overloadpacket, args, kwargs, out, {args[0].dtype}, gpu_type=name)
-                    )
-                    / 1e6
-                )
+                # torch's compute time is at 75% of peak (the halving above): rescaled to the flash kernels' share
+                compute = get_compute_time(func._overloadpacket, args, kwargs, out, {args[0].dtype}, gpu_type=name)
+                ms = max(moved, compute * 0.75 / ATTENTION_EFFICIENCY) / 1e6
             else:
                 out, ms = self._estimate(func, args, kwargs)
             if func._overloadpacket not in _VIEW_OPS:  # torch's list of ops that make views: no kernel
@@ -120,6 +116,46 @@ MIXED_OUTPUT_OPS = {
 }
 
 
+MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+
+
+def matmul_op_seconds(func, args, out, gpu: Gpu) -> float:
+    """An aten matmul's time (device.matmul_seconds) from its operands' shapes: mm/addmm [m, k] x [k, n], bmm/baddbmm
+    [b, m, k] x [b, k, n]; the bytes are its operands read (the added one too) and its output written."""
+    a, b = args[-2:]
+    batch = a.shape[0] if a.ndim == 3 else 1
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    moved = (
+        sum(t.numel() * t.element_size() for t in args if isinstance(t, torch.Tensor))
+        + out.numel() * out.element_size()
+    )
+    return matmul_seconds(gpu, batch, m, n, k, moved, tensor_cores=a.dtype in (torch.bfloat16, torch.float16))
+
+
+def kernel_launches(func, args) -> list[costs.Launch]:
+    """The launches of one call of a kernels/ops.py custom op, from its arguments' shapes."""
+    name = func._overloadpacket.__name__
+    if name == "adamw_step":
+        return costs.adamw_launches(args[0].numel())
+    if name == "muon_momentum":
+        return costs.muon_momentum_launches(args[0].numel())
+    if name == "muon_update":
+        return costs.muon_update_launches(args[0].numel())
+    if name == "triton_head":
+        x, w, _, need_dx, need_dw, dtype = args
+        (L, N, C), V = x.shape, w.shape[-2]
+        chunk = min(N, chunk_tokens(V, dtype or x.dtype))
+        return costs.head_launches(L, N, C, V, chunk, w.ndim == 2, need_dx, need_dw, x.element_size(), w.element_size())
+    raise NotImplementedError(f"no cost model for the custom op {name}: add it to kernels/costs.py")
+
+
+def launch_seconds(launch: costs.Launch, gpu: Gpu) -> float:
+    """A kernel launch at the roofline: its bytes over the bandwidth; a matmul (bf16) by the device model."""
+    if launch.matmul is not None:
+        return matmul_seconds(gpu, *launch.matmul, launch.bytes)
+    return launch.bytes / (gpu.hbm_gbs * 1e9)
+
+
 def launch_bound(times: list[float], launch_s: float) -> float:
     """A step's wall time: the host issues op k at k x launch_s, the GPU runs each op when issued and the previous
     done."""
@@ -139,8 +175,11 @@ def row_step_times(
     with FakeTensorMode():
         params = {k: torch.empty(s) for k, s in param_shapes(config).items()}
         idx = torch.randint(0, config.vocab_size, (batch, seq))
-        row = nanochat_row([cfg] * lanes, config, params, [1] * lanes, torch.device("cpu"), levers=levers)
-        return op_times(lambda: lanes_step(row, 0, idx, idx), gpu)
+        with tracing():  # the Triton path on fake CPU tensors: its custom ops' fake implementations run
+            row = nanochat_row(
+                [cfg] * lanes, config, params, [1] * lanes, torch.device("cpu"), kernels="triton", levers=levers
+            )
+            return op_times(lambda: lanes_step(row, 0, idx, idx), gpu)
 
 
 def single_step_times(config: GPTConfig, batch: int, seq: int, gpu: Gpu, groups: str) -> list[tuple[str, float]]:

@@ -39,6 +39,7 @@ from torch.func import vmap
 from fractal_vmap import model
 from fractal_vmap.errors import UserError
 from fractal_vmap.head import head_loss, lanes_first, scaled_by_lane
+from fractal_vmap.kernels import ops
 from fractal_vmap.lanes import MIN_LANES
 
 # tokens: batches are padded to a multiple of this (at most 64 - 1 padded columns, ~14% at the default data's ~230)
@@ -116,26 +117,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # the lanes' Triton head as a custom op (CUDA): no [lanes, tokens, vocab] logits held for the backward
 
 
-@torch.library.custom_op("fractal_vmap::triton_head", mutates_args=())
-def triton_head_op(
-    x: Tensor, w: Tensor, targets: Tensor, need_dx: bool, need_dw: bool, dtype: torch.dtype | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """kernels/head.py's lanes_head: (mean loss per lane [L], dx, dw), an empty tensor for a gradient not needed."""
-    from fractal_vmap.kernels.head import lanes_head
-
-    with torch.autocast(x.device.type, enabled=False):
-        losses, dx, dw = lanes_head(x, w, targets, need_dx, need_dw, dtype)
-    return losses, x.new_empty(0) if dx is None else dx, w.new_empty(0) if dw is None else dw
-
-
-@triton_head_op.register_fake
-def _(x, w, targets, need_dx, need_dw, dtype):
-    L = x.shape[0]
-    return (
-        x.new_empty(L, dtype=torch.float32),
-        torch.empty_like(x) if need_dx else x.new_empty(0),
-        torch.empty_like(w) if need_dw else w.new_empty(0),
-    )
+# kernels/ops.py's custom op (the eager Triton head calls it too); its autograd and vmap rules are the compiled step's
+triton_head_op = ops.lanes_head
 
 
 def _head_setup(ctx, inputs, output):

@@ -90,11 +90,17 @@ def trace_step(
     groups: str = "matrix,unembedding",
     levers: Levers = Levers(),
     fake: bool = True,
+    kernels: str = "torch",
 ) -> Trace:
     """Trace one training step of `lanes` lanes with MemTracker, under FakeTensorMode (no memory used, nothing
-    computed); fake=False runs the step for real on CPU, random weights (to check the estimate against)."""
+    computed); fake=False runs the step for real on CPU, random weights (to check the estimate against). kernels
+    "triton": the CUDA path (fake only), whose head (kernels/ops.py) also holds a [lanes, chunk, vocab] buffer."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
+
+    from fractal_vmap.kernels import chunk_tokens, tracing
+
+    assert fake or kernels == "torch", "a real CPU step runs the torch path"
 
     cpu = torch.device("cpu")  # fake CPU tensors: CUDA ones would need a CUDA driver for the backward
     cfg = FinetuneConfig(device="cpu", dtype=dtype, trainable_param_groups=groups)
@@ -112,12 +118,20 @@ def trace_step(
 
         def head(x, w, targets):  # the lanes' head, noting what its forward keeps
             before = alive()
-            loss = lanes_head_loss(x, w, targets)
+            loss = lanes_head_loss(x, w, targets, kernels=kernels)
+            if kernels == "triton":  # the kernel's temporaries, alive with dx and dw at its end (MemTracker sees a
+                # custom op's outputs only): the logits buffer, and dw's float32 accumulator when w is not float32
+                V, C = w.shape[-2:]
+                torch.empty(lanes * min(x.numel() // C, chunk_tokens(V, torch.bfloat16)) * V, dtype=torch.bfloat16)
+                if "unembedding" in groups and w.dtype != torch.float32:
+                    torch.empty(lanes, V, C)
             marks["head"] = alive() - before
             return loss
 
-        with tracker:
-            row = nanochat_row([cfg] * lanes, config, params, [1] * lanes, cpu, head=head, levers=levers)
+        with tracker, tracing() if kernels == "triton" else contextlib.nullcontext():
+            row = nanochat_row(
+                [cfg] * lanes, config, params, [1] * lanes, cpu, kernels=kernels, head=head, levers=levers
+            )
             marks["static"] = alive()
             update = row.model.update
 
@@ -167,9 +181,11 @@ def estimate_memory(
     dtype: str = "float32",
     groups: str = "matrix,unembedding",
     levers: Levers = Levers(),
+    kernels: str = "torch",
 ) -> MemoryPlan:
-    """The linear memory model from two traced steps (TRACE_LANES lanes). Cached: a grid's rows ask it again."""
-    a, b = (trace_step(config, n, batch, seq, dtype, groups, levers) for n in TRACE_LANES)
+    """The linear memory model from two traced steps (TRACE_LANES lanes). Cached: a grid's rows ask it again.
+    kernels "triton": the CUDA path's (the Triton optimizer steps and head), traced all the same."""
+    a, b = (trace_step(config, n, batch, seq, dtype, groups, levers, kernels=kernels) for n in TRACE_LANES)
 
     def slope(get) -> int:
         return round((get(b) - get(a)) / (b.lanes - a.lanes))
@@ -194,6 +210,7 @@ def plan_levers(
     dtype: str,
     groups: str = "matrix,unembedding",
     base: Levers = Levers(),
+    kernels: str = "torch",
 ) -> MemoryPlan:
     """The first of LEVER_LADDER (with `base`'s number-changing settings) under which `lanes` lanes fit in `memory`;
     if none does, the most frugal one (then fewer lanes than asked fit)."""
@@ -203,7 +220,7 @@ def plan_levers(
         )
         if levers.micro_batches > 1 and levers.step_in_backward:
             continue
-        plan = estimate_memory(config, batch, seq, dtype, groups, levers)
+        plan = estimate_memory(config, batch, seq, dtype, groups, levers, kernels)
         if plan.lanes_that_fit(memory) >= lanes:
             return plan
     return plan
