@@ -8,6 +8,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+from fractal_vmap import lora
 from fractal_vmap.errors import UserError
 from fractal_vmap.model import GPTConfig, nanochat_depth
 from fractal_vmap.options import FinetuneConfig, PlanConfig
@@ -65,6 +66,9 @@ def check_plan(cfg: PlanConfig) -> tuple[GPTConfig, int, Levers | None]:
     if not 0 < cfg.supervised_frac <= 1 or cfg.launch_us < 0:
         raise UserError("--supervised_frac must be in (0, 1] and --launch_us at least 0")
     trainable_groups(FinetuneConfig(trainable_param_groups=cfg.trainable_param_groups))
+    lora.check(cfg.lora_rank, 16.0, cfg.lora_targets)  # alpha changes no byte
+    if cfg.lora_rank > 0 and cfg.project != "none":
+        raise UserError("--project does not yet model LoRA lanes (the memory plan does): drop --project or --lora_rank")
     return config, memory, levers
 
 
@@ -80,15 +84,16 @@ TARGETS = {
 def run_plan(cfg: PlanConfig) -> dict:
     """The `plan` command's numbers: the memory model, the lanes that fit, and (--project) the runtime projection."""
     config, memory, levers = check_plan(cfg)
-    groups = cfg.trainable_param_groups
+    groups, adapters = cfg.trainable_param_groups, (cfg.lora_rank, cfg.lora_targets)
     if levers is None:
         base = Levers(micro_batches=cfg.micro_batches, momentum_dtype=cfg.momentum_dtype, master_dtype=cfg.master_dtype)
-        plan = plan_levers(config, cfg.lanes, memory, cfg.batch, cfg.seq, cfg.dtype, groups, base)
+        plan = plan_levers(config, cfg.lanes, memory, cfg.batch, cfg.seq, cfg.dtype, groups, base, *adapters)
     else:
-        plan = estimate_memory(config, cfg.batch, cfg.seq, cfg.dtype, groups, levers)
+        plan = estimate_memory(config, cfg.batch, cfg.seq, cfg.dtype, groups, levers, *adapters)
     sizes = {cfg.gpu_mem: memory, "80GB": 80 * 10**9, "141GB": 141 * 10**9}
     out = {
         "model": cfg.model,
+        "lora_rank": cfg.lora_rank,
         "lanes": cfg.lanes,
         "headroom": HEADROOM,
         "memory": asdict(plan),
@@ -138,9 +143,8 @@ def print_plan(out: dict, console) -> None:
 
     memory = out["memory"]
     levers = ", ".join(f"{k}={v}" for k, v in memory["levers"].items())
-    table = Table(
-        title=f"{out['model']}: memory of one training step (FakeTensorMode + MemTracker estimate), levers: {levers}"
-    )
+    what = f"LoRA lanes of rank {out['lora_rank']}" if out.get("lora_rank") else "one training step"
+    table = Table(title=f"{out['model']}: memory of {what} (FakeTensorMode + MemTracker estimate), levers: {levers}")
     table.add_column("per lane")
     table.add_column("GiB", justify="right")
     for kind in KINDS:

@@ -37,7 +37,7 @@ KINDS = ("params", "optimizer", "activations", "head", "backward")  # per-lane b
 
 
 KIND_NAMES = {
-    "params": "trained weights (float32)",
+    "params": "trained weights (float32; LoRA: the adapters)",
     "optimizer": "optimizer state",
     "activations": "activations kept for the backward",
     "head": "head (lm_head and input gradients)",
@@ -90,6 +90,8 @@ def trace_step(
     groups: str = "matrix,unembedding",
     levers: Levers = Levers(),
     fake: bool = True,
+    lora_rank: int = 0,
+    lora_targets: str = "all",
 ) -> Trace:
     """Trace one training step of `lanes` lanes with MemTracker, under FakeTensorMode (no memory used, nothing computed);
     fake=False runs the step for real on CPU, random weights (to check the estimate against)."""
@@ -97,7 +99,9 @@ def trace_step(
     from torch.distributed._tools.mem_tracker import MemTracker
 
     cpu = torch.device("cpu")  # fake CPU tensors: CUDA ones would need a CUDA driver for the backward
-    cfg = FinetuneConfig(device="cpu", dtype=dtype, trainable_param_groups=groups)
+    cfg = FinetuneConfig(
+        device="cpu", dtype=dtype, trainable_param_groups=groups, lora_rank=lora_rank, lora_targets=lora_targets
+    )
     marks: dict[str, int] = {}
     with FakeTensorMode() if fake else contextlib.nullcontext():
         params = {
@@ -167,9 +171,13 @@ def estimate_memory(
     dtype: str = "float32",
     groups: str = "matrix,unembedding",
     levers: Levers = Levers(),
+    lora_rank: int = 0,
+    lora_targets: str = "all",
 ) -> MemoryPlan:
-    """The linear memory model from two traced steps (TRACE_LANES lanes). Cached: a grid's rows ask it again."""
-    a, b = (trace_step(config, n, batch, seq, dtype, groups, levers) for n in TRACE_LANES)
+    """The linear memory model from two traced steps (TRACE_LANES lanes). Cached: a grid's rows ask it again.
+    lora_rank > 0: LoRA lanes (only their adapters and its optimizer state are per lane; the base is fixed)."""
+    lora = dict(lora_rank=lora_rank, lora_targets=lora_targets)
+    a, b = (trace_step(config, n, batch, seq, dtype, groups, levers, **lora) for n in TRACE_LANES)
 
     def slope(get) -> int:
         return round((get(b) - get(a)) / (b.lanes - a.lanes))
@@ -194,6 +202,8 @@ def plan_levers(
     dtype: str,
     groups: str = "matrix,unembedding",
     base: Levers = Levers(),
+    lora_rank: int = 0,
+    lora_targets: str = "all",
 ) -> MemoryPlan:
     """The first of LEVER_LADDER (with `base`'s number-changing settings) under which `lanes` lanes fit in `memory`;
     if none does, the most frugal one (then fewer lanes than asked fit)."""
@@ -203,7 +213,7 @@ def plan_levers(
         )
         if levers.micro_batches > 1 and levers.step_in_backward:
             continue
-        plan = estimate_memory(config, batch, seq, dtype, groups, levers)
+        plan = estimate_memory(config, batch, seq, dtype, groups, levers, lora_rank, lora_targets)
         if plan.lanes_that_fit(memory) >= lanes:
             return plan
     return plan

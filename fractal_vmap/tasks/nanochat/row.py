@@ -8,9 +8,9 @@ from functools import partial
 import torch
 from torch.func import vmap
 
+from fractal_vmap import lora
 from fractal_vmap.head import lanes_head_loss
 from fractal_vmap.lanes import Batches, Progress, Row, padded_lanes, run, stack
-from fractal_vmap import lora
 from fractal_vmap.model import LORA_SCALE, GPTConfig, Head, forward, lanes_attention, param_group, rotary_cos_sin
 from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.recipe import (
