@@ -2,7 +2,8 @@
 
 Pure, so that `torch.func.functional_call`/`vmap` can run many stacked copies ("lanes") at once.
 Architecture facts (nanochat commit 8f979a8): rotary (bf16 cos/sin) then QK RMSNorm, relu^2 MLP, GQA,
-untied wte/lm_head, vocab padded to a multiple of 64, logit softcap 15, no biases, no learnable norms.
+untied wte/lm_head, vocab padded to a multiple of 64, logit softcap 15, no biases, no learnable norms. LoRA adapters,
+when the dict holds them (lora.py), add their low-rank path to the matrices they adapt.
 """
 
 import math

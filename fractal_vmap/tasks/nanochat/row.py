@@ -1,6 +1,7 @@
 """A grid row of nanochat SFT runs as lanes of the lane engine (lanes.py): stacked trainable groups (frozen groups shared by all
 lanes, never copied), BatchedAdamW for the embedding groups and BatchedMuon for the matrices with each lane's own
 learning rates and schedule, the lanes' attention and head. Every lane follows `recipe.py`, as `reference.py` does.
+A LoRA row (lora.py) stacks only the lanes' adapters, trained by one BatchedAdamW; every base weight is shared.
 """
 
 from functools import partial
