@@ -317,21 +317,23 @@ def test_bad_lora_grids_are_refused_in_one_line(default_model, kw, match):
 
 
 def test_plan_prints_lora_lanes_bytes_by_kind_and_the_lanes_that_fit():
-    """`plan --model d2 --lora_rank 4` (the d20 command's path on a small model, FakeTensorMode): a lane's trained
-    weights are exactly its adapters (float32) and its optimizer state their two AdamW moments; the lanes that fit
-    80 GB and 141 GB are printed."""
+    """`plan --model default --lora_rank 4` (the d20 command's path on a small model, FakeTensorMode): a lane's trained
+    weights are exactly its adapters (float32) and its optimizer state their two AdamW moments (and a few scalars);
+    the lanes that fit 80 GB and 141 GB are printed."""
     from io import StringIO
 
     from rich.console import Console
 
-    from fractal_vmap.model import nanochat_depth
+    from fractal_vmap.default_model import CONFIG
     from fractal_vmap.options import PlanConfig
     from fractal_vmap.perf.plan import print_plan, run_plan
 
-    out = run_plan(PlanConfig(model="d2", lora_rank=4, levers="none", batch=2, seq=64))
-    adapters = sum(math.prod(s) for s in lora.adapter_shapes(nanochat_depth(2), 4).values()) * 4
+    out = run_plan(PlanConfig(model="default", lora_rank=4, levers="none", batch=2, seq=64))
+    adapters = sum(math.prod(s) for s in lora.adapter_shapes(CONFIG, 4).values()) * 4
     per_lane = out["memory"]["per_lane"]
-    assert per_lane["params"] == adapters and per_lane["optimizer"] == 2 * adapters
+    assert per_lane["params"] == adapters
+    # the two moments, plus the lane's step count and settings (a few float64 scalars: measured 89 bytes)
+    assert 2 * adapters <= per_lane["optimizer"] <= 2 * adapters + 256
     assert out["lanes_that_fit"]["80GB"] > 0 and out["lanes_that_fit"]["141GB"] > out["lanes_that_fit"]["80GB"]
     text = StringIO()
     print_plan(out, Console(file=text, width=200))
