@@ -2,7 +2,8 @@
 
 Pure, so that `torch.func.functional_call`/`vmap` can run many stacked copies ("lanes") at once.
 Architecture facts (nanochat commit 8f979a8): rotary (bf16 cos/sin) then QK RMSNorm, relu^2 MLP, GQA,
-untied wte/lm_head, vocab padded to a multiple of 64, logit softcap 15, no biases, no learnable norms.
+untied wte/lm_head, vocab padded to a multiple of 64, logit softcap 15, no biases, no learnable norms. LoRA adapters,
+when the dict holds them (lora.py), add their low-rank path to the matrices they adapt.
 """
 
 import math
@@ -250,19 +251,40 @@ BLOCK_WEIGHTS = (
 )  # a block's weights, in block()'s order
 
 
-def block(x, wq, wk, wv, wo, wfc, wproj, cos, sin, config: GPTConfig, attend: Attention) -> torch.Tensor:
-    """One transformer block on the residual stream x [B, T, C]: x + attn(norm(x)), then x + mlp(norm(x))."""
+# LoRA adapters ride in the params dict beside the weight they adapt: "<weight name minus .weight>.lora_A" [R, in] and
+# ".lora_B" [out, R], and LORA_SCALE (alpha / R) once for the model (lora.py makes them). A model without them runs
+# exactly the plain path.
+LORA_A, LORA_B, LORA_SCALE = "lora_A", "lora_B", "lora.scale"
+
+
+def adapted_linear(h: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
+    """h @ (w + scale * b @ a).T without forming the sum: the frozen w's matmul (one large one for every vmapped
+    lane's tokens when w is shared), plus the low-rank path through the R-wide bottleneck."""
+    z = F.linear(h, a)
+    return F.linear(h, w) + F.linear(z * scale.to(z.dtype), b)
+
+
+def block(
+    x, wq, wk, wv, wo, wfc, wproj, cos, sin, *lora, config: GPTConfig, attend: Attention, adapted: tuple[str, ...] = ()
+) -> torch.Tensor:
+    """One transformer block on the residual stream x [B, T, C]: x + attn(norm(x)), then x + mlp(norm(x)).
+    lora: (scale, a, b, a, b, ...), the adapters of the BLOCK_WEIGHTS named in `adapted`, in that order."""
     B, T = x.shape[:2]
     H, KV, hd = config.n_head, config.n_kv_head, config.head_dim
+    adapters = {name: lora[1 + 2 * k : 3 + 2 * k] for k, name in enumerate(adapted)}
+
+    def linear(h, w, name):
+        return adapted_linear(h, w, *adapters[name], lora[0]) if name in adapters else F.linear(h, w)
+
     h = norm(x)
-    q = F.linear(h, wq).view(B, T, H, hd)
-    k = F.linear(h, wk).view(B, T, KV, hd)
-    v = F.linear(h, wv).view(B, T, KV, hd)
+    q = linear(h, wq, "attn.c_q").view(B, T, H, hd)
+    k = linear(h, wk, "attn.c_k").view(B, T, KV, hd)
+    v = linear(h, wv, "attn.c_v").view(B, T, KV, hd)
     q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
     y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    x = x + F.linear(y.transpose(1, 2).reshape(B, T, config.n_embd), wo)
-    h = F.relu(F.linear(norm(x), wfc)).square()
-    return x + F.linear(h, wproj)
+    x = x + linear(y.transpose(1, 2).reshape(B, T, config.n_embd), wo, "attn.c_proj")
+    h = F.relu(linear(norm(x), wfc, "mlp.c_fc")).square()
+    return x + linear(h, wproj, "mlp.c_proj")
 
 
 def forward(
@@ -282,10 +304,15 @@ def forward(
     B, T = idx.shape
     cos, sin = cos_sin[0][:, :T], cos_sin[1][:, :T]
     x = norm(F.embedding(idx, params["transformer.wte.weight"]))
-    run_block = partial(block, config=config, attend=attend)
     for i in range(config.n_layer):
         weights = [params[f"transformer.h.{i}.{name}.weight"] for name in BLOCK_WEIGHTS]
-        x = recomputed(run_block, x, *weights, cos, sin) if remat else run_block(x, *weights, cos, sin)
+        adapted = tuple(name for name in BLOCK_WEIGHTS if f"transformer.h.{i}.{name}.{LORA_A}" in params)
+        lora = [params[LORA_SCALE]] if adapted else []
+        for name in adapted:
+            lora += [params[f"transformer.h.{i}.{name}.{LORA_A}"], params[f"transformer.h.{i}.{name}.{LORA_B}"]]
+        run_block = partial(block, config=config, attend=attend, adapted=adapted)
+        args = (x, *weights, cos, sin, *lora)
+        x = recomputed(run_block, *args) if remat else run_block(*args)
     # slice the padded lm_head rows rather than the logits: the same dot products, but contiguous logits
     # (elementwise ops on a strided slice ran ~3x slower, and its backward zero-fills a padded copy)
     x, w = norm(x), params["lm_head.weight"][: config.vocab_size]

@@ -48,6 +48,12 @@ class TrainConfig:
     # a run is trainable when the mean of its last this-many losses is below the threshold times its first loss
     trainable_window_steps: int = 20
     trainable_loss_ratio_threshold: float = 1.0  # that threshold (mean of the last losses / first loss)
+    # LoRA: train a rank-R adapter W + (alpha / R) B A on each adapted matrix (AdamW, lr = the matrix lr), every base
+    # weight frozen, the lm_head and embedding too; 0: off (full fine-tuning)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # LoRA's alpha: the adapters' update is scaled by alpha / lora_rank
+    # the block matrices that get adapters: all, or a comma list of c_q, c_k, c_v, attn.c_proj, c_fc, mlp.c_proj
+    lora_targets: str = "all"
     run_name: str | None = None  # a name for the run (W&B, result file); unset: one made from the settings
     # Weights & Biases logging: online, offline (files to sync later), disabled, or auto: online with credentials, else
     # offline
@@ -75,7 +81,8 @@ class GridConfig(TrainConfig):
     # one lane a pixel; its axes follow --phase_space)
     task: str = "nanochat-sft"
     # the rows axis and the cols axis, comma-separated, from: num_tokens, lr, matrix_lr, unembedding_lr, embedding_lr,
-    # weight_decay, warmup_frac, final_lr_frac, seed; unset: num_tokens,lr (a paper-mlp grid's follow --phase_space)
+    # weight_decay, warmup_frac, final_lr_frac, seed, lora_rank, lora_alpha; unset: num_tokens,lr (a paper-mlp grid's
+    # follow --phase_space)
     axes: str | None = None
     rows: int = 6  # number of values on the rows axis
     cols: int = 16  # number of values on the cols axis (the lanes of a row)
@@ -149,6 +156,8 @@ class PlanConfig:
     seq: int = 1024  # max_seq_len
     dtype: str = "bfloat16"  # the forward's autocast: bfloat16 (as on CUDA) or float32 (as on CPU)
     trainable_param_groups: str = "matrix,unembedding"
+    lora_rank: int = 0  # LoRA lanes of this rank (only the adapters train, the base shared by every lane); 0: off
+    lora_targets: str = "all"  # the block matrices that get adapters (see `grid --help`)
     # auto (the first of: none, step_in_backward, remat, both, that fits --lanes), none, or a comma list
     levers: str = "auto"
     micro_batches: int = 1  # changes the numbers (see tasks/nanochat/levers.py)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fractal_vmap import lora
 from fractal_vmap.analysis.labels import label_run
 from fractal_vmap.errors import UserError
 from fractal_vmap.model import GROUPS, GPTConfig
@@ -19,7 +20,10 @@ MUON_MOMENTUM = 0.95
 
 
 def trainable_groups(cfg: TrainConfig) -> list[str]:
-    """The trained groups, in GROUPS order; `all` (the classic fine-tuning script's spelling) means all three."""
+    """The trained groups, in GROUPS order; `all` (the classic fine-tuning script's spelling) means all three. Under
+    LoRA only the matrices train, through their adapters (README "LoRA": the lm_head and embedding stay frozen)."""
+    if cfg.lora_rank > 0:
+        return ["matrix"]
     groups = [g.strip() for g in cfg.trainable_param_groups.split(",") if g.strip()]
     if groups == ["all"]:
         return list(GROUPS)
@@ -71,6 +75,12 @@ def group_lrs(cfg: TrainConfig, config: GPTConfig) -> dict[str, float]:
 
 def validate(cfg: TrainConfig) -> None:
     """One clear line for each bad setting, before anything is loaded."""
+    lora.check(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    if cfg.lora_rank > 0 and cfg.trainable_param_groups != "matrix,unembedding":
+        raise UserError(
+            f"--trainable_param_groups {cfg.trainable_param_groups} with --lora_rank {cfg.lora_rank}: under LoRA only "
+            "the adapters on the matrices train (the lm_head and embedding stay frozen): drop --trainable_param_groups"
+        )
     trainable_groups(cfg)
     for name in ("learning_rate", "matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac"):
         value = getattr(cfg, name)

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from fractal_vmap.model import GROUPS, GPTConfig, forward, param_group, rotary_cos_sin
+from fractal_vmap import lora
+from fractal_vmap.model import GROUPS, LORA_SCALE, GPTConfig, forward, param_group, rotary_cos_sin
 from fractal_vmap.optim import lr_multiplier_scalar
 from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.recipe import (
@@ -30,7 +31,8 @@ class ReferenceModel:
     torch.optim Muon on the matrices with nanochat's settings, only cfg's trainable groups trained. Its `loss` and
     `update` are the one single-model training step: the reference trainer runs them, bench's sequential mode times
     them and the GPU projection traces them (perf/roofline.py). foreach: AdamW's foreach path (None: torch's default
-    for the device; the projection asks for CUDA's, True, while it traces on fake CPU tensors)."""
+    for the device; the projection asks for CUDA's, True, while it traces on fake CPU tensors). With cfg.lora_rank > 0
+    every base weight is frozen and only the LoRA adapters train, with torch.optim.AdamW (lora.py)."""
 
     def __init__(
         self,
@@ -43,6 +45,17 @@ class ReferenceModel:
         groups, lrs = trainable_groups(cfg), group_lrs(cfg, config)
         self.cfg, self.config, self.device = cfg, config, device
         self.params = {k: v.detach().clone().to(device) for k, v in params.items()}
+        self.cos_sin = rotary_cos_sin(config, device)
+        self.amp = autocast_dtype(cfg, device)
+        if cfg.lora_rank > 0:  # only the adapters train (lora.py), with AdamW at the matrix lr
+            adapters = [p.requires_grad_(True) for p in self.add_adapters().values()]
+            group = {"params": adapters, "lr": lrs["matrix"], "initial_lr": lrs["matrix"]}
+            self.optimizers = [
+                torch.optim.AdamW(
+                    [group], betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay, foreach=foreach
+                )
+            ]
+            return
         by_group: dict[str, list[torch.Tensor]] = {g: [] for g in GROUPS}
         for name, p in self.params.items():
             if param_group(name) in groups:
@@ -62,8 +75,18 @@ class ReferenceModel:
         if "matrix" in groups:
             muon = {"params": by_group["matrix"], "lr": lrs["matrix"], "initial_lr": lrs["matrix"]}
             self.optimizers.append(torch.optim.Muon([muon], momentum=MUON_MOMENTUM, nesterov=True, weight_decay=0.0))
-        self.cos_sin = rotary_cos_sin(config, device)
-        self.amp = autocast_dtype(cfg, device)
+
+    def add_adapters(self) -> dict[str, torch.Tensor]:
+        """The run's LoRA adapters at step 0 (lora.init_adapters) and their scale, put into self.params on the
+        device; returns the adapters."""
+        cfg = self.cfg
+        adapters = {
+            k: v.to(self.device)
+            for k, v in lora.init_adapters(self.config, cfg.lora_rank, cfg.lora_targets, cfg.seed).items()
+        }
+        self.params.update(adapters)
+        self.params[LORA_SCALE] = torch.tensor(lora.scale(cfg.lora_rank, cfg.lora_alpha), device=self.device)
+        return {k: self.params[k] for k in adapters}
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The forward: the mean loss of the batch (before this step's update), under the recipe's autocast."""

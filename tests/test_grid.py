@@ -143,7 +143,9 @@ def test_integer_axes_are_rounded():
     seeds = make_axis("seed", 8, None, None, "auto", "cols", AXES)  # default 0..7, linear
     assert seeds.values == [float(s) for s in range(8)]
     assert make_axis("seed", 4, 0, 10, "auto", "cols", AXES).values == [0.0, 3.0, 7.0, 10.0]  # 3.33, 6.67 rounded
-    assert {name for name, kind in AXES.items() if kind.integer} == {"num_tokens", "seed"}
+    ranks = make_axis("lora_rank", 6, None, None, "auto", "rows", AXES)  # default 2..64, log: the powers of two
+    assert ranks.values == [2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+    assert {name for name, kind in AXES.items() if kind.integer} == {"num_tokens", "seed", "lora_rank"}
 
 
 @pytest.mark.parametrize("name", list(AXES))

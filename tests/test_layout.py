@@ -16,6 +16,7 @@ LAYERS = [
         "core",
         {
             "model",
+            "lora",
             "head",
             "optim",
             "recompute",

@@ -5,12 +5,13 @@ tasks/nanochat/memory.py: the real training step traced under FakeTensorMode wit
 import json
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from fractal_vmap import lora
 from fractal_vmap.errors import UserError
 from fractal_vmap.model import GPTConfig, nanochat_depth
-from fractal_vmap.options import FinetuneConfig, PlanConfig
+from fractal_vmap.options import FinetuneConfig, PlanConfig, is_given
 from fractal_vmap.recipe import trainable_groups
 from fractal_vmap.tasks.nanochat.levers import Levers
 from fractal_vmap.tasks.nanochat.memory import (
@@ -66,6 +67,9 @@ def check_plan(cfg: PlanConfig) -> tuple[GPTConfig, int, Levers | None]:
     if not 0 < cfg.supervised_frac <= 1 or cfg.launch_us < 0:
         raise UserError("--supervised_frac must be in (0, 1] and --launch_us at least 0")
     trainable_groups(FinetuneConfig(trainable_param_groups=cfg.trainable_param_groups))
+    lora.check(cfg.lora_rank, 16.0, cfg.lora_targets)  # alpha changes no byte
+    if cfg.lora_rank > 0 and is_given(cfg, "project") and cfg.project != "none":
+        raise UserError("--project does not yet model LoRA lanes (the memory plan does): drop --project or --lora_rank")
     return config, memory, levers
 
 
@@ -82,7 +86,9 @@ TARGETS = {
 def run_plan(cfg: PlanConfig) -> dict:
     """The `plan` command's numbers: the memory model, the lanes that fit, and (--project) the runtime projection."""
     config, memory, levers = check_plan(cfg)
-    groups = cfg.trainable_param_groups
+    if cfg.lora_rank:  # the projection does not model LoRA lanes yet: their plan is memory only
+        cfg = replace(cfg, project="none")
+    groups, lora_kw = cfg.trainable_param_groups, dict(lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets)
     base = Levers(micro_batches=cfg.micro_batches, momentum_dtype=cfg.momentum_dtype, master_dtype=cfg.master_dtype)
     weighed, projection = None, None
     # memory on the path CUDA runs: the Triton optimizer steps and lanes' head (kernels/ops.py), traced as fakes
@@ -94,12 +100,13 @@ def run_plan(cfg: PlanConfig) -> dict:
         )
         plan, projection = best.memory, best.projection
     elif levers is None:
-        plan = plan_levers(config, cfg.lanes, memory, cfg.batch, cfg.seq, cfg.dtype, groups, base, "triton")
+        plan = plan_levers(config, cfg.lanes, memory, cfg.batch, cfg.seq, cfg.dtype, groups, base, "triton", **lora_kw)
     else:
-        plan = estimate_memory(config, cfg.batch, cfg.seq, cfg.dtype, groups, levers, "triton")
+        plan = estimate_memory(config, cfg.batch, cfg.seq, cfg.dtype, groups, levers, "triton", **lora_kw)
     sizes = {cfg.gpu_mem: memory, "80GB": 80 * 10**9, "141GB": 141 * 10**9}
     out = {
         "model": cfg.model,
+        "lora_rank": cfg.lora_rank,
         "lanes": cfg.lanes,
         "headroom": HEADROOM,
         "kernels": "triton",
@@ -153,9 +160,8 @@ def print_plan(out: dict, console) -> None:
 
     memory = out["memory"]
     levers = ", ".join(f"{k}={v}" for k, v in memory["levers"].items())
-    table = Table(
-        title=f"{out['model']}: memory of one training step (FakeTensorMode + MemTracker estimate), levers: {levers}"
-    )
+    what = f"LoRA lanes of rank {out['lora_rank']}" if out.get("lora_rank") else "one training step"
+    table = Table(title=f"{out['model']}: memory of {what} (FakeTensorMode + MemTracker estimate), levers: {levers}")
     table.add_column("per lane")
     table.add_column("GiB", justify="right")
     for kind in KINDS:

@@ -19,6 +19,8 @@ AXES = {
     "warmup_frac": AxisKind("warmup_frac", (0.0, 0.5), "linear"),
     "final_lr_frac": AxisKind("final_lr_frac", (0.0, 1.0), "linear"),
     "seed": AxisKind("seed", (0.0, 7.0), "linear", integer=True),
+    "lora_rank": AxisKind("lora_rank", (2.0, 64.0), "log", integer=True),
+    "lora_alpha": AxisKind("lora_alpha", (1.0, 256.0), "log"),
 }
 
 
@@ -51,11 +53,21 @@ def per_cell_fields(row: Axis, col: Axis) -> dict[str, str]:
     return {row.field: "rows", col.field: "cols"}
 
 
+def is_lora(cfg: TrainConfig, row: Axis, col: Axis) -> bool:
+    """Whether the grid's cells train LoRA adapters: --lora_rank > 0, or a lora_rank axis."""
+    return cfg.lora_rank > 0 or "lora_rank" in per_cell_fields(row, col)
+
+
+def grid_groups(cfg: TrainConfig, row: Axis, col: Axis) -> list[str]:
+    """The groups the grid's cells train: under LoRA only the matrices (through their adapters)."""
+    return ["matrix"] if is_lora(cfg, row, col) else trainable_groups(cfg)
+
+
 def lr_sources(cfg: TrainConfig, row: Axis, col: Axis) -> dict[str, float | str | None]:
     """Where each group's lr comes from in a grid: a number (the same for every cell), the axis that sets it, or
     None (frozen). For grid.json: a reader sees which lr each cell used without the overridden base."""
     axis_of = {axis.field: f"{which} axis ({axis.name})" for which, axis in (("rows", row), ("cols", col))}
-    groups = trainable_groups(cfg)
+    groups = grid_groups(cfg, row, col)
     sources: dict[str, float | str | None] = {}
     for group, own in LR_FLAGS.items():
         name, mult = lr_source(cfg, group)
@@ -74,12 +86,15 @@ def unused_fields(cfg: TrainConfig, row: Axis, col: Axis) -> dict[str, str]:
     """Settings that no cell of the grid reads, each with the reason: other settings win, or the axes set them cell by
     cell. An axis field that has another reason is an axis that changes nothing."""
     per_cell = per_cell_fields(row, col)
-    groups = trainable_groups(cfg)
+    groups, lora = grid_groups(cfg, row, col), is_lora(cfg, row, col)
     unused: dict[str, str] = {}
     reads_base = False
+    frozen_by = (
+        "under LoRA only the adapters train" if lora else f"--trainable_param_groups {cfg.trainable_param_groups}"
+    )
     for group, name in LR_FLAGS.items():
         if group not in groups:
-            unused[name] = f"the {group} is frozen (--trainable_param_groups {cfg.trainable_param_groups})"
+            unused[name] = f"the {group} is frozen ({frozen_by})"
             if group in LR_MULTS:
                 unused[LR_MULTS[group]] = unused[name]
         elif name in per_cell or getattr(cfg, name) is not None:
@@ -89,8 +104,13 @@ def unused_fields(cfg: TrainConfig, row: Axis, col: Axis) -> dict[str, str]:
             reads_base = True
     if not reads_base:
         unused["learning_rate"] = "every trained group's lr is set by an axis or its own flag"
-    if not any(g in groups for g in ADAMW_GROUPS):
+    if not any(g in groups for g in ADAMW_GROUPS) and not lora:  # (the adapters' AdamW decays them)
         unused["weight_decay"] = "only the matrices train, and Muon has no weight decay"
+    if lora:
+        unused["trainable_param_groups"] = "under LoRA only the adapters train"
+    else:
+        for name in ("lora_alpha", "lora_targets"):
+            unused[name] = "LoRA is off (--lora_rank 0)"
     if cfg.num_iterations is not None:
         unused["num_tokens"] = f"--num_iterations {cfg.num_iterations} fixes the step count"
     for field, which in per_cell.items():
@@ -122,7 +142,7 @@ def check_overrides(cfg: TrainConfig, row: Axis, col: Axis) -> list[str]:
     warnings = []
     if "learning_rate" in per_cell:
         which = per_cell["learning_rate"]
-        groups = trainable_groups(cfg)
+        groups = grid_groups(cfg, row, col)
         pinned = [g for g in groups if getattr(cfg, LR_FLAGS[g]) is not None and LR_FLAGS[g] not in per_cell]
         moved = [g for g in groups if g not in pinned]
         for g in pinned:

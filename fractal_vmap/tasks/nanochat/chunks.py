@@ -46,7 +46,7 @@ def chunk_cap(plan, lanes: int) -> int:
     return min(lanes, plan.cfg.lane_chunk or (lanes if plan.device.type == "cuda" else CPU_LANE_CHUNK))
 
 
-def chunk_size(plan, lanes: int) -> tuple[int, Levers, MemoryPlan | None]:
+def chunk_size(plan, lanes: int, lora_rank: int = 0) -> tuple[int, Levers, MemoryPlan | None]:
     """Lanes per chunk, the levers to train them with, and the memory plan that chose them (None without a budget:
     then the chunk is --lane_chunk or the default, as fast as can be)."""
     cfg, cap = plan.cfg, chunk_cap(plan, lanes)
@@ -58,10 +58,11 @@ def chunk_size(plan, lanes: int) -> tuple[int, Levers, MemoryPlan | None]:
         return cap, levers or base, None
     config = plan.model[0]
     shape = (cfg.device_batch_size, min(cfg.max_seq_len, config.sequence_len * 10))  # the longest batch a step can get
+    lora = dict(lora_rank=lora_rank, lora_targets=cfg.lora_targets)  # a LoRA row is sized at its largest rank
     if levers is None:
-        memory = plan_levers(config, cap, budget, *shape, dtype, cfg.trainable_param_groups, base)
+        memory = plan_levers(config, cap, budget, *shape, dtype, cfg.trainable_param_groups, base, **lora)
     else:
-        memory = estimate_memory(config, *shape, dtype, cfg.trainable_param_groups, levers)
+        memory = estimate_memory(config, *shape, dtype, cfg.trainable_param_groups, levers, **lora)
     fit = memory.lanes_that_fit(budget)
     if fit == 0:
         raise UserError(
@@ -79,6 +80,22 @@ def measured_fit(memory: MemoryPlan, budget: int, lanes: int, peak: int) -> int:
     return max(1, int((budget * HEADROOM - memory.fixed) // per_lane))
 
 
+def by_rank(cfgs: list[FinetuneConfig]) -> list[int]:
+    """The row's lanes in training order: grouped by LoRA rank (ranks in order of first appearance, lanes in row order
+    within a rank), so that no chunk mixes ranks and a lane's adapters are never padded to a neighbour's rank: its
+    numbers depend on its own settings only. Without LoRA (or with one rank), the row's own order."""
+    first = {}
+    for c in cfgs:
+        first.setdefault(c.lora_rank, len(first))
+    return sorted(range(len(cfgs)), key=lambda i: first[cfgs[i].lora_rank])
+
+
+def next_chunk(order: list[int], done: int, chunk: int, cfgs: list[FinetuneConfig]) -> list[int]:
+    """The next chunk's lanes: up to `chunk` lanes of `order` from `done` on, all of one LoRA rank."""
+    rank = cfgs[order[done]].lora_rank
+    return [i for i in order[done : done + chunk] if cfgs[i].lora_rank == rank]  # a prefix: ranks are grouped
+
+
 def train_row(plan, cell_cfgs: list[FinetuneConfig], progress=None) -> tuple[list[dict], int]:
     """Train one row in lane chunks sized by memory (chunk_size; on CUDA refined by the first chunk's measured peak);
     halve the chunk on out-of-memory. Returns the lanes' results and the chunk size that ran last (a lane's numbers do
@@ -87,13 +104,16 @@ def train_row(plan, cell_cfgs: list[FinetuneConfig], progress=None) -> tuple[lis
     pad_id = tokenizer.special_id("<|assistant_end|>")
     streams = {s: make_stream(cell_cfgs[0], tokenizer, plan.examples, s) for s in sorted({c.seed for c in cell_cfgs})}
     steps = [total_steps(c, streams[c.seed].batch(0)[1]) for c in cell_cfgs]
-    chunk, levers, memory = chunk_size(plan, len(cell_cfgs))
+    chunk, levers, memory = chunk_size(plan, len(cell_cfgs), max(c.lora_rank for c in cell_cfgs))
     cuda = plan.device.type == "cuda"
+    order = by_rank(cell_cfgs)
     while True:
         try:
-            results = []
-            while len(results) < len(cell_cfgs):
-                lanes = list(range(len(results), min(len(results) + chunk, len(cell_cfgs))))
+            results: list[dict] = [{}] * len(cell_cfgs)
+            done = 0  # lanes of `order` trained
+            while done < len(order):
+                lanes = next_chunk(order, done, chunk, cell_cfgs)
+                done += len(lanes)
                 batches = lane_batches([cell_cfgs[i].seed for i in lanes], streams, pad_id)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(plan.device)
@@ -110,7 +130,8 @@ def train_row(plan, cell_cfgs: list[FinetuneConfig], progress=None) -> tuple[lis
                     levers=levers,
                     compile=plan.compile,
                 )
-                results += [c.to_dict() for c in cells]
+                for i, c in zip(lanes, cells):
+                    results[i] = c.to_dict()
                 # a full chunk's measured peak sizes the next ones
                 if cuda and memory is not None and len(lanes) == chunk:
                     fit = measured_fit(

@@ -37,7 +37,7 @@ KINDS = ("params", "optimizer", "activations", "head", "backward")  # per-lane b
 
 
 KIND_NAMES = {
-    "params": "trained weights (float32)",
+    "params": "trained weights (float32; LoRA: the adapters)",
     "optimizer": "optimizer state",
     "activations": "activations kept for the backward",
     "head": "head (lm_head and input gradients)",
@@ -91,6 +91,8 @@ def trace_step(
     levers: Levers = Levers(),
     fake: bool = True,
     kernels: str = "torch",
+    lora_rank: int = 0,
+    lora_targets: str = "all",
 ) -> Trace:
     """Trace one training step of `lanes` lanes with MemTracker, under FakeTensorMode (no memory used, nothing
     computed); fake=False runs the step for real on CPU, random weights (to check the estimate against). kernels
@@ -103,7 +105,9 @@ def trace_step(
     assert fake or kernels == "torch", "a real CPU step runs the torch path"
 
     cpu = torch.device("cpu")  # fake CPU tensors: CUDA ones would need a CUDA driver for the backward
-    cfg = FinetuneConfig(device="cpu", dtype=dtype, trainable_param_groups=groups)
+    cfg = FinetuneConfig(
+        device="cpu", dtype=dtype, trainable_param_groups=groups, lora_rank=lora_rank, lora_targets=lora_targets
+    )
     marks: dict[str, int] = {}
     with FakeTensorMode() if fake else contextlib.nullcontext():
         params = {
@@ -182,10 +186,14 @@ def estimate_memory(
     groups: str = "matrix,unembedding",
     levers: Levers = Levers(),
     kernels: str = "torch",
+    lora_rank: int = 0,
+    lora_targets: str = "all",
 ) -> MemoryPlan:
     """The linear memory model from two traced steps (TRACE_LANES lanes). Cached: a grid's rows ask it again.
-    kernels "triton": the CUDA path's (the Triton optimizer steps and head), traced all the same."""
-    a, b = (trace_step(config, n, batch, seq, dtype, groups, levers, kernels=kernels) for n in TRACE_LANES)
+    kernels "triton": the CUDA path's (the Triton optimizer steps and head), traced all the same. lora_rank > 0: LoRA
+    lanes (only their adapters and its optimizer state are per lane; the base is fixed)."""
+    lora = dict(lora_rank=lora_rank, lora_targets=lora_targets)
+    a, b = (trace_step(config, n, batch, seq, dtype, groups, levers, kernels=kernels, **lora) for n in TRACE_LANES)
 
     def slope(get) -> int:
         return round((get(b) - get(a)) / (b.lanes - a.lanes))
@@ -211,6 +219,8 @@ def plan_levers(
     groups: str = "matrix,unembedding",
     base: Levers = Levers(),
     kernels: str = "torch",
+    lora_rank: int = 0,
+    lora_targets: str = "all",
 ) -> MemoryPlan:
     """The first of LEVER_LADDER (with `base`'s number-changing settings) under which `lanes` lanes fit in `memory`;
     if none does, the most frugal one (then fewer lanes than asked fit)."""
@@ -220,7 +230,7 @@ def plan_levers(
         )
         if levers.micro_batches > 1 and levers.step_in_backward:
             continue
-        plan = estimate_memory(config, batch, seq, dtype, groups, levers, kernels)
+        plan = estimate_memory(config, batch, seq, dtype, groups, levers, kernels, lora_rank, lora_targets)
         if plan.lanes_that_fit(memory) >= lanes:
             return plan
     return plan

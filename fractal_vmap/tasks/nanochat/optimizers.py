@@ -1,6 +1,7 @@
 """A nanochat row's optimizers: BatchedAdamW for each embedding group and BatchedMuon for the matrices (optim.py, or
-the fused Triton steps), each lane with its own learning rates and schedule (LaneSettings, from the recipe's rules),
-stepped after the backward or, with the step_in_backward lever (row.Levers), layer by layer as gradients arrive."""
+the fused Triton steps; under LoRA one BatchedAdamW over the adapters), each lane with its own learning rates and
+schedule (LaneSettings, from the recipe's rules), stepped after the backward or, with the step_in_backward lever
+(row.Levers), layer by layer as gradients arrive."""
 
 from dataclasses import dataclass
 
@@ -59,9 +60,13 @@ class RowOptimizers:
         settings: LaneSettings,
         levers: Levers,
         kernels: str = "torch",
+        lora: bool = False,
     ):
         self.stacked, self.settings, self.levers = stacked, settings, levers
         names = {g: [k for k in stacked if param_group(k) == g] for g in groups}
+        if lora:  # the stacked tensors are LoRA adapters: one AdamW at the matrix lr (README "LoRA")
+            names = {"lora": list(stacked)}
+            groups = ["lora"]
         # (optimizer, its group, the names of its params): one AdamW per AdamW group (their lrs differ)
         self.owners = [
             (
@@ -103,8 +108,9 @@ class RowOptimizers:
     def step(self, optimizer: BatchedAdamW | BatchedMuon, group: str) -> None:
         if group == "matrix":
             optimizer.step(self.lrs[group], self.active)
-        else:
-            optimizer.step(self.lrs[group], self.settings.weight_decay, self.active)
+        else:  # an AdamW group; the adapters (group "lora") take the matrix lr
+            lr = self.lrs["matrix" if group == "lora" else group]
+            optimizer.step(lr, self.settings.weight_decay, self.active)
 
     def update(self, step: int, active: torch.Tensor) -> None:
         """After the backward: every optimizer's step (unless they ran in the backward)."""

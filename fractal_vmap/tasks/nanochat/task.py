@@ -24,6 +24,7 @@ from fractal_vmap.tasks.nanochat.axes import (
     cell_config,
     cell_lrs,
     check_overrides,
+    is_lora,
     lr_sources,
     unused_fields,
 )
@@ -53,6 +54,9 @@ LATER_FIELDS = {
     "master_dtype": "float32",
     "task": "nanochat-sft",
     "refine": 0,
+    "lora_rank": 0,
+    "lora_alpha": 16.0,
+    "lora_targets": "all",
 }
 RESOLVED = ("device", "dtype", "kernels")  # spec settings recorded as resolved on the machine that ran them
 PAPER_FIELDS = {"width": 8, "activation": "tanh", "phase_space": "lr_vs_lr", "data_multiple": 1.0}  # the paper task's
@@ -204,6 +208,10 @@ def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> N
             "a divisor"
         )
     compile = resolve_compile(cfg.compile, device)
+    if is_lora(cfg, row, col):  # a LoRA row runs eagerly (row.nanochat_row): the spec says so
+        if cfg.compile == "on":
+            raise UserError("--compile on does not take LoRA lanes yet (they run eagerly): use --compile off or auto")
+        compile = False
     if cfg.compile == "on" and "remat" in cfg.levers.split(","):
         raise UserError(
             "--compile on does not take the remat lever (its recomputation does not trace): drop remat from --levers, "
@@ -220,6 +228,11 @@ def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> N
     for c in (c for r in cells for c in r):
         validate(c)  # e.g. an lr axis reaching a non-positive value on a linear scale
         group_lrs(c, config)  # e.g. a matrix_lr axis doing the same
+        if is_lora(cfg, row, col) and c.lora_rank < 1:
+            raise UserError(
+                f"the lora_rank axis reaches {c.lora_rank}: its ranks must be at least 1 (rank 0 is full fine-tuning, "
+                "with another optimizer): raise its min"
+            )
     examples, dropped = render_split(cfg, tokenizer, config, "train")  # dataset errors, too
     spec = make_spec(cfg, row, col, directory, device, kernels, compile)
     if parent is not None:
