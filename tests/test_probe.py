@@ -323,51 +323,78 @@ def peak_bytes_per_cell(build, cells: int) -> float:
         tracemalloc.stop()
 
 
-def test_the_refine_memory_estimate_is_what_a_map_takes():
-    """MAP_CELL_BYTES and the nanochat task's CELL_BYTES against the peak of what refine builds per fine cell on a 65 x 65 map,
-    9 cells in 10 filled from a coarse parent (tracemalloc: the Python objects and numpy buffers)."""
+def refined_map_finish(run_dir, H: int, rng) -> None:
+    """What a refined H x H paper map holds from its last level on: the levels' table (cells within 2 of a ragged
+    diagonal trained, the rest filled from the every-8th coarse cells), the CellMap (refine.filled) and the finish
+    (report.write_report: cells.parquet, fractal.json, the pictures from the files)."""
+    import json
+
     import numpy as np
 
-    from fractal_vmap.analysis.report import cells_frame
-    from fractal_vmap.axes import Axis, make_axis
-    from fractal_vmap.grid.refine import MAP_CELL_BYTES, filled
+    from fractal_vmap.analysis.cellmap import CellMap
+    from fractal_vmap.analysis.report import write_report
+    from fractal_vmap.axes import Axis
+    from fractal_vmap.grid.refine import filled
+
+    i, j = np.mgrid[0:H, 0:H]
+    wiggle = (8 * np.sin(i / 5.0) + rng.normal(0, 2, (H, H))).round()
+    trained = (i % 8 == 0) & (j % 8 == 0) | (np.abs(i - j - wiggle) < 3)
+    gi, gj = np.nonzero(trained)
+    n = len(gi)
+    measure = np.where(gi < gj + wiggle[gi, gj], -1.0, 1.0) * rng.uniform(1, 100, n)
+    table = {
+        "grid_i": gi,
+        "grid_j": gj,
+        **{k: rng.random(n) for k in ("trainable_loss0", "trainable_mean_last_k", "trainable_ratio", "final_loss")},
+        "avg_loss": rng.random(n),
+        "measure": measure,
+        "stable": rng.random(n) < 0.8,
+        "converged": measure < 0,
+        "steps": np.full(n, 100),
+        "total_steps": np.full(n, 100),
+        "threads": np.full(n, 2),
+        "device": np.full(n, "Some CPU", dtype=object),
+        "level": rng.integers(0, 4, n).astype(np.int8),
+    }
+    at = np.full((H, H), -1, dtype=np.int32)
+    at[gi, gj] = np.arange(n)
+    source = filled(at, 3)
+    cells = CellMap(table, source, {"trained": at >= 0, "level": table["level"][source]})
+    values = list(np.geomspace(1e-3, 1e6, H))
+    run_dir.mkdir()
+    spec = {
+        "axes": {"rows": {"name": "lr1", "values": values, "scale": "log"}, "cols": {"name": "lr0", "values": values, "scale": "log"}},
+        "settings": {"device": "cpu", "dtype": "float64", "trainable_window_steps": 20, "trainable_loss_ratio_threshold": 1.0},
+        "model": {"source": "paper-mlp"},
+        "dataset": {"source": "N(0, 1)"},
+    }
+    (run_dir / "grid.json").write_text(json.dumps({"spec": spec}))
+    write_report(run_dir, cells, Axis("lr1", values, "log"), Axis("lr0", values, "log"))
+
+
+def test_the_refine_memory_estimate_is_what_a_map_takes(tmp_path, monkeypatch):
+    """MAP_CELL_BYTES against what the finish of a refined map takes a fine cell: the slope of the tracemalloc peak
+    (the Python objects and numpy buffers) between a 257^2 and a 513^2 map, so that the fixed cost (matplotlib's
+    figures, pandas' imports) cancels; the maps are drawn as images, as a map above pictures.MESH_CELLS is. And the
+    nanochat task's CELL_BYTES against the peak of its cell configs on a 65 x 65 grid."""
+    import numpy as np
+
+    from fractal_vmap.analysis import pictures
+    from fractal_vmap.axes import make_axis
+    from fractal_vmap.grid.refine import MAP_CELL_BYTES
     from fractal_vmap.options import GridConfig
     from fractal_vmap.tasks.nanochat.axes import AXES, cell_config
     from fractal_vmap.tasks.nanochat.task import CELL_BYTES as NANOCHAT_CELL_BYTES
     from fractal_vmap.tasks.nanochat.task import base_config
 
     rng = np.random.default_rng()
+    monkeypatch.setattr(pictures, "MESH_CELLS", 0)
+    refined_map_finish(tmp_path / "warm", 65, rng)  # imports and first-use caches outside the measurement
+    small, large = 257, 513
+    peaks = [peak_bytes_per_cell(lambda: refined_map_finish(tmp_path / f"m{H}", H, rng), 1) for H in (small, large)]
+    per_cell = (peaks[1] - peaks[0]) / (large**2 - small**2)
+    assert 0.8 * MAP_CELL_BYTES < per_cell < 1.2 * MAP_CELL_BYTES, per_cell
     H = W = 65
-
-    def lane(i: int, j: int) -> dict:  # a nanochat cell's result (recipe.CellResult) of 25 steps
-        return {
-            "run_name": f"grid-r{i}-c{j}",
-            "learning_rate": float(rng.random()),
-            "num_tokens_target": 1000,
-            "tokens_seen": 1000,
-            "avg_loss": 2.0,
-            "final_loss": 2.0,
-            "trainable_loss0": 2.0,
-            "trainable_mean_last_k": 1.5,
-            "trainable_ratio": 0.7,
-            "stable": True,
-            "converged": bool(i < j),
-            "steps": 25,
-            "total_steps": 25,
-            "runtime_s": 1.0,
-            "seed": 999,
-            "error": None,
-            "measure": float(rng.normal()),
-            "losses": rng.random(25).tolist(),
-            "grid_i": i,
-            "grid_j": j,
-        }
-
-    results = {(i, j): lane(i, j) for i in range(H) for j in range(W) if i % 4 == 0 and j % 4 == 0 or abs(i - j) < 2}
-    row, col = Axis("lr1", list(np.geomspace(1, 1e3, H)), "log"), Axis("lr0", list(np.geomspace(0.1, 1e5, W)), "log")
-    cells_frame([{**lane(0, 0), "trained": True, "level": 0}], row, col)  # imports pandas outside the measurement
-    table = peak_bytes_per_cell(lambda: cells_frame(filled(results, {k: 0 for k in results}, H, W, 2), row, col), H * W)
-    assert 0.8 * MAP_CELL_BYTES < table < 1.2 * MAP_CELL_BYTES, table
     base = base_config(GridConfig())
     rows, cols = (
         make_axis("num_tokens", H, None, None, "auto", "rows", AXES),
