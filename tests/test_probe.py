@@ -374,12 +374,13 @@ def refined_map_finish(run_dir, H: int, rng) -> None:
 
 def test_the_refine_memory_estimate_is_what_a_map_takes(tmp_path, monkeypatch):
     """MAP_CELL_BYTES against what the finish of a refined map takes a fine cell: the slope of the tracemalloc peak
-    (the Python objects and numpy buffers) between a 257^2 and a 513^2 map, so that the fixed cost (matplotlib's
-    figures, pandas' imports) cancels; the maps are drawn as images, as a map above pictures.MESH_CELLS is. And the
-    nanochat task's CELL_BYTES against the peak of its cell configs on a 65 x 65 grid."""
+    (the Python objects and numpy buffers) between a 513^2 and a 769^2 map, so that the fixed cost (matplotlib's
+    figures, a cells.parquet block) cancels; drawn as images and written in small blocks, as a map above
+    pictures.MESH_CELLS and cellmap.CHUNK_CELLS is (below ~513^2 a map is smaller than its figures' axes in pixels, and
+    the slope is not yet linear). And the nanochat task's CELL_BYTES against the peak of its cell configs on 65 x 65."""
     import numpy as np
 
-    from fractal_vmap.analysis import pictures
+    from fractal_vmap.analysis import cellmap, pictures
     from fractal_vmap.axes import make_axis
     from fractal_vmap.grid.refine import MAP_CELL_BYTES
     from fractal_vmap.options import GridConfig
@@ -389,8 +390,9 @@ def test_the_refine_memory_estimate_is_what_a_map_takes(tmp_path, monkeypatch):
 
     rng = np.random.default_rng()
     monkeypatch.setattr(pictures, "MESH_CELLS", 0)
+    monkeypatch.setattr(cellmap, "CHUNK_CELLS", 1 << 12)
     refined_map_finish(tmp_path / "warm", 65, rng)  # imports and first-use caches outside the measurement
-    small, large = 257, 513
+    small, large = 513, 769
     peaks = [peak_bytes_per_cell(lambda: refined_map_finish(tmp_path / f"m{H}", H, rng), 1) for H in (small, large)]
     per_cell = (peaks[1] - peaks[0]) / (large**2 - small**2)
     assert 0.8 * MAP_CELL_BYTES < per_cell < 1.2 * MAP_CELL_BYTES, per_cell

@@ -179,9 +179,8 @@ def read_grid(run: str) -> tuple[Path, dict, np.ndarray]:
     if grid is None or "spec" not in grid or not (run_dir / "cells.parquet").exists():
         raise UserError(f"{run} is not a finished grid (no grid.json with a spec, or no cells.parquet): {fix}")
     axes = grid["spec"]["axes"]
-    measure = measure_grid(
-        pd.read_parquet(run_dir / "cells.parquet"), len(axes["rows"]["values"]), len(axes["cols"]["values"])
-    )
+    cells = pd.read_parquet(run_dir / "cells.parquet", columns=["row", "col", "measure"])  # a 4097^2 map's: 0.4 GB
+    measure = measure_grid(cells, len(axes["rows"]["values"]), len(axes["cols"]["values"]))
     return run_dir, grid, measure
 
 

@@ -9,8 +9,10 @@ Every level's values are the fine grid's own values, and a lane's numbers do not
 it (lanes.py), so a trained cell equals the same cell of a full fine grid bit for bit: refinement can only be wrong
 where it did not look (islands inside squares whose corners agree: the known weakness of border tracing).
 
-Layout: the run dir as every grid's, except `rows/` holds one file a level (`row_XXXX.json` = level XXXX, the lanes it
-trained, each with its fine-grid indices), so a rerun resumes level by level.
+Layout: the run dir as every grid's, except `rows/` holds one compact file a level (`row_XXXX.npz` = level XXXX,
+the cells it trained as columns, each with its fine-grid indices: analysis/runs.py), so a rerun resumes level by level;
+a level a run before these files wrote as `row_XXXX.json` is still read. The finish works on arrays
+(analysis/cellmap.py): a 4097 x 4097 map (--rows 257 --cols 257 --refine 4) finishes in a few minutes and ~4 GB.
 """
 
 import os
@@ -22,8 +24,9 @@ from fractal_vmap.options import GridConfig
 
 MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom serves better
 # host memory a fine cell takes at the finish, trained or not (pipeline.run_levels' CellMap, then report.write_report:
-# its per-cell arrays, cells.parquet's blocks, the pictures' float64 maps and their shading): measured with
-# tracemalloc (tests/test_probe.py); a task's own per-cell state comes on top (its CELL_BYTES)
+# its per-cell arrays, the pictures' float64 maps and their shading; cells.parquet goes in fixed blocks): 177 bytes
+# by tracemalloc from 513^2 to 769^2 (tests/test_probe.py), and the 4097^2 paper map's peak RSS, 3.7-4.0 GB, is
+# ~0.6 GB of imports and 190-200 bytes a cell; a task's own per-cell state comes on top (its CELL_BYTES)
 MAP_CELL_BYTES = 200
 
 
