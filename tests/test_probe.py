@@ -363,8 +363,16 @@ def refined_map_finish(run_dir, H: int, rng) -> None:
     values = list(np.geomspace(1e-3, 1e6, H))
     run_dir.mkdir()
     spec = {
-        "axes": {"rows": {"name": "lr1", "values": values, "scale": "log"}, "cols": {"name": "lr0", "values": values, "scale": "log"}},
-        "settings": {"device": "cpu", "dtype": "float64", "trainable_window_steps": 20, "trainable_loss_ratio_threshold": 1.0},
+        "axes": {
+            "rows": {"name": "lr1", "values": values, "scale": "log"},
+            "cols": {"name": "lr0", "values": values, "scale": "log"},
+        },
+        "settings": {
+            "device": "cpu",
+            "dtype": "float64",
+            "trainable_window_steps": 20,
+            "trainable_loss_ratio_threshold": 1.0,
+        },
         "model": {"source": "paper-mlp"},
         "dataset": {"source": "N(0, 1)"},
     }
