@@ -201,10 +201,12 @@ def run_levels(plan, digest: str, wandb_run=None) -> tuple[CellMap, int]:
             i, j = done["grid_i"].astype(np.int64), done["grid_j"].astype(np.int64)
             known[i, j], phase[i, j] = True, done["converged"].astype(bool)
             trained_at[i, j] = n + np.arange(len(i))
-            tables.append({**{c: v for c, v in done.items() if c != "losses"}, "level": np.full(len(i), k, dtype=np.int8)})
+            level = np.full(len(i), k, dtype=np.int8)
+            tables.append({**{c: v for c, v in done.items() if c != "losses"}, "level": level})
     table = {c: np.concatenate([t[c] for t in tables]) for c in tables[0]}
     source = refine.filled(trained_at, K)
-    return CellMap(table, source, {"trained": trained_at >= 0, "level": table["level"][source].astype(np.int8)}), len(table["level"])
+    per_cell = {"trained": trained_at >= 0, "level": table["level"][source]}
+    return CellMap(table, source, per_cell), len(table["level"])
 
 
 def finish_grid(plan, lanes: list[dict] | CellMap, wandb_run=None, trained: int | None = None) -> dict:
