@@ -1,6 +1,7 @@
 """A refined grid's compact level files (rows/row_XXXX.npz, analysis/runs.py): a resumed run reads back exactly the
 labels the run wrote and trains nothing again, a torn level file is trained again, and a level a run before the compact
-files wrote as JSON is still read."""
+files wrote as JSON is still read. And `refined_map_finish`, the finish of a synthetic refined map that
+tests/test_probe.py measures the bytes a cell of."""
 
 import json
 
@@ -93,3 +94,56 @@ def test_a_torn_level_is_trained_again_and_a_json_level_is_still_read(tmp_path, 
     assert "row_0001.npz" not in kept and kept["row_0001.json"]  # read, not trained again
     pd.testing.assert_frame_equal(from_json, cells)
     assert np.isfinite(from_json["measure"]).all()
+
+
+def refined_map_finish(run_dir, H: int, rng) -> None:
+    """What a refined H x H paper map holds from its last level on: the levels' table (cells within 2 of a ragged
+    diagonal trained, the rest filled from the every-8th coarse cells), the CellMap (refine.filled) and the finish
+    (report.write_report: cells.parquet, fractal.json, the pictures from the files)."""
+    from fractal_vmap.analysis.cellmap import CellMap
+    from fractal_vmap.analysis.report import write_report
+    from fractal_vmap.axes import Axis
+    from fractal_vmap.grid.refine import filled
+
+    i, j = np.mgrid[0:H, 0:H]
+    wiggle = (8 * np.sin(i / 5.0) + rng.normal(0, 2, (H, H))).round()
+    trained = (i % 8 == 0) & (j % 8 == 0) | (np.abs(i - j - wiggle) < 3)
+    gi, gj = np.nonzero(trained)
+    n = len(gi)
+    measure = np.where(gi < gj + wiggle[gi, gj], -1.0, 1.0) * rng.uniform(1, 100, n)
+    table = {
+        "grid_i": gi,
+        "grid_j": gj,
+        **{k: rng.random(n) for k in ("trainable_loss0", "trainable_mean_last_k", "trainable_ratio", "final_loss")},
+        "avg_loss": rng.random(n),
+        "measure": measure,
+        "stable": rng.random(n) < 0.8,
+        "converged": measure < 0,
+        "steps": np.full(n, 100),
+        "total_steps": np.full(n, 100),
+        "threads": np.full(n, 2),
+        "device": np.full(n, "Some CPU", dtype=object),
+        "level": rng.integers(0, 4, n).astype(np.int8),
+    }
+    at = np.full((H, H), -1, dtype=np.int32)
+    at[gi, gj] = np.arange(n)
+    source = filled(at, 3)
+    cells = CellMap(table, source, {"trained": at >= 0, "level": table["level"][source]})
+    values = list(np.geomspace(1e-3, 1e6, H))
+    run_dir.mkdir()
+    spec = {
+        "axes": {
+            "rows": {"name": "lr1", "values": values, "scale": "log"},
+            "cols": {"name": "lr0", "values": values, "scale": "log"},
+        },
+        "settings": {
+            "device": "cpu",
+            "dtype": "float64",
+            "trainable_window_steps": 20,
+            "trainable_loss_ratio_threshold": 1.0,
+        },
+        "model": {"source": "paper-mlp"},
+        "dataset": {"source": "N(0, 1)"},
+    }
+    (run_dir / "grid.json").write_text(json.dumps({"spec": spec}))
+    write_report(run_dir, cells, Axis("lr1", values, "log"), Axis("lr0", values, "log"))

@@ -13,6 +13,7 @@ import pytest
 from fractal_vmap.cli import main
 from fractal_vmap.tasks.nanochat.axes import AXES
 from tests.test_bad_input import FAST, FIXTURE, refused
+from tests.test_levels import refined_map_finish
 
 # a paper-mlp grid of 2 x 3 lanes and 5 steps, no W&B: a run dir with every file a grid writes, in well under a second
 PAPER = [
@@ -69,14 +70,12 @@ def fail_half_way(write, name: str):
 
 def inject_no_space(monkeypatch, which: str) -> None:
     import matplotlib.figure
-    import pandas as pd
 
-    if which == "row file":  # write_atomic's temp file of row 1 (row 0 is written first)
+    if which in ("row file", "cells.parquet"):  # write_atomic's temp file (of row 1: row 0 is written first)
         write_bytes = Path.write_bytes
-        fail = fail_half_way(lambda self, target, data: write_bytes(target, data), "row_0001.json")
+        name = "row_0001.json" if which == "row file" else "cells.parquet"
+        fail = fail_half_way(lambda self, target, data: write_bytes(target, data), name)
         monkeypatch.setattr(Path, "write_bytes", lambda self, data: fail(self, None, data))
-    elif which == "cells.parquet":
-        monkeypatch.setattr(pd.DataFrame, "to_parquet", fail_half_way(pd.DataFrame.to_parquet, "cells.parquet"))
     else:
         savefig = matplotlib.figure.Figure.savefig
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_half_way(savefig, "trainability.png"))
@@ -321,63 +320,6 @@ def peak_bytes_per_cell(build, cells: int) -> float:
         return tracemalloc.get_traced_memory()[1] / cells
     finally:
         tracemalloc.stop()
-
-
-def refined_map_finish(run_dir, H: int, rng) -> None:
-    """What a refined H x H paper map holds from its last level on: the levels' table (cells within 2 of a ragged
-    diagonal trained, the rest filled from the every-8th coarse cells), the CellMap (refine.filled) and the finish
-    (report.write_report: cells.parquet, fractal.json, the pictures from the files)."""
-    import json
-
-    import numpy as np
-
-    from fractal_vmap.analysis.cellmap import CellMap
-    from fractal_vmap.analysis.report import write_report
-    from fractal_vmap.axes import Axis
-    from fractal_vmap.grid.refine import filled
-
-    i, j = np.mgrid[0:H, 0:H]
-    wiggle = (8 * np.sin(i / 5.0) + rng.normal(0, 2, (H, H))).round()
-    trained = (i % 8 == 0) & (j % 8 == 0) | (np.abs(i - j - wiggle) < 3)
-    gi, gj = np.nonzero(trained)
-    n = len(gi)
-    measure = np.where(gi < gj + wiggle[gi, gj], -1.0, 1.0) * rng.uniform(1, 100, n)
-    table = {
-        "grid_i": gi,
-        "grid_j": gj,
-        **{k: rng.random(n) for k in ("trainable_loss0", "trainable_mean_last_k", "trainable_ratio", "final_loss")},
-        "avg_loss": rng.random(n),
-        "measure": measure,
-        "stable": rng.random(n) < 0.8,
-        "converged": measure < 0,
-        "steps": np.full(n, 100),
-        "total_steps": np.full(n, 100),
-        "threads": np.full(n, 2),
-        "device": np.full(n, "Some CPU", dtype=object),
-        "level": rng.integers(0, 4, n).astype(np.int8),
-    }
-    at = np.full((H, H), -1, dtype=np.int32)
-    at[gi, gj] = np.arange(n)
-    source = filled(at, 3)
-    cells = CellMap(table, source, {"trained": at >= 0, "level": table["level"][source]})
-    values = list(np.geomspace(1e-3, 1e6, H))
-    run_dir.mkdir()
-    spec = {
-        "axes": {
-            "rows": {"name": "lr1", "values": values, "scale": "log"},
-            "cols": {"name": "lr0", "values": values, "scale": "log"},
-        },
-        "settings": {
-            "device": "cpu",
-            "dtype": "float64",
-            "trainable_window_steps": 20,
-            "trainable_loss_ratio_threshold": 1.0,
-        },
-        "model": {"source": "paper-mlp"},
-        "dataset": {"source": "N(0, 1)"},
-    }
-    (run_dir / "grid.json").write_text(json.dumps({"spec": spec}))
-    write_report(run_dir, cells, Axis("lr1", values, "log"), Axis("lr0", values, "log"))
 
 
 def test_the_refine_memory_estimate_is_what_a_map_takes(tmp_path, monkeypatch):

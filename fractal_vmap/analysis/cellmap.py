@@ -3,7 +3,7 @@ columns (runs.Table) and, for every cell of the [H, W] map, which trained result
 refined map's coarse parent). This is what lets a 4097^2 map (16.8M cells, 247K trained) finish in a few GB: a cell
 that no level trained costs 4 bytes of `source` and a byte of each per-cell column (`trained`, `level`), not a dict.
 
-cells.parquet is written from it block by block (CHUNK_CELLS cells at a time, zstd: a filled block repeats its
+cells.parquet is built from it block by block (CHUNK_CELLS cells at a time, zstd: a filled block repeats its
 parent's values, which zstd keeps small), and a field laid out [H, W] (`field`) is one fancy index.
 """
 
@@ -105,16 +105,20 @@ def from_lanes(lanes: list[dict], H: int, W: int) -> CellMap:
     return CellMap(table, source, extra)
 
 
-def write_cells(path, cells: CellMap, row: Axis, col: Axis, lrs: list[list[dict]] | None = None) -> None:
-    """cells.parquet (at `path`) block by block: one row a cell with a result (CellMap.frame)."""
+def parquet_bytes(cells: CellMap, row: Axis, col: Axis, lrs: list[list[dict]] | None = None) -> bytes:
+    """cells.parquet's bytes, built block by block in memory (70 MB for a 4097^2 paper map): one row a cell with a
+    result (CellMap.frame). The caller writes them with files.write_atomic, whose full-disk handling a file that
+    pyarrow wrote itself would miss."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     H, W = cells.shape
     block = max(1, CHUNK_CELLS // max(W, 1))
     first = pa.Table.from_pandas(cells.frame(0, min(H, block), row, col, lrs), preserve_index=False)
-    with pq.ParquetWriter(path, first.schema, compression="zstd") as writer:
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, first.schema, compression="zstd") as writer:
         writer.write_table(first)
         for r0 in range(block, H, block):
             frame = cells.frame(r0, min(H, r0 + block), row, col, lrs)
             writer.write_table(pa.Table.from_pandas(frame, schema=first.schema, preserve_index=False))
+    return sink.getvalue().to_pybytes()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fractal_vmap.analysis.cellmap import CellMap, from_lanes, write_cells
+from fractal_vmap.analysis.cellmap import CellMap, from_lanes, parquet_bytes
 from fractal_vmap.analysis.dimension import MIN_BOX_SIZES, MIN_EDGE_PIXELS
 from fractal_vmap.analysis.runs import measure_grid, read_maps
 from fractal_vmap.axes import Axis
@@ -195,8 +195,7 @@ def write_report(
 
     H, W = len(row.values), len(col.values)
     cells = cells if isinstance(cells, CellMap) else from_lanes(cells, H, W)
-    with atomic_path(run_dir / "cells.parquet") as tmp:
-        write_cells(tmp, cells, row, col, lrs)
+    write_atomic(run_dir / "cells.parquet", parquet_bytes(cells, row, col, lrs))
     write_atomic(
         run_dir / "fractal.json", strict_json(map_fractal(cells.field("measure"), cells.trainable_fraction(), row, col))
     )
