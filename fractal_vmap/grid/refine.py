@@ -25,7 +25,7 @@ from fractal_vmap.options import GridConfig
 MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom serves better
 # host memory a fine cell takes at the finish, trained or not (pipeline.run_levels' CellMap, then report.write_report:
 # its per-cell arrays, the pictures' float64 maps and their shading; cells.parquet goes in fixed blocks): 177 bytes
-# by tracemalloc from 513^2 to 769^2 (tests/test_probe.py), and the 4097^2 paper map's peak RSS, 3.7-4.0 GB, is
+# by tracemalloc from 513^2 to 769^2 (tests/test_probe.py), and the 4097^2 paper map's peak RSS, 3.7-4.1 GB, is
 # ~0.6 GB of imports and 190-200 bytes a cell; a task's own per-cell state comes on top (its CELL_BYTES)
 MAP_CELL_BYTES = 200
 
