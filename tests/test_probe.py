@@ -13,6 +13,7 @@ import pytest
 from fractal_vmap.cli import main
 from fractal_vmap.tasks.nanochat.axes import AXES
 from tests.test_bad_input import FAST, FIXTURE, refused
+from tests.test_levels import refined_map_finish
 
 # a paper-mlp grid of 2 x 3 lanes and 5 steps, no W&B: a run dir with every file a grid writes, in well under a second
 PAPER = [
@@ -69,14 +70,12 @@ def fail_half_way(write, name: str):
 
 def inject_no_space(monkeypatch, which: str) -> None:
     import matplotlib.figure
-    import pandas as pd
 
-    if which == "row file":  # write_atomic's temp file of row 1 (row 0 is written first)
+    if which in ("row file", "cells.parquet"):  # write_atomic's temp file (of row 1: row 0 is written first)
         write_bytes = Path.write_bytes
-        fail = fail_half_way(lambda self, target, data: write_bytes(target, data), "row_0001.json")
+        name = "row_0001.json" if which == "row file" else "cells.parquet"
+        fail = fail_half_way(lambda self, target, data: write_bytes(target, data), name)
         monkeypatch.setattr(Path, "write_bytes", lambda self, data: fail(self, None, data))
-    elif which == "cells.parquet":
-        monkeypatch.setattr(pd.DataFrame, "to_parquet", fail_half_way(pd.DataFrame.to_parquet, "cells.parquet"))
     else:
         savefig = matplotlib.figure.Figure.savefig
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_half_way(savefig, "trainability.png"))
@@ -323,51 +322,31 @@ def peak_bytes_per_cell(build, cells: int) -> float:
         tracemalloc.stop()
 
 
-def test_the_refine_memory_estimate_is_what_a_map_takes():
-    """MAP_CELL_BYTES and the nanochat task's CELL_BYTES against the peak of what refine builds per fine cell on a 65 x
-    65 map, 9 cells in 10 filled from a coarse parent (tracemalloc: the Python objects and numpy buffers)."""
+def test_the_refine_memory_estimate_is_what_a_map_takes(tmp_path, monkeypatch):
+    """MAP_CELL_BYTES against what the finish of a refined map takes a fine cell: the slope of the tracemalloc peak
+    (the Python objects and numpy buffers) between a 513^2 and a 769^2 map, so that the fixed cost (matplotlib's
+    figures, a cells.parquet block) cancels; drawn as images and written in small blocks, as a map above
+    pictures.MESH_CELLS and cellmap.CHUNK_CELLS is (below ~513^2 a map is smaller than its figures' axes in pixels, and
+    the slope is not yet linear). And the nanochat task's CELL_BYTES against the peak of its cell configs on 65 x 65."""
     import numpy as np
 
-    from fractal_vmap.analysis.report import cells_frame
-    from fractal_vmap.axes import Axis, make_axis
-    from fractal_vmap.grid.refine import MAP_CELL_BYTES, filled
+    from fractal_vmap.analysis import cellmap, pictures
+    from fractal_vmap.axes import make_axis
+    from fractal_vmap.grid.refine import MAP_CELL_BYTES
     from fractal_vmap.options import GridConfig
     from fractal_vmap.tasks.nanochat.axes import AXES, cell_config
     from fractal_vmap.tasks.nanochat.task import CELL_BYTES as NANOCHAT_CELL_BYTES
     from fractal_vmap.tasks.nanochat.task import base_config
 
     rng = np.random.default_rng()
+    monkeypatch.setattr(pictures, "MESH_CELLS", 0)
+    monkeypatch.setattr(cellmap, "CHUNK_CELLS", 1 << 12)
+    refined_map_finish(tmp_path / "warm", 65, rng)  # imports and first-use caches outside the measurement
+    small, large = 513, 769
+    peaks = [peak_bytes_per_cell(lambda: refined_map_finish(tmp_path / f"m{H}", H, rng), 1) for H in (small, large)]
+    per_cell = (peaks[1] - peaks[0]) / (large**2 - small**2)
+    assert 0.8 * MAP_CELL_BYTES < per_cell < 1.2 * MAP_CELL_BYTES, per_cell
     H = W = 65
-
-    def lane(i: int, j: int) -> dict:  # a nanochat cell's result (recipe.CellResult) of 25 steps
-        return {
-            "run_name": f"grid-r{i}-c{j}",
-            "learning_rate": float(rng.random()),
-            "num_tokens_target": 1000,
-            "tokens_seen": 1000,
-            "avg_loss": 2.0,
-            "final_loss": 2.0,
-            "trainable_loss0": 2.0,
-            "trainable_mean_last_k": 1.5,
-            "trainable_ratio": 0.7,
-            "stable": True,
-            "converged": bool(i < j),
-            "steps": 25,
-            "total_steps": 25,
-            "runtime_s": 1.0,
-            "seed": 999,
-            "error": None,
-            "measure": float(rng.normal()),
-            "losses": rng.random(25).tolist(),
-            "grid_i": i,
-            "grid_j": j,
-        }
-
-    results = {(i, j): lane(i, j) for i in range(H) for j in range(W) if i % 4 == 0 and j % 4 == 0 or abs(i - j) < 2}
-    row, col = Axis("lr1", list(np.geomspace(1, 1e3, H)), "log"), Axis("lr0", list(np.geomspace(0.1, 1e5, W)), "log")
-    cells_frame([{**lane(0, 0), "trained": True, "level": 0}], row, col)  # imports pandas outside the measurement
-    table = peak_bytes_per_cell(lambda: cells_frame(filled(results, {k: 0 for k in results}, H, W, 2), row, col), H * W)
-    assert 0.8 * MAP_CELL_BYTES < table < 1.2 * MAP_CELL_BYTES, table
     base = base_config(GridConfig())
     rows, cols = (
         make_axis("num_tokens", H, None, None, "auto", "rows", AXES),

@@ -12,6 +12,7 @@ from PIL import Image
 from fractal_vmap.analysis.animate import CAPTION_PX
 from fractal_vmap.analysis.fractal import edge_pixels
 from fractal_vmap.analysis.labels import convergence_measure
+from fractal_vmap.analysis.runs import read_level
 from fractal_vmap.cli import main
 from fractal_vmap.tasks.paper.mlp import PaperConfig, paper_grid
 
@@ -244,8 +245,9 @@ def test_a_refined_nanochat_grid_equals_the_full_grid_where_it_trained(default_m
     full, refined = cells(tmp_path / "full"), cells(tmp_path / "refined")
     # each level's file records the lane chunk its row trained with (level 0: 4 cells in chunks of 3), not the
     # paper task's LANE_CHUNK
-    level0 = json.loads((tmp_path / "refined" / "rows" / "row_0000.json").read_text())
-    assert level0["lane_chunk"] == 3 and len(level0["lanes"]) == 4
+    digest = json.loads((tmp_path / "refined" / "grid.json").read_text())["digest"]
+    level0, lanes0 = read_level(tmp_path / "refined" / "rows" / "row_0000.npz", digest)  # a level's compact file
+    assert level0["lane_chunk"] == 3 and level0["cells"] == len(lanes0["grid_i"]) == 4
     trained = refined["trained"].to_numpy()
     # level 0: the corners
     assert refined["matrix_lr"].tolist() == full["matrix_lr"].tolist() and trained[[0, 2, 6, 8]].all()

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter
 
 GREY = (0.5, 0.5, 0.5)  # cells with no value
 BLUE, RED = (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)  # the two phases at full depth
@@ -21,6 +22,7 @@ PALEST = 0.3  # the palest cell of a phase still gets 30% colour: clearly blue o
 CAPTION_SIZE = 7  # points
 MAX_SHOWN_LOSS = 1e30  # the final-loss panel's colour scale ends here (larger losses get its top colour)
 PAPER_INCHES, PANELS_INCHES = (7, 5), (13, 9)  # figure sizes of trainability.png and panels.png
+MESH_CELLS = 1 << 20  # above this many cells a picture draws its map as an image (_mesh)
 MAX_PIXELS = 2**28  # the largest canvas drawn: 1 GiB of RGBA (at --dpi 100000 matplotlib ran out of memory mid-draw)
 
 
@@ -73,9 +75,29 @@ def _edges(values, log: bool) -> np.ndarray | None:
     return 10**e if log else e
 
 
+def _uniform(edges, log: bool) -> tuple[float, float] | None:
+    """The first and last edge (in log10 on a log axis) when the cells are equally wide there, else None."""
+    if edges is None:
+        return None
+    t = np.log10(edges) if log else np.asarray(edges)
+    widths = np.diff(t)
+    return (float(t[0]), float(t[-1])) if np.allclose(widths, widths[0], rtol=1e-6, atol=0) else None
+
+
 def _mesh(ax, row_values, col_values, row_name: str, col_name: str, log_rows: bool, log_cols: bool, shade, **kwargs):
-    """pcolormesh of an [H, W] grid over the axis values, labelled; returns the mesh (for a colour bar)."""
+    """pcolormesh of an [H, W] grid over the axis values, labelled; returns the mesh (for a colour bar). A map of more
+    than MESH_CELLS cells on equally wide cells is drawn as an image over the same extent (a log axis in log10 units,
+    ticked 10^k), since a mesh of 16.8M quads takes 30 s and 2 GB a panel."""
     x, y = _edges(col_values, log_cols), _edges(row_values, log_rows)
+    ux, uy = _uniform(x, log_cols), _uniform(y, log_rows)
+    if np.size(shade) > MESH_CELLS and ux is not None and uy is not None:
+        mesh = ax.imshow(shade, origin="lower", extent=(*ux, *uy), aspect="auto", interpolation="antialiased", **kwargs)
+        for log, axis in ((log_cols, ax.xaxis), (log_rows, ax.yaxis)):
+            if log:
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"$10^{{{v:g}}}$"))
+        ax.set_xlabel(col_name)
+        ax.set_ylabel(row_name)
+        return mesh
     mesh = ax.pcolormesh(
         np.arange(len(col_values) + 1) - 0.5 if x is None else x,
         np.arange(len(row_values) + 1) - 0.5 if y is None else y,
@@ -197,6 +219,14 @@ def paper_image(
     return _save(fig, path)
 
 
+def full_map(measure: np.ndarray, steps: np.ndarray | None, path) -> Path:
+    """map.png: paper_image's colours at one pixel a cell (row 0 at the bottom, no axes): the map at full resolution,
+    which the figures (a few inches at --dpi) cannot show once it has more cells than they have pixels."""
+    rgb = PHASE_CMAP((measure_shade(measure, steps) + 1) / 2, bytes=True)[::-1, :, :3]  # grey: masked (cmap's bad)
+    plt.imsave(path, np.ascontiguousarray(rgb), format="png")
+    return Path(path)
+
+
 def _grid(cells: pd.DataFrame, column: str, H: int, W: int) -> np.ndarray:
     """One DataFrame column laid out as a float [H, W] grid; cells absent from the frame are NaN."""
     out = np.full((H, W), np.nan)
@@ -224,23 +254,30 @@ def panels(
     log_cols: bool = True,
     caption: str | None = None,
     dpi: int = 150,
+    values: tuple | None = None,
 ) -> Path:
     """
     Four panels in one PNG: trainability shaded exactly as the paper image, stability, final loss (log colour scale),
     and the binary trainable label. One DataFrame row per cell, with columns row, col, stable, converged, final_loss,
     measure, plus the axis values under row_name and col_name (and total_steps, if any: the shading's step counts).
-    Cells absent from the frame are grey.
+    Cells absent from the frame are grey. `cells` may instead be those columns laid out [H, W] (a dict of arrays,
+    NaN where no cell), with `values` the axes' (row values, col values).
     """
-    H, W = int(cells["row"].max()) + 1, int(cells["col"].max()) + 1
-    # axis values per index; an index with no cell at all labels as nan (and the axis is drawn by index)
-    row_values = cells.groupby("row")[row_name].first().reindex(range(H)).to_numpy(np.float64)
-    col_values = cells.groupby("col")[col_name].first().reindex(range(W)).to_numpy(np.float64)
+    if isinstance(cells, dict):
+        maps, (row_values, col_values) = cells, values
+    else:
+        H, W = int(cells["row"].max()) + 1, int(cells["col"].max()) + 1
+        # axis values per index; an index with no cell at all labels as nan (and the axis is drawn by index)
+        row_values = cells.groupby("row")[row_name].first().reindex(range(H)).to_numpy(np.float64)
+        col_values = cells.groupby("col")[col_name].first().reindex(range(W)).to_numpy(np.float64)
+        columns = ("measure", "total_steps", "stable", "converged", "final_loss")
+        maps = {c: _grid(cells, c, H, W) for c in columns if c in cells}
     mesh_args = (row_values, col_values, row_name, col_name, log_rows, log_cols)
-    final_loss = _grid(cells, "final_loss", H, W)
+    final_loss = maps["final_loss"]
 
     fig, axes = plt.subplots(2, 2, figsize=PANELS_INCHES, dpi=dpi, layout="constrained")  # room for bars, legends
-    steps = _grid(cells, "total_steps", H, W) if "total_steps" in cells else None
-    shade = measure_shade(_grid(cells, "measure", H, W), steps)
+    steps = maps.get("total_steps")
+    shade = measure_shade(maps["measure"], steps)
     mesh = _mesh(axes[0, 0], *mesh_args, shade, cmap=PHASE_CMAP, norm=Normalize(-1, 1))
     _phase_colorbar(fig, axes[0, 0], mesh, varies(steps))
     axes[0, 0].set_title("trainable (blue) or not (red), as trainability.png")
@@ -248,7 +285,7 @@ def panels(
         fig,
         axes[0, 1],
         mesh_args,
-        _grid(cells, "stable", H, W),
+        maps["stable"],
         "stable: every loss finite",
         "diverged: a loss went NaN/inf",
         "stable or diverged",
@@ -274,7 +311,7 @@ def panels(
         fig,
         axes[1, 1],
         mesh_args,
-        _grid(cells, "converged", H, W),
+        maps["converged"],
         "trainable",
         "not trainable",
         "trainable label (last losses / first < threshold)",

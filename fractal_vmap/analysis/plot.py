@@ -4,6 +4,7 @@ rewrites RUN's trainability.png and panels.png exactly as the grid drew them; --
 (the measure and labels follow, as in recipe.cell_result) and write the new pictures and fractal.json to --out.
 """
 
+import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -44,8 +45,8 @@ def relabel(run_dir: Path, grid: dict, cells, window: int, threshold: float):
 
 def plot_run(cfg: PlotConfig) -> list[Path]:
     """The `plot` command: check everything, then draw (and, when relabelled, write cells.parquet and fractal.json)."""
-    from fractal_vmap.analysis.report import draw_pictures, measure_fractal
-    from fractal_vmap.analysis.runs import read_run
+    from fractal_vmap.analysis.report import MAP_COLUMNS, draw_pictures, measure_fractal
+    from fractal_vmap.analysis.runs import read_maps, read_run
 
     run_dir = Path(cfg.run)
     missing = [name for name in ("grid.json", "cells.parquet", "fractal.json") if not (run_dir / name).is_file()]
@@ -56,7 +57,7 @@ def plot_run(cfg: PlotConfig) -> list[Path]:
         )
     # one clear line if unreadable
     read_json_object(run_dir / "grid.json", "the grid's spec", "pass a run dir that `grid` wrote")
-    grid, cells, fractal = read_run(run_dir)
+    grid, fractal = (json.loads((run_dir / name).read_text()) for name in ("grid.json", "fractal.json"))
     settings = grid["spec"]["settings"]
     window = settings["trainable_window_steps"] if cfg.trainable_window_steps is None else cfg.trainable_window_steps
     threshold = (
@@ -93,10 +94,12 @@ def plot_run(cfg: PlotConfig) -> list[Path]:
             f"--style {cfg.style!r} is neither a matplotlib style ({', '.join(sorted(plt.style.available)[:4])}, ...) "
             "nor a file"
         )
+    row, col = Axis(**grid["spec"]["axes"]["rows"]), Axis(**grid["spec"]["axes"]["cols"])
     if relabelled:
-        row, col = Axis(**grid["spec"]["axes"]["rows"]), Axis(**grid["spec"]["axes"]["cols"])
-        cells = relabel(run_dir, grid, cells, window, threshold)
+        cells = relabel(run_dir, grid, read_run(run_dir)[1], window, threshold)
         fractal = measure_fractal(cells, row, col)
+    else:  # the pictures' columns alone, one at a time: a 4097^2 map's whole frame would take GBs
+        cells = read_maps(run_dir, list(MAP_COLUMNS), len(row.values), len(col.values))
     out.mkdir(parents=True, exist_ok=True)
     if relabelled:
         with atomic_path(out / "cells.parquet") as tmp:

@@ -4,8 +4,8 @@ values inside a box of a parent). Four steps:
 
   plan: the task's every check and load, each bad input one clear line, before the run dir is touched;
   open: the run dir's lock (lock.py), grid.json (rundir.py), the grid's one W&B run (tracking.py);
-  train: the units not yet done, each written as its row file when it finishes (a unit is a row, or a refinement
-    level), so a rerun resumes unit by unit;
+  train: the units not yet done, each written as its file when it finishes (a unit is a row, or a refinement level,
+    whose file is compact: analysis/runs.py), so a rerun resumes unit by unit;
   finish: cells.parquet, fractal.json and the pictures (analysis/report.py), W&B's summary, the closing lines.
 
 Rows over many workers: shard.py (the same plan, open, train and finish, split by rank).
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fractal_vmap.analysis import runs
+from fractal_vmap.analysis.cellmap import CellMap
 from fractal_vmap.analysis.report import dimension_note, write_report
-from fractal_vmap.analysis.runs import read_row, row_path
+from fractal_vmap.analysis.runs import Table, lanes_of, level_path, level_table, read_row, row_path, table_of
 from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.console import console
 from fractal_vmap.files import finite_or_none
@@ -30,6 +32,7 @@ from fractal_vmap.grid.rundir import (
     mixed_rows_note,
     open_run_dir,
     this_machine,
+    write_level,
     write_row,
 )
 from fractal_vmap.options import GridConfig
@@ -98,6 +101,16 @@ def read_unit(plan, digest: str, k: int, cells: int) -> list[dict] | None:
     return read_row(row_path(plan.run_dir, k), cells, digest) if cells else []
 
 
+def read_level(plan, digest: str, k: int, cells: int) -> Table | None:
+    """A refined grid's level k from its level file (or from the JSON row file a run before compact levels wrote), if
+    it finished under this spec with `cells` cells."""
+    found = runs.read_level(level_path(plan.run_dir, k), digest)
+    if found is not None and found[0]["cells"] == cells:
+        return level_table(*found)
+    lanes = read_unit(plan, digest, k, cells) if row_path(plan.run_dir, k).exists() else None
+    return None if lanes is None else table_of(lanes)
+
+
 def train_unit(
     plan,
     digest: str,
@@ -107,20 +120,30 @@ def train_unit(
     rank: int = 0,
     wandb_run=None,
     description: str = "",
-) -> list[dict]:
-    """Train unit k of the grid (a row, or a refinement level: its cells `points`) and write it as row file k.
-    Returns the cells' results as a resumed run reads them back (strict JSON: NaN is null)."""
+    level: bool = False,
+):
+    """Train unit k of the grid (a row, or with `level` a refinement level: its cells `points`) and write it: a row as
+    row file k (JSON lanes), a level as level file k (a table, runs.py). Returns the cells' results as a resumed run
+    reads them back (a row's strict JSON: NaN is null; a level's table)."""
     t0 = time.perf_counter()
     progress.row_started(k, description, len(points))
-    results, chunk = plan.train(points, progress)
-    done = write_row(row_path(plan.run_dir, k), k, digest, results, time.perf_counter() - t0, chunk, plan.device, rank)
+    results, chunk = plan.train(points, progress)  # a task gives lanes (dicts) or a table (columns)
+    if level:
+        table = results if isinstance(results, dict) else table_of(results)
+        done = write_level(level_path(plan.run_dir, k), k, digest, table, time.perf_counter() - t0, chunk, plan.device)
+        converged, stable = done["converged"], done["stable"]
+    else:
+        lanes = results if isinstance(results, list) else lanes_of(results)
+        path = row_path(plan.run_dir, k)
+        done = write_row(path, k, digest, lanes, time.perf_counter() - t0, chunk, plan.device, rank)
+        converged, stable = [r["converged"] for r in done], [r["stable"] for r in done]
     progress.row_finished(k)
     if wandb_run is not None:  # step = the unit: monotone across resumes, which continue the same W&B run
         wandb_run.log(
             {
                 "row": k,
-                "row/converged_frac": float(np.mean([r["converged"] for r in done])),
-                "row/stable_frac": float(np.mean([r["stable"] for r in done])),
+                "row/converged_frac": float(np.mean(converged)),
+                "row/stable_frac": float(np.mean(stable)),
                 "row/seconds": time.perf_counter() - t0,
             },
             step=k,
@@ -154,54 +177,54 @@ def run_rows(
     return lanes
 
 
-def run_levels(plan, digest: str, wandb_run=None) -> tuple[list[dict], int]:
+def run_levels(plan, digest: str, wandb_run=None) -> tuple[CellMap, int]:
     """A refined grid (refine.py): level 0 on the coarse grid, then each level near the boundary the levels before
-    found, each a unit. Returns every fine cell (those no level trained filled from their coarse parent) and the number
-    of cells trained."""
+    found, each a unit. Returns the map (the cells no level trained showing their coarse parent's result) and the
+    number of cells trained."""
     K, H, W = plan.cfg.refine, len(plan.row.values), len(plan.col.values)
-    results: dict[tuple[int, int], dict] = {}
-    levels: dict[tuple[int, int], int] = {}
+    known, phase = np.zeros((H, W), dtype=bool), np.zeros((H, W), dtype=bool)
+    trained_at = np.full((H, W), -1, dtype=np.int32)  # each trained cell's entry in the levels' table
+    tables: list[Table] = []
     with GridProgress(console, [], unit="level", rate=plan.rate) as progress:
         for k in range(K + 1):
-            points = refine.level_points(results, k, K, H, W)
+            points = refine.level_points(known, phase, k, K)
             progress.add_row(plan.steps(points))
-            spacing = 2 ** (K - k)
-            done = read_unit(plan, digest, k, len(points))
-            if done is not None:
+            spacing, n = 2 ** (K - k), int(known.sum())
+            done = read_level(plan, digest, k, len(points)) if points else None
+            if done is not None or not points:
                 progress.row_skipped(k)
             else:
-                done = train_unit(
-                    plan,
-                    digest,
-                    k,
-                    points,
-                    progress,
-                    0,
-                    wandb_run,
-                    f"spacing {spacing} ({len(results) + len(points)} of {H * W} cells trained by then)",
-                )
-            for r in done:
-                results[(r["grid_i"], r["grid_j"])], levels[(r["grid_i"], r["grid_j"])] = r, k
-    return refine.filled(results, levels, H, W, K), len(results)
+                what = f"spacing {spacing} ({n + len(points)} of {H * W} cells trained by then)"
+                done = train_unit(plan, digest, k, points, progress, 0, wandb_run, what, level=True)
+            if not points:
+                continue
+            i, j = done["grid_i"].astype(np.int64), done["grid_j"].astype(np.int64)
+            known[i, j], phase[i, j] = True, done["converged"].astype(bool)
+            trained_at[i, j] = n + np.arange(len(i))
+            level = np.full(len(i), k, dtype=np.int8)
+            tables.append({**{c: v for c, v in done.items() if c != "losses"}, "level": level})
+    table = {c: np.concatenate([t[c] for t in tables]) for c in tables[0]}
+    source = refine.filled(trained_at, K)
+    per_cell = {"trained": trained_at >= 0, "level": table["level"][source]}
+    return CellMap(table, source, per_cell), len(table["level"])
 
 
-def finish_grid(plan, lanes: list[dict], wandb_run=None, trained: int | None = None) -> dict:
-    """The table, fractal.json and pictures; the W&B summary; the closing lines. `trained`: the cells a refined grid
-    trained (the others are filled in)."""
+def finish_grid(plan, lanes: list[dict] | CellMap, wandb_run=None, trained: int | None = None) -> dict:
+    """The table, fractal.json and pictures; the W&B summary; the closing lines. `lanes`: a grid's lanes, or a refined
+    grid's map (run_levels); `trained`: the cells a refined grid trained (the others are filled in)."""
     out = write_report(plan.run_dir, lanes, plan.row, plan.col, plan.cell_lrs())
+    cells_total = len(plan.row.values) * len(plan.col.values)
     if wandb_run is not None:
         import wandb
 
         run_dir, cells = plan.run_dir, out["cells"]
-        table = wandb.Table(dataframe=cells.astype(object).where(cells.notna(), None))  # NaN -> None: strict JSON
-        wandb_run.log(
-            {
-                "trainability": wandb.Image(str(run_dir / "trainability.png")),
-                "panels": wandb.Image(str(run_dir / "panels.png")),
-                "cells": table,
-            },
-            step=len(plan.row.values),
-        )
+        logged = {
+            "trainability": wandb.Image(str(run_dir / "trainability.png")),
+            "panels": wandb.Image(str(run_dir / "panels.png")),
+        }
+        if cells is not None:  # a map too large to read back as a frame is in cells.parquet alone
+            logged["cells"] = wandb.Table(dataframe=cells.astype(object).where(cells.notna(), None))  # NaN -> None
+        wandb_run.log(logged, step=len(plan.row.values))
         wandb_run.summary.update(
             finite_or_none(
                 {
@@ -215,10 +238,11 @@ def finish_grid(plan, lanes: list[dict], wandb_run=None, trained: int | None = N
     if trained is None:
         counted = f"{trainable} of {len(lanes)} cells"
     else:  # a refined map: the cells no level trained took a coarser cell's result
-        counted = f"trained {trained} of {len(lanes)} cells ({trained / len(lanes):.1%}); {trainable} of the map"
+        counted = f"trained {trained} of {cells_total} cells ({trained / cells_total:.1%}); {trainable} of the map"
     console.print(f"{counted}; {dimension_note(f)}", highlight=False, style="yellow" if f["caveat"] else None)
     console.print(
-        f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold] and [bold]{plan.run_dir / 'panels.png'}[/bold]; "
+        f"pictures: [bold]{plan.run_dir / 'trainability.png'}[/bold] and [bold]{plan.run_dir / 'panels.png'}[/bold] "
+        f"(the map at one pixel a cell: {plan.run_dir / 'map.png'}); "
         f"cells: {plan.run_dir / 'cells.parquet'}"
     )
     return out

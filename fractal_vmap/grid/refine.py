@@ -10,8 +10,10 @@ Every level's values are the fine grid's own values, and a lane's numbers do not
 it (lanes.py), so a trained cell equals the same cell of a full fine grid bit for bit: refinement can only be wrong
 where it did not look (islands inside squares whose corners agree: the known weakness of border tracing).
 
-Layout: the run dir as every grid's, except `rows/` holds one file a level (`row_XXXX.json` = level XXXX, the lanes it
-trained, each with its fine-grid indices), so a rerun resumes level by level.
+Layout: the run dir as every grid's, except `rows/` holds one compact file a level (`row_XXXX.npz` = level XXXX,
+the cells it trained as columns, each with its fine-grid indices: analysis/runs.py), so a rerun resumes level by level;
+a level a run before these files wrote as `row_XXXX.json` is still read. The finish works on arrays
+(analysis/cellmap.py): a 4097 x 4097 map (--rows 257 --cols 257 --refine 4) finishes in a few minutes and ~4 GB.
 """
 
 import os
@@ -22,10 +24,11 @@ from fractal_vmap.errors import UserError
 from fractal_vmap.options import GridConfig
 
 MAX_LEVELS = 6  # 2^6 = 64 fine cells per coarse spacing: beyond that a zoom serves better
-# host memory a fine cell takes, trained or not, measured with tracemalloc on a 129 x 129 map (CPython 3.11; the
-# process's peak RSS grew by the same per cell from 129^2 to 385^2 cells): the filled cell's dict and its cells.parquet
-# row at the peak of write_report (2287 bytes); a task's own per-cell state comes on top (its CELL_BYTES)
-MAP_CELL_BYTES = 2300
+# host memory a fine cell takes at the finish, trained or not (pipeline.run_levels' CellMap, then report.write_report:
+# its per-cell arrays, the pictures' float64 maps and their shading; cells.parquet goes in fixed blocks): 177 bytes
+# by tracemalloc from 513^2 to 769^2 (tests/test_probe.py), and the 4097^2 paper map's peak RSS, 3.7-4.1 GB, is
+# ~0.6 GB of imports and 190-200 bytes a cell; a task's own per-cell state comes on top (its CELL_BYTES)
+MAP_CELL_BYTES = 200
 
 
 def fine_size(n: int, K: int) -> int:
@@ -73,58 +76,57 @@ def check(cfg: GridConfig, task_cell_bytes: int = 0) -> None:
     check_map_fits(cfg, task_cell_bytes)
 
 
-def level_points(results: dict[tuple[int, int], dict], k: int, K: int, H: int, W: int) -> list[tuple[int, int]]:
+def level_points(known: np.ndarray, phase: np.ndarray, k: int, K: int) -> list[tuple[int, int]]:
     """The fine-grid cells level k of K trains: every 2^K-th cell at level 0, then (to_refine) the cells near the
-    boundary the `results` of the levels before show."""
+    boundary the levels before show (`known`, `phase`: bool [H, W], which fine cells were trained, and which of them
+    trained)."""
+    H, W = known.shape
     step = 2 ** (K - k)
     if k == 0:
         return [(i, j) for i in range(0, H, step) for j in range(0, W, step)]
-    known = np.zeros((H, W), dtype=bool)
-    phase = np.zeros((H, W), dtype=bool)
-    for (i, j), r in results.items():
-        known[i, j], phase[i, j] = True, r["converged"]
     return to_refine(phase, known, step)
 
 
 def to_refine(phase: np.ndarray, known: np.ndarray, step: int) -> list[tuple[int, int]]:
-    """Fine-grid cells at spacing `step` to train next: those inside (or on the edges of) the squares of spacing 2 x
-    step whose known corners disagree in phase, and of the squares around them. phase: bool [H, W] (valid where
-    known)."""
+    """Fine-grid cells at spacing `step` to train next, in row-major order: those inside (or on the edges of) the
+    squares of spacing 2 x step whose known corners disagree in phase, and of the squares around them. phase: bool
+    [H, W] (valid where known). Array operations on the coarse lattice: a 4097^2 map's last level has 4M squares."""
     H, W = phase.shape
     big = 2 * step
-    corners = [(i, j) for i in range(0, H, big) for j in range(0, W, big)]
-    marked = set()
-    for i, j in corners:
-        if i + big >= H or j + big >= W:
-            continue
-        square = [(a, b) for a in (i, i + big) for b in (j, j + big)]
-        values = {bool(phase[a, b]) for a, b in square if known[a, b]}
-        if len(values) > 1:  # the boundary crosses this square: it and its 8 neighbours
-            for di in (-big, 0, big):
-                for dj in (-big, 0, big):
-                    if 0 <= i + di and i + di + big < H and 0 <= j + dj and j + dj + big < W:
-                        marked.add((i + di, j + dj))
-    cells = {(a, b) for i, j in marked for a in range(i, i + big + 1, step) for b in range(j, j + big + 1, step)}
-    return sorted(c for c in cells if not known[c])
+    si, sj = (H - 1) // big, (W - 1) // big  # whole squares along each side (their far corner inside the grid)
+    if si < 1 or sj < 1:
+        return []
+    p, kn = phase[: si * big + 1 : big, : sj * big + 1 : big], known[: si * big + 1 : big, : sj * big + 1 : big]
+    corners = [(slice(a, a + si), slice(b, b + sj)) for a in (0, 1) for b in (0, 1)]
+    any_true = np.zeros((si, sj), dtype=bool)
+    any_false = np.zeros((si, sj), dtype=bool)
+    for c in corners:
+        any_true |= kn[c] & p[c]
+        any_false |= kn[c] & ~p[c]
+    crossed = np.pad(any_true & any_false, 1)  # the boundary crosses these squares: they and their 8 neighbours
+    marked = np.zeros((si, sj), dtype=bool)
+    for di in (0, 1, 2):
+        for dj in (0, 1, 2):
+            marked |= crossed[di : di + si, dj : dj + sj]
+    cells = np.zeros((2 * si + 1, 2 * sj + 1), dtype=bool)  # the lattice of spacing `step`
+    for di in (0, 1, 2):
+        for dj in (0, 1, 2):
+            cells[di : di + 2 * si : 2, dj : dj + 2 * sj : 2] |= marked
+    cells &= ~known[: si * big + 1 : step, : sj * big + 1 : step]
+    a, b = np.nonzero(cells)
+    return list(zip((a * step).tolist(), (b * step).tolist()))
 
 
-def filled(
-    results: dict[tuple[int, int], dict], levels: dict[tuple[int, int], int], H: int, W: int, K: int
-) -> list[dict]:
-    """Every fine cell: a trained one as it is (trained = true, its level), another from its coarse parent: the corner
-    of its square at the finest level whose corner was trained (trained = false, the parent's level)."""
-    out = []
-    for i in range(H):
-        for j in range(W):
-            if (i, j) in results:
-                out.append({**results[(i, j)], "trained": True, "level": levels[(i, j)]})
-                continue
-            for k in range(K - 1, -1, -1):  # the finest parent first
-                step = 2 ** (K - k)
-                parent = (i - i % step, j - j % step)
-                if parent in results:
-                    break
-            out.append(
-                {**results[parent], "grid_i": i, "grid_j": j, "trained": False, "level": levels[parent], "losses": []}
-            )
-    return out
+def filled(trained_at: np.ndarray, K: int) -> np.ndarray:
+    """Which trained cell every fine cell shows: itself where trained, else its coarse parent, the corner of its square
+    at the finest level whose corner was trained. `trained_at`: int [H, W], the index of each fine cell's result in the
+    trained cells' table, -1 where no level trained it. Returns int [H, W] indices into that table (-1: no parent, which
+    a finished map never has: level 0 trains every corner)."""
+    H, W = trained_at.shape
+    source = np.full((H, W), -1, dtype=trained_at.dtype)
+    for k in range(K):  # the coarsest parents first, each finer level's overwriting them
+        step = 2 ** (K - k)
+        parents = trained_at[(np.arange(H) // step * step)[:, None], (np.arange(W) // step * step)[None, :]]
+        np.copyto(source, parents, where=parents >= 0)
+    np.copyto(source, trained_at, where=trained_at >= 0)
+    return source

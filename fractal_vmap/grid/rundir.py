@@ -1,6 +1,6 @@
 """A grid's run directory: grid.json (the spec, its digest, the environment) and rows/row_XXXX.json (one per finished
 row, written atomically, each carrying the digest of the spec it was trained under and the device and torch thread
-count it ran with).
+count it ran with; a refined grid's level is rows/row_XXXX.npz, its cells as columns: analysis/runs.py).
 
 Rerunning the same command resumes: finished rows whose digest matches are kept. Another spec in the same dir is
 refused, naming what differs; a row file of another spec is never reused. The thread count is not part of the spec
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fractal_vmap.analysis.runs import read_record, row_lanes, row_path
+from fractal_vmap.analysis.runs import Table, level_table, pack_level, read_header, read_level, row_lanes
 from fractal_vmap.console import console
 from fractal_vmap.errors import UserError
 from fractal_vmap.files import check_writable_dir, read_json_object, remove_stale_temps, strict_json, write_atomic
@@ -180,6 +180,29 @@ def write_row(
     return row_lanes(json.loads(text))
 
 
+def write_level(
+    path: Path, k: int, digest: str, table: Table, seconds: float, lane_chunk: int, device: torch.device
+) -> Table:
+    """A refined grid's level k as its compact file (analysis/runs.py: columns, the header as a row file's),
+    atomically; returns its table as a resumed run reads it back (read_level)."""
+    name, threads = this_machine(device)
+    header = {
+        "row": k,
+        "complete": True,
+        "spec_digest": digest,
+        "seconds": seconds,
+        "lane_chunk": lane_chunk,
+        "threads": threads,
+        "device": name,
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "rank": 0,
+    }
+    write_atomic(path, pack_level(header, table))
+    header, table = read_level(path, digest)  # what a resume reads: curves dropped where large
+    return level_table(header, table)
+
+
 def describe_machine(machine: tuple[str, int | None], with_device: bool) -> str:
     """ "2 threads", "1 thread on Intel(R) Xeon(R) ...", or a GPU's name (threads None)."""
     name, threads = machine
@@ -197,7 +220,7 @@ def mixed_rows_note(run_dir: Path, digest: str, units: int, machines: set[tuple[
     finished: dict[tuple, int] = {}
     valid = 0
     for i in range(units):  # a unit is a row, or a refined grid's level (pipeline.py)
-        record = read_record(row_path(run_dir, i), digest, say=lambda *_: None)  # read_row says why, later
+        record = read_header(run_dir, i, digest)
         valid += record is not None
         if record is not None and "threads" in record:
             machine = key((record["device"], record["threads"]))

@@ -12,6 +12,7 @@ added to every initial W0 weight. A zoom (grid/zoom.py) passes the parent's exac
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fractal_vmap.analysis.labels import label_runs
@@ -101,9 +102,10 @@ class PaperPlan:
     def steps(self, points: list[tuple[int, int]]) -> list[int]:
         return [self.paper.steps] * len(points)
 
-    def train(self, points: list[tuple[int, int]], progress=None) -> tuple[list[dict], int]:
+    def train(self, points: list[tuple[int, int]], progress=None) -> tuple[dict, int]:
         """Train the cells `points` ((row, col) indices: a row, or a refinement level's cells) as the lanes of one
-        call, each at its axis values (mlp.phase_lanes' mapping); one result a cell, and the lane chunk."""
+        call, each at its axis values (mlp.phase_lanes' mapping); their results as a table (analysis/runs.py: one
+        array a field, a cell an entry), and the lane chunk."""
         rows = torch.tensor([self.row.values[i] for i, _ in points], dtype=torch.float64)
         cols = torch.tensor([self.col.values[j] for _, j in points], dtype=torch.float64)
         lr0, lr1, offset = (
@@ -117,10 +119,10 @@ class PaperPlan:
                 progress.chunk(list(range(start, start + n)), [steps] * n)(steps, steps, n * steps)
 
         losses = train_paper_lanes(self.paper, lr0, lr1, offset, chunk=chunk, device=self.device, on_chunk=chunk_done)
-        results = lane_results(losses, self.cfg.trainable_window_steps, self.cfg.trainable_loss_ratio_threshold)
-        for (i, j), r in zip(points, results):
-            r.update(grid_i=i, grid_j=j)
-        return results, min(chunk, len(points))
+        table = lane_table(losses, self.cfg.trainable_window_steps, self.cfg.trainable_loss_ratio_threshold)
+        table["grid_i"] = np.array([i for i, _ in points], dtype=np.int64)
+        table["grid_j"] = np.array([j for _, j in points], dtype=np.int64)
+        return table, min(chunk, len(points))
 
     def cell_lrs(self) -> None:
         return None  # the axes are the learning rates (cells.parquet's axis columns)
@@ -221,12 +223,9 @@ def plan(cfg: GridConfig, row: Axis, col: Axis, parent: dict | None = None) -> P
     return PaperPlan(cfg, paper, row, col, device, spec)
 
 
-def lane_results(losses: torch.Tensor, window: int, threshold: float) -> list[dict]:
-    """One result a lane from its losses [steps, lanes] (NaN after a lane's first non-finite loss)."""
-    curves = losses.T.numpy()
+def lane_table(losses: torch.Tensor, window: int, threshold: float) -> dict[str, np.ndarray]:
+    """The lanes' results as columns from their losses [steps, lanes] (NaN after a lane's first non-finite loss):
+    label_runs' labels, total_steps, and the curves [lanes, steps] (runs.lanes_of cuts each at its run's end)."""
+    curves = np.ascontiguousarray(losses.T.numpy())
     labels = label_runs(curves, [curves.shape[1]] * curves.shape[0], window, threshold)
-    results = []
-    for i, curve in enumerate(curves):
-        result = {k: v[i].item() for k, v in labels.items()}
-        results.append({**result, "total_steps": curves.shape[1], "losses": curve[: result["steps"]].tolist()})
-    return results
+    return {**labels, "total_steps": np.full(curves.shape[0], curves.shape[1]), "losses": curves}
