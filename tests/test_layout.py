@@ -34,6 +34,7 @@ LAYERS = [
     ),
     ("tasks", {"tasks"}),
     ("grid", {"grid"}),
+    ("study", {"study"}),
     ("perf", {"perf"}),
     ("commands", {"cli", "finetune", "__main__", "__init__"}),
 ]
