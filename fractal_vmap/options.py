@@ -253,9 +253,9 @@ class StudyConfig:
     refine: int = 0  # refinement levels of every map (its side is (coarse - 1) x 2^refine + 1); 0: 3 (quick: 2)
     zooms: int = -1  # zoom levels below the map, each into its parent's box with the most boundary; -1: 3 (quick: 1)
     zoom_box: float = 0.25  # side of a zoom's box as a fraction of its parent's side
-    # nanochat-sft: the token budget of the matrix_lr x unembedding_lr map; 0: 4000 (quick: 1000)
+    # nanochat-sft: the token budget of the matrix_lr x unembedding_lr map; 0: 1000 (quick: 500)
     num_tokens: int = 0
-    # nanochat-sft: the num_tokens x lr plane's token budgets, log-spaced; 0: 1000 to 16000 (quick: 500 to 2000)
+    # nanochat-sft: the num_tokens x lr plane's token budgets, log-spaced; 0: 500 to 8000 (quick: 250 to 1000)
     token_min: int = 0
     token_max: int = 0
     token_rows: int = 0  # coarse rows (token budgets) of the num_tokens x lr plane; 0: 5 (quick: 3)

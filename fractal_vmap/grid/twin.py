@@ -5,7 +5,7 @@ its map, and `compare PARENT TWIN` (analysis/compare.py) counts the cells that f
 cannot be seen, which is why the band reaches one cell beyond the boundary.
 
 Layout: the run dir as every grid's, with one unit (`rows/row_0000.json`: the trained cells, with their grid indices),
-and the spec's `twin_of`: the parent's run dir and digest, so a twin of another parent never resumes from it.
+and the spec's `twin_of`: the parent's digest (and dir name), so a twin of another parent never resumes from it.
 """
 
 from pathlib import Path
@@ -29,7 +29,9 @@ def check(cfg, plan) -> None:
             f"--twin_of {cfg.twin_of} is a grid over other axes or values than this one: give the twin the parent's "
             "axes, ranges and sizes (its --rows/--cols are the parent's fine map's)"
         )
-    plan.spec["twin_of"] = {"run_dir": str(parent_dir.resolve()), "digest": grid.get("digest")}
+    # the parent's digest names its cells (equal specs train equal cells), its dir's name is for a reader: a copied or
+    # moved study still resumes
+    plan.spec["twin_of"] = {"name": parent_dir.resolve().name, "digest": grid.get("digest")}
 
 
 def twin_points(parent_dir: Path) -> tuple[list[tuple[int, int]], object]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fractal_vmap.analysis.compare import load_phase
+from fractal_vmap.analysis.compare import load_phase, ran_on
 from fractal_vmap.analysis.dimension import calibrated_dimension
 from fractal_vmap.analysis.runs import read_grid
 from fractal_vmap.files import strict_json, write_atomic
@@ -95,20 +95,24 @@ def g(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}g}"
 
 
+def span(pair, digits: int = 3) -> str:
+    return "n/a" if pair is None else f"{g(pair[0], digits)}-{g(pair[1], digits)}"
+
+
 def findings(results: dict) -> list[str]:
     """The answer in plain sentences, with its numbers and intervals."""
     out = []
     for lv in results["levels"]:
         d = lv["dimension"]
-        interval = "no interval" if d["interval"] is None else f"interval {g(d['interval'][0])}-{g(d['interval'][1])}"
-        null = "" if d["null"] is None else f", smooth null {g(d['null']['range'][0])}-{g(d['null']['range'][1])}"
+        interval = "no interval" if d["interval"] is None else f"interval {span(d['interval'])}"
+        null = "" if d["null"] is None else f", smooth null {span(d['null']['range'])}"
         corr = d["corrected"] or {}
         fixed = "" if not corr.get("dimension") else f", bias-corrected D {g(corr['dimension'])}"
-        sig = lv["noise"]["signal_fraction"]
+        sig, twins = lv["noise"]["signal_fraction"], lv["noise"]["twins"]
+        signal = f"{g(sig, 2)} of its edge pixels are signal (every twin has them)" if twins else "no twins"
         out.append(
             f"{lv['name']} ({lv['shape'][0]} x {lv['shape'][1]}, {lv['trained']} cells trained): D {g(d['dimension'])} "
-            f"({interval}{null}{fixed}) from {d['edge_pixel_count']} edge pixels: {d['verdict']}; "
-            f"{'no twins' if sig is None and not lv['noise']['twins'] else f'{g(sig, 2)} of its edge pixels are signal'}"
+            f"({interval}{null}{fixed}) from {d['edge_pixel_count']} edge pixels: {d['verdict']}; {signal}"
         )
     verdicts = [lv["dimension"]["verdict"] for lv in results["levels"]]
     deep = sum(v == "fractal" for v in verdicts)
@@ -117,20 +121,22 @@ def findings(results: dict) -> list[str]:
     if p and p["orientation"]:
         o = p["orientation"]
         who = p["rows_axis"] if o["rows_share"] > 2 / 3 else p["cols_axis"] if o["rows_share"] < 1 / 3 else "both"
-        span = "" if not p["angle_range"] else f" ({g(p['angle_range'][0])}-{g(p['angle_range'][1])} over the twins)"
+        spread = "" if not p["angle_range"] else f" ({span(p['angle_range'])} over the map and its twins)"
         out.append(
             f"on {p['rows_axis']} x {p['cols_axis']}, {who} set(s) trainability: the boundary's normal lies "
-            f"{g(o['angle'])} degrees from the {p['rows_axis']} axis{span}, {g(100 * o['rows_share'], 2)}% of it along "
-            f"{p['rows_axis']}"
+            f"{g(o['angle'])} degrees from the {p['rows_axis']} axis{spread}, {g(100 * o['rows_share'], 2)}% of it "
+            f"along {p['rows_axis']}"
         )
         safe = []
         if p["safe_rows_max"] is not None:
             safe.append(
-                f"{p['rows_axis']} <= {g(p['safe_rows_max'])} trains at every {p['cols_axis']} in {g(p['cols_range'][0])}..{g(p['cols_range'][1])}"
+                f"{p['rows_axis']} <= {g(p['safe_rows_max'])} trains at every {p['cols_axis']} in "
+                f"{span(p['cols_range'])}"
             )
         if p["safe_cols_max"] is not None:
             safe.append(
-                f"{p['cols_axis']} <= {g(p['safe_cols_max'])} trains at every {p['rows_axis']} in {g(p['rows_range'][0])}..{g(p['rows_range'][1])}"
+                f"{p['cols_axis']} <= {g(p['safe_cols_max'])} trains at every {p['rows_axis']} in "
+                f"{span(p['rows_range'])}"
             )
         out.append(
             "safe region (map and twins): "
@@ -146,17 +152,28 @@ def findings(results: dict) -> list[str]:
             check = (
                 ""
                 if k is None
-                else f"; on a known law of this beta on the same grid the fit reads {g(k['beta'])} ({g(k['beta_interval'][0])}-{g(k['beta_interval'][1])})"
+                else (
+                    f"; on a known law of this beta on the same grid the fit reads {g(k['beta'])} "
+                    f"({span(k['beta_interval'])})"
+                )
             )
             out.append(
-                f"lr*(tokens) = {g(law['B'])} x tokens^-{g(law['beta'])}, beta 95% interval {g(law['beta_interval'][0])}-"
-                f"{g(law['beta_interval'][1])} from {law['rows_used']} token budgets {g(law['tokens_range'][0])}-{g(law['tokens_range'][1])}{check}"
+                f"lr*(tokens) = {g(law['B'])} x tokens^-{g(law['beta'])}, beta 95% interval "
+                f"{span(law['beta_interval'])} from {law['rows_used']} token budgets "
+                f"{span(law['tokens_range'], 5)}{check}"
             )
         if t["safe_fraction"] is not None:
             out.append(
                 f"safe lr: every cell of every row and twin trained below {g(t['safe_fraction'], 2)} x lr*(tokens)"
             )
     return out
+
+
+def device_of(run_dir: Path) -> str:
+    """The device(s) the map's cells trained on (cells.parquet's column)."""
+    import pandas as pd
+
+    return ", ".join(str(v) for v in ran_on(pd.read_parquet(Path(run_dir) / "cells.parquet"), "device"))
 
 
 def analyse(s, study_dir: Path, levels: list[dict], tokens: dict | None, ran: dict) -> dict:
@@ -170,9 +187,9 @@ def analyse(s, study_dir: Path, levels: list[dict], tokens: dict | None, ran: di
         levels=[level_result(lv) for lv in levels],
         plane=plane_rule(levels[0]),
         tokens=None if tokens is None else tokens_rule(tokens),
-        ran=dict(ran, threads=torch.get_num_threads(), device=s.cfg.device, cells_trained=None),
+        ran=dict(ran, threads=torch.get_num_threads(), device=device_of(levels[0]["run_dir"]), cells_trained=None),
     )
-    results["ran"]["cells_trained"] = sum(twin_cells_trained(study_dir / g_["run_dir"]) for g_ in ran["grids"])
+    results["ran"]["cells_trained"] = sum(twin_cells_trained(study_dir / x["run_dir"]) for x in ran["grids"])
     results["findings"] = findings(results)
     return results
 
@@ -202,73 +219,84 @@ def lr_star_figure(tokens: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def table_row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def level_row(lv: dict) -> str:
+    """A level's line of REPORT.md's table."""
+    d, n = lv["dimension"], lv["noise"]
+    flips = [
+        f"{k}: {v['flipped']} ({v['flipped_on_boundary']} on the boundary; {v['trained']} trained)"
+        for k, v in n["twins"].items()
+    ]
+    c = d["corrected"] or {}
+    corrected = "n/a" if not c.get("dimension") else f"{g(c['dimension'])} ({span(c.get('interval'))})"
+    H, W = lv["shape"]
+    null = None if d["null"] is None else d["null"]["range"]
+    return table_row(
+        [
+            f"{lv['name']} {H}x{W}",
+            f"{H * W} ({lv['trained']})",
+            g(d["dimension"]),
+            span(d["interval"]),
+            span(null),
+            corrected,
+            d["verdict"],
+            ", ".join(flips) or "no twins",
+            f"{n['signal']}/{n['edge_pixels']}",
+        ]
+    )
+
+
+def token_row(r: dict) -> str:
+    if r["censored"]:
+        return table_row([g(r["tokens"], 5), r["censored"], "", "", "", "", ""])
+    return table_row(
+        [
+            g(r["tokens"], 5),
+            g(r["last_trainable"]),
+            g(r["first_untrainable"]),
+            g(r["lr_star"]),
+            span(r["bracket"]),
+            "none" if r["mixed_band"] is None else span(r["mixed_band"]),
+            f"{g(r['safe_lr'])} ({g(r['safe_fraction'], 2)})",
+        ]
+    )
+
+
 def markdown(results: dict) -> str:
     lines = ["# Study report", "", f"Task {results['task']}; `{results['ran']['command']}`", "", "## Findings", ""]
     lines += [f"- {f}" for f in results["findings"]]
+    head = ["level", "cells (trained)", "D raw", "interval", "smooth null", "corrected D", "verdict", "flips", "signal"]
+    lines += ["", "## Levels", "", table_row(head), table_row(["---"] * len(head))]
+    lines += [level_row(lv) for lv in results["levels"]]
+    chain = ", the zoom chain: `zoom.gif`" if len(results["levels"]) > 1 else ""
     lines += [
         "",
-        "## Levels",
+        "D raw: box counting (fractal.py); interval: 2.5-97.5 percentile over lattice placements and the twins; smooth "
+        "null: what smooth boundaries read here (0.5-99.5 percentile); corrected D: the calibration table's inversion "
+        "(analysis/dimension.py); flips: cells whose label a twin changes; signal: edge pixels every twin shares.",
         "",
-        "| level | cells (trained) | D raw | interval | smooth null | corrected D | verdict | flips per twin | signal edges |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for lv in results["levels"]:
-        d, n = lv["dimension"], lv["noise"]
-        flips = (
-            ", ".join(
-                f"{k}: {v['flipped']} ({v['flipped_on_boundary']} on the boundary; {v['trained']} trained)"
-                for k, v in n["twins"].items()
-            )
-            or "no twins"
-        )
-        iv = "n/a" if d["interval"] is None else f"{g(d['interval'][0])}-{g(d['interval'][1])}"
-        null = "n/a" if d["null"] is None else f"{g(d['null']['range'][0])}-{g(d['null']['range'][1])}"
-        c = d["corrected"] or {}
-        ci = c.get("interval")
-        corr = (
-            "n/a"
-            if not c.get("dimension")
-            else f"{g(c['dimension'])} ({g(ci[0]) if ci else '?'}-{g(ci[1]) if ci else '?'})"
-        )
-        lines.append(
-            f"| {lv['name']} {lv['shape'][0]}x{lv['shape'][1]} | {lv['shape'][0] * lv['shape'][1]} ({lv['trained']}) | {g(d['dimension'])} | {iv} | {null} | {corr} | {d['verdict']} | {flips} | {n['signal']}/{n['edge_pixels']} |"
-        )
-    lines += [
-        "",
-        "Each level's pictures: `<level>/trainability.png`, `<level>/panels.png`"
-        + (", the zoom chain: `zoom.gif`" if len(results["levels"]) > 1 else "")
-        + ".",
+        f"Each level's pictures: `<level>/trainability.png`, `<level>/panels.png`{chain}.",
         "",
     ]
     t = results["tokens"]
     if t:
-        lines += [
-            "## Critical learning rate per token budget",
-            "",
-            "![lr*](lr_star.png)",
-            "",
-            "| tokens | last trainable | first untrainable | lr* | bracket | mixed band | safe lr (x lr*) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in t["rows"]:
-            if r["censored"]:
-                lines.append(f"| {g(r['tokens'], 5)} | {r['censored']} | | | | | |")
-                continue
-            band = "none" if r["mixed_band"] is None else f"{g(r['mixed_band'][0])}-{g(r['mixed_band'][1])}"
-            lines.append(
-                f"| {g(r['tokens'], 5)} | {g(r['last_trainable'])} | {g(r['first_untrainable'])} | {g(r['lr_star'])} | {g(r['bracket'][0])}-{g(r['bracket'][1])} | {band} | {g(r['safe_lr'])} ({g(r['safe_fraction'], 2)}) |"
-            )
-        lines.append("")
+        head = ["tokens", "last trainable", "first untrainable", "lr*", "bracket", "mixed band", "safe lr (x lr*)"]
+        lines += ["## Critical learning rate per token budget", "", "![lr*](lr_star.png)", ""]
+        lines += [table_row(head), table_row(["---"] * len(head))] + [token_row(r) for r in t["rows"]] + [""]
     ran = results["ran"]
     lines += [
         "## What was run",
         "",
-        f"{ran['cells_trained']} cells trained in all; this invocation's wall time {ran['wall_seconds']:.0f} s; torch threads {ran['threads']}, device {ran['device']}.",
+        f"{ran['cells_trained']} cells trained in all; this invocation's wall time {ran['wall_seconds']:.0f} s; torch "
+        f"threads {ran['threads']}, device {ran['device']}.",
         "",
-        "| grid | what | train seconds (row files) |",
-        "|---|---|---|",
+        table_row(["grid", "what", "train seconds (row files)"]),
+        table_row(["---"] * 3),
     ]
-    lines += [f"| {x['run_dir']} | {x['kind']} | {x['train_seconds']:.1f} |" for x in ran["grids"]]
+    lines += [table_row([x["run_dir"], x["kind"], f"{x['train_seconds']:.1f}"]) for x in ran["grids"]]
     return "\n".join(lines) + "\n"
 
 
