@@ -232,6 +232,9 @@ def level_row(lv: dict) -> str:
     ]
     c = d["corrected"] or {}
     corrected = "n/a" if not c.get("dimension") else f"{g(c['dimension'])} ({span(c.get('interval'))})"
+    known = c.get("known_reads") or {}
+    medians = [k["reads"][1] for k in known.values() if k["reads"][1] is not None]
+    reads = span([min(medians), max(medians)]) if medians else "n/a"  # a known boundary of the corrected D, here
     H, W = lv["shape"]
     null = None if d["null"] is None else d["null"]["range"]
     return table_row(
@@ -242,6 +245,7 @@ def level_row(lv: dict) -> str:
             span(d["interval"]),
             span(null),
             corrected,
+            reads,
             d["verdict"],
             ", ".join(flips) or "no twins",
             f"{n['signal']}/{n['edge_pixels']}",
@@ -268,7 +272,8 @@ def token_row(r: dict) -> str:
 def markdown(results: dict) -> str:
     lines = ["# Study report", "", f"Task {results['task']}; `{results['ran']['command']}`", "", "## Findings", ""]
     lines += [f"- {f}" for f in results["findings"]]
-    head = ["level", "cells (trained)", "D raw", "interval", "smooth null", "corrected D", "verdict", "flips", "signal"]
+    head = ["level", "cells (trained)", "D raw", "interval", "smooth null", "corrected D", "known D reads", "verdict"]
+    head += ["flips", "signal"]
     lines += ["", "## Levels", "", table_row(head), table_row(["---"] * len(head))]
     lines += [level_row(lv) for lv in results["levels"]]
     chain = ", the zoom chain: `zoom.gif`" if len(results["levels"]) > 1 else ""
@@ -276,7 +281,9 @@ def markdown(results: dict) -> str:
         "",
         "D raw: box counting (fractal.py); interval: 2.5-97.5 percentile over lattice placements and the twins; smooth "
         "null: what smooth boundaries read here (0.5-99.5 percentile); corrected D: the calibration table's inversion "
-        "(analysis/dimension.py); flips: cells whose label a twin changes; signal: edge pixels every twin shares.",
+        "(analysis/dimension.py); known D reads: the median reading of calibrated boundaries of that D at this "
+        "resolution, over the families; flips: cells whose label a twin changes; signal: edge pixels every twin "
+        "shares.",
         "",
         f"Each level's pictures: `<level>/trainability.png`, `<level>/panels.png`{chain}.",
         "",
