@@ -169,16 +169,15 @@ def findings(results: dict) -> list[str]:
     return out
 
 
-def device_of(run_dir: Path) -> str:
-    """The device(s) the map's cells trained on (cells.parquet's column)."""
+def ran_with(run_dir: Path, column: str) -> str:
+    """The device(s) or torch thread count(s) the map's cells trained with (cells.parquet's columns)."""
     import pandas as pd
 
-    return ", ".join(str(v) for v in ran_on(pd.read_parquet(Path(run_dir) / "cells.parquet"), "device"))
+    return ", ".join(str(v) for v in ran_on(pd.read_parquet(Path(run_dir) / "cells.parquet"), column))
 
 
 def analyse(s, study_dir: Path, levels: list[dict], tokens: dict | None, ran: dict) -> dict:
-    import torch
-
+    """Every number of the study from its run dirs, and the findings in sentences."""
     results = dict(
         task=s.cfg.task,
         settings=dict(
@@ -187,7 +186,12 @@ def analyse(s, study_dir: Path, levels: list[dict], tokens: dict | None, ran: di
         levels=[level_result(lv) for lv in levels],
         plane=plane_rule(levels[0]),
         tokens=None if tokens is None else tokens_rule(tokens),
-        ran=dict(ran, threads=torch.get_num_threads(), device=device_of(levels[0]["run_dir"]), cells_trained=None),
+        ran=dict(
+            ran,
+            threads=ran_with(levels[0]["run_dir"], "threads"),
+            device=ran_with(levels[0]["run_dir"], "device"),
+            cells_trained=None,
+        ),
     )
     results["ran"]["cells_trained"] = sum(twin_cells_trained(study_dir / x["run_dir"]) for x in ran["grids"])
     results["findings"] = findings(results)
