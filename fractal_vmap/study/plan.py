@@ -70,7 +70,7 @@ def settings(cfg: StudyConfig) -> Settings:
         raise UserError(f"--refine {s.refine}: use 1 to 6 levels (each halves the spacing near the boundary)")
     if s.zooms < 0:
         raise UserError(f"--zooms {s.zooms}: use 0 or more zoom levels (-1: the default)")
-    if not 0 < cfg.zoom_box < 1 or int(cfg.zoom_box * s.side) < 2:
+    if s.zooms and (not 0 < cfg.zoom_box < 1 or int(cfg.zoom_box * s.side) < 2):
         raise UserError(f"--zoom_box {cfg.zoom_box}: use a fraction in (0, 1) that leaves a box of >= 2 cells")
     if cfg.task == "nanochat-sft":
         if s.num_tokens < 1 or not 1 <= s.token_min < s.token_max or s.token_rows < 2:

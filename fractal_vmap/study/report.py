@@ -235,7 +235,7 @@ def level_row(lv: dict) -> str:
         for k, v in n["twins"].items()
     ]
     c = d["corrected"] or {}
-    corrected = "n/a" if not c.get("dimension") else f"{g(c['dimension'])} ({span(c.get('interval'))})"
+    corrected = f"{g(c['dimension'])} ({span(c.get('interval'))})" if c.get("dimension") else c.get("note") or "n/a"
     known = c.get("known_reads") or {}
     medians = [k["reads"][1] for k in known.values() if k["reads"][1] is not None]
     reads = span([min(medians), max(medians)]) if medians else "n/a"  # a known boundary of the corrected D, here
