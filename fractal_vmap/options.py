@@ -255,9 +255,9 @@ class StudyConfig:
     zoom_box: float = 0.25  # side of a zoom's box as a fraction of its parent's side
     # nanochat-sft: the token budget of the matrix_lr x unembedding_lr map; 0: 1000 (quick: 500)
     num_tokens: int = 0
-    # nanochat-sft: the num_tokens x lr plane's token budgets, log-spaced; 0: 500 to 8000 (quick: 250 to 1000)
+    # nanochat-sft: the smallest of the num_tokens x lr plane's token budgets (log-spaced); 0: 500 (quick: 250)
     token_min: int = 0
-    token_max: int = 0
+    token_max: int = 0  # the largest of those budgets; 0: 8000 (quick: 1000)
     token_rows: int = 0  # coarse rows (token budgets) of the num_tokens x lr plane; 0: 5 (quick: 3)
     # the twins of every map, trained on its boundary only: ulp (base weights nudged 1 ulp), seed (another data order;
     # nanochat only), a comma list, or none

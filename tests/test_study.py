@@ -57,16 +57,26 @@ def test_a_twin_trains_the_boundary_neighbourhood_and_takes_the_rest_from_its_pa
     assert twin_of == {"name": "map", "digest": strict(run_dir / "grid.json")["digest"]}
 
 
-def test_a_twin_over_other_axes_is_one_line(paper_map, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--rows", "15", "--twin_of", "PARENT"], "other axes"),
+        (["--rows", "5", "--cols", "5", "--refine", "2", "--twin_of", "PARENT"], "leave out --refine"),
+        (["--twin_of", "no/such/run"], "not a finished grid"),
+    ],
+)
+def test_bad_twin_or_refined_zoom_input_is_one_line(paper_map, tmp_path, capsys, flags, says):
     run_dir, grid = paper_map
+    flags = [str(run_dir) if f == "PARENT" else f for f in flags]
     with pytest.raises(SystemExit) as e:
-        main(
-            [*grid, "--rows", "15", "--wandb", "disabled", "--twin_of", str(run_dir), "--run_dir", str(tmp_path / "t")]
-        )
+        main([*grid, *flags, "--wandb", "disabled", "--run_dir", str(tmp_path / "t")])
     assert e.value.code == 2
     out = capsys.readouterr().out
-    assert out.startswith("error:") and "other axes" in out and len(out.strip().splitlines()) == 1
+    assert out.startswith("error:") and says in out and len(out.strip().splitlines()) == 1
     assert not (tmp_path / "t").exists()
+    with pytest.raises(SystemExit) as e:  # a refined zoom needs its coarse grid's size
+        main(["zoom", str(run_dir), "--box", "0:8,0:8", "--refine", "2", "--run_dir", str(tmp_path / "z")])
+    assert e.value.code == 2 and "needs the coarse grid" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- rules of thumb on known cases
