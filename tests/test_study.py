@@ -123,7 +123,11 @@ def test_orientation_finds_the_axis_that_sets_trainability():
     assert abs(o["angle"] - 45.0) < 3 and abs(o["rows_share"] - 0.5) < 0.03
     # a col step 3x as long in axis units: the boundary 10 x + 3.3 y = 40 leans towards the rows axis
     assert abs(rules.orientation(diagonal, 0.1, 0.3)["angle"] - np.degrees(np.arctan(1 / 3))) < 3
-    assert rules.safe_box([rows_only]) == {"rows": 16, "cols": None}
+    assert rules.safe_box([rows_only]) == {"rows": 16, "cols": None, "corner": [16, 39]}
+    corner = ((i < 10) & (j < 30)).astype(float)  # a twin that fails at (5, 5) shrinks the corner to 5 rows
+    twin = corner.copy()
+    twin[5, 5] = 0.0
+    assert rules.safe_box([corner])["corner"] == [9, 29] and rules.safe_box([corner, twin])["corner"] == [4, 29]
 
 
 # ----------------------------------------------------------------------------- studies end to end

@@ -63,6 +63,9 @@ def plane_rule(level: dict) -> dict:
         angle_range=[min(angles), max(angles)] if angles else None,
         safe_rows_max=None if box["rows"] is None else rows["values"][box["rows"]],
         safe_cols_max=None if box["cols"] is None else cols["values"][box["cols"]],
+        safe_corner=None
+        if box["corner"] is None
+        else [rows["values"][box["corner"][0]], cols["values"][box["corner"][1]]],
         rows_range=[rows["values"][0], rows["values"][-1]],
         cols_range=[cols["values"][0], cols["values"][-1]],
     )
@@ -137,6 +140,11 @@ def findings(results: dict) -> list[str]:
             safe.append(
                 f"{p['cols_axis']} <= {g(p['safe_cols_max'])} trains at every {p['rows_axis']} in "
                 f"{span(p['rows_range'])}"
+            )
+        if p["safe_corner"] is not None:
+            safe.append(
+                f"every cell with {p['rows_axis']} <= {g(p['safe_corner'][0])} and {p['cols_axis']} <= "
+                f"{g(p['safe_corner'][1])} trained (the largest such corner of the map)"
             )
         out.append(
             "safe region (map and twins): "

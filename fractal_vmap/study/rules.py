@@ -156,8 +156,13 @@ def orientation(phase: np.ndarray, row_step: float, col_step: float) -> dict | N
 
 def safe_box(phases: list[np.ndarray]) -> dict:
     """The largest leading stretch of each axis that trains everywhere: `rows` = the last row index r such that every
-    cell of rows 0..r (all cols) trained in every map (None if row 0 does not), `cols` likewise."""
+    cell of rows 0..r (all cols) trained in every map (None if row 0 does not), `cols` likewise; `corner` = the (r, c)
+    of the largest (most cells) rectangle rows 0..r x cols 0..c that trained in every map (None if cell 0, 0 did not).
+    """
     ok = np.logical_and.reduce([np.nan_to_num(p, nan=0.0) == 1 for p in phases])
     rows_ok, cols_ok = ok.all(axis=1), ok.all(axis=0)
     lead = lambda v: None if not v[0] else int(np.argmin(v)) - 1 if not v.all() else len(v) - 1  # noqa: E731
-    return dict(rows=lead(rows_ok), cols=lead(cols_ok))
+    inside = np.logical_and.accumulate(np.logical_and.accumulate(ok, axis=0), axis=1)  # rectangle 0..r x 0..c all ok
+    area = np.where(inside, np.outer(np.arange(1, ok.shape[0] + 1), np.arange(1, ok.shape[1] + 1)), 0)
+    r, c = np.unravel_index(int(np.argmax(area)), area.shape)
+    return dict(rows=lead(rows_ok), cols=lead(cols_ok), corner=[int(r), int(c)] if inside[0, 0] else None)
