@@ -157,18 +157,19 @@ def findings(results: dict) -> list[str]:
             out.append("lr*(tokens): fewer than 3 token budgets have a critical lr inside the grid: no law")
         else:
             k = t["known_case"]
+            f2 = lambda x: f"{x:.2f}"  # noqa: E731  (beta near 0 in general notation reads -1.23e-16)
             check = (
                 ""
                 if k is None
                 else (
-                    f"; on a known law of this beta on the same grid the fit reads {g(k['beta'])} "
-                    f"({span(k['beta_interval'])})"
+                    f"; on a known law of this beta on the same grid the fit reads {f2(k['beta'])} "
+                    f"({f2(k['beta_interval'][0])} to {f2(k['beta_interval'][1])})"
                 )
             )
             out.append(
-                f"lr*(tokens) = {g(law['B'])} x tokens^-{g(law['beta'])}, beta 95% interval "
-                f"{span(law['beta_interval'])} from {law['rows_used']} token budgets "
-                f"{span(law['tokens_range'], 5)}{check}"
+                f"lr*(tokens) = {g(law['B'])} x tokens^(-beta), beta = {f2(law['beta'])}, 95% interval "
+                f"{f2(law['beta_interval'][0])} to {f2(law['beta_interval'][1])}, from {law['rows_used']} token "
+                f"budgets {span(law['tokens_range'], 5)}{check}"
             )
         if t["safe_fraction"] is not None:
             out.append(
