@@ -22,6 +22,7 @@ from fractal_vmap.options import (
     GridConfig,
     PlanConfig,
     PlotConfig,
+    StudyConfig,
     ZoomConfig,
 )
 
@@ -83,6 +84,12 @@ def compare_command(cfg) -> None:
     from fractal_vmap.analysis.compare import compare_runs, print_report
 
     print_report(compare_runs(cfg), console)
+
+
+def study_command(cfg) -> None:
+    from fractal_vmap.study.run import run_study
+
+    run_study(cfg)
 
 
 def zoom_command(cfg) -> None:
@@ -176,6 +183,12 @@ def build_parser() -> ArgumentParser:
             ZoomConfig,
             zoom_command,
             "a new grid inside a box of a finished grid (same settings, the parent recorded)",
+        ),
+        (
+            "study",
+            StudyConfig,
+            study_command,
+            "from a model to an answer: a refined map, zooms, twins, calibrated dimensions and rules of thumb",
         ),
         ("boxes", BoxesConfig, boxes_command, "suggest where to zoom: the boxes of a grid with the most boundary"),
         (
@@ -299,6 +312,8 @@ def resume_command(argv: list[str], cfg) -> str:
 
 
 def again_phrase(command: str) -> str:
+    if command == "study":
+        return "resume (finished grids and rows are kept)"
     return "resume (finished rows are kept)" if command == "grid" else "start it again"
 
 

@@ -98,6 +98,9 @@ class GridConfig(TrainConfig):
     # nudge every base weight up by this many float32 ulps: the twin of a grid, to `compare` against (the map's noise
     # floor)
     perturb_ulp: int = 0
+    # a finished grid over the same axes to be the twin of: train only its boundary cells and their neighbours (where a
+    # label can change), the other cells taking its results (grid/twin.py); with --perturb_ulp or another --seed
+    twin_of: str | None = None
     # optimizer steps and the lanes' head: auto (Triton on CUDA, torch elsewhere), torch, or triton (on CPU only under
     # TRITON_INTERPRET=1: slow, for debugging)
     kernels: str = "auto"
@@ -215,6 +218,9 @@ class ZoomConfig:
     rows: int = 0
     cols: int = 0  # cols of the new grid; 0: the box's cols at the parent's spacing
     square: bool = False  # widen the shorter side of the box (in log10 on a log axis) so the new grid covers a square
+    # refine the new grid K levels near its boundary (grid --refine): --rows x --cols is then its coarse grid, and the
+    # map (rows - 1) x 2^K + 1 by (cols - 1) x 2^K + 1; 0: a plain grid
+    refine: int = 0
     run_dir: str | None = None  # where the new grid goes; unset: runs/grid-<axes>-<hash of the settings>
 
 
@@ -243,3 +249,32 @@ def is_given(cfg, name: str) -> bool:
     default value cannot be told apart, and changes nothing.)"""
     default = next(f.default for f in fields(cfg) if f.name == name)
     return getattr(cfg, name) != default
+
+
+@dataclass
+class StudyConfig:
+    """One command from a model to an answer: a refined map, zooms into its boundary, twins for the noise floor, the
+    calibrated dimension of every level and rules of thumb for a safe learning rate (study/)."""
+
+    # where the study's grids (one run dir each), study.json and REPORT.md go; rerunning with the same dir resumes
+    study_dir: str = "runs/study"
+    task: str = "nanochat-sft"  # nanochat-sft, or paper-mlp (the MLP of Sohl-Dickstein 2024: its lr1 x lr0 map)
+    model: str = "default"  # nanochat-sft: the base model (as grid --model)
+    dataset: str = "default"  # nanochat-sft: the training conversations (as grid --dataset)
+    quick: bool = False  # a first look: a coarser map, one zoom, small token budgets (minutes on a laptop CPU)
+    coarse: int = 0  # side of every level's coarse grid; 0: 9 (quick: 5), paper-mlp 33 (quick: 17)
+    refine: int = 0  # refinement levels of every map (its side is (coarse - 1) x 2^refine + 1); 0: 3 (quick: 2)
+    zooms: int = -1  # zoom levels below the map, each into its parent's box with the most boundary; -1: 3 (quick: 1)
+    zoom_box: float = 0.25  # side of a zoom's box as a fraction of its parent's side
+    # nanochat-sft: the token budget of the matrix_lr x unembedding_lr map; 0: 1000 (quick: 500)
+    num_tokens: int = 0
+    # nanochat-sft: the smallest of the num_tokens x lr plane's token budgets (log-spaced); 0: 500 (quick: 250)
+    token_min: int = 0
+    token_max: int = 0  # the largest of those budgets; 0: 8000 (quick: 1000)
+    token_rows: int = 0  # coarse rows (token budgets) of the num_tokens x lr plane; 0: 5 (quick: 3)
+    # the twins of every map, trained on its boundary only: ulp (base weights nudged 1 ulp), seed (another data order;
+    # nanochat only), a comma list, or none
+    twins: str = "ulp,seed"
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto
+    seed: int = 999  # nanochat-sft: the data order of the maps (their seed twin takes seed + 1); paper-mlp: its network
+    wandb: str = "auto"  # every grid's W&B logging: online, offline, disabled, or auto

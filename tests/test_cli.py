@@ -23,7 +23,7 @@ def subcommands() -> dict:
     return action.choices
 
 
-@pytest.mark.parametrize("command", ["finetune", "grid", "plot", "compare"])
+@pytest.mark.parametrize("command", ["finetune", "grid", "plot", "compare", "study"])
 def test_help_imports_neither_torch_nor_wandb(command):
     """What `fractal-vmap <command> --help` imports, counted in a fresh interpreter (torch alone takes 4-5 s to import
     on 2 cores; the help takes 0.9 s without it)."""

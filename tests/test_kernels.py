@@ -143,8 +143,9 @@ def test_without_triton_the_torch_paths_run_and_triton_is_refused_clearly():
         p = torch.randn(2, 4, 3, requires_grad=True)
         p.grad = torch.randn(2, 4, 3)
         opt = fractal_vmap.optim.BatchedAdamW([p])
-        opt.step(torch.full((2,), 1e-3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), torch.ones(2,
-        dtype=torch.bool)) assert resolve("auto", "cpu") == "torch" and resolve("auto", "cuda") == "torch"
+        lr, wd = torch.full((2,), 1e-3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+        opt.step(lr, wd, torch.ones(2, dtype=torch.bool))
+        assert resolve("auto", "cpu") == "torch" and resolve("auto", "cuda") == "torch"
         try:
             fractal_vmap.optim.BatchedMuon([p], kernels="triton")
         except UserError as e:
@@ -189,35 +190,60 @@ def test_the_kernels_compile_for_an_h100(tmp_path):
 
         def compile(fn, signature, constexprs, **options):
             sig = dict(signature, **{k: "constexpr" for k in constexprs})
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-            options=options)
+            source = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+        def types(kind, *names):
+            return {name: kind for name in names}
 
         exact = dict(num_warps=4, enable_fp_fusion=False)
         for dt in ("fp32", "bf16"):
-            compile(adamw.adamw_kernel, {"p_ptr": f"*{dt}", "g_ptr": f"*{dt}", "m_ptr": f"*{dt}", "v_ptr": f"*{dt}",
-            "scalars_ptr": "*fp32",
-                    "active_ptr": "*u8", "n": "i32", "L": "i32", "w1": "fp32", "w1_minus_1": "fp32", "beta2": "fp32",
-                    "w2": "fp32", "eps": "fp32"}, {"BLOCK": adamw.BLOCK}, **exact)
-            compile(head.ce_kernel, {"z_ptr": f"*{dt}", "targets_ptr": "*i64", "loss_ptr": "*fp32", "scale_ptr":
-            "*fp32", "rows": "i32", "n": "i32",
-                    "V": "i32"}, {"BLOCK_N": head.BLOCK_N, "BLOCK_V": head.BLOCK_V}, num_warps=8,
-                    enable_fp_fusion=False)
-        compile(muon.momentum_kernel, {"g_ptr": "*fp32", "buf_ptr": "*fp32", "x_ptr": "*bf16", "sums_ptr": "*fp32",
-        "active_ptr": "*u8", "n": "i32",
-                "w": "fp32", "w_minus_1": "fp32", "momentum": "fp32", "momentum_minus_1": "fp32"}, {"NESTEROV": True,
-                "BLOCK": muon.BLOCK, "ITERS": muon.ITERS}, **exact)
-        compile(muon.normalize_kernel, {"x_ptr": "*bf16", "sums_ptr": "*fp32", "n": "i32", "n_chunks": "i32", "eps":
-        "fp32"},
-                {"BLOCK": muon.BLOCK, "ITERS": muon.ITERS, "SUMS": muon.SUMS}, **exact)
-        compile(muon.update_kernel, {"p_ptr": "*fp32", "o_ptr": "*bf16", "neg_lr_ptr": "*fp32", "active_ptr": "*u8",
-        "rows": "i32", "cols": "i32",
-                "o_lane": "i32", "o_row": "i32", "o_col": "i32"}, {"TILE": muon.TILE}, **exact)
+            compile(
+                adamw.adamw_kernel,
+                {**types(f"*{dt}", "p_ptr", "g_ptr", "m_ptr", "v_ptr"), "scalars_ptr": "*fp32", "active_ptr": "*u8",
+                 **types("i32", "n", "L"), **types("fp32", "w1", "w1_minus_1", "beta2", "w2", "eps")},
+                {"BLOCK": adamw.BLOCK},
+                **exact,
+            )
+            compile(
+                head.ce_kernel,
+                {"z_ptr": f"*{dt}", "targets_ptr": "*i64", **types("*fp32", "loss_ptr", "scale_ptr"),
+                 **types("i32", "rows", "n", "V")},
+                {"CAP": head.SOFTCAP, "BLOCK_N": head.BLOCK_N, "BLOCK_V": head.BLOCK_V},
+                num_warps=8,
+                enable_fp_fusion=False,
+            )
+        compile(
+            muon.momentum_kernel,
+            {**types("*fp32", "g_ptr", "buf_ptr"), "x_ptr": "*bf16", "sums_ptr": "*fp32", "active_ptr": "*u8",
+             "n": "i32", **types("fp32", "w", "w_minus_1", "momentum", "momentum_minus_1")},
+            {"NESTEROV": True, "BLOCK": muon.BLOCK, "ITERS": muon.ITERS},
+            **exact,
+        )
+        compile(
+            muon.normalize_kernel,
+            {"x_ptr": "*bf16", "sums_ptr": "*fp32", **types("i32", "n", "n_chunks"), "eps": "fp32"},
+            {"BLOCK": muon.BLOCK, "ITERS": muon.ITERS, "SUMS": muon.SUMS},
+            **exact,
+        )
+        compile(
+            muon.update_kernel,
+            {"p_ptr": "*fp32", "o_ptr": "*bf16", "neg_lr_ptr": "*fp32", "active_ptr": "*u8",
+             **types("i32", "rows", "cols", "o_lane", "o_row", "o_col")},
+            {"TILE": muon.TILE},
+            **exact,
+        )
         for has_c in (False, True):
-            compile(gram.gram_kernel, {"y_ptr": "*bf16", "c_ptr": "*bf16", "out_ptr": "*bf16", "pairs_ptr": "*i32",
-            **{k: "i32" for k in
-                    ("n_pairs", "R", "K", "sy_n", "sy_r", "sy_k", "sc_n", "sc_r", "sc_c")}, "alpha": "fp32", "beta":
-                    "fp32"}, {"HAS_C": has_c, "UPCAST": False, "BM": gram.BM, "BK": gram.BK}, num_warps=8,
-                    num_stages=3, enable_fp_fusion=True)
+            compile(
+                gram.gram_kernel,
+                {**types("*bf16", "y_ptr", "c_ptr", "out_ptr"), "pairs_ptr": "*i32",
+                 **types("i32", "n_pairs", "R", "K", "sy_n", "sy_r", "sy_k", "sc_n", "sc_r", "sc_c"),
+                 **types("fp32", "alpha", "beta")},
+                {"HAS_C": has_c, "UPCAST": False, "BM": gram.BM, "BK": gram.BK},
+                num_warps=8,
+                num_stages=3,
+                enable_fp_fusion=True,
+            )
         print("compiled")
     """,
         {"PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)},

@@ -35,6 +35,7 @@ LAYERS = [
     ),
     ("tasks", {"tasks"}),
     ("grid", {"grid"}),
+    ("study", {"study"}),
     ("perf", {"perf"}),
     ("commands", {"cli", "finetune", "__main__", "__init__"}),
 ]

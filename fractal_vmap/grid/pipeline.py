@@ -24,7 +24,7 @@ from fractal_vmap.analysis.runs import Table, lanes_of, level_path, level_table,
 from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.console import console
 from fractal_vmap.files import finite_or_none
-from fractal_vmap.grid import refine
+from fractal_vmap.grid import refine, twin
 from fractal_vmap.grid.lock import run_dir_lock
 from fractal_vmap.grid.rundir import (
     check_run_dir,
@@ -60,6 +60,7 @@ def plan_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: di
     refine.check(cfg, task.CELL_BYTES)
     row, col = axes or grid_axes(cfg, task)
     plan = task.plan(cfg, row, col, parent)
+    twin.check(cfg, plan)
     plan.run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(plan.spec, row.name, col.name)
     check_run_dir(plan.run_dir, plan.spec)
     return plan
@@ -73,7 +74,7 @@ def open_grid(plan, machines: set[tuple[str, int]] | None = None) -> tuple[str, 
     cfg = plan.cfg
     check_run_dir(plan.run_dir, plan.spec)  # again, under the lock: another grid may have made it since plan looked
     digest = open_run_dir(plan.run_dir, plan.spec, plan.device, plan.data)
-    units = cfg.refine + 1 if cfg.refine else len(plan.row.values)
+    units = 1 if cfg.twin_of else cfg.refine + 1 if cfg.refine else len(plan.row.values)
     machines = machines or {this_machine(plan.device)}
     note = mixed_rows_note(plan.run_dir, digest, units, machines, plan.device.type == "cuda")
     if note:
@@ -209,6 +210,22 @@ def run_levels(plan, digest: str, wandb_run=None) -> tuple[CellMap, int]:
     return CellMap(table, source, per_cell), len(table["level"])
 
 
+def run_twin(plan, digest: str, wandb_run=None) -> tuple[list[dict], int]:
+    """A twin (twin.py): the parent's boundary neighbourhood as one unit (resumed if done), the other cells from the
+    parent. Returns every cell (trained = true or false) and the number trained."""
+    points, cells = twin.twin_points(Path(plan.cfg.twin_of))
+    lanes = twin.parent_lanes(cells)
+    with GridProgress(console, [plan.steps(points)], unit="unit", rate=plan.rate) as progress:
+        done = read_unit(plan, digest, 0, len(points))
+        if done is not None:
+            progress.row_skipped(0)
+        else:
+            what = f"the parent's boundary neighbourhood ({len(points)} of {len(lanes)} cells)"
+            done = train_unit(plan, digest, 0, points, progress, 0, wandb_run, what)
+    trained = {(r["grid_i"], r["grid_j"]): {**r, "trained": True} for r in done}
+    return [trained.get(key) or {**lane, "trained": False} for key, lane in sorted(lanes.items())], len(trained)
+
+
 def finish_grid(plan, lanes: list[dict] | CellMap, wandb_run=None, trained: int | None = None) -> dict:
     """The table, fractal.json and pictures; the W&B summary; the closing lines. `lanes`: a grid's lanes, or a refined
     grid's map (run_levels); `trained`: the cells a refined grid trained (the others are filled in)."""
@@ -255,7 +272,10 @@ def run_grid(cfg: GridConfig, axes: tuple[Axis, Axis] | None = None, parent: dic
     with run_dir_lock(plan.run_dir):
         digest, wandb_run = open_grid(plan)
         with closing_run(wandb_run, plan.run_dir / "wandb"):
-            if cfg.refine:
+            if cfg.twin_of:  # twin.py: the parent's boundary neighbourhood, the rest from the parent
+                lanes, trained = run_twin(plan, digest, wandb_run)
+                finish_grid(plan, lanes, wandb_run, trained)
+            elif cfg.refine:
                 lanes, trained = run_levels(plan, digest, wandb_run)
                 finish_grid(plan, lanes, wandb_run, trained)
             else:

@@ -1,6 +1,9 @@
 """`fractal-vmap zoom`: a new grid inside a box of a finished grid, of the same task and settings, the parent recorded
 in its grid.json (where to zoom: `boxes`, analysis/boxes.py; a chain of zooms played: `animate`, analysis/animate.py).
 
+`--refine K` makes the new grid a refined one (grid/refine.py): --rows x --cols coarse values, the map at the finer
+spacing near its boundary only.
+
 A zoom at the parent's spacing (no --rows/--cols) takes the parent's exact axis values, so its lanes are the parent's
 lanes and, a lane's numbers not depending on its neighbours (lanes.py), its cells equal the parent's bit for bit. A
 finer zoom spaces its values evenly (in log10 on a log axis) from the box's first to its last value.
@@ -13,6 +16,7 @@ from pathlib import Path
 from fractal_vmap.analysis.runs import read_grid
 from fractal_vmap.axes import Axis, make_axis
 from fractal_vmap.errors import UserError
+from fractal_vmap.grid import refine
 from fractal_vmap.grid.pipeline import run_grid
 from fractal_vmap.options import GridConfig, ZoomConfig
 from fractal_vmap.tasks import get_task
@@ -89,6 +93,8 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
         )
     if cfg.rows < 0 or cfg.cols < 0:
         raise UserError(f"--rows {cfg.rows} --cols {cfg.cols}: use 0 (the parent's spacing) or a positive number")
+    if cfg.refine and (cfg.rows < 2 or cfg.cols < 2):
+        raise UserError(f"zoom --refine {cfg.refine} needs the coarse grid's --rows and --cols (each >= 2)")
     if cfg.box is not None:
         r0, r1, c0, c1 = parse_box(cfg.box, len(rows.values), len(cols.values))
         if not cfg.rows and not cfg.cols and not cfg.square:  # the parent's spacing: its exact values
@@ -110,6 +116,7 @@ def child_axes(cfg: ZoomConfig, spec: dict) -> tuple[tuple[Axis, Axis], list[int
             "rows": squared(*ranges["rows"], ranges["cols"], log["rows"], log["cols"]),
             "cols": squared(*ranges["cols"], ranges["rows"], log["cols"], log["rows"]),
         }
+    counts = {k: refine.fine_size(n, cfg.refine) for k, n in counts.items()}  # a refined zoom's fine map
     for which, axis in (("rows", rows), ("cols", cols)):  # an integer axis takes whole bounds: rounded inwards
         if table[axis.name].integer:
             ranges[which] = (float(math.ceil(ranges[which][0])), float(math.floor(ranges[which][1])))
@@ -126,15 +133,21 @@ def child_config(settings: dict, run_dir: str | None) -> GridConfig:
     return GridConfig(**kept, run_dir=run_dir)
 
 
-def run_zoom(cfg: ZoomConfig) -> Path:
+def zoom_grid(cfg: ZoomConfig) -> tuple[GridConfig, tuple[Axis, Axis], dict]:
+    """The zoom as a grid: its options, its axes and its parent (run dir, digest, box), for run_grid."""
     parent_dir, grid, _ = read_grid(cfg.run)
     spec = grid["spec"]
     axes, box = child_axes(cfg, spec)
     parent = {"run_dir": str(parent_dir.resolve()), "digest": grid.get("digest"), "box": box}
     child = child_config(spec["settings"], cfg.run_dir)
+    child.refine = cfg.refine  # its coarse grid is --rows x --cols, the axes its fine map's
     for which, axis in zip(("row", "col"), axes):  # the options say what the axes are (grid.json's settings show them)
-        setattr(child, f"{which}s", len(axis.values))
+        setattr(child, f"{which}s", getattr(cfg, f"{which}s") if cfg.refine else len(axis.values))
         setattr(child, f"{which}_min", axis.values[0])
         setattr(child, f"{which}_max", axis.values[-1])
         setattr(child, f"{which}_scale", axis.scale)
-    return run_grid(child, axes, parent)
+    return child, axes, parent
+
+
+def run_zoom(cfg: ZoomConfig) -> Path:
+    return run_grid(*zoom_grid(cfg))

@@ -38,6 +38,7 @@ WORKERS = True  # rows may train on several workers (grid/shard.py)
 # fields that change neither the numbers nor the picture: left out of the spec a resumed run must match
 RUN_ONLY_FIELDS = (
     "run_dir",
+    "twin_of",  # the spec records the parent's digest and dir name instead (grid/twin.py)
     "lane_chunk",
     "workers",
     "memory_budget",

@@ -61,6 +61,7 @@ class PaperConfig:
     data_multiple: float = 1.0  # training points = parameters x this (identity network: width x this)
     dtype: str = "float64"  # float64 or float32
     seed: int = 0  # draws the initial weights and the data
+    perturb_ulp: int = 0  # nudge every initial weight up by this many ulps of its dtype (the map's 1-ulp twin)
 
 
 def check_config(cfg: PaperConfig) -> None:
@@ -69,6 +70,8 @@ def check_config(cfg: PaperConfig) -> None:
         raise UserError(f"unknown activation {cfg.activation!r}: use one of {', '.join(ACTIVATIONS)}")
     if cfg.dtype not in DTYPES:
         raise UserError(f"unknown dtype {cfg.dtype!r} for the paper task: use one of {', '.join(DTYPES)}")
+    if cfg.perturb_ulp < 0:
+        raise UserError(f"--perturb_ulp is {cfg.perturb_ulp}: use 0 (no nudge) or a positive number of ulps")
     if cfg.width < 1 or cfg.steps < 1:
         raise UserError(f"width and steps must be >= 1, got width={cfg.width} steps={cfg.steps}")
     if num_points(cfg) < 1:
@@ -91,7 +94,10 @@ def init_params(cfg: PaperConfig) -> dict[str, torch.Tensor]:
     n, dtype = cfg.width, DTYPES[cfg.dtype]
     W0 = rng.standard_normal((n, n))
     W1 = rng.standard_normal((n, 1))
-    return {"W0": torch.from_numpy(W0).to(dtype), "W1": torch.from_numpy(W1).to(dtype)}
+    params = {"W0": torch.from_numpy(W0).to(dtype), "W1": torch.from_numpy(W1).to(dtype)}
+    for _ in range(cfg.perturb_ulp):  # one representable float up (towards +inf) per ulp
+        params = {k: torch.nextafter(v, torch.full_like(v, torch.inf)) for k, v in params.items()}
+    return params
 
 
 def make_data(cfg: PaperConfig) -> tuple[torch.Tensor, torch.Tensor]:

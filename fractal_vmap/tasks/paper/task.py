@@ -69,6 +69,8 @@ PAPER_READS = (
     "activation",
     "data_multiple",
     "workers",
+    "perturb_ulp",
+    "twin_of",
     "wandb",
     "wandb_project",
     "wandb_entity",
@@ -149,6 +151,7 @@ def zoom_options(settings: dict) -> dict:
         "trainable_window_steps": settings["trainable_window_steps"],
         "trainable_loss_ratio_threshold": settings["trainable_loss_ratio_threshold"],
         **({"refine": settings["refine"]} if "refine" in settings else {}),
+        **({"perturb_ulp": settings["perturb_ulp"]} if "perturb_ulp" in settings else {}),
     }
 
 
@@ -161,6 +164,7 @@ def paper_config(cfg: GridConfig) -> PaperConfig:
         data_multiple=cfg.data_multiple,
         dtype=dtype,
         seed=cfg.seed,
+        perturb_ulp=cfg.perturb_ulp,
     )
 
 
@@ -187,6 +191,8 @@ def make_spec(
         "model": {"source": f"paper-mlp (width {paper.width}, {paper.activation}, {num_params(paper)} parameters)"},
         "dataset": {"source": f"N(0, 1) inputs and targets ({num_points(paper)} points, seed {paper.seed})"},
     }
+    if not paper.perturb_ulp:  # recorded only when set, so run dirs written before it existed resume
+        del spec["settings"]["perturb_ulp"]
     if cfg.refine:
         spec["settings"]["refine"] = cfg.refine  # the cells a refined grid trains depend on it (grid/refine.py)
     if parent is not None:
