@@ -148,6 +148,24 @@ def open_run_dir(run_dir: Path, spec: dict, device: torch.device, data: dict) ->
     return digest
 
 
+def unit_header(k: int, digest: str, seconds: float, lane_chunk: int, device: torch.device, rank: int) -> dict:
+    """What every finished unit's file records (a row file's record, a level file's header): its spec, time, lane
+    chunk, the device and torch threads it ran with, and who wrote it."""
+    name, threads = this_machine(device)
+    return {
+        "row": k,
+        "complete": True,
+        "spec_digest": digest,
+        "seconds": seconds,
+        "lane_chunk": lane_chunk,
+        "threads": threads,
+        "device": name,
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "rank": rank,
+    }
+
+
 def write_row(
     path: Path,
     i: int,
@@ -161,20 +179,7 @@ def write_row(
     """The row's file, atomically, with the device and torch thread count it ran with (a row's numbers may depend on
     them: module docstring); `lane_chunk` and the worker's `rank` are recorded too (neither changes a number, see
     lanes.py and shard.py). Returns the lanes as a resumed run reads them back (read_row: NaN is null)."""
-    name, threads = this_machine(device)
-    record = {
-        "row": i,
-        "complete": True,
-        "spec_digest": digest,
-        "seconds": seconds,
-        "lane_chunk": lane_chunk,
-        "threads": threads,
-        "device": name,
-        "host": platform.node(),
-        "pid": os.getpid(),
-        "rank": rank,
-        "lanes": lanes,
-    }
+    record = {**unit_header(i, digest, seconds, lane_chunk, device, rank), "lanes": lanes}
     text = strict_json(record, indent=None)
     write_atomic(path, text)
     return row_lanes(json.loads(text))
@@ -185,19 +190,7 @@ def write_level(
 ) -> Table:
     """A refined grid's level k as its compact file (analysis/runs.py: columns, the header as a row file's),
     atomically; returns its table as a resumed run reads it back (read_level)."""
-    name, threads = this_machine(device)
-    header = {
-        "row": k,
-        "complete": True,
-        "spec_digest": digest,
-        "seconds": seconds,
-        "lane_chunk": lane_chunk,
-        "threads": threads,
-        "device": name,
-        "host": platform.node(),
-        "pid": os.getpid(),
-        "rank": 0,
-    }
+    header = unit_header(k, digest, seconds, lane_chunk, device, 0)
     write_atomic(path, pack_level(header, table))
     header, table = read_level(path, digest)  # what a resume reads: curves dropped where large
     return level_table(header, table)
