@@ -266,12 +266,20 @@ class StudyConfig:
     refine: int = 0  # refinement levels of every map (its side is (coarse - 1) x 2^refine + 1); 0: 3 (quick: 2)
     zooms: int = -1  # zoom levels below the map, each into its parent's box with the most boundary; -1: 3 (quick: 1)
     zoom_box: float = 0.25  # side of a zoom's box as a fraction of its parent's side
-    # nanochat-sft: the token budget of the matrix_lr x unembedding_lr map; 0: 1000 (quick: 500)
+    # nanochat-sft: the map's two axes (rows,cols), any two of the task's continuous axes; empty: matrix_lr,
+    # unembedding_lr (with --lora_rank: matrix_lr,lora_alpha, since under LoRA the lm_head is frozen)
+    plane: str = ""
+    # nanochat-sft: the token budget of the map; 0: 500 (8 steps of the default model's batches)
     num_tokens: int = 0
-    # nanochat-sft: the smallest of the num_tokens x lr plane's token budgets (log-spaced); 0: 500 (quick: 250)
+    # nanochat-sft: the smallest of the num_tokens x lr plane's token budgets (log-spaced); 0: 250
     token_min: int = 0
-    token_max: int = 0  # the largest of those budgets; 0: 8000 (quick: 1000)
+    token_max: int = 0  # the largest of those budgets; 0: 4000 (quick: 1000)
     token_rows: int = 0  # coarse rows (token budgets) of the num_tokens x lr plane; 0: 5 (quick: 3)
+    token_refine: int = 0  # refinement levels of the num_tokens x lr plane; 0: 2
+    # nanochat-sft: LoRA lanes of this rank in every grid of the study (as grid --lora_rank); 0: full fine-tuning
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # LoRA's alpha (as grid --lora_alpha)
+    lora_targets: str = "all"  # the block matrices that get adapters (as grid --lora_targets)
     # the twins of every map, trained on its boundary only: ulp (base weights nudged 1 ulp), seed (another data order;
     # nanochat only), a comma list, or none
     twins: str = "ulp,seed"

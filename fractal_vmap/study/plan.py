@@ -18,13 +18,14 @@ from fractal_vmap.tasks import get_task
 
 TASKS = ("nanochat-sft", "paper-mlp")
 TWINS = ("ulp", "seed")
-# quick / full defaults: a nanochat cell costs ~0.05 s a step on 2 CPU cores (500 tokens: 8 steps, 1000: 15), the
-# paper's MLP microseconds
+# quick / full defaults: a default-model lane costs ~0.03 s a step on 2 unshared CPU cores (500 tokens: 8 steps), the
+# paper's MLP microseconds; the full study's budgets are sized to its 45-minute target (README: the study's cost)
 DEFAULTS = {
-    "nanochat-sft": dict(coarse=(5, 9), refine=(2, 3), zooms=(1, 3), num_tokens=(500, 1000)),
+    "nanochat-sft": dict(coarse=(5, 9), refine=(2, 3), zooms=(1, 3), num_tokens=(500, 500)),
     "paper-mlp": dict(coarse=(17, 33), refine=(2, 3), zooms=(1, 3), num_tokens=(0, 0)),
 }
-TOKENS = dict(token_min=(250, 500), token_max=(1000, 8000), token_rows=(3, 5))
+TOKENS = dict(token_min=(250, 250), token_max=(1000, 4000), token_rows=(3, 5), token_refine=(2, 2))
+PLANES = {False: ("matrix_lr", "unembedding_lr"), True: ("matrix_lr", "lora_alpha")}  # under LoRA the lm_head is frozen
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Settings:
     token_min: int
     token_max: int
     token_rows: int
+    token_refine: int
+    plane: tuple[str, str]
     twins: list[str]
 
     @property
@@ -56,7 +59,8 @@ def settings(cfg: StudyConfig) -> Settings:
     if cfg.task == "nanochat-sft":
         values.update({k: pick(k, getattr(cfg, k), TOKENS[k], 0) for k in TOKENS})
     else:
-        values.update(token_min=0, token_max=0, token_rows=0)
+        values.update(token_min=0, token_max=0, token_rows=0, token_refine=0)
+    values["plane"] = study_plane(cfg)
     twins = [] if cfg.twins.strip() == "none" else [t.strip() for t in cfg.twins.split(",") if t.strip()]
     bad = [t for t in twins if t not in TWINS]
     if bad:
@@ -66,8 +70,9 @@ def settings(cfg: StudyConfig) -> Settings:
     s = Settings(cfg, twins=twins, **values)
     if s.coarse < 3:
         raise UserError(f"--coarse {s.coarse}: a map's coarse grid needs at least 3 values a side")
-    if not 1 <= s.refine <= 6:
-        raise UserError(f"--refine {s.refine}: use 1 to 6 levels (each halves the spacing near the boundary)")
+    for name, value in (("refine", s.refine), ("token_refine", s.token_refine or 1)):
+        if not 1 <= value <= 6:
+            raise UserError(f"--{name} {value}: use 1 to 6 levels (each halves the spacing near the boundary)")
     if s.zooms < 0:
         raise UserError(f"--zooms {s.zooms}: use 0 or more zoom levels (-1: the default)")
     if s.zooms and (not 0 < cfg.zoom_box < 1 or int(cfg.zoom_box * s.side) < 2):
@@ -81,27 +86,57 @@ def settings(cfg: StudyConfig) -> Settings:
     return s
 
 
-def grid_options(s: Settings, **extra) -> GridConfig:
-    """A map's options: the study's task, model, data, device and W&B, refined from the coarse grid."""
+def study_plane(cfg: StudyConfig) -> tuple[str, str]:
+    """The map's axes (--plane, or the default for full fine-tuning or LoRA), checked: two continuous axes of the
+    task, a zoom needing values between any two."""
+    nanochat = cfg.task == "nanochat-sft"
+    if not nanochat:
+        if cfg.plane or cfg.lora_rank:
+            raise UserError("--plane and --lora_rank are nanochat-sft's: the paper's map is lr1 x lr0; leave them out")
+        return ("lr1", "lr0")
+    names = tuple(n.strip() for n in cfg.plane.split(",")) if cfg.plane.strip() else PLANES[cfg.lora_rank > 0]
+    table = get_task(cfg.task).AXES
+    usable = [n for n, kind in table.items() if not kind.integer and (cfg.lora_rank > 0 or not n.startswith("lora"))]
+    if len(names) != 2 or len(set(names)) != 2 or any(n not in usable for n in names):
+        why = " (lora_rank, num_tokens and seed take integers: a zoom needs values between any two)"
+        if "lora_alpha" in names and not cfg.lora_rank:
+            why = " (lora_alpha needs --lora_rank R)"
+        raise UserError(f"--plane {cfg.plane!r}: name two different axes of {', '.join(usable)}{why}")
+    if cfg.lora_rank > 0 and {"unembedding_lr", "embedding_lr"} & set(names):
+        raise UserError(
+            f"--plane {cfg.plane!r}: under LoRA the embedding and lm_head are frozen; try matrix_lr,lora_alpha"
+        )
+    return names
+
+
+def grid_options(s: Settings, refine: int = 0, **extra) -> GridConfig:
+    """A map's options: the study's task, model, data, LoRA, device and W&B, refined from the coarse grid."""
     cfg = s.cfg
-    common = dict(task=cfg.task, device=cfg.device, seed=cfg.seed, wandb=cfg.wandb, refine=s.refine)
+    common = dict(task=cfg.task, device=cfg.device, seed=cfg.seed, wandb=cfg.wandb, refine=refine or s.refine)
     if cfg.task == "nanochat-sft":
         common.update(model=cfg.model, dataset=cfg.dataset)
+        common.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets)
     elif cfg.model != "default" or cfg.dataset != "default":
         raise UserError("--model and --dataset are nanochat-sft's: the paper's MLP brings its own; leave them out")
     return GridConfig(**common, rows=s.coarse, cols=s.coarse, **extra)
 
 
 def map_options(s: Settings, run_dir: Path) -> GridConfig:
-    """The top level: nanochat's matrix_lr x unembedding_lr at one token budget, or the paper's lr1 x lr0 view."""
+    """The top level: nanochat's plane (matrix_lr x unembedding_lr by default) at one token budget, or the paper's
+    lr1 x lr0 view."""
     if s.cfg.task == "nanochat-sft":
-        return grid_options(s, axes="matrix_lr,unembedding_lr", num_tokens=s.num_tokens, run_dir=str(run_dir))
+        cfg = grid_options(s, axes=",".join(s.plane), num_tokens=s.num_tokens, run_dir=str(run_dir))
+        if "lora_alpha" in s.plane:  # the plane sweeps it (--lora_alpha is the num_tokens x lr plane's)
+            cfg.lora_alpha = GridConfig.lora_alpha
+        return cfg
     return grid_options(s, run_dir=str(run_dir))
 
 
 def tokens_options(s: Settings, run_dir: Path) -> GridConfig:
     """nanochat's num_tokens x lr plane: token budgets as rows, the base lr (matrix lr; lm_head 0.2x) as cols."""
-    cfg = grid_options(s, axes="num_tokens,lr", row_min=s.token_min, row_max=s.token_max, run_dir=str(run_dir))
+    cfg = grid_options(
+        s, s.token_refine, axes="num_tokens,lr", row_min=s.token_min, row_max=s.token_max, run_dir=str(run_dir)
+    )
     cfg.rows = s.token_rows
     return cfg
 

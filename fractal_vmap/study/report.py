@@ -199,10 +199,10 @@ def analyse(s, study_dir: Path, levels: list[dict], tokens: dict | None, ran: di
             ran,
             threads=ran_with(levels[0]["run_dir"], "threads"),
             device=ran_with(levels[0]["run_dir"], "device"),
-            cells_trained=None,
+            cells_trained=sum(x["cells_trained"] for x in ran["grids"]),
+            lane_steps=sum(x["lane_steps"] for x in ran["grids"]),
         ),
     )
-    results["ran"]["cells_trained"] = sum(twin_cells_trained(study_dir / x["run_dir"]) for x in ran["grids"])
     results["findings"] = findings(results)
     return results
 
@@ -310,13 +310,16 @@ def markdown(results: dict) -> str:
     lines += [
         "## What was run",
         "",
-        f"{ran['cells_trained']} cells trained in all; this invocation's wall time {ran['wall_seconds']:.0f} s; torch "
-        f"threads {ran['threads']}, device {ran['device']}.",
+        f"{ran['cells_trained']} cells trained in all ({ran['lane_steps']} lane-steps); this invocation's wall time "
+        f"{ran['wall_seconds']:.0f} s; torch threads {ran['threads']}, device {ran['device']}.",
         "",
-        table_row(["grid", "what", "train seconds (row files)"]),
-        table_row(["---"] * 3),
+        table_row(["grid", "what", "cells trained", "lane-steps", "train seconds (its unit files)"]),
+        table_row(["---"] * 5),
     ]
-    lines += [table_row([x["run_dir"], x["kind"], f"{x['train_seconds']:.1f}"]) for x in ran["grids"]]
+    lines += [
+        table_row([x["run_dir"], x["kind"], str(x["cells_trained"]), str(x["lane_steps"]), f"{x['train_seconds']:.1f}"])
+        for x in ran["grids"]
+    ]
     return "\n".join(lines) + "\n"
 
 

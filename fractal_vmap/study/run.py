@@ -8,20 +8,27 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from fractal_vmap.analysis.runs import row_path
+import pandas as pd
+
+from fractal_vmap.analysis.runs import read_header
 from fractal_vmap.console import console
 from fractal_vmap.grid.pipeline import run_grid
 from fractal_vmap.options import StudyConfig
 from fractal_vmap.study import plan, report
 
 
-def train_seconds(run_dir: Path) -> float:
-    """Seconds the grid's finished units took to train, from its row files (so a resumed grid counts them once)."""
-    total, k = 0.0, 0
-    while row_path(run_dir, k).exists():
-        total += json.loads(row_path(run_dir, k).read_text()).get("seconds", 0.0)
+def grid_cost(run_dir: Path) -> dict:
+    """What the grid's training cost: seconds its finished units took (row files or refined levels' files, so a
+    resumed grid counts them once), cells trained and lane-steps (the steps those cells ran: a cost that does not
+    depend on what else the machine runs)."""
+    digest = json.loads((run_dir / "grid.json").read_text())["digest"]
+    seconds, k = 0.0, 0
+    while (header := read_header(run_dir, k, digest)) is not None:
+        seconds += header.get("seconds", 0.0)
         k += 1
-    return total
+    cells = pd.read_parquet(run_dir / "cells.parquet")
+    trained = cells["trained"].astype(bool) if "trained" in cells.columns else pd.Series(True, index=cells.index)
+    return dict(train_seconds=seconds, cells_trained=int(trained.sum()), lane_steps=int(cells["steps"][trained].sum()))
 
 
 def command_line(cfg: StudyConfig) -> str:
@@ -44,7 +51,7 @@ def run_study(cfg: StudyConfig) -> dict:
     def grid(name: str, kind: str, options, axes=None, parent=None) -> Path:
         console.print(f"[bold]study: {name}[/bold] ({kind})", highlight=False)
         run_dir = run_grid(options, axes, parent)
-        grids.append(dict(name=name, kind=kind, run_dir=name, train_seconds=train_seconds(run_dir)))
+        grids.append(dict(name=name, kind=kind, run_dir=name, **grid_cost(run_dir)))
         return run_dir
 
     def twins(name: str, parent_dir: Path) -> dict[str, Path]:
