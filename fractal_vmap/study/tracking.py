@@ -106,6 +106,13 @@ def summary(results: dict) -> dict:
     return finite_or_none(out)
 
 
+def table(columns: list[str], rows: list[list]):
+    """A wandb.Table; a column may hold None beside numbers or text (a level without an interval, a censored row)."""
+    import wandb
+
+    return wandb.Table(columns=columns, data=finite_or_none(rows), allow_mixed_types=True)
+
+
 def log_study(s, study_dir: Path, results: dict) -> None:
     """After report.write: record the W&B runs in study.json and log the study to its one W&B run (nothing when
     disabled). `s`: the study's settings (plan.settings), `results`: what report.analyse found."""
@@ -134,16 +141,16 @@ def log_study(s, study_dir: Path, results: dict) -> None:
         if (study_dir / "zoom.gif").is_file():
             logged["zoom"] = wandb.Video(str(study_dir / "zoom.gif"))  # a GIF file goes as it is: no ffmpeg
         columns, rows = dimension_rows(results)
-        logged["dimension"] = wandb.Table(columns=columns, data=finite_or_none(rows))
+        logged["dimension"] = table(columns, rows)
         if results["tokens"]:
             columns, rows = token_rows(results["tokens"])
-            logged["critical_lr"] = wandb.Table(columns=columns, data=finite_or_none(rows))
+            logged["critical_lr"] = table(columns, rows)
         grid_table = [[x["name"], x["kind"], grids[x["name"]], x["train_seconds"]] for x in results["ran"]["grids"]]
-        logged["grids"] = wandb.Table(columns=["grid", "what", "wandb_id", "train_seconds"], data=grid_table)
+        logged["grids"] = table(["grid", "what", "wandb_id", "train_seconds"], grid_table)
         run.log(logged, step=step)
         run.summary.update(summary(results))
         artifact = wandb.Artifact(f"study-{run.id}", type=ARTIFACT_TYPE, description=results["ran"]["command"])
-        for name in ("REPORT.md", "study.json", "zoom.gif"):
+        for name in ("REPORT.md", "study.json", "zoom.gif", "zoom.mp4"):  # (the MP4: where ffmpeg made one)
             if (study_dir / name).is_file():
                 artifact.add_file(str(study_dir / name), name=name)
         for path in figures(study_dir, results).values():  # at the paths REPORT.md names them by
