@@ -168,6 +168,7 @@ def test_a_paper_study_reports_what_its_run_dirs_hold(paper_study):
     assert all(line in text for line in report["findings"])
     d = report["levels"][0]["dimension"]
     assert d["verdict"] in text and str(round(d["dimension"], 3))[:4] in text
+    assert "wandb" not in report and not list(paper_study.rglob("wandb*"))  # --wandb disabled: no W&B file anywhere
 
 
 def test_a_study_resumes_keeping_every_finished_grid(paper_study, tmp_path, monkeypatch):
@@ -229,6 +230,7 @@ def test_a_nanochat_study_on_tiny_settings(default_model, tmp_path):
     assert spec["settings"]["num_tokens"] == 200
     assert strict(study_dir / "map-seed" / "grid.json")["spec"]["settings"]["seed"] == spec["settings"]["seed"] + 1
     assert (study_dir / "lr_star.png").stat().st_size > 0
+    assert "wandb" not in report and not list(study_dir.rglob("wandb*"))  # --wandb disabled: no W&B file anywhere
 
 
 @pytest.mark.parametrize(

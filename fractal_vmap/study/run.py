@@ -1,7 +1,7 @@
 """The study's driver: every grid the plan names (plan.py), each through grid.pipeline.run_grid in its own run dir
 inside --study_dir, in order: the map, its twins, each zoom and its twins, then (nanochat) the num_tokens x lr plane and
-its twins; then the zoom animation and the report (report.py). Rerunning the same command reruns the same grids,
-which resume: a finished grid's rows are kept, and only what is missing trains."""
+its twins; then the zoom animation, the report (report.py) and the study's W&B run (tracking.py). Rerunning the same
+command reruns the same grids, which resume: a finished grid's rows are kept, and only what is missing trains."""
 
 import json
 import time
@@ -14,7 +14,7 @@ from fractal_vmap.analysis.runs import read_header
 from fractal_vmap.console import console
 from fractal_vmap.grid.pipeline import run_grid
 from fractal_vmap.options import StudyConfig
-from fractal_vmap.study import plan, report
+from fractal_vmap.study import plan, report, tracking
 
 
 def grid_cost(run_dir: Path) -> dict:
@@ -93,4 +93,5 @@ def run_study(cfg: StudyConfig) -> dict:
     console.print(f"study: [bold]{study_dir / 'REPORT.md'}[/bold] and {study_dir / 'study.json'}", highlight=False)
     for line in results["findings"]:
         console.print(f"  {line}", highlight=False, soft_wrap=True)
+    tracking.log_study(s, study_dir, results)  # the study's one W&B run, and its and the grids' ids in study.json
     return results
