@@ -1,6 +1,7 @@
 """`fractal-vmap plan`: how many lanes of a model fit on a GPU, without a GPU (the memory model of
 tasks/nanochat/memory.py: the real training step traced under FakeTensorMode with torch's MemTracker), and with
---project h100|h200 how fast they would run (perf/roofline.py: a projection)."""
+--project h100|h200 how fast they would run (perf/roofline.py: a projection), LoRA lanes too (--lora_rank: with the
+shared base's matmuls against the adapters', perf/shared_base.py)."""
 
 import json
 import math

@@ -5,9 +5,12 @@ One training step is traced under FakeTensorMode with torch's roofline estimator
 for a vmapped row of L lanes (`lanes.lanes_step`, the grid's step) on the path CUDA runs (kernels "triton": the fused
 AdamW, the Muon passes around Newton-Schulz and the lanes' head, which enter the trace as the custom ops of
 kernels/ops.py and are charged the launches and bytes kernels/costs.py counts for them) and for one model's
-`finetune` step (torch.optim AdamW + Muon), the sequential loop being L of those. To the ops' times a host cost per
-kernel launch is added by replaying the op sequence through a launch queue: the host issues an op every LAUNCH_US,
-the GPU runs them in order, so a step of many small ops is launch-bound and one of large ops is not. The ops are the
+`finetune` step (torch.optim AdamW + Muon), the sequential loop being L of those. With lora_rank > 0 both are the
+LoRA steps (a row of adapters on the shared frozen base; `finetune --lora_rank`, AdamW on the adapters), and the
+row's matmuls are summed up by kind and shape (shared_base.py: the base's one [L*B*T, in] @ [in, out] each). To the
+ops' times a host cost per kernel launch is added by replaying the op sequence through a launch queue: the host
+issues an op every LAUNCH_US, the GPU runs them in order, so a step of many small ops is launch-bound and one of
+large ops is not. The ops are the
 eager step's: the compiled step (`--compile`) fuses the elementwise ones, which this does not project.
 
 What the estimator is told, and why:
