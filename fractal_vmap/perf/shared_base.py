@@ -6,8 +6,8 @@ input is still shared, the first block's q, k and v before any adapter acts, M i
 Each lane's adapters are batched matmuls [L, B*T, in] @ [L, in, R] and [L, B*T, R] @ [L, R, out] (and their
 backwards), one R-wide dimension each. The frozen lm_head's matmuls run in the lanes' head (kernels/ops.py), also
 against one shared weight. roofline.py traces the real step and times every matmul; this sums them up by kind and
-shape. A matmul with the rank among its dimensions is an adapter's: the summary needs the rank to differ from the
-model's widths and from B*T (true of every nanochat depth and rank <= 64).
+shape. On the path traced (the Triton head, flash attention) a LoRA row's only aten matmuls are these two kinds, told
+apart by what vmap made of them: an mm reads an unbatched (shared, frozen) weight, a bmm the lanes' own adapters.
 """
 
 
@@ -17,7 +17,7 @@ def shared_base(matmuls: list, rank: int, row_gpu_s: float, by_op: dict[str, flo
     read; the head's matmuls from `by_op`; `tokens` = lanes x batch x seq, the M of the lanes' base matmuls."""
     kinds: dict[str, dict[tuple, dict]] = {"base": {}, "adapters": {}}
     for mm in matmuls:
-        shapes = kinds["adapters" if rank in (mm.m, mm.k, mm.n) else "base"]
+        shapes = kinds["base" if mm.batch == 1 else "adapters"]  # one mm for every lane, or a bmm of per-lane ones
         key = (mm.batch, mm.m, mm.k, mm.n)
         group = shapes.setdefault(key, {"shape": list(key), "count": 0, "seconds": 0.0, "flops": 0, "weight_bytes": 0})
         group["count"] += 1
@@ -54,10 +54,12 @@ def print_shared_base(s: dict, lanes: int, batch: int, seq: int, console) -> Non
     from rich.table import Table
 
     base, adapters, head = s["base"], s["adapters"], s["head"]
+    shared = sum(g["count"] for g in base["shapes"] if g["shape"][1] == batch * seq)
     text = (
         f"PROJECTED, the shared-base matmuls: {base['matmuls']} a step, one [M, in] @ [in, out] per frozen matrix and "
-        f"pass with M = lanes x batch x seq = {lanes} x {batch} x {seq} = {s['tokens']:,} (the first block's q, k, v "
-        f"before any adapter: M = {batch * seq:,}, computed once for the lanes' shared batch); each weight read once "
+        f"pass with M = lanes x batch x seq = {lanes} x {batch} x {seq} = {s['tokens']:,} (but {shared}, on the "
+        f"lanes' shared batch before any adapter acts, e.g. the first block's q, k, v: M = {batch * seq:,}, once for "
+        "all lanes); each weight read once "
         f"whatever the lanes ({base['weight_bytes'] / 2**30:.2f} GiB a step): {base['seconds'] * 1e3:.1f} ms, "
         f"{base['share']:.0%} of the row's GPU time. The adapters (rank {s['rank']}): {adapters['matmuls']} batched "
         f"matmuls [L, B*T, .] @ [L, ., .], {adapters['seconds'] * 1e3:.1f} ms, {adapters['share']:.0%}. The head's "
