@@ -7,7 +7,8 @@ number-changing settings) is traced for memory on the path CUDA runs (kernels "t
 fits (at most the lanes asked), and projected on the datasheet GPU (roofline.py); the most lane-steps per second
 wins. A rung that fits no more lanes than a cheaper rung already weighed is not projected: its levers only add work
 (recomputation, or Muon stepped layer by layer in more, smaller launches). Micro-batches are not varied: they change
-the numbers, so they are used only as asked. Every figure is a projection (roofline.py's assumptions).
+the numbers, so they are used only as asked. LoRA lanes (lora_rank > 0) climb the same ladder, traced as LoRA steps.
+Every figure is a projection (roofline.py's assumptions).
 """
 
 from dataclasses import dataclass, replace
@@ -56,15 +57,18 @@ def weigh(
     groups: str = "matrix,unembedding",
     base: Levers = Levers(),
     launch_us: float = LAUNCH_US,
+    lora_rank: int = 0,
+    lora_targets: str = "all",
 ) -> tuple[Choice, list[Choice]]:
     """(the fastest configuration that fits `memory` bytes, every configuration weighed); with none fitting, the one
-    that fits the most (the smallest chunk would not fit: the caller says so)."""
+    that fits the most (the smallest chunk would not fit: the caller says so). lora_rank > 0: LoRA lanes, weighed
+    the same way."""
     weighed: list[Choice] = []
     for rung in LEVER_LADDER:
         levers = replace(base, step_in_backward=rung.step_in_backward, remat=rung.remat)
         if levers.micro_batches > 1 and levers.step_in_backward:
             continue
-        plan = estimate_memory(config, batch, seq, dtype, groups, levers, "triton")
+        plan = estimate_memory(config, batch, seq, dtype, groups, levers, "triton", lora_rank, lora_targets)
         choice = Choice(levers, plan, min(lanes, plan.lanes_that_fit(memory)))
         cheaper = [c for c in weighed if c.projection and lever_subset(c.levers, levers)]
         if not choice.lanes:
@@ -72,7 +76,9 @@ def weigh(
         elif any(c.lanes >= choice.lanes for c in cheaper):
             choice.note = "no more lanes than fewer levers: not projected"
         else:
-            choice.projection = project_runtime(config, choice.lanes, gpu, batch, seq, levers, groups, launch_us)
+            choice.projection = project_runtime(
+                config, choice.lanes, gpu, batch, seq, levers, groups, launch_us, lora_rank, lora_targets
+            )
         weighed.append(choice)
     projected = [c for c in weighed if c.projection]
     best = max(projected, key=lambda c: c.lane_steps_per_s) if projected else max(weighed, key=lambda c: c.lanes)

@@ -1,17 +1,18 @@
 """`fractal-vmap plan`: how many lanes of a model fit on a GPU, without a GPU (the memory model of
 tasks/nanochat/memory.py: the real training step traced under FakeTensorMode with torch's MemTracker), and with
---project h100|h200 how fast they would run (perf/roofline.py: a projection)."""
+--project h100|h200 how fast they would run (perf/roofline.py: a projection), LoRA lanes too (--lora_rank: with the
+shared base's matmuls against the adapters', perf/shared_base.py)."""
 
 import json
 import math
 import re
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from fractal_vmap import lora
 from fractal_vmap.errors import UserError
 from fractal_vmap.model import GPTConfig, nanochat_depth
-from fractal_vmap.options import FinetuneConfig, PlanConfig, is_given
+from fractal_vmap.options import FinetuneConfig, PlanConfig
 from fractal_vmap.recipe import trainable_groups
 from fractal_vmap.tasks.nanochat.levers import Levers
 from fractal_vmap.tasks.nanochat.memory import (
@@ -68,8 +69,6 @@ def check_plan(cfg: PlanConfig) -> tuple[GPTConfig, int, Levers | None]:
         raise UserError("--supervised_frac must be in (0, 1] and --launch_us at least 0")
     trainable_groups(FinetuneConfig(trainable_param_groups=cfg.trainable_param_groups))
     lora.check(cfg.lora_rank, 16.0, cfg.lora_targets)  # alpha changes no byte
-    if cfg.lora_rank > 0 and is_given(cfg, "project") and cfg.project != "none":
-        raise UserError("--project does not yet model LoRA lanes (the memory plan does): drop --project or --lora_rank")
     return config, memory, levers
 
 
@@ -86,8 +85,6 @@ TARGETS = {
 def run_plan(cfg: PlanConfig) -> dict:
     """The `plan` command's numbers: the memory model, the lanes that fit, and (--project) the runtime projection."""
     config, memory, levers = check_plan(cfg)
-    if cfg.lora_rank:  # the projection does not model LoRA lanes yet: their plan is memory only
-        cfg = replace(cfg, project="none")
     groups, lora_kw = cfg.trainable_param_groups, dict(lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets)
     base = Levers(micro_batches=cfg.micro_batches, momentum_dtype=cfg.momentum_dtype, master_dtype=cfg.master_dtype)
     weighed, projection = None, None
@@ -96,7 +93,17 @@ def run_plan(cfg: PlanConfig) -> dict:
         from fractal_vmap.perf.choose import weigh
 
         best, weighed = weigh(
-            config, cfg.lanes, memory, cfg.project, cfg.batch, cfg.seq, cfg.dtype, groups, base, cfg.launch_us
+            config,
+            cfg.lanes,
+            memory,
+            cfg.project,
+            cfg.batch,
+            cfg.seq,
+            cfg.dtype,
+            groups,
+            base,
+            cfg.launch_us,
+            **lora_kw,
         )
         plan, projection = best.memory, best.projection
     elif levers is None:
@@ -108,6 +115,8 @@ def run_plan(cfg: PlanConfig) -> dict:
         "model": cfg.model,
         "lora_rank": cfg.lora_rank,
         "lanes": cfg.lanes,
+        "batch": cfg.batch,
+        "seq": cfg.seq,
         "headroom": HEADROOM,
         "kernels": "triton",
         "memory": asdict(plan),
@@ -123,13 +132,15 @@ def run_plan(cfg: PlanConfig) -> dict:
         lanes = fit or cfg.lanes  # the lanes that fit; if none, the lanes asked (they would not fit)
         if projection is None:
             projection = project_runtime(
-                config, lanes, cfg.project, cfg.batch, cfg.seq, Levers(**plan.levers), groups, cfg.launch_us
+                config, lanes, cfg.project, cfg.batch, cfg.seq, Levers(**plan.levers), groups, cfg.launch_us, **lora_kw
             )
         steps = math.ceil(GRID_TOKENS / (cfg.batch * cfg.seq * cfg.supervised_frac))
         out["projection"] = {
             **asdict(projection),
             "fits": fit >= lanes,
             "speedup": projection.speedup,
+            "lane_steps_per_s": projection.lanes / projection.row_s,
+            "single_steps_per_s": 1 / projection.single_s,
             "mfu": projection.mfu(gpu),
             "grid": {
                 "cells": GRID_CELLS,
@@ -189,8 +200,9 @@ def print_plan(out: dict, console) -> None:
             f"{p['speedup']:.2f}x",
             f"{p['mfu']:.1%}",
         )
+        loop = f"finetune --lora_rank {out['lora_rank']}" if out.get("lora_rank") else "finetune"
         table.add_row(
-            f"{p['lanes']} x one model (finetune)",
+            f"{p['lanes']} x one model ({loop})",
             f"{p['lanes'] * p['single_s'] * 1e3:.1f}",
             f"{p['lanes'] * p['single_gpu_s'] * 1e3:.1f}",
             str(p["lanes"] * p["single_launches"]),
@@ -198,6 +210,14 @@ def print_plan(out: dict, console) -> None:
             "",
         )
         console.print(table)
+        console.print(
+            f"projected lane-steps/s: {p['lane_steps_per_s']:.2f} in the row, {p['single_steps_per_s']:.2f} one run at "
+            "a time"
+        )
+        if p.get("shared_base"):
+            from fractal_vmap.perf.shared_base import print_shared_base
+
+            print_shared_base(p["shared_base"], p["lanes"], out["batch"], out["seq"], console)
         g = p["grid"]
         console.print(
             f"projected: a {int(math.sqrt(g['cells']))}x{int(math.sqrt(g['cells']))} grid of {g['tokens_per_cell']:,} "

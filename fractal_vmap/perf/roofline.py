@@ -5,9 +5,12 @@ One training step is traced under FakeTensorMode with torch's roofline estimator
 for a vmapped row of L lanes (`lanes.lanes_step`, the grid's step) on the path CUDA runs (kernels "triton": the fused
 AdamW, the Muon passes around Newton-Schulz and the lanes' head, which enter the trace as the custom ops of
 kernels/ops.py and are charged the launches and bytes kernels/costs.py counts for them) and for one model's
-`finetune` step (torch.optim AdamW + Muon), the sequential loop being L of those. To the ops' times a host cost per
-kernel launch is added by replaying the op sequence through a launch queue: the host issues an op every LAUNCH_US,
-the GPU runs them in order, so a step of many small ops is launch-bound and one of large ops is not. The ops are the
+`finetune` step (torch.optim AdamW + Muon), the sequential loop being L of those. With lora_rank > 0 both are the
+LoRA steps (a row of adapters on the shared frozen base; `finetune --lora_rank`, AdamW on the adapters), and the
+row's matmuls are summed up by kind and shape (shared_base.py: the base's one [L*B*T, in] @ [in, out] each). To the
+ops' times a host cost per kernel launch is added by replaying the op sequence through a launch queue: the host
+issues an op every LAUNCH_US, the GPU runs them in order, so a step of many small ops is launch-bound and one of
+large ops is not. The ops are the
 eager step's: the compiled step (`--compile`) fuses the elementwise ones, which this does not project.
 
 What the estimator is told, and why:
@@ -34,11 +37,13 @@ from unittest import mock
 import torch
 import torch.utils._pytree as pytree
 
+from fractal_vmap import lora
 from fractal_vmap.kernels import chunk_tokens, costs, tracing
 from fractal_vmap.lanes import lanes_step
 from fractal_vmap.model import GPTConfig, param_shapes
 from fractal_vmap.options import FinetuneConfig
 from fractal_vmap.perf.device import ATTENTION_EFFICIENCY, GPUS, Gpu, matmul_seconds  # noqa: F401 (GPUS: re-exported)
+from fractal_vmap.perf.shared_base import shared_base
 from fractal_vmap.reference import ReferenceModel
 from fractal_vmap.tasks.nanochat.levers import Levers
 from fractal_vmap.tasks.nanochat.row import nanochat_row
@@ -67,8 +72,26 @@ def register(gpu: Gpu) -> str:
     return name
 
 
-def op_times(step: Callable[[], None], gpu: Gpu) -> list[tuple[str, float]]:
-    """(op, seconds at the roofline) of each kernel-launching op of step(), traced under the caller's FakeTensorMode."""
+@dataclass(frozen=True)
+class Matmul:
+    """One traced aten matmul: `batch` products [m, k] x [k, n] (mm: batch 1), its projected seconds and the bytes of
+    its second operand (x @ W's weight: read once however large m is)."""
+
+    batch: int
+    m: int
+    k: int
+    n: int
+    seconds: float
+    weight_bytes: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.batch * self.m * self.k * self.n
+
+
+def op_times(step: Callable[[], None], gpu: Gpu, matmuls: list[Matmul] | None = None) -> list[tuple[str, float]]:
+    """(op, seconds at the roofline) of each kernel-launching op of step(), traced under the caller's FakeTensorMode;
+    each aten matmul's shape and time also appended to `matmuls` if given."""
     from torch.distributed._tools.runtime_estimator import RuntimeEstimator
     from torch.utils._runtime_estimation import _VIEW_OPS, get_compute_time, get_transfer_time
 
@@ -86,6 +109,11 @@ def op_times(step: Callable[[], None], gpu: Gpu) -> list[tuple[str, float]]:
             if func._overloadpacket in MATMULS:  # the device model's matmul, not a flat share of the peak
                 out = func(*args, **kwargs)
                 times.append((func._overloadpacket.__name__, matmul_op_seconds(func, args, out, gpu)))
+                if matmuls is not None:
+                    a, b = args[-2:]
+                    batch = a.shape[0] if a.ndim == 3 else 1
+                    shape = (batch, a.shape[-2], a.shape[-1], b.shape[-1])
+                    matmuls.append(Matmul(*shape, times[-1][1], b.numel() * b.element_size()))
                 return out
             if func._overloadpacket in MIXED_OUTPUT_OPS:
                 out = func(*args, **kwargs)
@@ -166,12 +194,22 @@ def launch_bound(times: list[float], launch_s: float) -> float:
 
 
 def row_step_times(
-    config: GPTConfig, lanes: int, batch: int, seq: int, levers: Levers, gpu: Gpu, groups: str
+    config: GPTConfig,
+    lanes: int,
+    batch: int,
+    seq: int,
+    levers: Levers,
+    gpu: Gpu,
+    groups: str,
+    lora_rank: int = 0,
+    lora_targets: str = "all",
+    matmuls: list[Matmul] | None = None,
 ) -> list[tuple[str, float]]:
-    """The op times of one grid step (lanes.lanes_step) of `lanes` lanes, bf16 autocast as on CUDA."""
+    """The op times of one grid step (lanes.lanes_step) of `lanes` lanes, bf16 autocast as on CUDA; lora_rank > 0:
+    LoRA lanes (the base frozen and shared). The lanes share one batch, as a grid row's lanes do."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    cfg = FinetuneConfig(device="cpu", dtype="bfloat16", trainable_param_groups=groups)
+    cfg = lane_config(groups, lora_rank, lora_targets)
     with FakeTensorMode():
         params = {k: torch.empty(s) for k, s in param_shapes(config).items()}
         idx = torch.randint(0, config.vocab_size, (batch, seq))
@@ -179,16 +217,25 @@ def row_step_times(
             row = nanochat_row(
                 [cfg] * lanes, config, params, [1] * lanes, torch.device("cpu"), kernels="triton", levers=levers
             )
-            return op_times(lambda: lanes_step(row, 0, idx, idx), gpu)
+            return op_times(lambda: lanes_step(row, 0, idx, idx), gpu, matmuls)
 
 
-def single_step_times(config: GPTConfig, batch: int, seq: int, gpu: Gpu, groups: str) -> list[tuple[str, float]]:
+def lane_config(groups: str, lora_rank: int, lora_targets: str) -> FinetuneConfig:
+    """A traced lane's settings: bf16 autocast as on CUDA, the trained groups or (lora_rank > 0) LoRA adapters."""
+    return FinetuneConfig(
+        device="cpu", dtype="bfloat16", trainable_param_groups=groups, lora_rank=lora_rank, lora_targets=lora_targets
+    )
+
+
+def single_step_times(
+    config: GPTConfig, batch: int, seq: int, gpu: Gpu, groups: str, lora_rank: int = 0, lora_targets: str = "all"
+) -> list[tuple[str, float]]:
     """The op times of one `finetune` step (reference.ReferenceModel's loss and update): forward under bf16 autocast,
-    backward, torch.optim AdamW (foreach, its CUDA default) and Muon, gradients dropped. Its loss.item() is the host
-    sync each step starts from."""
+    backward, torch.optim AdamW (foreach, its CUDA default) and Muon (LoRA: AdamW on the adapters), gradients
+    dropped. Its loss.item() is the host sync each step starts from."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    cfg = FinetuneConfig(device="cpu", dtype="bfloat16", trainable_param_groups=groups)
+    cfg = lane_config(groups, lora_rank, lora_targets)
     with FakeTensorMode():
         params = {k: torch.empty(s) for k, s in param_shapes(config).items()}
         idx = torch.randint(0, config.vocab_size, (batch, seq))
@@ -196,11 +243,16 @@ def single_step_times(config: GPTConfig, batch: int, seq: int, gpu: Gpu, groups:
         return op_times(lambda: model.update(0, 1, model.loss(idx, idx)), gpu)
 
 
-def flops_per_token(config: GPTConfig, seq: int) -> float:
+def flops_per_token(config: GPTConfig, seq: int, lora_rank: int = 0, lora_targets: str = "all") -> float:
     """Model FLOPs per trained token (nanochat's estimate): 6 x the non-embedding params, plus
-    12 x layers x heads x head_dim x sequence for attention."""
+    12 x layers x heads x head_dim x sequence for attention. LoRA: the frozen weights' forward and input gradients,
+    4 x theirs (no weight gradients), plus 6 x the adapters'."""
     params = sum(math.prod(s) for k, s in param_shapes(config).items() if k != "transformer.wte.weight")
-    return 6 * params + 12 * config.n_layer * config.n_head * config.head_dim * seq
+    attention = 12 * config.n_layer * config.n_head * config.head_dim * seq
+    if lora_rank == 0:
+        return 6 * params + attention
+    adapters = sum(math.prod(s) for s in lora.adapter_shapes(config, lora_rank, lora_targets).values())
+    return 4 * params + 6 * adapters + attention
 
 
 @dataclass
@@ -219,6 +271,7 @@ class Projection:
     single_launches: int
     model_flops: float  # per row step
     row_by_op: dict[str, float]  # the row's GPU seconds by op, largest first
+    shared_base: dict | None = None  # LoRA: the shared base's matmuls against the adapters' (perf/shared_base.py)
 
     @property
     def speedup(self) -> float:
@@ -239,11 +292,15 @@ def project_runtime(
     levers: Levers = Levers(),
     groups: str = "matrix,unembedding",
     launch_us: float = LAUNCH_US,
+    lora_rank: int = 0,
+    lora_targets: str = "all",
 ) -> Projection:
-    """Project one grid step of `lanes` lanes and the sequential loop's `lanes` finetune steps on a datasheet GPU."""
-    device = GPUS[gpu]
-    row_ops = row_step_times(config, lanes, batch, seq, levers, device, groups)
-    row, single = [t for _, t in row_ops], [t for _, t in single_step_times(config, batch, seq, device, groups)]
+    """Project one grid step of `lanes` lanes and the sequential loop's `lanes` finetune steps on a datasheet GPU;
+    lora_rank > 0: LoRA lanes against `finetune --lora_rank`, with the shared base's matmuls summed up."""
+    device, lora_kw, matmuls = GPUS[gpu], dict(lora_rank=lora_rank, lora_targets=lora_targets), []
+    row_ops = row_step_times(config, lanes, batch, seq, levers, device, groups, **lora_kw, matmuls=matmuls)
+    row = [t for _, t in row_ops]
+    single = [t for _, t in single_step_times(config, batch, seq, device, groups, **lora_kw)]
     by_op: dict[str, float] = {}
     for name, t in row_ops:
         by_op[name] = by_op.get(name, 0.0) + t
@@ -259,8 +316,9 @@ def project_runtime(
         launch_bound(single, launch),
         sum(single),
         len(single),
-        flops_per_token(config, seq) * batch * seq * lanes,
+        flops_per_token(config, seq, **lora_kw) * batch * seq * lanes,
         dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+        shared_base(matmuls, lora_rank, sum(row), by_op, lanes * batch * seq) if lora_rank else None,
     )
 
 
