@@ -286,3 +286,5 @@ class StudyConfig:
     device: str = "auto"  # cpu, cuda, cuda:N, or auto
     seed: int = 999  # nanochat-sft: the data order of the maps (their seed twin takes seed + 1); paper-mlp: its network
     wandb: str = "auto"  # every grid's W&B logging: online, offline, disabled, or auto
+    wandb_project: str = "fractal-vmap"  # W&B project of the study's run and its grids' runs
+    wandb_entity: str | None = None  # W&B entity (user or team); unset: your default entity

@@ -55,14 +55,22 @@ def check_wandb(cfg) -> None:
         )
 
 
+def read_run_id(directory: Path) -> str | None:
+    """The W&B run id kept in `directory`, checked (one line if it is not one), or None if none is kept yet."""
+    path = directory / ID_FILE
+    if not path.is_file():
+        return None
+    run_id = path.read_text().strip()
+    if not ID_PATTERN.fullmatch(run_id):
+        raise UserError(f"{path} holds {run_id[:40]!r}, not a W&B run id: delete it (a new W&B run then starts)")
+    return run_id
+
+
 def kept_run_id(directory: Path) -> str:
     """The W&B run id kept in `directory` (a grid's run dir, a study dir), made and written on first use."""
-    path = directory / ID_FILE
-    if path.is_file():
-        run_id = path.read_text().strip()
-        if not ID_PATTERN.fullmatch(run_id):
-            raise UserError(f"{path} holds {run_id[:40]!r}, not a W&B run id: delete it (a new W&B run then starts)")
+    if (run_id := read_run_id(directory)) is not None:
         return run_id
+    path = directory / ID_FILE
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B makes its ids
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(path, run_id + "\n")

@@ -14,6 +14,7 @@ from fractal_vmap.cli import main
 
 # test_study.py's paper study without its twin (each grid is a W&B run: its twin's would double the cost)
 PAPER_STUDY = ["study", "--task", "paper-mlp", "--coarse", "5", "--refine", "2", "--zooms", "1", "--twins", "none"]
+PAPER_STUDY += ["--wandb_project", "fv-study"]  # the study's run and its grids' go to the project it names
 BLOCK = 32768  # a .wandb file is a LevelDB-style log: 32 KiB blocks of chunks, each behind a 7-byte header
 FULL, FIRST, LAST = 1, 2, 4  # chunk types: a whole record, or the first / middle (3) / last piece of one
 
@@ -115,6 +116,9 @@ def test_a_study_logs_its_figures_tables_and_numbers_to_one_wandb_run(tmp_path, 
     for logged, step in ((first, 0), (last, 1)):  # each rerun logs at the next step, so W&B keeps it
         assert logged["run"].run_id == run_id and logged["run"].job_type == "study"
         assert logged["run"].display_name == "paper" and logged["history"]["_step"] == step
+        assert logged["run"].project == "fv-study"
+    grid_logs = sorted((study_dir / "map" / "wandb").glob("offline-run-*"))
+    assert grid_logs and all(read_offline(f)["run"].project == "fv-study" for f in grid_logs)
     config = last["config"]
     assert config["options"]["task"] == "paper-mlp" and config["options"]["coarse"] == 5
     assert config["settings"]["side"] == 17 and config["settings"]["twins"] == [] and config["grids"] == grids
@@ -181,3 +185,14 @@ def test_a_nanochat_study_logs_the_tokens_plane(default_model, tmp_path, wandb_h
     assert logged["summary"].get("lr_star/beta") == law.get("beta")
     assert logged["summary"]["safe_lr_fraction"] == report["tokens"]["safe_fraction"]
     assert set(report["wandb"]["grids"]) == {"map", "map-seed", "tokens", "tokens-seed"}
+
+
+def test_a_kept_study_run_id_that_is_not_one_is_refused_before_any_work(tmp_path, capsys, no_model):
+    study_dir = tmp_path / "paper"
+    study_dir.mkdir()
+    (study_dir / "wandb_id").write_text("not an id!\n")
+    with pytest.raises(SystemExit) as e:
+        main([*PAPER_STUDY, "--wandb", "offline", "--study_dir", str(study_dir)])
+    out = capsys.readouterr().out
+    assert e.value.code == 2 and out.startswith("error:") and "not a W&B run id" in out, out
+    assert len(out.strip().splitlines()) == 1 and sorted(p.name for p in study_dir.iterdir()) == ["wandb_id"]

@@ -113,6 +113,7 @@ def grid_options(s: Settings, refine: int = 0, **extra) -> GridConfig:
     """A map's options: the study's task, model, data, LoRA, device and W&B, refined from the coarse grid."""
     cfg = s.cfg
     common = dict(task=cfg.task, device=cfg.device, seed=cfg.seed, wandb=cfg.wandb, refine=refine or s.refine)
+    common.update(wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity)
     if cfg.task == "nanochat-sft":
         common.update(model=cfg.model, dataset=cfg.dataset)
         common.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets)

@@ -44,6 +44,7 @@ def command_line(cfg: StudyConfig) -> str:
 def run_study(cfg: StudyConfig) -> dict:
     s = plan.settings(cfg)  # every check before any work
     study_dir = Path(cfg.study_dir)
+    tracking.check_study_run(cfg)
     study_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     grids: list[dict] = []

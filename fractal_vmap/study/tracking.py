@@ -14,8 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fractal_vmap.files import finite_or_none, strict_json, write_atomic
-from fractal_vmap.options import GridConfig
-from fractal_vmap.tracking import ID_FILE, closing_run, start_run, wandb_mode
+from fractal_vmap.tracking import ID_FILE, check_wandb, closing_run, read_run_id, start_run, wandb_mode
 
 PICTURES = ("trainability", "panels")  # every grid's pictures (analysis/report.py), named in REPORT.md
 ARTIFACT_TYPE = "study-report"
@@ -113,6 +112,14 @@ def table(columns: list[str], rows: list[list]):
     return wandb.Table(columns=columns, data=finite_or_none(rows), allow_mixed_types=True)
 
 
+def check_study_run(cfg) -> None:
+    """Before any work: the study's --wandb as a grid's is checked, and a kept run id that is not one is refused now
+    rather than after the training."""
+    check_wandb(cfg)
+    if wandb_mode(cfg.wandb) != "disabled":
+        read_run_id(Path(cfg.study_dir))
+
+
 def log_study(s, study_dir: Path, results: dict) -> None:
     """After report.write: record the W&B runs in study.json and log the study to its one W&B run (nothing when
     disabled). `s`: the study's settings (plan.settings), `results`: what report.analyse found."""
@@ -122,7 +129,7 @@ def log_study(s, study_dir: Path, results: dict) -> None:
     import wandb
 
     settings = {k: v for k, v in asdict(s).items() if k != "cfg"} | {"side": s.side}  # the options, defaults filled in
-    project, entity = GridConfig.wandb_project, GridConfig.wandb_entity  # where the grids log (the study has no own)
+    project, entity = cfg.wandb_project, cfg.wandb_entity  # where its grids log too
     config = dict(options=asdict(cfg), settings=settings)
     run = start_run(cfg.wandb, project, entity, study_dir.name, config, study_dir, "study", keep_id=True)
     sync_dir = study_dir / "wandb"
