@@ -1,7 +1,7 @@
 """`fractal-vmap study` and its parts: the twin grid (grid --twin_of), the rules of thumb on known cases, a study on
-tiny settings (the paper task at 17 x 17, the embedded default model at 5 x 5 cells of 3-6 steps) whose report equals
-what the parts compute from its run dirs, resume after an interruption, and bad input. Seconds each once the default
-model is built."""
+tiny settings (the paper task at 17 x 17; the embedded default model's, at 5 x 5 cells of 3-6 steps, is in
+test_study_wandb.py, run once with its W&B checks) whose report equals what the parts compute from its run dirs, resume
+after an interruption, and bad input. Seconds each."""
 
 import json
 
@@ -198,39 +198,6 @@ def test_a_study_resumes_keeping_every_finished_grid(paper_study, tmp_path, monk
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # no finished row file was rewritten
     got, want = strict(study_dir / "study.json"), strict(paper_study / "study.json")
     assert got["levels"] == want["levels"]  # the same numbers as the uninterrupted study
-
-
-def test_a_nanochat_study_on_tiny_settings(default_model, tmp_path):
-    study_dir = tmp_path / "nanochat"
-    flags = ["--coarse", "3", "--refine", "1", "--zooms", "0", "--num_tokens", "200", "--token_min", "200"]
-    main(
-        [
-            "study",
-            *flags,
-            "--token_max",
-            "400",
-            "--token_rows",
-            "3",
-            "--wandb",
-            "disabled",
-            "--study_dir",
-            str(study_dir),
-        ]
-    )
-    report = strict(study_dir / "study.json")
-    check_levels(study_dir, report)
-    grid, phase, _ = load_phase(study_dir / "tokens")
-    phases = [phase] + [load_phase(study_dir / f"tokens-{k}")[1] for k in ("ulp", "seed")]
-    axes = grid["spec"]["axes"]
-    assert axes["rows"]["name"] == "num_tokens" and axes["cols"]["name"] == "lr"
-    want = rules.critical_lrs(phases, axes["cols"]["values"], axes["rows"]["values"])
-    assert report["tokens"]["rows"] == json.loads(json.dumps(want))
-    spec = strict(study_dir / "map" / "grid.json")["spec"]
-    assert (spec["axes"]["rows"]["name"], spec["axes"]["cols"]["name"]) == ("matrix_lr", "unembedding_lr")
-    assert spec["settings"]["num_tokens"] == 200
-    assert strict(study_dir / "map-seed" / "grid.json")["spec"]["settings"]["seed"] == spec["settings"]["seed"] + 1
-    assert (study_dir / "lr_star.png").stat().st_size > 0
-    assert "wandb" not in report and not list(study_dir.rglob("wandb*"))  # --wandb disabled: no W&B file anywhere
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,20 @@
 """The study's one W&B run (study/tracking.py), read back from what W&B writes offline: the run record, config,
 history (figures, the zoom video, tables), summary and artifact in each invocation's .wandb file, and the media files
 beside it; a rerun resumes the same run id at the next step. A paper-task study at 17 x 17 (test_study.py's settings)
-run twice; a nanochat study on tiny settings for the tokens plane's figure and table. `--wandb disabled` writing
-nothing is checked on test_study.py's own studies."""
+run twice; test_study.py's nanochat study on tiny settings (its report checked as test_study.py checks the paper's)
+for the tokens plane's figure and table. `--wandb disabled` writing nothing is checked on test_study.py's paper
+study."""
 
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
+from test_study import check_levels, strict  # the paper study's checks, on this study's run dirs
 
+from fractal_vmap.analysis.compare import load_phase
 from fractal_vmap.cli import main
+from fractal_vmap.study import rules
 
 # test_study.py's paper study without its twin (each grid is a W&B run: its twin's would double the cost)
 PAPER_STUDY = ["study", "--task", "paper-mlp", "--coarse", "5", "--refine", "2", "--zooms", "1", "--twins", "none"]
@@ -155,16 +159,33 @@ def test_a_study_logs_its_figures_tables_and_numbers_to_one_wandb_run(tmp_path, 
     }
 
 
-def test_a_nanochat_study_logs_the_tokens_plane(default_model, tmp_path, wandb_home):
+def test_a_nanochat_study_on_tiny_settings_reports_its_parts_and_logs_the_tokens_plane(
+    default_model, tmp_path, wandb_home
+):
+    """The embedded default model at 5 x 5 cells of 3-6 steps, both twins: the report equals what the parts compute
+    from its run dirs (as test_study.py's paper study), and its W&B run holds the tokens plane's figure and table."""
     import wandb
 
     study_dir = tmp_path / "nanochat"
-    flags = ["--coarse", "3", "--refine", "1", "--zooms", "0", "--num_tokens", "200", "--twins", "seed"]
-    tokens = ["--token_min", "200", "--token_max", "400", "--token_rows", "3"]  # test_study.py's tiny study
+    flags = ["--coarse", "3", "--refine", "1", "--zooms", "0", "--num_tokens", "200"]
+    tokens = ["--token_min", "200", "--token_max", "400", "--token_rows", "3"]
     main(["study", *flags, *tokens, "--wandb", "offline", "--study_dir", str(study_dir)])
     wandb.teardown()
+    report = strict(study_dir / "study.json")
+    check_levels(study_dir, report)
+    grid, phase, _ = load_phase(study_dir / "tokens")
+    phases = [phase] + [load_phase(study_dir / f"tokens-{k}")[1] for k in ("ulp", "seed")]
+    axes = grid["spec"]["axes"]
+    assert axes["rows"]["name"] == "num_tokens" and axes["cols"]["name"] == "lr"
+    want = rules.critical_lrs(phases, axes["cols"]["values"], axes["rows"]["values"])
+    assert report["tokens"]["rows"] == json.loads(json.dumps(want))
+    spec = strict(study_dir / "map" / "grid.json")["spec"]
+    assert (spec["axes"]["rows"]["name"], spec["axes"]["cols"]["name"]) == ("matrix_lr", "unembedding_lr")
+    assert spec["settings"]["num_tokens"] == 200
+    assert strict(study_dir / "map-seed" / "grid.json")["spec"]["settings"]["seed"] == spec["settings"]["seed"] + 1
+
     (folder,) = (study_dir / "wandb").glob("offline-run-*")
-    logged, report = read_offline(folder), json.loads((study_dir / "study.json").read_text())
+    logged = read_offline(folder)
     check_figure(folder, logged, "lr_star", study_dir / "lr_star.png")
     for pic in ("trainability", "panels"):
         check_figure(folder, logged, f"tokens/{pic}", study_dir / "tokens" / f"{pic}.png")
@@ -184,7 +205,7 @@ def test_a_nanochat_study_logs_the_tokens_plane(default_model, tmp_path, wandb_h
     law = report["tokens"]["law"] or {}
     assert logged["summary"].get("lr_star/beta") == law.get("beta")
     assert logged["summary"]["safe_lr_fraction"] == report["tokens"]["safe_fraction"]
-    assert set(report["wandb"]["grids"]) == {"map", "map-seed", "tokens", "tokens-seed"}
+    assert set(report["wandb"]["grids"]) == {"map", "map-ulp", "map-seed", "tokens", "tokens-ulp", "tokens-seed"}
 
 
 def test_a_kept_study_run_id_that_is_not_one_is_refused_before_any_work(tmp_path, capsys, no_model):
