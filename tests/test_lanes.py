@@ -212,7 +212,8 @@ def chunked(cfgs, config, params, batches, steps, chunk: int) -> list:
 
 @pytest.mark.parametrize("model", ["default", "gqa"])
 def test_a_lanes_numbers_do_not_depend_on_its_chunk(model, default_data, nanochat):
-    """8 lanes from tame to chaotic and one diverging, trained 8, 3 (3 + 3 + 2), 2 and 1 at a time: bit-identical."""
+    """8 lanes from tame to chaotic and one diverging, trained 8, 3 (chunks of 3 + 3 + 2) and 1 at a time:
+    bit-identical."""
     lrs = (0.002, 0.03, 0.3, 1.0, DIVERGING_LR, 3.0, 30.0, 1e4)
     if model == "default":
         config, params, tokenizer, examples = default_data
@@ -225,7 +226,7 @@ def test_a_lanes_numbers_do_not_depend_on_its_chunk(model, default_data, nanocha
     whole = chunked(cfgs, config, params, batches, steps, 8)
     assert len({r.final_loss for r in whole}) == 8  # the rates make a varied row
     assert model == "gqa" or not whole[4].stable  # (the random-init GQA model's zero lm_head keeps DIVERGING_LR finite)
-    for chunk in (3, 2, 1):
+    for chunk in (3, 1):
         assert_same_numbers(chunked(cfgs, config, params, batches, steps, chunk), whole)
 
 

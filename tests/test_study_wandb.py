@@ -162,19 +162,20 @@ def test_a_study_logs_its_figures_tables_and_numbers_to_one_wandb_run(tmp_path, 
 def test_a_nanochat_study_on_tiny_settings_reports_its_parts_and_logs_the_tokens_plane(
     default_model, tmp_path, wandb_home
 ):
-    """The embedded default model at 5 x 5 cells of 3-6 steps, both twins: the report equals what the parts compute
-    from its run dirs (as test_study.py's paper study), and its W&B run holds the tokens plane's figure and table."""
+    """The embedded default model at 5 x 5 cells of 3-6 steps, its data-order twins (the ulp twin is the paper
+    study's): the report equals what the parts compute from its run dirs (as test_study.py's paper study), and its
+    W&B run holds the tokens plane's figure and table."""
     import wandb
 
     study_dir = tmp_path / "nanochat"
-    flags = ["--coarse", "3", "--refine", "1", "--zooms", "0", "--num_tokens", "200"]
+    flags = ["--coarse", "3", "--refine", "1", "--zooms", "0", "--num_tokens", "200", "--twins", "seed"]
     tokens = ["--token_min", "200", "--token_max", "400", "--token_rows", "3"]
     main(["study", *flags, *tokens, "--wandb", "offline", "--study_dir", str(study_dir)])
     wandb.teardown()
     report = strict(study_dir / "study.json")
     check_levels(study_dir, report)
     grid, phase, _ = load_phase(study_dir / "tokens")
-    phases = [phase] + [load_phase(study_dir / f"tokens-{k}")[1] for k in ("ulp", "seed")]
+    phases = [phase, load_phase(study_dir / "tokens-seed")[1]]
     axes = grid["spec"]["axes"]
     assert axes["rows"]["name"] == "num_tokens" and axes["cols"]["name"] == "lr"
     want = rules.critical_lrs(phases, axes["cols"]["values"], axes["rows"]["values"])
@@ -205,7 +206,7 @@ def test_a_nanochat_study_on_tiny_settings_reports_its_parts_and_logs_the_tokens
     law = report["tokens"]["law"] or {}
     assert logged["summary"].get("lr_star/beta") == law.get("beta")
     assert logged["summary"]["safe_lr_fraction"] == report["tokens"]["safe_fraction"]
-    assert set(report["wandb"]["grids"]) == {"map", "map-ulp", "map-seed", "tokens", "tokens-ulp", "tokens-seed"}
+    assert set(report["wandb"]["grids"]) == {"map", "map-seed", "tokens", "tokens-seed"}
 
 
 def test_a_kept_study_run_id_that_is_not_one_is_refused_before_any_work(tmp_path, capsys, no_model):

@@ -145,9 +145,11 @@ def _caption(fig, caption: str | None) -> None:
 
 
 def _save(fig, path) -> Path:
+    """Saved at the figure's dpi; trimmed to its artists unless a layout engine placed them (a constrained figure
+    fits its canvas already, and trimming it would draw it, and lay it out, twice: half of a grid's picture time)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    fig.savefig(path, dpi=fig.dpi, bbox_inches=None if fig.get_layout_engine() else "tight")
     plt.close(fig)
     return path
 
